@@ -1,0 +1,493 @@
+"""Spec v1: the declarative, versioned JSON that describes a layout, a mask and positions.
+
+Loading validates everything and normalizes it into one canonical dict, so that
+`Spec.load(spec.to_json()).to_json() == spec.to_json()`. Errors name the JSON path and
+the fix. Nothing here executes user data: a spec only names patterns and numbers.
+"""
+from __future__ import annotations
+
+import copy
+import difflib
+import json
+import os
+from functools import cached_property
+from typing import Any
+
+SCHEMA_VERSION = 1
+MODALITIES = ("text", "image", "video", "audio", "special")
+GRID_DIMS = {"image": 2, "video": 3}
+OVERLAY_OPS = ("and", "or", "and_not")
+DEFAULT_MAX_TOKENS = 1 << 21
+
+TOP_KEYS = ("maskstudio", "name", "description", "citation", "url", "segments", "mask",
+            "positions", "checks")
+SEGMENT_KEYS = ("name", "modality", "length", "grid", "frames", "branch", "role", "text",
+                "attrs")
+MASK_KEYS = ("base", "rules", "overlays", "cross")
+CHECK_KEYS = ("allow_target_leaks",)
+SELECTION_KEYS = ("q", "k", "layers", "heads")
+
+
+class SpecError(ValueError):
+    """An invalid spec: `path` is the JSON path (e.g. `mask.rules[2].k`), str() is one line."""
+
+    def __init__(self, path: str, message: str):
+        self.path, self.message = path, message
+        super().__init__(f"{path}: {message}" if path else message)
+
+
+def did_you_mean(word: str, choices) -> str:
+    close = difflib.get_close_matches(str(word), list(choices), n=1, cutoff=0.5)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _require(cond: bool, path: str, message: str) -> None:
+    if not cond:
+        raise SpecError(path, message)
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _check_keys(d: dict, allowed, path: str, extra=()) -> None:
+    for key in d:
+        if key not in allowed and key not in extra:
+            raise SpecError(f"{path}.{key}" if path else key,
+                            f"unknown key{did_you_mean(key, list(allowed) + list(extra))}; "
+                            f"allowed: {', '.join(allowed)}")
+
+
+# ---------------------------------------------------------------- segments
+def _normalize_segment(seg: Any, path: str) -> dict:
+    _require(isinstance(seg, dict), path, "a segment must be an object like "
+             '{"name": "q", "modality": "text", "length": 8}')
+    _check_keys(seg, SEGMENT_KEYS, path)
+    name = seg.get("name")
+    _require(isinstance(name, str) and name.strip() != "", f"{path}.name",
+             "every segment needs a non-empty string name")
+    _require(not name.startswith(("modality:", "role:")) and name != "*", f"{path}.name",
+             "names may not be '*' or start with 'modality:'/'role:' (those are selectors)")
+    modality = seg.get("modality", "text")
+    _require(modality in MODALITIES, f"{path}.modality",
+             f"unknown modality '{modality}'{did_you_mean(modality, MODALITIES)}; "
+             f"use one of {', '.join(MODALITIES)}")
+    out: dict = {"name": name, "modality": modality}
+    if modality in GRID_DIMS:
+        dims = GRID_DIMS[modality]
+        grid = seg.get("grid")
+        shape = "[h, w]" if dims == 2 else "[t, h, w]"
+        _require(grid is not None, f"{path}.grid", f"{modality} segment '{name}' needs a grid {shape}")
+        _require(isinstance(grid, list) and len(grid) == dims and all(_is_int(g) for g in grid),
+                 f"{path}.grid", f"expected {dims} integers {shape}, got {json.dumps(grid)}")
+        _require(all(g > 0 for g in grid), f"{path}.grid", f"sizes must be > 0, got {grid}")
+        _require("length" not in seg and "frames" not in seg, f"{path}.length",
+                 f"{modality} segments are sized by grid only")
+        out["grid"] = list(grid)
+    else:
+        _require("grid" not in seg, f"{path}.grid",
+                 f"{modality} segments are 1-D: use length (and frames), not grid")
+        frames = seg.get("frames")
+        if frames is not None:
+            _require(isinstance(frames, list) and frames and all(_is_int(f) and f > 0 for f in frames),
+                     f"{path}.frames", "frames must be a non-empty list of token counts > 0")
+        length = seg.get("length")
+        if length is not None:
+            _require(_is_int(length), f"{path}.length", f"length must be an integer, got {json.dumps(length)}")
+            _require(length > 0, f"{path}.length", f"length must be > 0, got {length}")
+            if frames is not None:
+                _require(sum(frames) == length, f"{path}.frames",
+                         f"frames sum to {sum(frames)} but length is {length}")
+        elif frames is not None:
+            length = sum(frames)
+        else:
+            _require("text" in seg, f"{path}.length",
+                     f"segment '{name}' needs a length (or text, sized by a tokenizer at run time)")
+        if length is not None:
+            out["length"] = length
+        if frames is not None:
+            out["frames"] = list(frames)
+    if "branch" in seg:
+        _require(isinstance(seg["branch"], str) and seg["branch"] != "", f"{path}.branch",
+                 "branch must be a non-empty string label")
+        out["branch"] = seg["branch"]
+    if "role" in seg:
+        role = seg["role"]
+        role = [role] if isinstance(role, str) else role
+        _require(isinstance(role, list) and all(isinstance(r, str) and r for r in role),
+                 f"{path}.role", "role must be a string or a list of strings, e.g. [\"target\"]")
+        out["role"] = list(dict.fromkeys(role))
+    if "text" in seg:
+        text = seg["text"]
+        ok = isinstance(text, str) or (isinstance(text, list) and text and all(isinstance(t, str) for t in text))
+        _require(ok, f"{path}.text", "text must be a string, or a list of strings (one per frame)")
+        out["text"] = text
+    if "attrs" in seg:
+        attrs = seg["attrs"]
+        _require(isinstance(attrs, dict), f"{path}.attrs", "attrs maps an attribute name to a list of ints")
+        out["attrs"] = {}
+        for key, values in attrs.items():
+            _require(isinstance(values, list) and all(_is_int(v) for v in values),
+                     f"{path}.attrs.{key}", "expected a list of integers, one per token")
+            out["attrs"][key] = list(values)
+    return out
+
+
+def segment_size(seg: dict) -> int | None:
+    """Tokens in a segment, or None for a text segment still waiting for its tokenizer."""
+    if "grid" in seg:
+        n = 1
+        for g in seg["grid"]:
+            n *= g
+        return n
+    return seg.get("length")
+
+
+# ---------------------------------------------------------------- selections
+def _normalize_int_list(value, path: str, what: str):
+    """`layers`/`heads`: a list of ints, or {"start", "stop", "step"} for a range."""
+    if isinstance(value, dict):
+        _check_keys(value, ("start", "stop", "step"), path)
+        start, stop, step = value.get("start", 0), value.get("stop"), value.get("step", 1)
+        _require(all(_is_int(x) and x >= 0 for x in (start, stop, step)) and step > 0,
+                 path, f'a {what} range needs non-negative ints, e.g. {{"start": 0, "stop": 12, "step": 2}}')
+        return {"start": start, "stop": stop, "step": step}
+    _require(isinstance(value, list) and value and all(_is_int(x) and x >= 0 for x in value),
+             path, f"{what} must be a non-empty list of non-negative ints, e.g. [0, 1]")
+    return sorted(set(value))
+
+
+def expand_int_list(value) -> list[int] | None:
+    if value is None:
+        return None
+    if isinstance(value, dict):
+        return list(range(value["start"], value["stop"], value["step"]))
+    return list(value)
+
+
+def _normalize_selector(value, path: str):
+    if isinstance(value, str):
+        return value
+    _require(isinstance(value, list) and value and all(isinstance(v, str) for v in value), path,
+             'a selector is a segment name, a list of names, "*", "modality:image" or "role:target"')
+    return list(value)
+
+
+def resolve_selector(selector, segments: list[dict], path: str) -> list[int]:
+    """Segment ordinals named by a selector; errors name the path and suggest the nearest name."""
+    names = [s["name"] for s in segments]
+    items = [selector] if isinstance(selector, str) else selector
+    chosen: list[int] = []
+    for item in items:
+        if item == "*":
+            hits = list(range(len(segments)))
+        elif item.startswith("modality:"):
+            mod = item.split(":", 1)[1]
+            _require(mod in MODALITIES, path, f"unknown modality '{mod}'{did_you_mean(mod, MODALITIES)}")
+            hits = [i for i, s in enumerate(segments) if s["modality"] == mod]
+            _require(bool(hits), path, f"no segment has modality '{mod}'")
+        elif item.startswith("role:"):
+            role = item.split(":", 1)[1]
+            hits = [i for i, s in enumerate(segments) if role in s.get("role", [])]
+            _require(bool(hits), path, f"no segment has role '{role}'")
+        else:
+            _require(item in names, path, f"no segment named '{item}'{did_you_mean(item, names)}")
+            hits = [names.index(item)]
+        chosen.extend(h for h in hits if h not in chosen)
+    return sorted(chosen)
+
+
+def _normalize_step(step: Any, path: str, kind: str, segments: list[dict]) -> dict:
+    from . import patterns  # the registry of pattern names and parameters
+
+    _require(isinstance(step, dict), path, f'a {kind} is an object like {{"pattern": "causal"}}')
+    pname = step.get("pattern")
+    _require(pname is not None, f"{path}.pattern", f"missing; one of {', '.join(patterns.PATTERNS)}")
+    _require(pname in patterns.PATTERNS, f"{path}.pattern",
+             f"unknown pattern '{pname}'{did_you_mean(pname, patterns.PATTERNS)}")
+    pat = patterns.PATTERNS[pname]
+    structural = ("pattern",) if kind == "base" else ("pattern", "op") + SELECTION_KEYS
+    _check_keys(step, structural, path, extra=tuple(pat.params))
+    out: dict = {"pattern": pname}
+    if kind == "overlay":
+        op = step.get("op", "or")
+        _require(op in OVERLAY_OPS, f"{path}.op", f"unknown op '{op}'{did_you_mean(op, OVERLAY_OPS)}; "
+                 f"use one of {', '.join(OVERLAY_OPS)}")
+        out["op"] = op
+    if kind != "base":
+        for side in ("q", "k"):
+            sel = _normalize_selector(step.get(side, "*"), f"{path}.{side}")
+            resolve_selector(sel, segments, f"{path}.{side}")
+            out[side] = sel
+    out.update(patterns.normalize_params(pat, step, path))
+    if kind != "base":
+        for key, what in (("layers", "layers"), ("heads", "heads")):
+            if key in step:
+                out[key] = _normalize_int_list(step[key], f"{path}.{key}", what)
+    return out
+
+
+# ---------------------------------------------------------------- the spec
+def normalize(data: Any, max_tokens: int = DEFAULT_MAX_TOKENS) -> dict:
+    """Validate a raw spec dict and return its canonical form (fixed key order, defaults filled)."""
+    from . import patterns, positions
+
+    _require(isinstance(data, dict), "", "a spec is a JSON object with 'segments', 'mask', 'positions'")
+    _check_keys(data, TOP_KEYS, "")
+    version = data.get("maskstudio", SCHEMA_VERSION)
+    _require(version == SCHEMA_VERSION, "maskstudio",
+             f"unsupported spec version {version!r}; this Mask Studio reads version {SCHEMA_VERSION}")
+    out: dict = {"maskstudio": SCHEMA_VERSION}
+    for key in ("name", "description", "citation", "url"):
+        if key in data:
+            _require(isinstance(data[key], str), key, "must be a string")
+            out[key] = data[key]
+    segs = data.get("segments")
+    _require(isinstance(segs, list) and len(segs) > 0, "segments",
+             'needs a non-empty list, e.g. [{"name": "text", "modality": "text", "length": 16}]')
+    segments = [_normalize_segment(s, f"segments[{i}]") for i, s in enumerate(segs)]
+    seen: dict[str, int] = {}
+    for i, s in enumerate(segments):
+        _require(s["name"] not in seen, f"segments[{i}].name",
+                 f"duplicate segment name '{s['name']}' (also segments[{seen.get(s['name'])}]); names must be unique")
+        seen[s["name"]] = i
+    for i, s in enumerate(segments):
+        n = segment_size(s)
+        for key, values in s.get("attrs", {}).items():
+            _require(key not in patterns.BUILTIN_ATTRS, f"segments[{i}].attrs.{key}",
+                     f"'{key}' is a built-in attribute; pick another name")
+            if n is not None:
+                _require(len(values) == n, f"segments[{i}].attrs.{key}",
+                         f"has {len(values)} values but the segment has {n} tokens")
+    total = sum(segment_size(s) or 0 for s in segments)
+    _require(total <= max_tokens, "segments",
+             f"layout has {total} tokens, over the limit of {max_tokens}; shrink the sizes "
+             f"or raise max_tokens")
+    out["segments"] = segments
+
+    mask = data.get("mask", {})
+    _require(isinstance(mask, dict), "mask", "must be an object with base, rules, overlays")
+    _check_keys(mask, MASK_KEYS, "mask")
+    base = mask.get("base", {"pattern": "causal"})
+    norm_mask: dict = {"base": _normalize_step(base, "mask.base", "base", segments)}
+    for key, kind in (("rules", "rule"), ("overlays", "overlay")):
+        items = mask.get(key, [])
+        _require(isinstance(items, list), f"mask.{key}", "must be a list")
+        norm_mask[key] = [_normalize_step(r, f"mask.{key}[{i}]", kind, segments)
+                          for i, r in enumerate(items)]
+    if "cross" in mask:
+        cross = mask["cross"]
+        _require(isinstance(cross, dict), "mask.cross", 'must be {"q": selector, "k": selector}')
+        _check_keys(cross, ("q", "k"), "mask.cross")
+        norm_cross = {}
+        for side in ("q", "k"):
+            sel = _normalize_selector(cross.get(side, "*"), f"mask.cross.{side}")
+            resolve_selector(sel, segments, f"mask.cross.{side}")
+            norm_cross[side] = sel
+        norm_mask["cross"] = norm_cross
+    out["mask"] = norm_mask
+
+    attr_names = set(patterns.BUILTIN_ATTRS) | {k for s in segments for k in s.get("attrs", {})}
+    for path, step in _all_steps(norm_mask):
+        patterns.check_attr_params(patterns.PATTERNS[step["pattern"]], step, path, attr_names)
+
+    out["positions"] = positions.normalize(data.get("positions", {"scheme": "sequential"}),
+                                           segments, attr_names)
+    if "checks" in data:
+        checks = data["checks"]
+        _require(isinstance(checks, dict), "checks", "must be an object")
+        _check_keys(checks, CHECK_KEYS, "checks")
+        for key, value in checks.items():
+            _require(isinstance(value, bool), f"checks.{key}", "must be true or false")
+        out["checks"] = dict(checks)
+    return out
+
+
+def _all_steps(mask: dict):
+    yield "mask.base", mask["base"]
+    for key in ("rules", "overlays"):
+        for i, step in enumerate(mask[key]):
+            yield f"mask.{key}[{i}]", step
+
+
+def dumps(obj, indent: str = "") -> str:
+    """Canonical JSON: 2-space indent, but lists of scalars and small flat objects on one line."""
+    flat = lambda v: not isinstance(v, (list, dict))  # noqa: E731
+    if isinstance(obj, list) and all(flat(v) for v in obj):
+        return json.dumps(obj, ensure_ascii=False)
+    if isinstance(obj, dict) and len(obj) <= 8 and all(flat(v) or (isinstance(v, list) and all(flat(x) for x in v))
+                                                       for v in obj.values()):
+        text = json.dumps(obj, ensure_ascii=False)
+        if len(text) + len(indent) <= 100:
+            return text
+    inner = indent + "  "
+    if isinstance(obj, list):
+        return "[\n" + ",\n".join(inner + dumps(v, inner) for v in obj) + "\n" + indent + "]"
+    if isinstance(obj, dict):
+        items = [inner + json.dumps(k, ensure_ascii=False) + ": " + dumps(v, inner) for k, v in obj.items()]
+        return "{\n" + ",\n".join(items) + "\n" + indent + "}" if items else "{}"
+    return json.dumps(obj, ensure_ascii=False)
+
+
+def _read(source) -> Any:
+    if isinstance(source, dict):
+        return copy.deepcopy(source)
+    if isinstance(source, (str, os.PathLike)):
+        text = str(source)
+        if not text.lstrip().startswith("{"):
+            if not os.path.exists(text):
+                raise SpecError("", f"no such spec file: {text}")
+            with open(text, encoding="utf-8") as fh:
+                text = fh.read()
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as err:
+            raise SpecError("", f"invalid JSON at line {err.lineno}, column {err.colno}: {err.msg}") from None
+    raise SpecError("", f"cannot read a spec from {type(source).__name__}; give a path, JSON text or dict")
+
+
+class Spec:
+    """A validated spec. Every backend (dense, mask_mod, BlockMask, analysis, export) derives from it."""
+
+    def __init__(self, data: dict):
+        self._data = data  # canonical, produced by normalize(); treat as immutable
+
+    @classmethod
+    def load(cls, source, max_tokens: int = DEFAULT_MAX_TOKENS) -> "Spec":
+        return cls(normalize(_read(source), max_tokens=max_tokens))
+
+    # -- data
+    def to_dict(self) -> dict:
+        return copy.deepcopy(self._data)
+
+    def to_json(self) -> str:
+        return dumps(self._data) + "\n"
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Spec) and self._data == other._data
+
+    def __repr__(self) -> str:
+        return f"Spec({self.name!r}, {len(self.segments)} segments)"
+
+    @property
+    def name(self) -> str:
+        return self._data.get("name", "untitled")
+
+    @property
+    def segments(self) -> list[dict]:
+        return self._data["segments"]
+
+    @property
+    def mask(self) -> dict:
+        return self._data["mask"]
+
+    @property
+    def positions(self) -> dict:
+        return self._data["positions"]
+
+    @property
+    def checks(self) -> dict:
+        return self._data.get("checks", {})
+
+    def unsized_segments(self) -> list[str]:
+        return [s["name"] for s in self.segments if segment_size(s) is None]
+
+    def require_sized(self) -> None:
+        missing = self.unsized_segments()
+        if missing:
+            i = [s["name"] for s in self.segments].index(missing[0])
+            raise SpecError(f"segments[{i}].length",
+                            f"segment(s) {', '.join(missing)} have text but no length; give a length "
+                            f"or run with a model, whose tokenizer sizes them")
+
+    @property
+    def n(self) -> int:
+        self.require_sized()
+        return sum(segment_size(s) for s in self.segments)
+
+    def selected(self, selector, path: str = "") -> list[int]:
+        return resolve_selector(selector, self.segments, path)
+
+    def with_changes(self, **top) -> "Spec":
+        """A new spec with top-level keys replaced (validated again)."""
+        data = self.to_dict()
+        data.update(top)
+        return Spec.load(data)
+
+    def with_sizes(self, sizes: dict) -> "Spec":
+        """Rescale segments: {"name": 12 | [h, w] | [t, h, w] | {"frames": [..]}}.
+
+        Per-token `attrs` and `explicit` position ids cannot follow a resize and are refused."""
+        data = self.to_dict()
+        names = [s["name"] for s in data["segments"]]
+        for name, size in sizes.items():
+            _require(name in names, f"sizes.{name}", f"no segment named '{name}'{did_you_mean(name, names)}")
+            seg = data["segments"][names.index(name)]
+            _require("attrs" not in seg, f"sizes.{name}",
+                     "this segment has per-token attrs; edit them together with its size")
+            for key in ("length", "grid", "frames"):
+                seg.pop(key, None)
+            if isinstance(size, dict):
+                seg["frames"] = size.get("frames")
+            elif isinstance(size, list) and seg["modality"] not in GRID_DIMS:
+                seg["frames"] = size
+            elif isinstance(size, list):
+                seg["grid"] = size
+            else:
+                seg["length"] = size
+        return Spec.load(data)
+
+    # -- derived views (lazy; each lives in its own module)
+    @cached_property
+    def table(self):
+        from .tokens import build_table
+
+        self.require_sized()
+        return build_table(self.segments)
+
+    def token_table(self):
+        return self.table
+
+    @cached_property
+    def varies_by_layer(self) -> bool:
+        return any("layers" in step for _, step in _all_steps(self.mask))
+
+    @cached_property
+    def varies_by_head(self) -> bool:
+        return any("heads" in step for _, step in _all_steps(self.mask))
+
+    def layer_sets(self) -> list[list[int]]:
+        return [expand_int_list(step["layers"]) for _, step in _all_steps(self.mask) if "layers" in step]
+
+    def mask_mod(self, layer: int = 0, device=None):
+        from .compile import mask_mod
+
+        return mask_mod(self, layer=layer, device=device)
+
+    def dense_mask(self, layer: int = 0, head: int = 0):
+        from .compile import dense_mask
+
+        return dense_mask(self, layer=layer, head=head)
+
+    def block_mask(self, block_size: int = 128, device="cpu", layer: int = 0, num_heads: int | None = None):
+        from .compile import block_mask
+
+        return block_mask(self, block_size=block_size, device=device, layer=layer, num_heads=num_heads)
+
+    def position_ids(self):
+        from .positions import position_ids
+
+        return position_ids(self)
+
+    def cross_slices(self):
+        """(query token indices, key token indices) of the cross-attention view, or None."""
+        cross = self.mask.get("cross")
+        if cross is None:
+            return None
+        import torch
+
+        t = self.table
+        def idx(sel):
+            segs = self.selected(sel)
+            return torch.cat([torch.arange(t.starts[i], t.starts[i] + t.sizes[i]) for i in segs])
+        return idx(cross["q"]), idx(cross["k"])

@@ -1,0 +1,98 @@
+"""Segments -> TokenTable: one int64 tensor per token attribute, tokens in segment order.
+
+Image tokens are row-major; video tokens frame-major then row-major. Attributes:
+
+  index    global position in the sequence
+  segment  ordinal of the token's segment
+  local    index inside its segment
+  frame    GLOBAL frame id: every 1-D token is its own frame unless the segment declares
+           `frames` (token counts per frame); an image is one frame; a video has T frames
+  t        frame inside the segment (0 for images)
+  row, col grid coordinates (1-D segments: row 0, col = local)
+  cell     spatial location inside a frame, row * W + col (1-D: local)
+  ring     concentric ring min(row, col, H-1-row, W-1-col) (CCA); -1 for 1-D segments
+  branch   -1, or an id per distinct branch label in order of first appearance
+  modality index into spec.MODALITIES
+  length   tokens in the token's segment;  frames: frames in the token's segment
+plus every user attribute from segments' `attrs` (-1 where a segment does not set it).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .spec import MODALITIES, segment_size
+
+
+@dataclass
+class TokenTable:
+    attrs: dict[str, torch.Tensor]
+    names: list[str]
+    starts: list[int]
+    sizes: list[int]
+    modalities: list[str]
+    grids: list[list[int] | None] = field(default_factory=list)
+
+    @property
+    def n(self) -> int:
+        return sum(self.sizes)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.attrs[name]
+
+    def to(self, device) -> "TokenTable":
+        return TokenTable({k: v.to(device) for k, v in self.attrs.items()}, self.names, self.starts,
+                          self.sizes, self.modalities, self.grids)
+
+    def segment_slice(self, i: int) -> slice:
+        return slice(self.starts[i], self.starts[i] + self.sizes[i])
+
+
+def _segment_columns(seg: dict, n: int) -> dict[str, torch.Tensor]:
+    """Per-segment attribute columns (frame-in-segment t, row, col, cell, ring)."""
+    local = torch.arange(n)
+    if "grid" in seg:
+        grid = seg["grid"]
+        T, H, W = ([1] + grid) if len(grid) == 2 else grid
+        t, rem = local // (H * W), local % (H * W)
+        row, col = rem // W, rem % W
+        ring = torch.minimum(torch.minimum(row, col), torch.minimum(H - 1 - row, W - 1 - col))
+        return {"t": t, "row": row, "col": col, "cell": rem, "ring": ring, "frames": torch.full((n,), T)}
+    if "frames" in seg:
+        counts = torch.tensor(seg["frames"])
+        t = torch.repeat_interleave(torch.arange(len(counts)), counts)
+    else:
+        t = local
+    return {"t": t, "row": torch.zeros(n, dtype=torch.long), "col": local, "cell": local,
+            "ring": torch.full((n,), -1), "frames": torch.full((n,), int(t[-1]) + 1)}
+
+
+def build_table(segments: list[dict]) -> TokenTable:
+    sizes = [segment_size(s) for s in segments]
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    branch_ids: dict[str, int] = {}
+    user_attrs = sorted({k for s in segments for k in s.get("attrs", {})})
+    cols: dict[str, list[torch.Tensor]] = {}
+    frame_offset = 0
+    for i, (seg, n) in enumerate(zip(segments, sizes)):
+        c = _segment_columns(seg, n)
+        c["frame"] = c["t"] + frame_offset
+        frame_offset += int(c["frames"][0])
+        c["segment"] = torch.full((n,), i)
+        c["local"] = torch.arange(n)
+        c["length"] = torch.full((n,), n)
+        c["modality"] = torch.full((n,), MODALITIES.index(seg["modality"]))
+        label = seg.get("branch")
+        if label is not None:
+            branch_ids.setdefault(label, len(branch_ids))
+        c["branch"] = torch.full((n,), branch_ids[label] if label is not None else -1)
+        for key in user_attrs:
+            values = seg.get("attrs", {}).get(key)
+            c[key] = torch.tensor(values, dtype=torch.long) if values is not None else torch.full((n,), -1)
+        for key, value in c.items():
+            cols.setdefault(key, []).append(value.long())
+    attrs = {k: torch.cat(v) for k, v in cols.items()}
+    attrs["index"] = torch.arange(sum(sizes))
+    return TokenTable(attrs, [s["name"] for s in segments], starts, sizes,
+                      [s["modality"] for s in segments], [s.get("grid") for s in segments])
