@@ -179,14 +179,16 @@ def _accumulate(spec, layer, head, acc: _Acc, dense_limit: int):
         js = torch.nonzero(unknown[i]).flatten().tolist()
         k_idx = torch.cat([tile(j) for j in js])
         acc.add_dense(tile(i), k_idx, evaluate_block(program, t.attrs, tile(i), k_idx, head))
-    symmetric = bool(((must == must.T) & (may == may.T)).all())
-    if symmetric:
-        for i, j in torch.nonzero(unknown & (torch.arange(len(must))[:, None] < torch.arange(len(must))[None, :])).tolist():
-            a = evaluate_block(program, t.attrs, tile(i), tile(j), head)
-            b = evaluate_block(program, t.attrs, tile(j), tile(i), head)
-            if not bool((a == b.T).all()):
-                symmetric = False
-                break
+    decided = must | ~may
+    both = decided & decided.T
+    symmetric = bool((must == must.T)[both].all())
+    upper = torch.arange(len(must))[:, None] <= torch.arange(len(must))[None, :]
+    for i, j in torch.nonzero(~both & upper).tolist():
+        if not symmetric:
+            break
+        a = evaluate_block(program, t.attrs, tile(i), tile(j), head)
+        b = evaluate_block(program, t.attrs, tile(j), tile(i), head)
+        symmetric = bool((a == b.T).all())
     return symmetric
 
 

@@ -205,7 +205,7 @@ def dense_mask(spec, layer: int = 0, head: int = 0) -> torch.Tensor:
     must, may = classify_tiles(program, attrs, cuts, cuts, head)
     tq, tk = must.shape
     out = must[:, None, :, None].expand(tq, TILE, tk, TILE).reshape(tq * TILE, tk * TILE)
-    out = out[:n, :n].contiguous() if n % TILE else out
+    out = out[:n, :n].contiguous()  # a copy: never write through the expanded view
     unknown = may & ~must
     for i in torch.nonzero(unknown.any(1)).flatten().tolist():
         q_idx = idx[cuts[i]:cuts[i + 1]]

@@ -1,0 +1,145 @@
+"""`maskstudio check|export|render|run|presets|eval` over the same library functions.
+
+Exit codes: 0 ok, 1 the check found errors (e.g. empty rows, leaks), 2 bad input (invalid spec,
+unknown preset, missing model) with a one-line message naming the field and the fix.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .spec import Spec, SpecError
+
+
+class UsageError(Exception):
+    """Bad command-line input: printed as one line, exit 2."""
+
+
+def _load(args) -> Spec:
+    if getattr(args, "preset", None):
+        from .presets import load_preset
+
+        return load_preset(args.preset)
+    if not args.spec:
+        raise UsageError("give a spec file, or --preset NAME (see `maskstudio presets`)")
+    return Spec.load(args.spec)
+
+
+def _write(path: str | None, data: bytes) -> None:
+    if path in (None, "-"):
+        sys.stdout.buffer.write(data)
+    else:
+        with open(path, "wb") as fh:
+            fh.write(data)
+
+
+def cmd_check(args) -> int:
+    from .analysis import analyze
+
+    spec = _load(args)
+    result = analyze(spec, layer=args.layer, head=args.head)
+    print(json.dumps(result.to_dict(), indent=2) if args.json else result.summary())
+    return 0 if result.ok else 1
+
+
+def cmd_export(args) -> int:
+    from .export import export_bytes
+
+    spec = _load(args)
+    _write(args.output, export_bytes(spec, args.format, layer=args.layer, head=args.head))
+    return 0
+
+
+def cmd_render(args) -> int:
+    from .viz import render, save
+
+    spec = _load(args)
+    options = {"layer": args.layer, "head": args.head} if args.view == "mask" else {}
+    save(render(spec, args.view, **options), args.output)
+    print(f"wrote {args.output}")
+    return 0
+
+
+def cmd_run(args) -> int:
+    from .runner import run
+
+    spec = _load(args)
+    result = run(spec, model=args.model, max_new_tokens=args.max_new_tokens,
+                 attentions=bool(args.json))
+    print(result.summary())
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as fh:
+            fh.write(result.to_json())
+    return 0
+
+
+def cmd_presets(args) -> int:
+    from .presets import list_presets
+
+    for p in list_presets():
+        print(f"{p['name']:32} {p.get('group', ''):26} {p.get('citation', '')[:60]}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .evaluate import main as eval_main
+
+    return eval_main(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="maskstudio", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add(name, fn, help_text, spec=True):
+        p = sub.add_parser(name, help=help_text)
+        if spec:
+            p.add_argument("spec", nargs="?", help="spec JSON file")
+            p.add_argument("--preset", help="use a built-in preset instead of a file")
+            p.add_argument("--layer", type=int, default=0, help="layer for per-layer rules (default 0)")
+            p.add_argument("--head", type=int, default=0, help="head for per-head rules (default 0)")
+        p.set_defaults(fn=fn)
+        return p
+
+    p = add("check", cmd_check, "summary and problems; exit 0 ok, 1 problems, 2 invalid")
+    p.add_argument("--json", action="store_true", help="print the analysis as JSON")
+    p = add("export", cmd_export, "write json | npy (dense mask) | positions | flex (Python)")
+    p.add_argument("--format", choices=("json", "npy", "positions", "flex"), default="json")
+    p.add_argument("-o", "--output", help="output file (default stdout)")
+    p = add("render", cmd_render, "draw a view to PNG")
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--view", default="mask", choices=("mask", "positions", "distance", "flow", "reach", "all"))
+    p = add("run", cmd_run, "run the spec on a model (default: embedded SmolLM2-135M)")
+    p.add_argument("--model", default=None, help="Hugging Face model id (default: embedded SmolLM2)")
+    p.add_argument("--max-new-tokens", type=int, default=0)
+    p.add_argument("--json", help="also write the full result as JSON here")
+    add("presets", cmd_presets, "list the built-in presets", spec=False)
+    p = add("eval", cmd_eval, "evaluate specs on a built-in task with statistics", spec=False)
+    p.add_argument("--specs", nargs="+", required=True)
+    p.add_argument("--task", default="kv_retrieval")
+    p.add_argument("--n", type=int, default=100)
+    p.add_argument("--model", default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data", help="your own examples, JSONL")
+    p.add_argument("--out", help="write results JSON here")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except (SpecError, UsageError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except ValueError as err:  # RunError, PresetError and other input errors are ValueErrors
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
