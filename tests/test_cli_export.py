@@ -1,0 +1,146 @@
+"""CLI and export: exit codes, every export format reproduces the mask, bad input is one line."""
+import json
+import subprocess
+import sys
+
+import jsonschema
+import numpy as np
+import pytest
+import torch
+
+from maskstudio import Spec, SpecError
+from maskstudio.cli import main
+from maskstudio.export import affine_runs, flex_code
+from maskstudio.schema import SCHEMA_PATH, build_schema
+
+SPEC = {
+    "maskstudio": 1, "name": "TC-LLaVA-style video",
+    "segments": [{"name": "sys", "modality": "text", "length": 4},
+                 {"name": "img", "modality": "image", "grid": [3, 3]},
+                 {"name": "video", "modality": "video", "grid": [4, 2, 2]},
+                 {"name": "pathA", "modality": "text", "length": 3, "branch": "a"},
+                 {"name": "q", "modality": "text", "length": 5, "text": "optional content for live runs"}],
+    "mask": {"base": {"pattern": "causal"},
+             "rules": [{"q": "video", "k": "video", "pattern": "block_causal", "by": "frame"}],
+             "overlays": [{"op": "or", "q": "*", "k": "sys", "pattern": "full"},
+                          {"op": "and_not", "q": "q", "k": "img", "pattern": "full", "layers": [1], "heads": [0, 2]}]},
+    "positions": {"scheme": "mrope"},
+}
+
+
+@pytest.fixture
+def spec_file(tmp_path):
+    path = tmp_path / "spec.json"
+    path.write_text(json.dumps(SPEC))
+    return path
+
+
+def test_check_reports_and_exits_zero(spec_file, capsys):
+    assert main(["check", str(spec_file)]) == 0
+    out = capsys.readouterr().out
+    assert "density" in out and "segment density" in out and "no problems found" in out
+
+
+def test_check_exits_one_on_empty_rows(tmp_path, capsys):
+    path = tmp_path / "empty.json"
+    path.write_text(json.dumps({"segments": [{"name": "a", "length": 3}],
+                                "mask": {"base": {"pattern": "first", "size": 0}}}))
+    assert main(["check", str(path)]) == 1
+    assert "attend no key" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("mutation, expected", [
+    ("{not json", "invalid JSON at line 1"),
+    (json.dumps({**SPEC, "mask": {"rules": [{"q": "vidoe", "k": "*", "pattern": "full"}]}}),
+     "mask.rules[0].q: no segment named 'vidoe' (did you mean 'video'?)"),
+    (json.dumps({**SPEC, "positions": {"scheme": "explicit", "ids": [0, 1]}}), "positions.ids: has 2 ids"),
+    (json.dumps({"segments": [{"name": "q", "text": "hello"}]}), "segments[0].length"),
+    (json.dumps({"segments": [{"name": "x", "length": 10 ** 9}]}), "over the limit"),
+    (json.dumps({"segments": [{"name": "x", "length": 2}], "mask": {"base": {"pattern": "__import__('os')"}}}),
+     "mask.base.pattern: unknown pattern"),
+])
+def test_bad_input_exit_two_one_line(tmp_path, capsys, mutation, expected):
+    path = tmp_path / "bad.json"
+    path.write_text(mutation)
+    assert main(["check", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert expected in err and "\n" not in err and "Traceback" not in err
+
+
+def test_export_npy_positions_json(spec_file, tmp_path):
+    spec = Spec.load(spec_file)
+    for fmt, check in [("npy", lambda a: np.array_equal(a, spec.dense_mask().numpy())),
+                       ("positions", lambda a: np.array_equal(a, spec.position_ids().numpy()))]:
+        out = tmp_path / f"{fmt}.npy"
+        assert main(["export", str(spec_file), "--format", fmt, "-o", str(out)]) == 0
+        arr = np.load(out)
+        assert check(arr), fmt
+    assert np.load(tmp_path / "npy.npy").dtype == np.bool_
+    assert np.load(tmp_path / "positions.npy").shape == (3, spec.n)
+    out = tmp_path / "norm.json"
+    assert main(["export", str(spec_file), "--format", "json", "-o", str(out)]) == 0
+    assert out.read_text() == spec.to_json()
+    assert Spec.load(out).to_json() == out.read_text()
+
+
+def test_flex_export_reproduces_every_layer_and_head(spec_file, tmp_path):
+    spec = Spec.load(spec_file)
+    path = tmp_path / "my_mask.py"
+    assert main(["export", str(spec_file), "--format", "flex", "-o", str(path)]) == 0
+    code = path.read_text()
+    imports = [l for l in code.splitlines() if l.startswith(("import", "from"))]
+    assert imports == ["import torch"]
+    check = f"""
+import functools, json, sys, torch
+sys.path.insert(0, {str(tmp_path)!r})
+import my_mask
+from torch.nn.attention.flex_attention import create_mask
+out = {{}}
+for layer in (0, 1):
+    m = create_mask(functools.partial(my_mask.mask_mod, layer=layer), None, 3, my_mask.N, my_mask.N)[0]
+    out[layer] = m.int().tolist()
+print(json.dumps({{"masks": out, "pos": my_mask.position_ids().tolist()}}))
+"""
+    res = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    got = json.loads(res.stdout)
+    for layer in (0, 1):
+        for head in range(3):
+            assert torch.equal(torch.tensor(got["masks"][str(layer)][head]).bool(),
+                               spec.dense_mask(layer=layer, head=head))
+    assert got["pos"] == spec.position_ids().tolist()
+    assert not torch.equal(spec.dense_mask(layer=1, head=0), spec.dense_mask(layer=0, head=0))
+
+
+def test_affine_runs_round_trip():
+    values = [0, 1, 2, 3, 7, 7, 7, 1, 3, 5, 9]
+    runs = affine_runs(values)
+    decoded = [s + d * i for s, d, c in runs for i in range(c)]
+    assert decoded == values and len(runs) < len(values)
+
+
+def test_preset_flag_and_missing_spec(capsys):
+    assert main(["check"]) == 2
+    assert "give a spec file" in capsys.readouterr().err
+
+
+def test_shipped_schema_is_current_and_validates_specs():
+    assert json.loads(SCHEMA_PATH.read_text()) == build_schema(), "run: python -m maskstudio.schema"
+    jsonschema.validate(SPEC, build_schema())
+    jsonschema.validate(json.loads(Spec.load(SPEC).to_json()), build_schema())
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({**SPEC, "mask": {"base": {"pattern": "window"}}}, build_schema())
+
+
+def test_spec_api_surface():
+    spec = Spec.load(SPEC)
+    assert spec.to_dict()["segments"][0] == SPEC["segments"][0]
+    assert spec.token_table().n == spec.n == 4 + 9 + 16 + 3 + 5
+    bm = spec.block_mask(block_size=16, num_heads=3)
+    assert bm.shape[-2:] == (spec.n, spec.n)
+    with pytest.raises(ValueError, match="num_heads"):
+        spec.block_mask()
+    with pytest.raises(SpecError, match="sizes.vid: no segment named 'vid'"):
+        spec.with_sizes({"vid": [2, 2, 2]})
+    bigger = spec.with_sizes({"video": [8, 2, 2], "q": 7})
+    assert bigger.n == spec.n + 16 + 2
