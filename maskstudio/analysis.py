@@ -134,14 +134,23 @@ class _Acc:
         self.kv_ok = True
         self.gen_start = gen_start
 
-    def add_full(self, qs, qe, ks, ke):
-        qseg, kseg = int(self.seg[qs]), int(self.seg[ks])
-        self.counts[qseg, kseg] += (qe - qs) * (ke - ks)
-        self.row_any[qs:qe] = True
-        self.col_any[ks:ke] = True
-        if ke - 1 > qs:
+    def add_full_tiles(self, must: torch.Tensor, cuts) -> None:
+        """Every tile in `must` is fully allowed; tiles never straddle a segment boundary."""
+        cuts = torch.as_tensor(cuts)
+        starts, ends = cuts[:-1], cuts[1:]
+        sizes = ends - starts
+        tile_seg = self.seg[starts]
+        weights = (sizes[:, None] * sizes[None, :])[must]
+        qi, ki = torch.nonzero(must, as_tuple=True)
+        pair = tile_seg[qi] * self.nseg + tile_seg[ki]
+        self.counts += torch.bincount(pair, weights=weights.double(), minlength=self.nseg ** 2).long().view(self.nseg, self.nseg)
+        self.row_any |= torch.repeat_interleave(must.any(1), sizes)
+        self.col_any |= torch.repeat_interleave(must.any(0), sizes)
+        last_key = ends[ki] - 1
+        future = last_key > starts[qi]
+        if future.any():
             self.causal = False
-            if ke - 1 >= self.gen_start and ke - 1 > qs:
+            if (future & (last_key >= self.gen_start)).any():
                 self.kv_ok = False
 
     def add_dense(self, q_idx, k_idx, block):
@@ -172,8 +181,7 @@ def _accumulate(spec, layer, head, acc: _Acc, dense_limit: int):
     cuts = make_cuts(n, BLOCK, t.starts)
     must, may = classify_tiles(program, t.attrs, cuts, cuts, head)
     unknown = may & ~must
-    for i, j in torch.nonzero(must).tolist():
-        acc.add_full(int(cuts[i]), int(cuts[i + 1]), int(cuts[j]), int(cuts[j + 1]))
+    acc.add_full_tiles(must, cuts)
     tile = lambda i: torch.arange(int(cuts[i]), int(cuts[i + 1]))  # noqa: E731
     for i in torch.nonzero(unknown.any(1)).flatten().tolist():
         js = torch.nonzero(unknown[i]).flatten().tolist()

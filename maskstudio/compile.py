@@ -214,20 +214,29 @@ def dense_mask(spec, layer: int = 0, head: int = 0) -> torch.Tensor:
     return out
 
 
-def block_states(spec, block_size: int = 128, layer: int = 0, head: int = 0, chunk_tiles: int = 256):
+def block_states(spec, block_size: int = 128, layer: int = 0, head: int = 0, chunk_tiles: int = 256,
+                 device=None):
     """Exact per-block state on the block grid: (full, partial) bool [Tq, Tk].
 
-    Interval bounds decide most blocks; undecided ones are evaluated in batches."""
+    Interval bounds decide most blocks; undecided ones are evaluated in batches (on `device`)."""
     program = compile_program(spec, layer)
     attrs, n = spec.table.attrs, spec.table.n
     cuts = make_cuts(n, block_size)
     must, may = classify_tiles(program, attrs, cuts, cuts, head)
+    if device is not None and str(device) != "cpu":
+        attrs = {k: v.to(device) for k, v in attrs.items()}
+        for step in program.rules + program.overlays:
+            step.q_sel = step.q_sel.to(device) if step.q_sel is not None else None
+            step.k_sel = step.k_sel.to(device) if step.k_sel is not None else None
+        must, may = must.to(device), may.to(device)
     if n % block_size:  # blocks that reach into the padding are never full
         must[-1, :] = False
         must[:, -1] = False
     full, partial = must.clone(), torch.zeros_like(must)
     unknown = torch.nonzero(may & ~must)
-    offs = torch.arange(block_size)
+    offs = torch.arange(block_size, device=must.device)
+    if must.device.type == "cuda":
+        chunk_tiles = max(chunk_tiles, 4096)
     for c in range(0, len(unknown), chunk_tiles):
         ij = unknown[c:c + chunk_tiles]
         q_idx = ij[:, 0:1] * block_size + offs  # [U, B]
@@ -260,7 +269,7 @@ def block_mask(spec, block_size: int = 128, device="cpu", layer: int = 0, num_he
         if num_heads is None:
             raise ValueError("this spec has per-head rules: pass num_heads=<the model's query heads>")
         heads = num_heads
-    states = [block_states(spec, block_size, layer, h) for h in range(heads)]
+    states = [block_states(spec, block_size, layer, h, device=device) for h in range(heads)]
     full = torch.stack([f for f, _ in states])[None]
     partial = torch.stack([p for _, p in states])[None]
     kv_num, kv_idx = _to_kv(partial)
