@@ -492,8 +492,8 @@ def _forward(lm: LoadedModel, ctx: _Context, ids: torch.Tensor, pos: torch.Tenso
     pos = pos[..., None, :] if pos.dim() == 2 else pos[None]  # [3, 1, n] or [1, n]
     with _attn_impl(lm.model, ATTN_NAME):
         out = lm.model(input_ids=ids[None].to(lm.device), position_ids=pos.to(lm.device),
-                       past_key_values=cache, use_cache=cache is not None, **{ATTN_NAME: ctx})
-    return out.logits[0].float(), getattr(out, "past_key_values", None)
+                       cache=cache, use_cache=cache is not None, **{ATTN_NAME: ctx})
+    return out.logits[0].float(), cache  # the cache object is updated in place
 
 
 def _is_oom(err: BaseException) -> bool:
@@ -680,7 +680,7 @@ def run(spec, model=None, max_new_tokens: int = 0, attentions: bool = True, chat
 def _new_cache(lm):
     from transformers import DynamicCache
 
-    return DynamicCache(config=lm.config)
+    return DynamicCache()  # full layers: a sliding-window cache would drop keys our mask indexes
 
 
 def _target_nll(layout: Spec, logits: torch.Tensor, ids: torch.Tensor) -> dict:
@@ -785,6 +785,7 @@ class Knockout:
     k: object
     window: int
     token: str
+    token_id: int
     base_prob: float
     windows: list        # [(first layer, last layer)]
     probs: list          # probability of the original top token with the edge blocked
@@ -803,6 +804,7 @@ class Knockout:
 
     def to_json(self) -> str:
         return json.dumps({"q": self.q, "k": self.k, "window": self.window, "token": self.token,
+                           "token_id": self.token_id,
                            "base_prob": self.base_prob, "windows": self.windows, "probs": self.probs,
                            "deltas": self.deltas}, ensure_ascii=False, indent=1) + "\n"
 
@@ -826,4 +828,4 @@ def knockout(spec, q, k, window: int = 3, model=None, chat: bool = False, **kw) 
         r = run(data, lm, attentions=False, **kw)
         windows.append((layers[0], layers[-1]))
         probs.append(float(torch.softmax(r.logits[-1], -1)[top_id]))
-    return Knockout(q, k, window, lm.tokenizer.decode([top_id]), p0, windows, probs, layout)
+    return Knockout(q, k, window, lm.tokenizer.decode([top_id]), top_id, p0, windows, probs, layout)
