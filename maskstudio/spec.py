@@ -19,7 +19,7 @@ GRID_DIMS = {"image": 2, "video": 3}
 OVERLAY_OPS = ("and", "or", "and_not")
 DEFAULT_MAX_TOKENS = 1 << 21
 
-TOP_KEYS = ("maskstudio", "name", "description", "citation", "url", "segments", "mask",
+TOP_KEYS = ("maskstudio", "name", "group", "description", "citation", "url", "segments", "mask",
             "positions", "checks")
 SEGMENT_KEYS = ("name", "modality", "length", "grid", "frames", "branch", "role", "text",
                 "attrs")
@@ -238,7 +238,7 @@ def normalize(data: Any, max_tokens: int = DEFAULT_MAX_TOKENS) -> dict:
     _require(version == SCHEMA_VERSION, "maskstudio",
              f"unsupported spec version {version!r}; this Mask Studio reads version {SCHEMA_VERSION}")
     out: dict = {"maskstudio": SCHEMA_VERSION}
-    for key in ("name", "description", "citation", "url"):
+    for key in ("name", "group", "description", "citation", "url"):
         if key in data:
             _require(isinstance(data[key], str), key, "must be a string")
             out[key] = data[key]
