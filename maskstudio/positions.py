@@ -12,6 +12,8 @@
               the next segment starts at the block's max + 1.
   attr        {attr}: the value of a token attribute (TC-LLaVA's temporal id = frame; TaH's p)
   explicit    {ids}: N ints, or 3 lists of N ints
+  grid        {offsets={}} FLUX-style [3, N] ids: 1-D tokens (0, 0, 0); image/video token
+              (t, row, col) + offsets[segment] (EasyControl's subject condition shifted by 64)
 Any scheme may add `share: {"copy": "source"}`: segment `copy` reuses the positions of the
 same-sized segment `source` (ACDiT's clean/noisy copies share coordinates).
 """
@@ -29,6 +31,7 @@ SCHEMES = {
     "mrope": {"start": 0},
     "attr": {"attr": None},
     "explicit": {"ids": None},
+    "grid": {"offsets": {}},
 }
 
 
@@ -64,6 +67,15 @@ def normalize(pos, segments: list[dict], attr_names) -> dict:
             length = len(flat) if flat is not None else len(ids[0])
             _require(length == n and (flat is not None or all(len(r) == n for r in ids)), "positions.ids",
                      f"has {length} ids but the layout has {n} tokens; give one id per token")
+    if scheme == "grid":
+        offsets = out["offsets"]
+        names = [s["name"] for s in segments]
+        _require(isinstance(offsets, dict), "positions.offsets", 'maps a segment to [dt, dh, dw], e.g. {"cond": [0, 64, 0]}')
+        for name, off in offsets.items():
+            _require(name in names, f"positions.offsets.{name}", f"no segment named '{name}'{did_you_mean(name, names)}")
+            _require(isinstance(off, list) and len(off) == 3 and all(_is_int(x) for x in off),
+                     f"positions.offsets.{name}", "give three integers [dt, dh, dw]")
+        out["offsets"] = {k: list(v) for k, v in offsets.items()}
     if "share" in pos:
         share = pos["share"]
         names = {s["name"]: segment_size(s) for s in segments}
@@ -153,8 +165,19 @@ def _explicit(table, segments, ids):
     return torch.tensor(ids, dtype=torch.long)
 
 
+def _grid(table, segments, offsets):
+    """FLUX / EasyControl 3-axis ids: text (0,0,0); grid tokens (t, row, col) + per-segment offset."""
+    out = torch.zeros(3, table.n, dtype=torch.long)
+    for i, seg in enumerate(segments):
+        if "grid" in seg:
+            sl = table.segment_slice(i)
+            off = torch.tensor(offsets.get(seg["name"], [0, 0, 0]))[:, None]
+            out[:, sl] = torch.stack([table["t"][sl], table["row"][sl], table["col"][sl]]) + off
+    return out
+
+
 SCHEME_FUNCTIONS = {"sequential": _sequential, "per_segment": _per_segment, "branches": _branches,
-                    "concentric": _concentric, "mrope": _mrope, "attr": _attr, "explicit": _explicit}
+                    "concentric": _concentric, "mrope": _mrope, "attr": _attr, "explicit": _explicit, "grid": _grid}
 
 
 def position_ids(spec) -> torch.Tensor:
@@ -173,4 +196,4 @@ def position_ids(spec) -> torch.Tensor:
 
 def is_3d(spec) -> bool:
     pos = spec.positions
-    return pos["scheme"] == "mrope" or (pos["scheme"] == "explicit" and isinstance(pos["ids"][0], list))
+    return pos["scheme"] in ("mrope", "grid") or (pos["scheme"] == "explicit" and isinstance(pos["ids"][0], list))
