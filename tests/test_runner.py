@@ -300,7 +300,7 @@ def _reach(spec: Spec, layers: int) -> torch.Tensor:
 def test_model_counterfactual_unreachable_segment_cannot_matter(smollm):
     def spec(b, blocked=True):
         rules = [{"q": ["mid", "last"], "k": "B", "pattern": "none"}] if blocked else []
-        return {"segments": [{"name": "ctx", "text": "My favourite colour is"}, {"name": "B", "text": " green"},
+        return {"segments": [{"name": "ctx", "text": "My favourite colour is"}, {"name": "B", "text": b},
                              {"name": "mid", "text": ". The colour I like is"}, {"name": "last", "text": " called"}],
                 "mask": {"rules": rules}}
     a = runner.run(spec(" green"), smollm, attentions=False)
