@@ -492,8 +492,15 @@ def _forward(lm: LoadedModel, ctx: _Context, ids: torch.Tensor, pos: torch.Tenso
     pos = pos[..., None, :] if pos.dim() == 2 else pos[None]  # [3, 1, n] or [1, n]
     with _attn_impl(lm.model, ATTN_NAME):
         out = lm.model(input_ids=ids[None].to(lm.device), position_ids=pos.to(lm.device),
-                       cache=cache, use_cache=cache is not None, **{ATTN_NAME: ctx})
+                       use_cache=cache is not None, **{_cache_kwarg(lm.model): cache, ATTN_NAME: ctx})
     return out.logits[0].float(), cache  # the cache object is updated in place
+
+
+def _cache_kwarg(model) -> str:
+    """transformers renamed `past_key_values` to `cache` (5.2x); accept both."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def _is_oom(err: BaseException) -> bool:
