@@ -1,0 +1,338 @@
+"""Evaluate designs on data, with statistics: every spec runs on the same examples.
+
+Per spec: mean target NLL and exact-match accuracy (greedy == teacher-forced argmax on every
+answer token), each with a bootstrap 95% interval; paired differences against the first spec
+with a sign-flip permutation test; and breakdowns (accuracy by gold-document position, by
+passkey depth, by reversal direction).
+
+Tasks are generated deterministically from a seed (no downloads). An example fills segments
+by name, so any spec whose segment names match the task's template applies
+(`task_template(task)` gives a causal starting point). Under `torchrun --nproc_per_node=G`
+examples are sharded across processes, results are written per shard (a rerun skips finished
+shards) and rank 0 merges them: the numbers equal a single-process run with the same seed.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .spec import Spec, SpecError
+
+ANSWER = "answer"
+
+
+@dataclass
+class Example:
+    id: int
+    texts: dict          # segment name -> text (the answer segment holds the target)
+    meta: dict = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------- tasks
+_WORDS = ("amber basil cedar delta ember fjord garnet harbor indigo juniper kestrel lagoon meadow "
+          "nectar onyx pepper quartz raven saffron tundra umber velvet willow yarrow zephyr").split()
+_NAMES = ("Alice Bruno Chiara Dmitri Elena Farid Greta Hugo Ines Jonas Keiko Lars Mira Nadia Oscar "
+          "Priya Quinn Rosa Sami Tomas Uma Viktor Wen Xavier Yara Zane").split()
+_FILLER = ("The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. ")
+
+
+def _kv_retrieval(rng: random.Random, i: int, docs: int = 4) -> Example:
+    keys = rng.sample(_WORDS, docs)
+    values = [str(rng.randint(10, 99)) for _ in keys]
+    gold = i % docs  # the gold document visits every position
+    texts = {"instruction": "Read the records and answer with the number only.\n"}
+    texts.update({f"doc{j}": f"Record: the code for {k} is {v}.\n" for j, (k, v) in enumerate(zip(keys, values))})
+    texts["question"] = f"Question: what is the code for {keys[gold]}?\nAnswer:"
+    texts[ANSWER] = f" {values[gold]}"
+    return Example(i, texts, {"gold_position": gold})
+
+
+def _passkey(rng: random.Random, i: int, depths=(0.0, 0.25, 0.5, 0.75, 1.0), repeats: int = 6) -> Example:
+    key = str(rng.randint(10000, 99999))
+    depth = depths[i % len(depths)]
+    before = int(round(depth * repeats))
+    texts = {"instruction": "Find the pass key hidden in the text.\n",
+             "context": _FILLER * before + f"The pass key is {key}. Remember it. " + _FILLER * (repeats - before),
+             "question": "\nWhat is the pass key?\nThe pass key is",
+             ANSWER: f" {key}"}
+    return Example(i, texts, {"depth": depth})
+
+
+def _multihop(rng: random.Random, i: int, docs: int = 4) -> Example:
+    a, b, c, *others = rng.sample(_NAMES, docs + 1)
+    facts = [f"{a} is the mother of {b}.", f"{b} is the mother of {c}."]
+    facts += [f"{x} is the mother of {y}." for x, y in zip(others[::2], others[1::2])][: docs - 2]
+    while len(facts) < docs:
+        facts.append(f"{rng.choice(_NAMES)} likes {rng.choice(_WORDS)}.")
+    order = list(range(docs))
+    rng.shuffle(order)
+    texts = {"instruction": "Use the facts to answer.\n"}
+    texts.update({f"doc{j}": facts[k] + "\n" for j, k in enumerate(order)})
+    texts["question"] = f"Question: who is the grandmother of {c}?\nAnswer:"
+    texts[ANSWER] = f" {a}"
+    return Example(i, texts, {"gold_position": order.index(0), "bridge_position": order.index(1)})
+
+
+def _reversal(rng: random.Random, i: int) -> Example:
+    x, y = rng.sample(_NAMES, 2)
+    forward = i % 2 == 0
+    texts = {"instruction": "Answer from the fact.\n", "doc0": f"Fact: {x}'s teacher is {y}.\n",
+             "question": (f"Question: who is {x}'s teacher?\nAnswer:" if forward
+                          else f"Question: whose teacher is {y}?\nAnswer:"),
+             ANSWER: f" {y}" if forward else f" {x}"}
+    return Example(i, texts, {"direction": "forward" if forward else "backward"})
+
+
+TASKS = {"kv_retrieval": _kv_retrieval, "passkey": _passkey, "multihop": _multihop, "reversal": _reversal}
+BREAKDOWN = {"kv_retrieval": "gold_position", "passkey": "depth", "multihop": "gold_position",
+             "reversal": "direction"}
+
+
+def make_examples(task: str, n: int, seed: int = 0) -> list[Example]:
+    if task not in TASKS:
+        raise ValueError(f"unknown task '{task}'; use one of {', '.join(TASKS)} or --data FILE.jsonl")
+    return [TASKS[task](random.Random(f"{task}:{seed}:{i}"), i) for i in range(n)]
+
+
+def task_template(task: str) -> Spec:
+    """A causal spec with the task's segments (texts filled per example at run time)."""
+    ex = make_examples(task, 1)[0]
+    segs = [{"name": name, "modality": "text", "text": text} for name, text in ex.texts.items()]
+    segs[-1]["role"] = ["target"]
+    return Spec.load({"name": f"{task} (causal)", "segments": segs})
+
+
+def load_jsonl(path: str) -> list[Example]:
+    """Your own examples: one JSON object per line, {"texts": {segment: text}, "target": text, "meta": {}}."""
+    out = []
+    with open(path, encoding="utf-8") as fh:
+        for line_no, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{line_no}: invalid JSON ({err.msg})") from None
+            if not isinstance(row, dict) or not isinstance(row.get("texts"), dict):
+                raise ValueError(f'{path}:{line_no}: needs "texts": {{segment: text}} and "target": text')
+            if not isinstance(row.get("target"), str) or not row["target"]:
+                raise ValueError(f'{path}:{line_no}: "target" must be a non-empty string')
+            bad = [k for k, v in row["texts"].items() if not isinstance(v, str)]
+            if bad:
+                raise ValueError(f"{path}:{line_no}: texts.{bad[0]} must be a string")
+            texts = dict(row["texts"])
+            texts[ANSWER] = row["target"]
+            out.append(Example(len(out), texts, dict(row.get("meta", {}))))
+    if not out:
+        raise ValueError(f"{path}: no examples")
+    return out
+
+
+# ---------------------------------------------------------------- one example under one spec
+def fill(spec: Spec, example: Example) -> Spec:
+    """The spec with each segment's text taken from the example (matched by segment name)."""
+    data = spec.to_dict()
+    names = [s["name"] for s in data["segments"]]
+    missing = [n for n in names if n not in example.texts]
+    if missing:
+        raise SpecError("segments", f"spec '{spec.name}' has segment(s) {', '.join(missing)} that the task does "
+                                    f"not fill; name segments after the task's parts: {', '.join(example.texts)}")
+    for s in data["segments"]:
+        s["text"] = example.texts[s["name"]]
+        s.pop("length", None)
+        s.pop("frames", None)
+        if s["name"] == ANSWER:
+            s["role"] = sorted(set(s.get("role", [])) | {"target"})
+    return Spec.load(data)
+
+
+def score(spec: Spec, example: Example, lm) -> dict:
+    """Target NLL (mean nats/token) and exact match for one example."""
+    from .runner import run
+
+    res = run(fill(spec, example), model=lm, attentions=False)
+    layout = res.layout
+    i = [s["name"] for s in layout.segments].index(ANSWER)
+    start, size = layout.table.starts[i], layout.table.sizes[i]
+    pos = torch.arange(max(start, 1), start + size)
+    hits = res.logits[pos - 1].argmax(-1) == res.input_ids[pos]
+    return {"id": example.id, "nll": res.target_nll[ANSWER]["mean"], "correct": bool(hits.all()),
+            "meta": example.meta}
+
+
+# ---------------------------------------------------------------- statistics
+def bootstrap_ci(values: list[float], reps: int = 2000, seed: int = 0) -> tuple[float, float]:
+    if not values:
+        return (math.nan, math.nan)
+    x = torch.tensor(values, dtype=torch.float64)
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, len(x), (reps, len(x)), generator=g)
+    means = x[idx].mean(1)
+    return float(means.quantile(0.025)), float(means.quantile(0.975))
+
+
+def paired_test(diffs: list[float], reps: int = 10000, seed: int = 0) -> float:
+    """Two-sided sign-flip permutation p-value for mean(diffs) == 0."""
+    d = torch.tensor(diffs, dtype=torch.float64)
+    if len(d) == 0 or bool((d == 0).all()):
+        return 1.0
+    g = torch.Generator().manual_seed(seed)
+    signs = torch.randint(0, 2, (reps, len(d)), generator=g, dtype=torch.float64) * 2 - 1
+    null = (signs * d).mean(1).abs()
+    return float(((null >= d.mean().abs() - 1e-12).sum() + 1) / (reps + 1))
+
+
+def summarize(names: list[str], results: dict[str, list[dict]], breakdown: str | None) -> dict:
+    """Per-spec means with intervals, paired differences vs the first spec, breakdowns."""
+    out = {"specs": []}
+    base = sorted(results[names[0]], key=lambda r: r["id"])
+    for name in names:
+        rows = sorted(results[name], key=lambda r: r["id"])
+        nll = [r["nll"] for r in rows]
+        acc = [float(r["correct"]) for r in rows]
+        entry = {"name": name, "n": len(rows), "nll": sum(nll) / len(nll), "nll_ci": bootstrap_ci(nll),
+                 "accuracy": sum(acc) / len(acc), "accuracy_ci": bootstrap_ci(acc)}
+        if name != names[0]:
+            d_nll = [a["nll"] - b["nll"] for a, b in zip(rows, base)]
+            d_acc = [float(a["correct"]) - float(b["correct"]) for a, b in zip(rows, base)]
+            entry["vs_first"] = {"nll_diff": sum(d_nll) / len(d_nll), "nll_diff_ci": bootstrap_ci(d_nll),
+                                 "nll_p": paired_test(d_nll), "accuracy_diff": sum(d_acc) / len(d_acc),
+                                 "accuracy_diff_ci": bootstrap_ci(d_acc), "accuracy_p": paired_test(d_acc)}
+        if breakdown:
+            groups: dict = {}
+            for r in rows:
+                groups.setdefault(r["meta"].get(breakdown), []).append(float(r["correct"]))
+            entry["breakdown"] = {"by": breakdown, "groups": [
+                {"value": k, "n": len(v), "accuracy": sum(v) / len(v), "ci": bootstrap_ci(v)}
+                for k, v in sorted(groups.items(), key=lambda kv: str(kv[0]))]}
+        out["specs"].append(entry)
+    return out
+
+
+def report(summary: dict) -> str:
+    lines = [f"{'spec':28} {'n':>5} {'NLL':>8} {'95% CI':>17} {'acc':>6} {'95% CI':>15}  vs first"]
+    for e in summary["specs"]:
+        lo, hi = e["nll_ci"]
+        alo, ahi = e["accuracy_ci"]
+        vs = ""
+        if "vs_first" in e:
+            v = e["vs_first"]
+            vs = f"dNLL {v['nll_diff']:+.3f} (p={v['nll_p']:.3g}), dacc {v['accuracy_diff']:+.3f} (p={v['accuracy_p']:.3g})"
+        lines.append(f"{e['name'][:28]:28} {e['n']:>5} {e['nll']:8.3f} [{lo:7.3f},{hi:7.3f}] "
+                     f"{e['accuracy']:6.3f} [{alo:5.3f},{ahi:5.3f}]  {vs}")
+        if "breakdown" in e:
+            cells = ", ".join(f"{g['value']}: {g['accuracy']:.2f}" for g in e["breakdown"]["groups"])
+            lines.append(f"{'':28} accuracy by {e['breakdown']['by']}: {cells}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- running, sharded
+def _dist():
+    """(rank, world) from torchrun's environment; initialises torch.distributed when world > 1."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if world > 1 and torch.distributed.is_available() and not torch.distributed.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.distributed.init_process_group(backend)
+    return rank, world
+
+
+def evaluate(specs, task: str = "kv_retrieval", n: int = 100, model=None, seed: int = 0, data: str | None = None,
+             out_dir: str | None = None, progress: bool = True, rank: int | None = None, world: int | None = None) -> dict | None:
+    """Run every spec on the same examples; returns the summary (None on ranks other than 0)."""
+    loaded = [s if isinstance(s, Spec) else Spec.load(s) for s in specs]
+    names = [s.name if s.name != "untitled" else f"spec{i}" for i, s in enumerate(loaded)]
+    if len(set(names)) != len(names):
+        names = [f"{i}:{nm}" for i, nm in enumerate(names)]
+    examples = load_jsonl(data) if data else make_examples(task, n, seed)
+    for s in loaded:
+        fill(s, examples[0])  # validate segment names before any model work
+    if rank is None or world is None:
+        rank, world = _dist()
+    shard = examples[rank::world]
+    out = Path(out_dir) if out_dir else None
+    shard_file = out / f"shard-{rank}-of-{world}.json" if out else None
+    if shard_file and shard_file.exists():
+        mine = json.loads(shard_file.read_text())  # resumable: this shard is already done
+    else:
+        lm = _load(model, world)
+        mine = {name: [] for name in names}
+        bar = _bar(len(shard) * len(loaded), rank == 0 and progress)
+        for ex in shard:
+            for name, spec in zip(names, loaded):
+                mine[name].append(score(spec, ex, lm))
+                bar.update(1)
+        bar.close()
+        if shard_file:
+            out.mkdir(parents=True, exist_ok=True)
+            tmp = shard_file.with_suffix(".tmp")
+            tmp.write_text(json.dumps(mine))
+            tmp.rename(shard_file)
+    parts = _gather(mine, rank, world, out)
+    if rank != 0:
+        return None
+    merged = {name: [r for p in parts for r in p[name]] for name in names}
+    summary = summarize(names, merged, BREAKDOWN.get(task) if not data else None)
+    summary.update({"task": task if not data else data, "n": len(examples), "seed": seed,
+                    "model": model or "SmolLM2-135M-Instruct (embedded)",
+                    "world_size": world})
+    return summary
+
+
+def _gather(mine: dict, rank: int, world: int, out: Path | None) -> list[dict]:
+    """Every shard's results: through torch.distributed when it runs, else from the shard files."""
+    if world == 1:
+        return [mine]
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        gathered = [None] * world
+        torch.distributed.all_gather_object(gathered, mine)
+        return gathered
+    if rank != 0:
+        return []
+    files = [out / f"shard-{r}-of-{world}.json" for r in range(world)] if out else []
+    missing = [str(f) for f in files if not f.exists()] or ([] if out else ["(no out_dir)"])
+    if missing:
+        raise ValueError(f"shard results missing: {', '.join(missing)}; run the other ranks first")
+    return [json.loads(f.read_text()) for f in files]
+
+
+def _load(model, world):
+    from .runner import load_model
+
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    return load_model(model, device=f"cuda:{local}" if torch.cuda.is_available() and world > 1 else None)
+
+
+def _bar(total, enabled):
+    try:
+        from tqdm import tqdm
+        return tqdm(total=total, disable=not enabled, desc="evaluating", unit="run")
+    except ImportError:  # pragma: no cover
+        class Null:
+            def update(self, *_):
+                pass
+
+            def close(self):
+                pass
+        return Null()
+
+
+def main(args) -> int:
+    """`maskstudio eval` entry point (see cli.py)."""
+    summary = evaluate(args.specs, task=args.task, n=args.n, model=args.model, seed=args.seed, data=args.data,
+                       out_dir=(str(Path(args.out).with_suffix("")) + ".shards") if args.out else None)
+    if summary is not None:
+        print(report(summary))
+        if args.out:
+            Path(args.out).write_text(json.dumps(summary, indent=1) + "\n")
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    return 0
