@@ -1,0 +1,222 @@
+"""Pictures are checked by what they contain, not by pixels."""
+import io
+
+import pytest
+import torch
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
+
+import maskstudio
+from maskstudio import Spec, viz, flow
+from maskstudio.analysis import analyze
+
+
+def vlm(scheme="concentric", n_q=6):
+    return Spec.load({
+        "name": "vlm", "segments": [
+            {"name": "sys", "length": 5}, {"name": "img", "modality": "image", "grid": [4, 4]},
+            {"name": "question", "length": n_q}, {"name": "answer", "length": 4, "role": "target"}],
+        "mask": {"base": {"pattern": "causal"},
+                 "rules": [{"q": "img", "k": "img", "pattern": "block_causal", "by": "ring"},
+                           {"q": "answer", "k": "img", "pattern": "none", "layers": [0, 1]}]},
+        "positions": {"scheme": scheme}})
+
+
+def video(frames=3, h=4, w=4, scheme="mrope", text=8):
+    return Spec.load({
+        "name": "video", "segments": [
+            {"name": "sys", "length": text}, {"name": "clip", "modality": "video", "grid": [frames, h, w]},
+            {"name": "question", "length": text}],
+        "mask": {"base": {"pattern": "causal"},
+                 "rules": [{"q": "clip", "k": "clip", "pattern": "block_causal", "by": "frame"}]},
+        "positions": {"scheme": scheme}})
+
+
+def segment_patches(fig):
+    return [p for ax in fig.axes for p in ax.patches
+            if isinstance(p, Rectangle) and (p.get_gid() or "").startswith("segment:")]
+
+
+def all_text(fig):
+    out = [t.get_text() for ax in fig.axes for t in ax.texts]
+    out += [ax.get_title() for ax in fig.axes] + [ax.get_xlabel() for ax in fig.axes]
+    out += [ax.get_ylabel() for ax in fig.axes]
+    out += [lbl.get_text() for ax in fig.axes for lbl in ax.get_xticklabels() + ax.get_yticklabels()]
+    return "\n".join(out)
+
+
+def test_mask_view_contents():
+    spec = vlm()
+    fig = maskstudio.render(spec, "mask")
+    assert isinstance(fig, Figure)
+    info = fig.maskstudio["mask"]
+    assert info["mode"] == "dense" and info["n"] == spec.n
+    assert info["density"] == pytest.approx(analyze(spec).density)
+    names = [p.get_gid() for p in segment_patches(fig)]
+    assert names.count("segment:img") == 2 and len(names) == 2 * len(spec.segments)  # both axes
+    colors = {p.get_gid(): p.get_facecolor()[:3] for p in segment_patches(fig)}
+    assert colors["segment:img"] == pytest.approx(tuple(torch.tensor(
+        __import__("matplotlib.colors", fromlist=["to_rgb"]).to_rgb(viz.MODALITY_COLORS["image"])).tolist()))
+    ax = info["axes"]
+    assert "key" in ax.get_xlabel() and "query" in ax.get_ylabel()
+    assert info["labels"][5] == "0,0"               # image token labels are (row, col)
+    text = all_text(fig)
+    assert "density" in text and "img" in text
+    img = ax.images[0].get_array()
+    assert img.shape[:2] == (spec.n, spec.n)
+
+
+def test_mask_token_labels_option_and_tokenizer():
+    spec = vlm()
+    labels = [f"tok{i}" for i in range(spec.n)]
+    fig = viz.render(spec, "mask", token_labels=labels)
+    assert [t.get_text() for t in fig.maskstudio["mask"]["axes"].get_xticklabels()] == labels
+    with pytest.raises(ValueError, match="token_labels"):
+        viz.render(spec, "mask", token_labels=["a"])
+
+    class Tok:
+        def tokenize(self, text):
+            return text.split()
+
+    spec2 = Spec.load({"segments": [{"name": "q", "text": "what is here", "length": 3},
+                                    {"name": "a", "length": 2}]})
+    fig = viz.render(spec2, "mask", tokenizer=Tok())
+    assert fig.maskstudio["mask"]["labels"][:3] == ["what", "is", "here"]
+
+
+def test_block_view_past_threshold_matches_block_states():
+    from maskstudio.compile import block_states
+
+    spec = video(frames=4, h=16, w=20, text=50)   # 1380 tokens
+    fig = viz.render(spec, "mask", block_threshold=1000)
+    info = fig.maskstudio["mask"]
+    assert info["mode"] == "block" and info["block_size"] == 128
+    assert info["density"] == pytest.approx(analyze(spec).density)
+    frac = viz.block_fraction(spec, 128)
+    full, partial = block_states(spec, 128)
+    # fraction 1 <=> full (except the ragged last row/column, which block_states never calls full)
+    inner = slice(0, frac.shape[0] - 1)
+    assert torch.equal((frac == 1)[inner, inner], full[inner, inner])
+    assert torch.equal(((frac > 0) & (frac < 1))[inner, inner], partial[inner, inner])
+    assert fig.maskstudio["mask"]["axes"].images[0].get_array().shape == frac.shape
+    small = viz.render(spec, "mask")
+    assert small.maskstudio["mask"]["mode"] == "dense"
+
+
+def test_frame_ticks_for_video():
+    spec = video()
+    fig = viz.render(spec, "mask")
+    ax = fig.maskstudio["mask"]["axes"]
+    minor = list(ax.get_xticks(minor=True))
+    assert minor == [8 + 16, 8 + 32]
+
+
+def test_positions_view_1d_and_3d():
+    fig = viz.render(vlm("concentric"), "positions")
+    info = fig.maskstudio["positions"]
+    assert not info["three_d"] and len(info["line_axes"]) == 1 and info["grid_segments"] == ["img"]
+    grid = info["grid_axes"][0].images[0].get_array()
+    assert grid.shape == (4, 4) and grid[0, 0] == grid[0, 3] and grid[1, 1] == grid[0, 0] + 1   # rings
+    assert info["line_axes"][-1].get_xlabel() == "token index"
+    fig = viz.render(video(), "positions")
+    info = fig.maskstudio["positions"]
+    assert info["three_d"] and len(info["line_axes"]) == 3 and len(info["grid_axes"]) == 3
+    assert [len(ax.lines) for ax in info["line_axes"]] == [3, 3, 3]
+
+
+def test_distance_view_means_are_exact():
+    spec = vlm("sequential")
+    fig = viz.render(spec, "distance")
+    info = fig.maskstudio["distance"]
+    assert info["query"] == "answer"
+    pos = spec.position_ids()
+    q = pos[27:31].double()
+    img = pos[5:21].double()
+    assert info["mean"]["img"] == pytest.approx(float((q[:, None] - img[None]).abs().mean()))
+    assert "img" in all_text(fig)
+    fig = viz.render(video(), "distance", query="sys")
+    info = fig.maskstudio["distance"]
+    assert info["axes"] == ["t", "h", "w"] and len(info["mean"]["clip"]) == 3
+    assert len(info["heat_axes"]) == 3
+
+
+def test_flow_view_draws_the_graph_edges():
+    spec = vlm()
+    fig = viz.render(spec, "flow")
+    g = fig.maskstudio["flow"]["graph"]
+    drawn = {p.get_gid() for ax in fig.axes for p in ax.patches if (p.get_gid() or "").startswith("edge:")}
+    assert drawn == {f"edge:{k}->{q}" for k, q in g.edges}
+    a = analyze(spec)
+    assert g.edges["img", "question"]["density"] == pytest.approx(float(a.segment_density[2, 1]))
+    styles = {p.get_gid(): p.get_linestyle() for ax in fig.axes for p in ax.patches
+              if (p.get_gid() or "").startswith("edge:")}
+    assert styles["edge:sys->sys"] != "-" and styles["edge:sys->img"] == "-"   # partial dashed
+
+
+def test_reach_view_and_per_layer_rules():
+    spec = vlm()
+    fig = viz.render(spec, "reach", layers=3)
+    info = fig.maskstudio["reach"]
+    assert info["token"] == spec.n - 1 and info["layers"] == [0, 1, 2]
+    field = info["field"]
+    img = slice(5, 21)
+    assert not field[0, img].any() and field[1, img].all()
+    assert torch.equal(field[1], flow.reachability(spec, 2)[spec.n - 1])
+    names = info["table"].names
+    assert info["table"].steps[names.index("answer")][names.index("img")] == 2
+
+
+def test_summary_text_reuses_analysis():
+    spec = vlm()
+    text = viz.summary_text(spec)
+    assert analyze(spec).summary() in text and "layers until" in text
+    fig = viz.render(spec, "summary")
+    assert fig.maskstudio["summary"]["text"] == text
+
+
+def test_render_all_and_save(tmp_path):
+    spec = video()
+    fig = viz.render(spec, "all")
+    assert set(fig.maskstudio) == {"mask", "positions", "distance", "flow", "reach", "summary"}
+    out = tmp_path / "all.png"
+    viz.save(fig, out)
+    assert out.read_bytes()[:4] == b"\x89PNG"
+    buf = io.BytesIO()
+    viz.save(viz.render(spec, "flow", level="frame"), buf)
+    assert buf.getvalue()[:4] == b"\x89PNG"
+    with pytest.raises(ValueError, match="unknown view"):
+        viz.render(spec, "nope")
+
+
+def test_colors_consistent_across_views():
+    spec = vlm()
+    colors = viz.segment_colors(spec)
+    fig = viz.render(spec, "positions")
+    line_colors = [l.get_color() for l in fig.maskstudio["positions"]["line_axes"][0].lines]
+    assert [tuple(c) for c in line_colors] == [tuple(c) for c in colors]
+    assert colors[2] != colors[3]   # neighbouring text segments get different shades
+
+
+def test_no_pyplot_state():
+    import sys
+    viz.render(vlm(), "mask")
+    if "matplotlib.pyplot" in sys.modules:
+        import matplotlib.pyplot as plt
+        assert plt.get_fignums() == []
+
+
+@pytest.mark.slow
+def test_big_video_mask_is_block_view_without_n2_memory():
+    import resource
+    spec = Spec.load({"segments": [{"name": "sys", "length": 1952},
+                                   {"name": "video", "modality": "video", "grid": [32, 64, 63]},
+                                   {"name": "q", "length": 96}],
+                      "mask": {"base": {"pattern": "causal"},
+                               "rules": [{"q": "video", "k": "video", "pattern": "block_causal", "by": "frame"}]}})
+    assert spec.n == 131072
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    fig = viz.render(spec, "mask")
+    viz.save(fig, io.BytesIO())
+    grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    assert fig.maskstudio["mask"]["mode"] == "block"
+    assert grown_mb < 2048
