@@ -179,15 +179,17 @@ def _layers(spec):
 
 @pytest.mark.parametrize("name", PRESETS)
 def test_no_empty_rows(name):
-    """Every query row attends somewhere; cross-attention presets are judged on their cross view."""
+    """Every query row attends somewhere, in the full matrix and in the cross view if there is one."""
     spec = load_preset(name)
     for layer in _layers(spec):
         dense = spec.dense_mask(layer=layer)
+        views = [dense]
         if spec.mask.get("cross"):
             qi, ki = spec.cross_slices()
-            dense = dense[qi][:, ki]
-        empty = torch.nonzero(~dense.any(1)).flatten().tolist()
-        assert not empty, f"{name} layer {layer}: empty rows {empty}"
+            views.append(dense[qi][:, ki])
+        for view in views:
+            empty = torch.nonzero(~view.any(1)).flatten().tolist()
+            assert not empty, f"{name} layer {layer}: empty rows {empty}"
 
 
 @pytest.mark.parametrize("name", PRESETS)
