@@ -118,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("eval", cmd_eval, "evaluate specs on a built-in task with statistics", spec=False)
     p.add_argument("--specs", nargs="+", required=True)
     p.add_argument("--task", default="kv_retrieval")
-    p.add_argument("--n", type=int, default=100)
+    p.add_argument("-n", "--n", type=int, default=100, help="examples (use -n under torchrun: its parser claims --n)")
     p.add_argument("--model", default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data", help="your own examples, JSONL")
