@@ -302,13 +302,11 @@ def flex_block_mask(spec, layer: int, num_heads: int, device, block: int = FLEX_
             slot[h][p] = torch.arange(start, start + b.shape[0], dtype=torch.int32)
             start += b.shape[0]
         bits = torch.cat([torch.zeros(1, block, block, dtype=torch.bool)] + [b for _, _, b in per_head])
-        slot, bits = slot.to(device), bits.to(device)
-        if len(per_head) > 1:
-            def mask_mod(b, h, q, kv):
-                return bits[slot[h, q // block, kv // block], q % block, kv % block]
-        else:
-            def mask_mod(b, h, q, kv):
-                return bits[slot[0, q // block, kv // block], q % block, kv % block]
+        # one closure for shared and per-head masks (a broadcast view, no copy): one compiled kernel
+        slot, bits = slot.to(device).expand(num_heads, -1, -1), bits.to(device)
+
+        def mask_mod(b, h, q, kv):
+            return bits[slot[h, q // block, kv // block], q % block, kv % block]
     return BlockMask.from_kv_blocks(kv_num.to(device), kv_idx.to(device), full_num.to(device),
                                     full_idx.to(device), BLOCK_SIZE=block, mask_mod=mask_mod,
                                     seq_lengths=(n, n))
