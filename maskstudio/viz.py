@@ -43,6 +43,7 @@ from matplotlib.colors import LinearSegmentedColormap, ListedColormap, Normalize
 from matplotlib.figure import Figure
 from matplotlib.patches import Arc, FancyArrowPatch, Patch, Rectangle
 from matplotlib.path import Path
+from matplotlib.transforms import blended_transform_factory
 
 from . import flow as _flow
 from .positions import is_3d
@@ -77,18 +78,19 @@ def segment_colors(spec) -> list:
     return out
 
 
-def new_figure(figsize=(8, 8)) -> Figure:
-    """A pyplot-free Figure with an Agg canvas (thread-safe for the web app)."""
-    fig = Figure(figsize=figsize)
+def new_figure(figsize=(8, 8), dpi: int = 100) -> Figure:
+    """A pyplot-free Figure with an Agg canvas (thread-safe for the web app). Its dpi is what
+    a plain fig.savefig uses."""
+    fig = Figure(figsize=figsize, dpi=dpi)
     FigureCanvasAgg(fig)
     return fig
 
 
-def save(fig: Figure, path, dpi: int = 110) -> None:
-    """Write the figure (format from the suffix) and release its memory."""
+def save(fig: Figure, path, dpi: int | None = None) -> None:
+    """Write the figure (format from the suffix; PNG with fast compression). Figures made here are
+    not registered with pyplot, so dropping the reference frees them; no plt.close needed."""
     png = str(path).lower().endswith(".png") or getattr(path, "write", None) is not None
-    fig.savefig(path, dpi=dpi, facecolor="white", **({"pil_kwargs": {"compress_level": 1}} if png else {}))
-    fig.clear()
+    fig.savefig(path, dpi=dpi or fig.dpi, facecolor="white", **({"pil_kwargs": {"compress_level": 1}} if png else {}))
 
 
 def _info(fig, view, **facts):
@@ -136,34 +138,34 @@ def _default_labels(spec, tokenizer=None) -> list[str]:
     return labels
 
 
-def _bands(spec, ax, axis: str, colors):
-    """Coloured segment bands with names along one side of the heatmap (axis 'x' or 'y')."""
+def _bands(spec, ax, axis: str, colors, depth: float = 0.04):
+    """Coloured segment bands with names just outside one side of `ax` (axis 'x': above it,
+    'y': left of it). Drawn into `ax` itself with blended transforms: no extra Axes to build."""
     t = spec.table
     n = t.n
+    if axis == "x":
+        trans = blended_transform_factory(ax.transData, ax.transAxes)
+    else:
+        trans = blended_transform_factory(ax.transAxes, ax.transData)
     for s, (name, start, size) in enumerate(zip(t.names, t.starts, t.sizes)):
-        xy, w, h = ((start, 0), size, 1) if axis == "x" else ((0, start), 1, size)
-        rect = Rectangle(xy, w, h, facecolor=colors[s], edgecolor="white", linewidth=0.6, label=name)
+        if axis == "x":
+            xy, w, h = (start, 1.01), size, depth
+        else:
+            xy, w, h = (-0.01 - depth, start), depth, size
+        rect = Rectangle(xy, w, h, facecolor=colors[s], edgecolor="white", linewidth=0.6, label=name,
+                         transform=trans, clip_on=False)
         rect.set_gid(f"segment:{name}")
         ax.add_patch(rect)
         frac = size / n
         label = name if frac * 60 >= len(name) else (name[:3] if frac >= 0.012 else "")
         if label:
             mid = start + size / 2
-            kw = dict(ha="center", va="center", fontsize=8, color="white", fontweight="bold", clip_on=True)
+            kw = dict(ha="center", va="center", fontsize=8, color="white", fontweight="bold",
+                      transform=trans, clip_on=False)
             if axis == "x":
-                ax.text(mid, 0.5, label, **kw)
+                ax.text(mid, 1.01 + depth / 2, label, **kw)
             else:
-                ax.text(0.5, mid, label, rotation=90, **kw)
-    if axis == "x":
-        ax.set_xlim(0, n)
-        ax.set_ylim(0, 1)
-    else:
-        ax.set_ylim(n, 0)
-        ax.set_xlim(0, 1)
-    ax.set_xticks([])
-    ax.set_yticks([])
-    for spine in ax.spines.values():
-        spine.set_visible(False)
+                ax.text(-0.01 - depth / 2, mid, label, rotation=90, **kw)
 
 
 def _frame_cuts(spec, max_lines: int = 400) -> list[int]:
@@ -217,11 +219,9 @@ def view_mask(spec, fig, region, layer=0, head=0, token_labels=None, tokenizer=N
     colors = segment_colors(spec)
     use_blocks = (n > block_threshold) if block is None else bool(block)
     label_room = 0.14 if n <= TOKEN_LABEL_MAX else 0.08
-    gs = region.subgridspec(2, 4, width_ratios=[0.035, 1, label_room, 0.03], height_ratios=[0.035, 1],
-                            wspace=0.02, hspace=0.02)
+    gs = region.subgridspec(2, 4, width_ratios=[0.045, 1, label_room, 0.03], height_ratios=[0.045, 1],
+                            wspace=0.0, hspace=0.0)
     ax = fig.add_subplot(gs[1, 1])
-    top = fig.add_subplot(gs[0, 1])
-    left = fig.add_subplot(gs[1, 0])
     cax = fig.add_subplot(gs[1, 3])
     if use_blocks:
         frac = block_fraction(spec, block_size, layer, head)
@@ -278,22 +278,25 @@ def view_mask(spec, fig, region, layer=0, head=0, token_labels=None, tokenizer=N
         ax.set_yticklabels(labels, fontsize=fs)
         ax.yaxis.tick_right()
     else:
-        ticks = list(t.starts) + [n]
+        ticks = []
+        for x in list(t.starts) + [n]:  # segment starts, skipping any that would overprint
+            if not ticks or x - ticks[-1] >= 0.03 * n:
+                ticks.append(x)
+            elif x == n:
+                ticks[-1] = n
         ax.set_xticks(ticks)
         ax.set_xticklabels([str(x) for x in ticks], fontsize=7, rotation=90)
         ax.set_yticks(ticks)
         ax.set_yticklabels([str(x) for x in ticks], fontsize=7)
         ax.yaxis.tick_right()
     ax.set_xlabel("key token  (attended)", fontsize=9)
-    _bands(spec, top, "x", colors)
-    _bands(spec, left, "y", colors)
+    _bands(spec, ax, "x", colors)
+    _bands(spec, ax, "y", colors)
     ax.set_ylabel("query token  (attending)", fontsize=9)
-    ax.yaxis.set_label_coords(-0.06, 0.5)
-    top.tick_params(labelbottom=False)
-    left.tick_params(labelleft=False)
+    ax.yaxis.set_label_coords(-0.075, 0.5)
     name = title or f"{spec.name}: mask{_layer_note(spec, layer, head)}"
-    top.set_title(f"{name}\ndensity {density:.3f}  ({allowed_pairs:,} of {n * n:,} pairs)"
-                  + (f"  ·  {block_size}-token blocks" if mode == "block" else ""), fontsize=10)
+    ax.set_title(f"{name}\ndensity {density:.3f}  ({allowed_pairs:,} of {n * n:,} pairs)"
+                 + (f"  ·  {block_size}-token blocks" if mode == "block" else ""), fontsize=10, y=1.06)
     _modality_legend(spec, ax, loc="upper right", fontsize=7, framealpha=0.9, title="modality",
                      title_fontsize=7)
     _info(fig, "mask", mode=mode, n=n, density=density, allowed=allowed_pairs, layer=layer, head=head,
@@ -332,7 +335,7 @@ def view_positions(spec, fig, region, title=None, **_):
             x, y = _subsample(index[sl], rows[a][sl])
             ax.plot(x, y, color=colors[s], lw=1.4, marker=marker, ms=3, label=name)
         ax.vlines(t.starts[1:], 0, 1, transform=ax.get_xaxis_transform(), color="#cccccc", lw=0.6, zorder=0)
-        ax.set_ylabel("position id" + (f" ({axname})" if axname else ""), fontsize=8)
+        ax.set_ylabel(f"pos id ({axname})" if axname else "position id", fontsize=8)
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.25)
         if a < n_line - 1:
@@ -420,7 +423,7 @@ def view_distance(spec, fig, region, query=None, title=None, max_pairs: int = 2_
     colors = segment_colors(spec)
     qs = t.segment_slice(q)
     gs = region.subgridspec(naxes, 2, width_ratios=[1.6, 1], wspace=0.08, hspace=0.35)
-    heat_axes, bar_axes = [], []
+    heat_axes = []
     for a in range(naxes):
         axname = stats["axes"][a]
         qpos = ids[a, qs]
@@ -448,15 +451,28 @@ def view_distance(spec, fig, region, query=None, title=None, max_pairs: int = 2_
         ax.set_xlabel(f"|Δ position{' ' + axname if naxes > 1 else ''}|  (query {stats['query']})", fontsize=8)
         ax.tick_params(labelsize=7)
         heat_axes.append(ax)
-        bx = fig.add_subplot(gs[a, 1], sharey=ax)
+    # one bar panel: mean |delta| per key segment (grouped t/h/w bars for 3-D schemes)
+    bx = fig.add_subplot(gs[:, 1])
+    hatches = ["", "//", ".."]
+    height = 0.8 / naxes
+    top = 1.0
+    for a in range(naxes):
         means = [stats["mean"][name][a] if naxes > 1 else stats["mean"][name] for name in t.names]
-        bx.barh(np.arange(len(t.names)) + 0.5, means, height=0.7, color=colors)
-        for i, m in enumerate(means):
-            bx.text(m, i + 0.5, " " + _fmt(m), va="center", fontsize=7)
-        bx.set_xlim(0, max(max(means), 1) * 1.35)
-        bx.tick_params(labelleft=False, labelsize=7)
-        bx.set_xlabel(f"mean |Δ{axname if naxes > 1 else 'pos'}|", fontsize=8)
-        bar_axes.append(bx)
+        ys = np.arange(len(t.names)) + 0.1 + height * (a + 0.5)
+        bx.barh(ys, means, height=height * 0.9, color=colors, hatch=hatches[a], edgecolor="white",
+                label=f"|Δ{stats['axes'][a]}|" if naxes > 1 else None)
+        for y, m in zip(ys, means):
+            bx.text(m, y, " " + _fmt(m), va="center", fontsize=6 if naxes > 1 else 7)
+        top = max(top, max(means))
+    bx.set_ylim(len(t.names), 0)
+    bx.set_yticks(np.arange(len(t.names)) + 0.5)
+    bx.set_yticklabels([])
+    bx.set_xlim(0, top * 1.35)
+    bx.tick_params(labelsize=7)
+    bx.set_xlabel("mean |Δ position|" + (" per axis" if naxes > 1 else ""), fontsize=8)
+    if naxes > 1:
+        bx.legend(fontsize=7, loc="lower right")
+    bar_axes = [bx]
     heat_axes[0].set_title(title or f"{spec.name}: RoPE distance from '{stats['query']}' "
                            f"({spec.positions['scheme']})", fontsize=10, loc="left")
     _info(fig, "distance", **stats, heat_axes=heat_axes, bar_axes=bar_axes)
@@ -531,9 +547,8 @@ def view_reach(spec, fig, region, token=None, layers=None, head=0, title=None, m
     field = _flow.receptive_field(spec, token, order, head, model=model)
     table = _flow.layers_until_reach(spec, order, head, model=model)
     colors = segment_colors(spec)
-    gs = region.subgridspec(4, 1, height_ratios=[0.06, 1, 0.25, 1.2], hspace=0.08)
+    gs = region.subgridspec(4, 1, height_ratios=[0.06, 1, 0.45, 1.2], hspace=0.0)
     ax = fig.add_subplot(gs[1])
-    band = fig.add_subplot(gs[0])
     ax.imshow(field.numpy().astype(np.uint8), aspect="auto", interpolation="nearest",
               cmap=ListedColormap([MASKED_COLOR, "#2e8b57"]), vmin=0, vmax=1,
               extent=(0, n, len(order) + 0.5, 0.5))
@@ -543,11 +558,12 @@ def view_reach(spec, fig, region, token=None, layers=None, head=0, title=None, m
     ax.axvline(token + 0.5, color="#c8424a", lw=1)
     ax.vlines(t.starts[1:], 0.5, len(order) + 0.5, color="#9aa5b8", lw=0.6)
     ax.tick_params(labelsize=7)
-    _bands(spec, band, "x", colors)
+    ax.set_xlim(0, n)
+    _bands(spec, ax, "x", colors, depth=0.06)
     seg = int(t["segment"][token])
     label = f"{t.names[seg]}[{int(t['local'][token])}]"
-    band.set_title(title or f"{spec.name}: receptive field of token {token} = {label} after 1..{len(order)} "
-                   f"layers (residual counted)", fontsize=10)
+    ax.set_title(title or f"{spec.name}: receptive field of token {token} = {label} after 1..{len(order)} "
+                 f"layers (residual counted)", fontsize=10, y=1.07)
     tx = fig.add_subplot(gs[3])
     tx.axis("off")
     s = len(t.names)
@@ -556,7 +572,7 @@ def view_reach(spec, fig, region, token=None, layers=None, head=0, title=None, m
     shade = [["#eeeeee" if v is None else steps_colors.get(v, "#ecf7ef") for v in row] for row in table.steps]
     if s <= 16:
         tab = tx.table(cellText=cells, rowLabels=t.names, colLabels=t.names, cellColours=shade,
-                       loc="center", cellLoc="center")
+                       loc="upper center", cellLoc="center")
         tab.auto_set_font_size(False)
         tab.set_fontsize(7 if s <= 10 else 6)
         for (r, c), cell in tab.get_celld().items():
@@ -607,7 +623,7 @@ def render(spec, view: str = "mask", **options) -> Figure:
         return render_all(spec, **options)
     if view not in VIEW_FUNCTIONS:
         raise ValueError(f"unknown view {view!r}; use one of {', '.join(VIEWS + ('all',))}")
-    fig = new_figure(options.pop("figsize", None) or FIGSIZES[view])
+    fig = new_figure(options.pop("figsize", None) or FIGSIZES[view], dpi=options.pop("dpi", 100))
     region = fig.add_gridspec(1, 1, left=0.08, right=0.92, top=0.9, bottom=0.1)[0]
     VIEW_FUNCTIONS[view](spec, fig, region, **options)
     fig.maskstudio_view = view
@@ -623,8 +639,8 @@ def render_all(spec, **options) -> Figure:
     analysis = options.pop("analysis", None) or analyze(spec, layer=layer, head=head,
                                                         dense_limit=_flow.ANALYSIS_DENSE_LIMIT)
     options.setdefault("model", _flow.Model(spec, head))
-    fig = new_figure(options.pop("figsize", None) or (20, 24))
-    gs = fig.add_gridspec(3, 2, left=0.05, right=0.96, top=0.96, bottom=0.03, hspace=0.28, wspace=0.22,
+    fig = new_figure(options.pop("figsize", None) or (16, 19.5), dpi=options.pop("dpi", 80))
+    gs = fig.add_gridspec(3, 2, left=0.05, right=0.96, top=0.93, bottom=0.03, hspace=0.28, wspace=0.22,
                           height_ratios=[1.15, 1, 1])
     options.pop("title", None)
     view_mask(spec, fig, gs[0, 0], **options)
@@ -633,6 +649,7 @@ def render_all(spec, **options) -> Figure:
     view_distance(spec, fig, gs[1, 1], **options)
     view_reach(spec, fig, gs[2, 0], **options)
     view_summary(spec, fig, gs[2, 1], analysis=analysis, **options)
-    fig.suptitle(f"{spec.name}  ·  {spec.table.n:,} tokens  ·  {len(spec.segments)} segments", fontsize=14)
+    fig.suptitle(f"{spec.name}  ·  {spec.table.n:,} tokens  ·  {len(spec.segments)} segments", fontsize=14,
+                 y=0.985)
     fig.maskstudio_view = "all"
     return fig
