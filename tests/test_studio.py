@@ -1,0 +1,316 @@
+"""The app's handlers without a browser or gradio (maskstudio/studio.py)."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from maskstudio import Spec, studio
+from maskstudio.presets import list_presets, load_preset
+
+
+@pytest.fixture(autouse=True)
+def _threads(monkeypatch):
+    """Draw in threads here (one test below covers the worker processes)."""
+    monkeypatch.setenv("MASKSTUDIO_RENDER_PROCESSES", "0")
+
+
+def small_video() -> dict:
+    return {"name": "vid", "segments": [
+        {"name": "sys", "modality": "text", "length": 4},
+        {"name": "video", "modality": "video", "grid": [3, 2, 2]},
+        {"name": "q", "modality": "text", "length": 5, "role": ["target"], "text": "what happens next?"}],
+        "mask": {"base": {"pattern": "causal"},
+                 "rules": [{"q": "video", "k": "video", "pattern": "block_causal", "by": "frame"}],
+                 "overlays": [{"op": "or", "q": "*", "k": "sys", "pattern": "first", "size": 2,
+                               "layers": {"start": 0, "stop": 4, "step": 2}}]},
+        "positions": {"scheme": "mrope"}}
+
+
+# ---------------------------------------------------------------- cells
+@pytest.mark.parametrize("seg", [
+    {"length": 12}, {"grid": [24, 24]}, {"grid": [8, 16, 16]}, {"frames": [4, 4, 4]}, {}])
+def test_size_round_trip(seg):
+    assert studio.parse_size(studio.format_size(seg), "x") == seg
+
+
+def test_size_errors_name_the_field():
+    with pytest.raises(studio.SpecError) as err:
+        studio.parse_size("12a", "segments[1].size")
+    assert err.value.path == "segments[1].size" and "24x24" in str(err.value)
+
+
+@pytest.mark.parametrize("params", [
+    {}, {"size": 4, "causal": False}, {"by": "frame", "strict": True}, {"size": [2, 2]},
+    {"by": "chunk", "size": 3}, {"size": "lookahead_attr"}, {"offsets": {"cond": [0, 64, 0]}},
+    {"share": {"copy": "noisy"}}, {"label": "two words"}, {"x": "true"}])
+def test_params_round_trip(params):
+    assert studio.parse_params(studio.format_params(params), "p") == params
+
+
+def test_params_accepts_json_and_loose_text():
+    assert studio.parse_params('{"size": 4}', "p") == {"size": 4}
+    assert studio.parse_params("size = 4 , causal=False, by='frame'", "p") == {"size": 4, "causal": False,
+                                                                               "by": "frame"}
+    with pytest.raises(studio.SpecError):
+        studio.parse_params("size 4", "mask.rules[0]")
+
+
+@pytest.mark.parametrize("value", [None, [0, 1, 5], {"start": 0, "stop": 12, "step": 2},
+                                   {"start": 3, "stop": 9, "step": 1}])
+def test_ints_round_trip(value):
+    assert studio.parse_ints(studio.format_ints(value), "layers") == value
+
+
+def test_selectors_and_text():
+    assert studio.parse_selector("video") == "video"
+    assert studio.parse_selector("a, b") == ["a", "b"]
+    assert studio.parse_selector("") == "*"
+    assert studio.parse_text(studio.format_text(["f0", "f1"])) == ["f0", "f1"]
+    assert studio.parse_text("[not json") == "[not json"
+
+
+# ---------------------------------------------------------------- tables <-> spec
+@pytest.mark.parametrize("name", [p["name"] for p in list_presets()])
+def test_every_preset_round_trips_through_the_tables(name):
+    spec = load_preset(name)
+    t = studio.spec_to_tables(spec)
+    # unchanged rows keep their exact JSON: the canonical spec comes back byte for byte
+    same = Spec.load(studio.tables_to_spec_dict(spec.to_dict(), t["segments"], t["rules"], t["overlays"],
+                                                (t["scheme"], t["position_params"])))
+    assert same.to_json() == spec.to_json()
+    # parsed afresh (no old rows to reuse) the mask and positions are identical
+    old = spec.to_dict()
+    old["segments"] = [dict(s, name=s["name"] + "~") for s in old["segments"]]  # nothing matches
+    old["mask"] = {"base": {"pattern": "causal"}, "rules": [], "overlays": []}
+    fresh_raw = studio.tables_to_spec_dict(old, t["segments"], t["rules"], t["overlays"],
+                                           (t["scheme"], t["position_params"]))
+    for seg, orig in zip(fresh_raw["segments"], spec.segments):
+        if "attrs" in orig:
+            seg["attrs"] = orig["attrs"]
+    fresh = Spec.load(fresh_raw)
+    if spec.unsized_segments():
+        return
+    assert fresh.n == spec.n
+    if spec.n <= 2048:
+        layers = sorted({0} | {x for s in spec.layer_sets() for x in s})
+        for layer in layers[:4]:
+            assert torch.equal(fresh.dense_mask(layer=layer), spec.dense_mask(layer=layer)), (name, layer)
+    assert torch.equal(fresh.position_ids(), spec.position_ids())
+
+
+def test_table_edit_changes_the_json_and_pushes_history():
+    state = studio.new_state(small_video())
+    t = studio.spec_to_tables(state["spec"])
+    t["rules"][1][4] = "by=t, strict=true"
+    t["segments"][0][2] = "6"
+    state2, error = studio.apply_table_edit(state, t["segments"], t["rules"], t["overlays"],
+                                            (t["scheme"], t["position_params"]))
+    assert error == ""
+    spec = studio.current(state2)
+    assert spec.mask["rules"][0]["by"] == "t" and spec.mask["rules"][0]["strict"] is True
+    assert spec.segments[0]["length"] == 6
+    assert spec.mask["overlays"][0]["layers"] == {"start": 0, "stop": 4, "step": 2}  # untouched row kept
+    assert state2["history"] == [state["spec"]]
+    back, error = studio.undo(state2)
+    assert error == "" and back["spec"] == state["spec"]
+    assert studio.undo(back)[1] == "nothing to undo"
+
+
+def test_table_edit_adds_rows_and_accepts_pandas_like_values():
+    state = studio.new_state(small_video())
+    t = studio.spec_to_tables(state["spec"])
+    segs = t["segments"] + [["answer", "text", "3", "", "generate", ""], ["", "", "", "", "", ""]]
+    overlays = {"headers": studio.OVERLAY_COLUMNS,
+                "data": t["overlays"] + [["and_not", "answer", "video", "full", "", "0, 1", "2"]]}
+    state2, error = studio.apply_table_edit(state, segs, t["rules"], overlays, "per_segment")
+    assert error == "", error
+    spec = studio.current(state2)
+    assert [s["name"] for s in spec.segments][-1] == "answer"
+    assert spec.mask["overlays"][-1] == {"pattern": "full", "op": "and_not", "q": "answer", "k": "video",
+                                         "layers": [0, 1], "heads": [2]}
+    assert spec.positions == {"scheme": "per_segment"}
+    assert spec.varies_by_head
+
+
+@pytest.mark.parametrize("cell,where,expect", [
+    ((1, 2), "segments", "segments[1]"),            # size 'abc'
+    ((1, 3), "rules", "mask.rules[0].pattern"),     # unknown pattern
+    ((1, 2), "rules", "mask.rules[0].k"),           # unknown segment
+    ((1, 5), "rules", "mask.rules[0].layers"),      # bad layers
+])
+def test_invalid_table_edit_keeps_the_last_good_state(cell, where, expect):
+    state = studio.new_state(small_video())
+    t = studio.spec_to_tables(state["spec"])
+    bad = {"segments": "abc", "rules": {3: "blok_causal", 2: "vidoe", 5: "1-2"}}
+    r, c = cell
+    t[where][r][c] = bad[where] if where == "segments" else bad[where][c]
+    state2, error = studio.apply_table_edit(state, t["segments"], t["rules"], t["overlays"],
+                                            (t["scheme"], t["position_params"]))
+    assert state2 is state
+    assert error.startswith(expect) and "\n" not in error
+
+
+def test_json_edit_error_is_one_line_with_the_path():
+    state = studio.new_state(small_video())
+    data = small_video()
+    data["mask"]["rules"][0]["k"] = "vidoe"
+    state2, error = studio.apply_json_edit(state, json.dumps(data))
+    assert state2 is state
+    assert error == "mask.rules[0].k: no segment named 'vidoe' (did you mean 'video'?)"
+    assert studio.apply_json_edit(state, "{ nope")[1].startswith("invalid JSON at line 1")
+    assert studio.apply_json_edit(state, "")[1]
+    ok, error = studio.apply_json_edit(state, json.dumps(dict(data, mask={"base": {"pattern": "full"}})))
+    assert error == "" and studio.current(ok).mask["base"] == {"pattern": "full"}
+
+
+def test_presets_blank_and_sessions_are_independent():
+    a = studio.new_state()
+    b = studio.new_state()
+    a2, err = studio.load_preset_into_state(a, "prefix_lm")
+    assert err == "" and studio.current(a2).name == "prefix_lm"
+    b2, err = studio.load_blank(b)
+    assert err == "" and studio.current(b2).name == "untitled"
+    assert studio.current(a2).name == "prefix_lm" and a["spec"] == b["spec"]
+    assert studio.load_preset_into_state(a, "prefx_lm")[1].startswith("preset: no preset named")
+    choices = studio.preset_choices()
+    assert ("other · prefix_lm", "prefix_lm") in choices
+    card = studio.preset_card("prefix_lm")
+    assert "Raffel" in card and "Prefix-LM" in card
+    md = studio.gallery_markdown()
+    assert "#### video" in md and "`multiverse`" in md
+
+
+# ---------------------------------------------------------------- pictures and checks
+def test_render_views_draws_every_picture_and_caches_by_dependency():
+    spec = Spec.load(small_video())
+    out = studio.render_views(spec, {"layer": 0})
+    for view in studio.VIEWS:
+        assert os.path.exists(out[view]) and out[view].endswith(".png")
+        assert open(out[view], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    assert "density" in out["checks"] and "KV-cache safe" in out["checks"]
+    assert out["density"]["headers"] == ["q \\ k", "sys", "video", "q"]
+    assert studio.render_views(spec, {"layer": 0}) == out                 # cached
+    data = small_video()
+    data["mask"]["rules"][0]["by"] = "t"
+    edited = studio.render_views(Spec.load(data), {"layer": 0})
+    assert edited["positions"] == out["positions"] and edited["distance"] == out["distance"]
+    assert edited["mask"] != out["mask"] and edited["reach"] != out["reach"]
+    layer1 = studio.render_views(spec, {"layer": 1})
+    assert layer1["mask"] != out["mask"]                                  # the overlay is off on layer 1
+
+
+def test_render_views_in_worker_processes(monkeypatch):
+    monkeypatch.setenv("MASKSTUDIO_RENDER_PROCESSES", "2")
+    data = small_video()
+    data["name"] = "processes"
+    out = studio.render_views(Spec.load(data))
+    assert all(os.path.exists(out[v]) for v in studio.VIEWS)
+
+
+def test_text_only_segments_get_estimated_sizes_for_pictures():
+    spec = Spec.load({"segments": [{"name": "a", "text": "one two three four"}, {"name": "b", "length": 3}]})
+    out = studio.render_views(spec)
+    assert "estimated" in out["note"] and os.path.exists(out["mask"])
+
+
+def test_controls_and_tokens():
+    spec = Spec.load(small_video())
+    c = studio.controls(spec)
+    assert c["varies_by_layer"] and not c["varies_by_head"] and c["segments"] == ["sys", "video", "q"]
+    assert studio.parse_token(spec, "") == spec.n - 1
+    assert studio.parse_token(spec, "video") == 4 + 12 - 1
+    assert studio.parse_token(spec, "video[0]") == 4
+    assert studio.parse_token(spec, "-1") == spec.n - 1
+    assert studio.parse_token(spec, 999) == spec.n - 1
+    with pytest.raises(studio.SpecError):
+        studio.parse_token(spec, "vid")
+
+
+def test_check_text_reports_problems():
+    spec = Spec.load({"segments": [{"name": "a", "length": 4}], "mask": {"base": {"pattern": "none"}}})
+    text = studio.check_text(spec)
+    assert "ERROR" in text and "attend no key" in text
+
+
+# ---------------------------------------------------------------- export / import / compare
+@pytest.mark.parametrize("fmt", list(studio.EXPORT_FORMATS))
+def test_export_files(fmt, tmp_path):
+    spec = Spec.load(small_video())
+    path = studio.export_file(spec, fmt)
+    assert os.path.basename(path).startswith("vid")
+    data = open(path, "rb").read()
+    if fmt == "json":
+        assert data.decode() == spec.to_json()
+    elif fmt == "npy":
+        assert np.array_equal(np.load(path), spec.dense_mask().numpy())
+    elif fmt == "positions":
+        assert np.array_equal(np.load(path), spec.position_ids().numpy())
+    elif fmt == "flex":
+        assert b"def mask_mod" in data
+    else:
+        import zipfile
+        assert sorted(zipfile.ZipFile(path).namelist()) == sorted(f"vid_{v}.png" for v in studio.VIEWS)
+    with pytest.raises(ValueError):
+        studio.export_file(spec, "gif")
+
+
+def test_import_file(tmp_path):
+    state = studio.new_state()
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps(small_video()))
+    state2, error = studio.import_file(state, str(good))
+    assert error == "" and studio.current(state2).name == "vid"
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"segments": []}')
+    state3, error = studio.import_file(state2, str(bad))
+    assert state3 is state2 and error.startswith("segments: needs a non-empty list")
+    assert studio.import_file(state, None)[1] == "no file uploaded"
+
+
+def test_compare_static():
+    state = studio.new_state(small_video())
+    assert studio.compare_static(state, "snapshot")["error"].startswith("compare: no snapshot")
+    state = studio.set_snapshot(state)
+    data = small_video()
+    data["mask"]["rules"] = []
+    state, _ = studio.apply_json_edit(state, json.dumps(data))
+    out = studio.compare_static(state, "snapshot")
+    assert out["error"] == "" and os.path.exists(out["diff"]) and "A: vid" in out["summary"]
+    other = studio.compare_static(state, "prefix_lm")
+    assert other["error"] == "" and other["diff"] is None  # different token counts
+
+
+# ---------------------------------------------------------------- the model
+@pytest.mark.model
+def test_run_model_on_the_embedded_default(smollm):
+    state = studio.new_state({"name": "qa", "segments": [
+        {"name": "context", "text": "The capital of France is Paris."},
+        {"name": "question", "text": " Q: What is the capital of France? A:", "role": ["generate"]}],
+        "mask": {"base": {"pattern": "causal"}}})
+    seen = []
+    state2, out = studio.run_model(state, "", 4, progress=lambda f, desc="": seen.append(desc))
+    assert out["error"] == "", out["error"]
+    assert out["continuation"] and out["top_k"] and out["tokens"][0][0] == "context"
+    for key in ("attention", "mass", "curves", "rollout"):
+        assert os.path.exists(out[key])
+    assert studio.get_run(state2) is not None and studio.get_run(state) is None
+    assert os.path.exists(studio.attention_for_state(state2, 3, "1"))
+    bad, out = studio.run_model(state, "no-such/model-anywhere-xyz", 0)
+    assert out["error"] and "\n" not in out["error"] and bad is state
+
+
+@pytest.mark.model
+def test_knockout_and_compare_runs(smollm):
+    data = {"name": "qa", "segments": [
+        {"name": "context", "text": "Paris is in France."},
+        {"name": "question", "text": " Paris is in"}], "mask": {"base": {"pattern": "causal"}}}
+    state = studio.set_snapshot(studio.new_state(data))
+    ko = studio.knockout_sweep(state, "question", "context", window=28)  # 3 windows of 30 layers
+    assert ko["error"] == "" and os.path.exists(ko["curve"]) and "knockout" in ko["summary"]
+    data["mask"]["rules"] = [{"q": "question", "k": "context", "pattern": "none"}]
+    state, _ = studio.apply_json_edit(state, json.dumps(data))
+    cmp = studio.compare_runs(state, "snapshot", "", 0)
+    assert cmp["error"] == "" and os.path.exists(cmp["kl"]) and os.path.exists(cmp["mass_diff"])
+    assert "KL(a||b)" in cmp["summary"]
