@@ -263,7 +263,7 @@ def build() -> gr.Blocks:
                     with gr.Row():
                         ko_q = gr.Dropdown(["*"], value="*", label="q (reading)", allow_custom_value=True)
                         ko_k = gr.Dropdown([], label="k (blocked source)", allow_custom_value=True)
-                        ko_window = gr.Slider(1, 10, value=3, step=1, label="window (layers)")
+                        ko_window = gr.Slider(1, 32, value=3, step=1, label="window (layers)")
                         ko_btn = gr.Button("Sweep")
                     ko_error = gr.Markdown("", elem_classes=["error-line"])
                     ko_img = gr.Image(type="filepath", label="knockout")

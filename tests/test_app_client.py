@@ -1,0 +1,187 @@
+"""The app through its public API (gradio_client), against `python app.py` in a subprocess.
+
+Every named endpoint is called; the model endpoints are marked `model` too.
+"""
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+OPTS = (0, 0, 4, "", None, "segment")  # layer, head, reach layers, reach token, distance query, flow level
+PICS = slice(7, 12)                     # mask, positions, distance, flow, reach in a design response
+ENDPOINTS = {"/load_preset", "/new_blank", "/undo", "/edit_tables", "/edit_json", "/import_spec", "/render",
+             "/export", "/run_model", "/attention_map", "/knockout", "/keep_snapshot", "/compare_masks",
+             "/compare_runs"}
+
+pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_app(timeout: float = 120):
+    """Start `python app.py` on a free port; returns (process, url). The caller terminates it."""
+    port = free_port()
+    env = dict(os.environ, PORT=str(port), HOST="127.0.0.1", GRADIO_ANALYTICS_ENABLED="False",
+               HF_HUB_OFFLINE=os.environ.get("HF_HUB_OFFLINE", "1"))
+    log = open(ROOT / "artifacts" / f"app-{port}.log", "w") if (ROOT / "artifacts").is_dir() else subprocess.DEVNULL
+    proc = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if proc.poll() is not None:
+            raise RuntimeError(f"app.py exited with {proc.returncode}")
+        try:
+            urllib.request.urlopen(url + "gradio_api/info", timeout=2)
+            return proc, url
+        except OSError:
+            time.sleep(0.5)
+    proc.terminate()
+    raise RuntimeError("app.py did not come up")
+
+
+@pytest.fixture(scope="module")
+def app_url():
+    (ROOT / "artifacts").mkdir(exist_ok=True)
+    proc, url = launch_app()
+    yield url
+    proc.terminate()
+    try:
+        proc.wait(20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+@pytest.fixture
+def client(app_url):
+    from gradio_client import Client
+
+    return Client(app_url, verbose=False)
+
+
+def spec_json(out) -> dict:
+    return json.loads(out[0])
+
+
+def test_every_endpoint_is_named(client):
+    assert set(client.view_api(return_format="dict")["named_endpoints"]) == ENDPOINTS
+
+
+def test_preset_edit_undo_and_error_keeps_pictures(client):
+    out = client.predict("prefix_lm", *OPTS, api_name="/load_preset")
+    assert spec_json(out)["name"] == "prefix_lm" and out[6] == ""
+    assert all(os.path.exists(p) for p in out[PICS])
+    assert "Raffel" in out[-1]
+    pics = out[PICS]
+    segs, rules, overlays = out[1], out[2], out[3]
+    rules["data"][1][3] = "none"                       # the rule '* -> prefix: full' becomes 'none'
+    edited = client.predict(segs, rules, overlays, out[4], out[5], *OPTS, api_name="/edit_tables")
+    assert spec_json(edited)["mask"]["rules"][0]["pattern"] == "none" and edited[6] == ""
+    assert edited[PICS][0] != pics[0]                  # a new mask picture
+    bad = json.loads(edited[0])
+    bad["mask"]["rules"][0]["k"] = "prefx"
+    err = client.predict(json.dumps(bad), *OPTS, api_name="/edit_json")
+    assert "mask.rules[0].k: no segment named 'prefx'" in err[6]
+    assert not isinstance(err[0], str)                  # editor left as typed, pictures not replaced
+    assert all(not isinstance(p, str) for p in err[PICS])
+    again = client.predict(*OPTS, api_name="/render")   # the session still holds the last good design
+    assert again[5] == edited[12] and again[0] == edited[7]
+    back = client.predict(*OPTS, api_name="/undo")
+    assert spec_json(back)["mask"]["rules"][0]["pattern"] == "full"
+    blank = client.predict(*OPTS, api_name="/new_blank")
+    assert spec_json(blank)["name"] == "untitled"
+
+
+def test_render_options_and_export(client, tmp_path):
+    out = client.predict("multiverse", *OPTS, api_name="/load_preset")
+    pics = client.predict(0, 0, 6, "conclusion[0]", "conclusion", "segment", api_name="/render")
+    assert all(os.path.exists(p) for p in pics[:5]) and pics[0] == out[7]
+    canonical = out[0]
+    path, error = client.predict("json", 0, 0, api_name="/export")
+    from maskstudio import Spec
+    from maskstudio.export import export_bytes
+    assert error == "" and Path(path).read_bytes() == export_bytes(Spec.load(canonical), "json")
+    assert Path(path).read_text().rstrip("\n") == canonical.rstrip("\n")   # the editor shows the same text
+    path, _ = client.predict("flex", 0, 0, api_name="/export")
+    assert "def mask_mod" in Path(path).read_text()
+    path, _ = client.predict("npy", 0, 0, api_name="/export")
+    import numpy as np
+    assert np.load(path).shape == (44, 44)
+
+
+def test_import_and_compare(client, tmp_path):
+    from gradio_client import handle_file
+
+    client.predict("prefix_lm", *OPTS, api_name="/load_preset")
+    assert "Snapshot kept" in client.predict(api_name="/keep_snapshot")
+    spec = {"name": "uploaded", "segments": [{"name": "prefix", "length": 8}, {"name": "target", "length": 8}],
+            "mask": {"base": {"pattern": "causal"}}}
+    f = tmp_path / "spec.json"
+    f.write_text(json.dumps(spec))
+    out = client.predict(handle_file(str(f)), *OPTS, api_name="/import_spec")
+    assert spec_json(out)["name"] == "uploaded"
+    error, text, diff = client.predict("snapshot", api_name="/compare_masks")
+    assert error == "" and "A: uploaded" in text and os.path.exists(diff)
+    f.write_text("{oops")
+    out = client.predict(handle_file(str(f)), *OPTS, api_name="/import_spec")
+    assert out[6].startswith("⚠ invalid JSON")
+    assert client.predict(4, "mean", api_name="/attention_map") is None   # no run yet
+
+
+def test_eight_sessions_edit_different_specs_at_once(app_url):
+    from gradio_client import Client
+
+    results, errors = {}, []
+
+    def session(i):
+        try:
+            c = Client(app_url, verbose=False)
+            spec = {"name": f"user{i}", "segments": [{"name": "a", "length": 5 + i}, {"name": "b", "length": 7}],
+                    "mask": {"base": {"pattern": "causal"},
+                             "overlays": [{"op": "or", "q": "*", "k": "a", "pattern": "first", "size": 1 + i % 3}]}}
+            out = c.predict(json.dumps(spec), *OPTS, api_name="/edit_json")
+            again = c.predict(*OPTS, api_name="/render")   # the session's own state, read back
+            results[i] = (spec_json(out)["name"], again[5])
+        except Exception as err:  # noqa: BLE001
+            errors.append(repr(err))
+
+    threads = [threading.Thread(target=session, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(180)
+    assert not errors, errors
+    for i in range(8):
+        name, checks = results[i]
+        assert name == f"user{i}" and checks.startswith(f"user{i}")
+        assert f"tokens            {12 + i}" in checks
+
+
+@pytest.mark.model
+def test_run_knockout_and_compare_on_the_model(client):
+    spec = {"name": "qa", "segments": [{"name": "context", "text": "The capital of France is Paris."},
+                                       {"name": "question", "text": " The capital of France is"}],
+            "mask": {"base": {"pattern": "causal"}}}
+    client.predict(json.dumps(spec), *OPTS, api_name="/edit_json")
+    client.predict(api_name="/keep_snapshot")
+    out = client.predict("", 3, api_name="/run_model")
+    error, summary, tokens, top_k, continuation = out[:5]
+    assert error == "" and continuation and "SmolLM2" in summary
+    assert tokens["data"][0][0] == "context"
+    assert os.path.exists(out[6]) and os.path.exists(out[9])
+    assert os.path.exists(client.predict(2, "0", api_name="/attention_map"))
+    error, text, curve = client.predict("question", "context", 28, "", api_name="/knockout")
+    assert error == "" and "knockout" in text and os.path.exists(curve)
+    error, text, kl, mdiff = client.predict("snapshot", "", 0, api_name="/compare_runs")
+    assert error == "" and "KL(a||b)" in text and os.path.exists(kl)
