@@ -101,7 +101,7 @@ def test_torchrun_two_processes_match_single_process(tmp_path):
     if torchrun is None:
         pytest.fail("torchrun is not installed next to this Python")
     out = tmp_path / "dist.json"
-    args = ["-m", "maskstudio", "eval", "--specs", CAUSAL, ISOLATED, "--task", "reversal", "-n", "4"]
+    args = ["-m", "maskstudio", "eval", "--specs", CAUSAL, ISOLATED, "--task", "kv_retrieval", "-n", "4"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     res = subprocess.run([torchrun, "--nproc_per_node=2", "--master_port=29533", *args, "--out", str(out)], capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
     assert res.returncode == 0, res.stderr[-2000:]
