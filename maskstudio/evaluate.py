@@ -17,6 +17,7 @@ import json
 import math
 import os
 import random
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -265,12 +266,14 @@ def evaluate(specs, task: str = "kv_retrieval", n: int = 100, model=None, seed: 
     else:
         lm = _load(model, world)
         mine = {name: [] for name in names}
+        t0 = time.perf_counter()
         bar = _bar(len(shard) * len(loaded), rank == 0 and progress)
         for ex in shard:
             for name, spec in zip(names, loaded):
                 mine[name].append(score(spec, ex, lm))
                 bar.update(1)
         bar.close()
+        mine["_seconds"] = time.perf_counter() - t0
         if shard_file:
             out.mkdir(parents=True, exist_ok=True)
             tmp = shard_file.with_suffix(".tmp")
@@ -280,10 +283,12 @@ def evaluate(specs, task: str = "kv_retrieval", n: int = 100, model=None, seed: 
     if rank != 0:
         return None
     merged = {name: [r for p in parts for r in p[name]] for name in names}
+    seconds = max(p.get("_seconds", 0.0) for p in parts)
     summary = summarize(names, merged, BREAKDOWN.get(task) if not data else None)
     summary.update({"task": task if not data else data, "n": len(examples), "seed": seed,
                     "model": model or "SmolLM2-135M-Instruct (embedded)",
-                    "world_size": world})
+                    "world_size": world, "seconds": seconds,
+                    "examples_per_second": len(examples) / seconds if seconds else None})
     return summary
 
 
@@ -331,6 +336,8 @@ def main(args) -> int:
                        out_dir=(str(Path(args.out).with_suffix("")) + ".shards") if args.out else None)
     if summary is not None:
         print(report(summary))
+        if summary.get("examples_per_second"):
+            print(f"{summary['examples_per_second']:.2f} examples/s on {summary['world_size']} process(es), each example under {len(summary['specs'])} specs")
         if args.out:
             Path(args.out).write_text(json.dumps(summary, indent=1) + "\n")
     if torch.distributed.is_available() and torch.distributed.is_initialized():
