@@ -15,14 +15,18 @@ from maskstudio import runner
 from maskstudio.runner import _Context, _attn_impl, _forward, _register, prepare
 
 
-def timed(fn, repeats):
-    fn()  # warm-up
-    times = []
+def timed(fns, repeats):
+    """Median seconds of each function, calls interleaved so that load on a shared machine
+    hits all of them alike."""
+    for fn in fns:
+        fn()  # warm-up
+    times = [[] for _ in fns]
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for fn, ts in zip(fns, times):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+    return [statistics.median(ts) for ts in times]
 
 
 def main():
@@ -66,9 +70,7 @@ def main():
     def full_run():
         runner.run(spec, lm, attentions=True, backend=backend)
 
-    t_plain = timed(plain, args.repeats)
-    t_masked = timed(masked_forward, args.repeats)
-    t_run = timed(full_run, args.repeats)
+    t_plain, t_masked, t_run = timed([plain, masked_forward, full_run], args.repeats)
     print(f"tokens          {n}")
     print(f"plain forward   {t_plain:6.3f} s   (eager, output_attentions=True)")
     print(f"masked forward  {t_masked:6.3f} s   ({t_masked / t_plain:.2f}x plain; per-head/per-layer mask, "

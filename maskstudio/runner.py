@@ -287,8 +287,10 @@ def flex_block_mask(spec, layer: int, num_heads: int, device, block: int = FLEX_
 
     heads = range(num_heads) if spec.varies_by_head else [0]
     per_head = [_block_bits(spec, layer, h, block) for h in heads]
-    full = torch.stack([f for f, _, _ in per_head])[None]
-    partial = torch.stack([p for _, p, _ in per_head])[None]
+    # always num_heads block rows (a broadcast when the mask is shared): a head dim of 1 would be
+    # specialized by torch.compile and cost a second kernel
+    full = torch.stack([f for f, _, _ in per_head])[None].expand(1, num_heads, -1, -1)
+    partial = torch.stack([p for _, p, _ in per_head])[None].expand(1, num_heads, -1, -1)
     kv_num, kv_idx = _to_kv(partial)
     full_num, full_idx = _to_kv(full)
     n = spec.table.n
@@ -296,14 +298,15 @@ def flex_block_mask(spec, layer: int, num_heads: int, device, block: int = FLEX_
     if n_bits * block * block > FLEX_BITS_BUDGET:
         mask_mod = spec.mask_mod(layer, device)
     else:
-        slot = torch.zeros(partial.shape[1:], dtype=torch.int32)  # [H, Tq, Tk]; slot 0 = all False
+        slot = torch.zeros(len(per_head), *partial.shape[2:], dtype=torch.int32)  # slot 0 = all False
         start = 1
         for h, (_, p, b) in enumerate(per_head):
             slot[h][p] = torch.arange(start, start + b.shape[0], dtype=torch.int32)
             start += b.shape[0]
         bits = torch.cat([torch.zeros(1, block, block, dtype=torch.bool)] + [b for _, _, b in per_head])
-        # one closure for shared and per-head masks (a broadcast view, no copy): one compiled kernel
-        slot, bits = slot.to(device).expand(num_heads, -1, -1), bits.to(device)
+        # one closure and one layout (contiguous [H, Tq, Tk]) for shared and per-head masks: a
+        # broadcast view would have stride 0, which torch.compile specializes on (a second kernel)
+        slot, bits = slot.to(device).expand(num_heads, -1, -1).contiguous(), bits.to(device)
 
         def mask_mod(b, h, q, kv):
             return bits[slot[h, q // block, kv // block], q % block, kv % block]
