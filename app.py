@@ -159,7 +159,7 @@ def build() -> gr.Blocks:
 
     with gr.Blocks(title="Mask Studio") as demo:
         state = gr.State(init)
-        gr.Markdown("# 🎭 Mask Studio\nDesign an attention mask from modality segments, **see** it, "
+        gr.Markdown("# Mask Studio\nDesign an attention mask from modality segments, **see** it, "
                     "**check** it, **run** it on a real model and **export** it (JSON spec or "
                     "FlexAttention code).")
         with gr.Row(equal_height=False):

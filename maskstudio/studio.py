@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import html
 import io
 import json
 import math
@@ -160,14 +161,19 @@ def _first_sentence(text: str) -> str:
     return (m.group(1) if m else text.strip())[:220]
 
 
+def _md(text: str) -> str:
+    """Plain text for Markdown: tags like <Path> shown, not swallowed as HTML; no table breaks."""
+    return html.escape(text, quote=False).replace("|", "/")
+
+
 def preset_card(name: str) -> str:
     """Markdown: the preset's group, one-line 'what it does' and citation."""
     from .presets import list_presets
 
     for p in list_presets():
         if p["name"] == name:
-            return (f"**{p['name']}** · *{p['group']}*  \n{_first_sentence(p['description'])}  \n"
-                    f"<small>{p['citation']}</small>")
+            return (f"**{p['name']}** · *{p['group']}*  \n{_md(_first_sentence(p['description']))}  \n"
+                    f"<small>{_md(p['citation'])}</small>")
     return ""
 
 
@@ -180,8 +186,7 @@ def gallery_markdown() -> str:
         if p["group"] != group:
             group = p["group"]
             lines += ["", f"#### {group}", "", "| preset | what it does | citation |", "|---|---|---|"]
-        cite = p["citation"].replace("|", "/")
-        lines.append(f"| `{p['name']}` | {_first_sentence(p['description']).replace('|', '/')} | {cite} |")
+        lines.append(f"| `{p['name']}` | {_md(_first_sentence(p['description']))} | {_md(p['citation'])} |")
     return "\n".join(lines).strip()
 
 
