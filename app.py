@@ -10,6 +10,8 @@ import os
 
 import gradio as gr
 
+os.environ.setdefault("MASKSTUDIO_RENDER_PROCESSES", str(min(2, os.cpu_count() or 1)))  # before studio draws
+
 from maskstudio import studio
 from maskstudio.patterns import PATTERNS
 from maskstudio.positions import SCHEMES
@@ -67,37 +69,38 @@ def _design(state, error, opts, keep_tables=False, keep_json=False):
     t = studio.spec_to_tables(state["spec"])
     tables = [gr.skip()] * 5 if keep_tables else [t["segments"], t["rules"], t["overlays"], t["scheme"],
                                                    t["position_params"]]
-    return [state, studio.current(state).to_json()] + tables + [""] + _pictures(state, opts)
+    spec = studio.current(state)
+    return [state, spec.to_json()] + tables + [""] + _pictures(state, opts) + [studio.preset_card(spec.name)]
 
 
 def on_preset(state, name, *opts):
     state, error = studio.load_preset_into_state(state, name)
-    return _design(state, error, _view_opts(*opts)) + [studio.preset_card(name)]
+    return _design(state, error, _view_opts(*opts)) + ([gr.skip()] if error else [])
 
 
 def on_blank(state, *opts):
     state, error = studio.load_blank(state)
-    return _design(state, error, _view_opts(*opts)) + ["Started from scratch: edit the tables or the JSON."]
+    return _design(state, error, _view_opts(*opts)) + ([gr.skip()] if error else [])
 
 
 def on_undo(state, *opts):
     state, error = studio.undo(state)
-    return _design(state, error, _view_opts(*opts)) + [gr.skip()]
+    return _design(state, error, _view_opts(*opts)) + ([gr.skip()] if error else [])
 
 
 def on_tables(state, segs, rules, overlays, scheme, params, *opts):
     state, error = studio.apply_table_edit(state, segs, rules, overlays, (scheme, params))
-    return _design(state, error, _view_opts(*opts), keep_tables=True) + [gr.skip()]
+    return _design(state, error, _view_opts(*opts), keep_tables=True) + ([gr.skip()] if error else [])
 
 
 def on_json(state, text, *opts):
     state, error = studio.apply_json_edit(state, text)
-    return _design(state, error, _view_opts(*opts), keep_json=True) + [gr.skip()]
+    return _design(state, error, _view_opts(*opts), keep_json=True) + ([gr.skip()] if error else [])
 
 
 def on_upload(state, file, *opts):
     state, error = studio.import_file(state, file)
-    return _design(state, error, _view_opts(*opts)) + [gr.skip()]
+    return _design(state, error, _view_opts(*opts)) + ([gr.skip()] if error else [])
 
 
 def on_view_options(state, *opts):
@@ -183,7 +186,8 @@ def build() -> gr.Blocks:
                         segs = gr.Dataframe(tables["segments"], headers=studio.SEGMENT_COLUMNS,
                                             datatype=str_cols(6), type="array", interactive=True,
                                             label="Segments",
-                                            elem_id="segments", wrap=True)
+                                            elem_id="segments", wrap=True,
+                                            column_widths=["16%", "13%", "13%", "10%", "14%", "34%"])
                         rules = gr.Dataframe(tables["rules"], headers=studio.RULE_COLUMNS,
                                              datatype=str_cols(7), type="array", interactive=True,
                                              label="Rules",

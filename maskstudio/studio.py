@@ -38,6 +38,7 @@ import uuid
 import zipfile
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any, Callable
 
 import numpy as np
@@ -646,8 +647,9 @@ _PROCS_LOCK = threading.Lock()
 
 def render_processes() -> int:
     """Worker processes for pictures (matplotlib holds the GIL, so threads do not draw in
-    parallel). MASKSTUDIO_RENDER_PROCESSES=0 draws in threads of this process."""
-    return int(os.environ.get("MASKSTUDIO_RENDER_PROCESSES", str(min(2, os.cpu_count() or 1))))
+    parallel). 0 (the library default) draws in threads of this process; app.py asks for
+    min(2, cores). Processes are spawned, so the main script needs `if __name__ == "__main__"`."""
+    return int(os.environ.get("MASKSTUDIO_RENDER_PROCESSES", "0"))
 
 
 def _process_pool():
@@ -750,8 +752,21 @@ def render_views(spec: Spec, options: dict | None = None, views=VIEWS, parallel:
     out["checks"] = check_text(spec, o["layer"], o["head"])
     out["density"] = density_rows(spec, o["layer"], o["head"])
     for v, (key, path) in todo.items():
-        out[v] = _store(key, futures[v].result() if parallel else _draw(spec, v, o, path))
+        try:
+            drawn = futures[v].result() if parallel else _draw(spec, v, o, path)
+        except BrokenProcessPool:  # a worker died (killed, out of memory): draw here, start afresh
+            _reset_pool()
+            drawn = _draw(spec, v, o, path)
+        out[v] = _store(key, drawn)
     return out
+
+
+def _reset_pool() -> None:
+    global _PROCS
+    with _PROCS_LOCK:
+        if _PROCS is not None:
+            _PROCS.shutdown(wait=False, cancel_futures=True)
+        _PROCS = None
 
 
 def controls(spec: Spec) -> dict:
@@ -986,9 +1001,13 @@ def rollout_picture(result) -> str | None:
         return None
     fig = _new_fig((7.5, 6.5))
     ax = fig.add_subplot(111)
-    img = ax.imshow(result.rollout.numpy() ** 0.5, cmap="magma", interpolation="nearest")
+    m = result.rollout.numpy()
+    rest = m[:, 1:] if m.shape[1] > 1 else m  # the first token is usually an attention sink
+    vmax = float(np.quantile(rest, 0.99)) if rest.size else 1.0
+    img = ax.imshow(m, cmap="magma", interpolation="nearest", vmin=0, vmax=max(vmax, 1e-6))
     _seg_ticks(ax, result.layout, result.rollout.shape[0])
-    ax.set_title("attention rollout through all layers (sqrt scale)", fontsize=9)
+    ax.set_title("attention rollout through all layers (colour clipped at the 99th percentile "
+                 "of non-first tokens)", fontsize=9)
     fig.colorbar(img, ax=ax, fraction=0.046, pad=0.04)
     fig.tight_layout()
     return figure_png(fig)

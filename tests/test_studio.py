@@ -12,7 +12,7 @@ from maskstudio.presets import list_presets, load_preset
 
 @pytest.fixture(autouse=True)
 def _threads(monkeypatch):
-    """Draw in threads here (one test below covers the worker processes)."""
+    """Draw in threads here, the library default (one test below covers the worker processes)."""
     monkeypatch.setenv("MASKSTUDIO_RENDER_PROCESSES", "0")
 
 
