@@ -191,11 +191,13 @@ def build() -> gr.Blocks:
                         rules = gr.Dataframe(tables["rules"], headers=studio.RULE_COLUMNS,
                                              datatype=str_cols(7), type="array", interactive=True,
                                              label="Rules",
-                                             elem_id="rules", wrap=True)
+                                             elem_id="rules", wrap=True,
+                                             column_widths=["10%", "14%", "14%", "18%", "24%", "10%", "10%"])
                         overlays = gr.Dataframe(tables["overlays"], headers=studio.OVERLAY_COLUMNS,
                                                 datatype=str_cols(7), type="array", interactive=True,
                                                 label="Overlays",
-                                                elem_id="overlays", wrap=True)
+                                                elem_id="overlays", wrap=True,
+                                                column_widths=["10%", "14%", "14%", "18%", "24%", "10%", "10%"])
                         with gr.Row():
                             scheme = gr.Dropdown(list(SCHEMES), value=tables["scheme"], label="Position scheme",
                                                  elem_id="scheme")
