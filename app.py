@@ -339,6 +339,10 @@ if __name__ != "__mp_main__":  # render worker processes import this file but ne
     demo = build()
 
 if __name__ == "__main__":
+    import signal
+    import sys
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # run atexit: render workers shut down too
     studio.warm_up()
     demo.launch(server_name=os.environ.get("HOST", "0.0.0.0"), server_port=int(os.environ.get("PORT", "7860")),
                 css=CSS, footer_links=["api", "gradio"])

@@ -645,6 +645,17 @@ _PROCS = None
 _PROCS_LOCK = threading.Lock()
 
 
+def _watch_parent(parent: int) -> None:
+    """Render worker initializer: exit when the app process is gone (even after SIGKILL), so no
+    worker outlives the app."""
+    def watch():
+        while True:
+            time.sleep(1.0)
+            if os.getppid() != parent:
+                os._exit(0)
+    threading.Thread(target=watch, daemon=True, name="maskstudio-parent-watch").start()
+
+
 def render_processes() -> int:
     """Worker processes for pictures (matplotlib holds the GIL, so threads do not draw in
     parallel). 0 (the library default) draws in threads of this process; app.py asks for
@@ -661,7 +672,8 @@ def _process_pool():
             import multiprocessing as mp
             from concurrent.futures import ProcessPoolExecutor
 
-            _PROCS = ProcessPoolExecutor(max_workers=render_processes(), mp_context=mp.get_context("spawn"))
+            _PROCS = ProcessPoolExecutor(max_workers=render_processes(), mp_context=mp.get_context("spawn"),
+                                         initializer=_watch_parent, initargs=(os.getpid(),))
             import atexit
 
             atexit.register(_PROCS.shutdown, wait=False, cancel_futures=True)
