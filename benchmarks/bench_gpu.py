@@ -70,15 +70,25 @@ def part_core(out):
         t_ours = time.perf_counter() - t
         mod = spec.mask_mod(device="cuda")
         create_block_mask(mod, None, None, 4096, 4096, device="cuda")  # warm the path
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        ref = create_block_mask(mod, None, None, n, n, device="cuda")
-        torch.cuda.synchronize()
-        t_ref = time.perf_counter() - t
-        same = torch.equal(ours.kv_num_blocks, ref.kv_num_blocks) and torch.equal(ours.full_kv_num_blocks,
-                                                                                  ref.full_kv_num_blocks)
-        row = {"part": "core", "n": n, "maskstudio_ms": t_ours * 1e3, "create_block_mask_ms": t_ref * 1e3,
-               "ratio": t_ref / t_ours, "identical": same}
+        row = {"part": "core", "n": n, "maskstudio_ms": t_ours * 1e3}
+        for compiled in (False, True):
+            torch.cuda.empty_cache()
+            try:
+                if compiled:  # first call compiles; time the second
+                    create_block_mask(mod, None, None, n, n, device="cuda", _compile=True)
+                torch.cuda.synchronize()
+                t = time.perf_counter()
+                ref = create_block_mask(mod, None, None, n, n, device="cuda", _compile=compiled)
+                torch.cuda.synchronize()
+            except torch.OutOfMemoryError as err:
+                row[f"create_block_mask{'_compiled' if compiled else ''}"] = f"OOM: {str(err)[:60]}"
+                continue
+            t_ref = time.perf_counter() - t
+            same = torch.equal(ours.kv_num_blocks, ref.kv_num_blocks) and torch.equal(
+                ours.full_kv_num_blocks, ref.full_kv_num_blocks)
+            key = "create_block_mask_compiled" if compiled else "create_block_mask"
+            row.update({f"{key}_ms": t_ref * 1e3, f"{key}_ratio": t_ref / t_ours, f"{key}_identical": same})
+            del ref
         out.append(row)
         print(json.dumps(row), flush=True)
 
