@@ -151,6 +151,29 @@ def on_compare_run(state, choice, model_id, max_new_tokens, progress=gr.Progress
     return _error_md(out["error"]), out["summary"], out["kl"], out["mass_diff"]
 
 
+def on_eval_template(state, task, *opts):
+    from maskstudio.evaluate import task_template
+
+    state, error = studio.apply_json_edit(state, task_template(task).to_json())
+    return _design(state, error, _view_opts(*opts)) + ([gr.skip()] if error else [])
+
+
+@gpu
+def on_evaluate(state, task, n, baseline, model_id, progress=gr.Progress()):
+    from maskstudio.evaluate import evaluate_design
+
+    try:
+        progress(0.05, desc="loading the model and scoring examples")
+        base = state.get("snapshot") if baseline == "snapshot" else None
+        if baseline == "snapshot" and base is None:
+            return _error_md("no snapshot kept yet: use Compare → Keep snapshot as B"), "", None
+        out = evaluate_design(studio.current(state), task, int(n), baseline=base,
+                              model=studio.model_name(model_id))
+    except Exception as err:  # noqa: BLE001 - one line in the UI, never a traceback; the design stays
+        return _error_md(str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__), "", None
+    return "", out["text"], studio.figure_png(out["figure"])
+
+
 # ---------------------------------------------------------------- layout
 def build() -> gr.Blocks:
     init = studio.new_state()
@@ -288,6 +311,23 @@ def build() -> gr.Blocks:
                     diff_img = gr.Image(type="filepath", label="mask difference")
                     kl_img = gr.Image(type="filepath", label="KL per position")
                     mdiff_img = gr.Image(type="filepath", label="segment mass difference")
+            with gr.Tab("Evaluate", id="evaluate"):
+                gr.Markdown("Score the design against a baseline on generated examples (the same examples for "
+                            "both): target NLL and exact match with bootstrap 95% intervals, a paired test, and "
+                            "accuracy by the gold document's position / passkey depth / direction. Segment names "
+                            "must be the task's parts — start from the task's template.")
+                with gr.Row():
+                    ev_task = gr.Dropdown(["kv_retrieval", "passkey", "multihop", "reversal"], value="kv_retrieval",
+                                          label="task", elem_id="eval-task")
+                    ev_n = gr.Slider(2, 64, value=8, step=1, label="examples")
+                    ev_base = gr.Radio([("the task's causal template", "template"), ("the snapshot (B)", "snapshot")],
+                                       value="template", label="baseline")
+                with gr.Row():
+                    ev_template = gr.Button("Load the task's template into the design")
+                    ev_btn = gr.Button("Evaluate", variant="primary", elem_id="eval-btn")
+                ev_error = gr.Markdown("", elem_classes=["error-line"])
+                ev_text = gr.Textbox(label="results", lines=10, elem_id="eval-text")
+                ev_img = gr.Image(type="filepath", label="accuracy and NLL with 95% intervals")
             with gr.Tab("Export / Import", id="export"):
                 with gr.Row():
                     fmt = gr.Radio([("JSON spec (canonical)", "json"), ("FlexAttention .py", "flex"),
@@ -330,6 +370,9 @@ def build() -> gr.Blocks:
         cmp_run_btn.click(on_compare_run, [state, b_choice, model_id, max_new],
                           [cmp_error, cmp_text, kl_img, mdiff_img], api_name="compare_runs",
                           concurrency_limit=1, concurrency_id="model")
+        ev_template.click(on_eval_template, [state, ev_task] + view_opts, design, api_name="eval_template")
+        ev_btn.click(on_evaluate, [state, ev_task, ev_n, ev_base, model_id], [ev_error, ev_text, ev_img],
+                     api_name="evaluate", concurrency_limit=1, concurrency_id="model")
         demo.load(on_view_options, [state] + view_opts, pictures, api_name=False)
     demo.queue(default_concurrency_limit=RENDER_CONCURRENCY)
     return demo

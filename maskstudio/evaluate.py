@@ -343,3 +343,19 @@ def main(args) -> int:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     return 0
+
+
+def evaluate_design(spec, task: str, n: int = 8, baseline=None, model=None, seed: int = 0, progress=None) -> dict:
+    """The app's Evaluate tab: `spec` against a baseline (default: the task's causal template).
+
+    Returns {"summary", "text", "figure"}; raises SpecError / ValueError / RunError with one line."""
+    from .viz import evaluation_figure
+
+    spec = spec if isinstance(spec, Spec) else Spec.load(spec)
+    base = task_template(task) if baseline is None else (baseline if isinstance(baseline, Spec) else Spec.load(baseline))
+    if base.to_dict() == spec.to_dict():
+        raise ValueError("the design and the baseline are the same spec; change the design or keep another snapshot")
+    a = Spec.load({**base.to_dict(), "name": f"baseline: {base.name}"})
+    b = Spec.load({**spec.to_dict(), "name": f"design: {spec.name}"})
+    summary = evaluate([a, b], task=task, n=n, model=model, seed=seed, progress=False, rank=0, world=1)
+    return {"summary": summary, "text": report(summary), "figure": evaluation_figure(summary)}

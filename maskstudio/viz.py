@@ -653,3 +653,38 @@ def render_all(spec, **options) -> Figure:
                  y=0.985)
     fig.maskstudio_view = "all"
     return fig
+
+
+def evaluation_figure(summary: dict) -> Figure:
+    """Accuracy (by the task's breakdown) and target NLL per spec, with bootstrap 95% intervals."""
+    specs = summary["specs"]
+    fig = new_figure((10, 3.6))
+    ax_b, ax_n = fig.add_subplot(1, 3, (1, 2)), fig.add_subplot(1, 3, 3)
+    palette = ["#3b6fb6", "#e08a2c", "#4a9a5b", "#b5485d", "#7d5ba6"]
+    groups = specs[0].get("breakdown", {}).get("groups", [])
+    width = 0.8 / len(specs)
+    for i, e in enumerate(specs):
+        color = palette[i % len(palette)]
+        if groups:
+            rows = e["breakdown"]["groups"]
+            x = np.arange(len(rows)) + (i - (len(specs) - 1) / 2) * width
+            acc = np.array([g["accuracy"] for g in rows])
+            lo = np.array([g["ci"][0] for g in rows])
+            hi = np.array([g["ci"][1] for g in rows])
+            ax_b.bar(x, acc, width, color=color, label=e["name"],
+                     yerr=np.vstack([acc - lo, hi - acc]), capsize=3, error_kw={"lw": 0.8})
+        lo, hi = e["nll_ci"]
+        ax_n.errorbar([e["nll"]], [i], xerr=[[e["nll"] - lo], [hi - e["nll"]]], fmt="o", color=color, capsize=3)
+    if groups:
+        ax_b.set_xticks(range(len(groups)), [str(g["value"]) for g in groups], fontsize=8)
+        ax_b.set_xlabel(specs[0]["breakdown"]["by"].replace("_", " "), fontsize=8)
+    ax_b.set_ylim(0, 1.05)
+    ax_b.set_ylabel("exact-match accuracy", fontsize=8)
+    ax_b.legend(fontsize=7, frameon=False)
+    ax_b.set_title(f"{summary.get('task', '')}: accuracy with bootstrap 95% CI (n={summary.get('n')})", fontsize=9)
+    ax_n.set_yticks(range(len(specs)), [e["name"][:18] for e in specs], fontsize=7)
+    ax_n.set_xlabel("target NLL (nats/token)", fontsize=8)
+    ax_n.invert_yaxis()
+    ax_n.set_title("mean NLL, 95% CI", fontsize=9)
+    fig.tight_layout()
+    return fig

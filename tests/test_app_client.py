@@ -19,7 +19,7 @@ OPTS = (0, 0, 4, "", None, "segment")  # layer, head, reach layers, reach token,
 PICS = slice(7, 12)                     # mask, positions, distance, flow, reach in a design response
 ENDPOINTS = {"/load_preset", "/new_blank", "/undo", "/edit_tables", "/edit_json", "/import_spec", "/render",
              "/export", "/run_model", "/attention_map", "/knockout", "/keep_snapshot", "/compare_masks",
-             "/compare_runs"}
+             "/compare_runs", "/eval_template", "/evaluate"}
 
 pytestmark = pytest.mark.slow
 
@@ -185,3 +185,16 @@ def test_run_knockout_and_compare_on_the_model(client):
     assert error == "" and "knockout" in text and os.path.exists(curve)
     error, text, kl, mdiff = client.predict("snapshot", "", 0, api_name="/compare_runs")
     assert error == "" and "KL(a||b)" in text and os.path.exists(kl)
+
+
+@pytest.mark.model
+def test_evaluate_tab_scores_design_against_the_template(client):
+    out = client.predict("kv_retrieval", *OPTS, api_name="/eval_template")
+    assert [s["name"] for s in spec_json(out)["segments"]][-1] == "answer"
+    error, text, img = client.predict("kv_retrieval", 2, "template", "", api_name="/evaluate")
+    assert "same spec" in error and text == ""            # nothing to compare yet, said in one line
+    isolated = (ROOT / "examples" / "kv_isolated_docs.json").read_text()
+    client.predict(isolated, *OPTS, api_name="/edit_json")
+    error, text, img = client.predict("kv_retrieval", 2, "template", "", api_name="/evaluate")
+    assert error == "" and "design: kv isolated docs" in text and "accuracy by gold_position" in text
+    assert os.path.exists(img)

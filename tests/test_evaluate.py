@@ -118,3 +118,16 @@ def test_torchrun_two_processes_match_single_process(tmp_path):
     # a rerun finds every shard done and skips the model work
     res = subprocess.run([torchrun, "--nproc_per_node=2", "--master_port=29534", *args, "--out", str(out)], capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
     assert res.returncode == 0 and "Loading weights" not in res.stderr
+
+
+def test_evaluation_figure_shows_every_spec_and_group():
+    from maskstudio.viz import evaluation_figure
+
+    base = [{"id": i, "nll": 1.0 + i % 3, "correct": i % 2 == 0, "meta": {"gold_position": i % 4}} for i in range(16)]
+    summary = summarize(["causal", "isolated"], {"causal": base, "isolated": base}, "gold_position")
+    summary.update(task="kv_retrieval", n=16)
+    fig = evaluation_figure(summary)
+    bars, nll = fig.axes
+    assert len(bars.patches) == 2 * 4                      # 2 specs x 4 gold positions
+    assert [t.get_text() for t in bars.get_xticklabels()] == ["0", "1", "2", "3"]
+    assert [t.get_text() for t in nll.get_yticklabels()] == ["causal", "isolated"]
