@@ -82,6 +82,18 @@ def cmd_presets(args) -> int:
     return 0
 
 
+def cmd_patterns(args) -> int:
+    from .patterns import PATTERNS, REQUIRED
+    from .positions import SCHEMES
+
+    for p in PATTERNS.values():
+        params = ", ".join(n if v.default is REQUIRED else f"{n}={v.default!r}" for n, v in p.params.items())
+        print(f"{p.name} {{{params}}}\n    {p.doc}")
+    print("\nposition schemes: " + ", ".join(f"{k} {{{', '.join(f'{n}={d!r}' for n, d in v.items())}}}"
+                                          for k, v in SCHEMES.items()))
+    return 0
+
+
 def cmd_eval(args) -> int:
     from .evaluate import main as eval_main
 
@@ -115,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=0)
     p.add_argument("--json", help="also write the full result as JSON here")
     add("presets", cmd_presets, "list the built-in presets", spec=False)
+    add("patterns", cmd_patterns, "list the mask patterns and position schemes", spec=False)
     p = add("eval", cmd_eval, "evaluate specs on a built-in task with statistics", spec=False)
     p.add_argument("--specs", nargs="+", required=True)
     p.add_argument("--task", default="kv_retrieval")
@@ -136,6 +149,8 @@ def main(argv=None) -> int:
     except ValueError as err:  # RunError, PresetError and other input errors are ValueErrors
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # e.g. `maskstudio presets | head`
+        return 0
     except OSError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

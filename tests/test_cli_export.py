@@ -144,3 +144,19 @@ def test_spec_api_surface():
         spec.with_sizes({"vid": [2, 2, 2]})
     bigger = spec.with_sizes({"video": [8, 2, 2], "q": 7})
     assert bigger.n == spec.n + 16 + 2
+
+
+def test_presets_and_patterns_commands_list_everything(capsys):
+    from maskstudio.patterns import PATTERNS
+    from maskstudio.presets import list_presets
+
+    assert main(["patterns"]) == 0
+    out = capsys.readouterr().out
+    assert all(f"\n{name} {{" in "\n" + out for name in PATTERNS)
+    assert main(["presets"]) == 0
+    out = capsys.readouterr().out
+    assert len(out.strip().splitlines()) == len(list_presets())
+    assert main(["check", "--preset", "cca"]) == 0
+    assert "segment density" in capsys.readouterr().out
+    assert main(["check", "--preset", "ccaa"]) == 2
+    assert "cca" in capsys.readouterr().err
