@@ -215,10 +215,12 @@ def dense_mask(spec, layer: int = 0, head: int = 0) -> torch.Tensor:
 
 
 def block_states(spec, block_size: int = 128, layer: int = 0, head: int = 0, chunk_tiles: int = 256,
-                 device=None):
+                 device=None, with_bits: bool = False):
     """Exact per-block state on the block grid: (full, partial) bool [Tq, Tk].
 
-    Interval bounds decide most blocks; undecided ones are evaluated in batches (on `device`)."""
+    Interval bounds decide most blocks; undecided ones are evaluated in batches (on `device`).
+    with_bits: also return the partial blocks' contents, bool [P, B, B] in row-major block order
+    (what a data-driven FlexAttention mask_mod looks up)."""
     program = compile_program(spec, layer)
     attrs, n = spec.table.attrs, spec.table.n
     cuts = make_cuts(n, block_size)
@@ -233,6 +235,7 @@ def block_states(spec, block_size: int = 128, layer: int = 0, head: int = 0, chu
         must[-1, :] = False
         must[:, -1] = False
     full, partial = must.clone(), torch.zeros_like(must)
+    bits = []
     unknown = torch.nonzero(may & ~must)
     offs = torch.arange(block_size, device=must.device)
     if must.device.type == "cuda":
@@ -250,6 +253,11 @@ def block_states(spec, block_size: int = 128, layer: int = 0, head: int = 0, chu
         anyv, allv = vals.flatten(1).any(1), vals.flatten(1).all(1)
         full[ij[:, 0], ij[:, 1]] = allv
         partial[ij[:, 0], ij[:, 1]] = anyv & ~allv
+        if with_bits:
+            bits.append(vals[anyv & ~allv])
+    if with_bits:
+        empty = torch.zeros(0, block_size, block_size, dtype=torch.bool, device=must.device)
+        return full, partial, torch.cat(bits) if bits else empty
     return full, partial
 
 

@@ -108,6 +108,10 @@ def load_model(name=None, device=None, progress: Callable[[float, str], None] | 
     `progress(fraction, message)` is called while loading. Raises RunError offline."""
     if isinstance(name, LoadedModel):
         return name
+    from . import vlm
+
+    if name not in DEFAULT_NAMES and vlm.is_vlm_name(name):  # Qwen2-VL / Idefics3 / SmolVLM ids, tiny-*
+        return vlm.load_vlm(name, device, progress)
     device = torch.device(device) if device is not None else default_device()
     key = (None if name in DEFAULT_NAMES else name, str(device))
     if key in _MODELS:
@@ -255,26 +259,6 @@ def _flex_fn(device):
     return _FLEX_FN
 
 
-def _block_bits(spec, layer, head, block):
-    """(full [Tq,Tk], partial [Tq,Tk], bits [P, B, B]) for one head: the partial blocks' contents."""
-    from .compile import Tok, block_states, compile_program, evaluate
-
-    full, partial = block_states(spec, block, layer, head)
-    program, attrs, n = compile_program(spec, layer), spec.table.attrs, spec.table.n
-    ij = torch.nonzero(partial)
-    offs = torch.arange(block)
-    chunks = []
-    for c in range(0, len(ij), 256):
-        part = ij[c:c + 256]
-        q_idx, k_idx = part[:, 0:1] * block + offs, part[:, 1:2] * block + offs
-        vals = evaluate(program, Tok(attrs, q_idx.clamp(max=n - 1)[:, :, None]),
-                        Tok(attrs, k_idx.clamp(max=n - 1)[:, None, :]), head)
-        vals = torch.broadcast_to(torch.as_tensor(vals), (len(part), block, block))
-        chunks.append(vals & (q_idx < n)[:, :, None] & (k_idx < n)[:, None, :])
-    bits = torch.cat(chunks) if chunks else torch.zeros(0, block, block, dtype=torch.bool)
-    return full, partial, bits
-
-
 def flex_block_mask(spec, layer: int, num_heads: int, device, block: int = FLEX_BLOCK):
     """A BlockMask whose mask_mod looks the partial blocks up in a bit table.
 
@@ -283,10 +267,10 @@ def flex_block_mask(spec, layer: int, num_heads: int, device, block: int = FLEX_
     block; past FLEX_BITS_BUDGET the spec's own mask_mod is used instead (may recompile)."""
     from torch.nn.attention.flex_attention import BlockMask
 
-    from .compile import _to_kv
+    from .compile import _to_kv, block_states
 
     heads = range(num_heads) if spec.varies_by_head else [0]
-    per_head = [_block_bits(spec, layer, h, block) for h in heads]
+    per_head = [block_states(spec, block, layer, h, with_bits=True) for h in heads]
     # always num_heads block rows (a broadcast when the mask is shared): a head dim of 1 would be
     # specialized by torch.compile and cost a second kernel
     full = torch.stack([f for f, _, _ in per_head])[None].expand(1, num_heads, -1, -1)
@@ -408,7 +392,8 @@ def prepare(spec: Spec, lm: LoadedModel, chat: bool = False) -> Prepared:
     for i, s in enumerate(spec.segments):
         if s["modality"] not in ("text", "special"):
             raise RunError(f"segment '{s['name']}' is {s['modality']} but {lm.name} is a text-only model; "
-                           f"remove the segment or make it a text segment with text", spec)
+                           f"pick a vision-language model (e.g. HuggingFaceTB/SmolVLM-256M-Instruct, "
+                           f"Qwen/Qwen2-VL-2B-Instruct, tiny-qwen2-vl), or make it a text segment", spec)
     segs = _chat_segments(spec, lm.tokenizer) if chat else [dict(s) for s in spec.segments]
     notes, seg_ids = [], []
     for s in segs:
@@ -630,12 +615,28 @@ def _backend(backend, lm) -> str:
 @torch.no_grad()
 def run(spec, model=None, max_new_tokens: int = 0, attentions: bool = True, chat: bool = False,
         backend: str | None = None, top_k: int = 10, use_cache: bool | None = None,
-        progress: Callable[[float, str], None] | None = None) -> RunResult:
+        progress: Callable[[float, str], None] | None = None, images: dict | None = None,
+        positions: str | None = None) -> RunResult:
     """Run `spec` (Spec, dict, JSON text or path) on a model (LoadedModel, hub id, or None for the
-    embedded default). Raises RunError (a ValueError) with a one-line fix for bad input."""
+    embedded default). Raises RunError (a ValueError) with a one-line fix for bad input.
+
+    On a vision-language model (`maskstudio.vlm`: Qwen2-VL, Idefics3/SmolVLM, tiny-*) the run goes to
+    `vlm.run_vlm`: `images` maps image/video segment names to pictures or frame lists, and
+    positions="model" uses the model's own position ids instead of the spec's scheme."""
     t0 = time.perf_counter()
     spec = _as_spec(spec)
     lm = load_model(model, progress=progress)
+    from . import vlm
+
+    if isinstance(lm, vlm.VLModel):
+        if chat:
+            raise RunError("chat formatting is not available for vision-language runs yet; write the "
+                           "prompt's template tokens into text segments", spec)
+        return vlm.run_vlm(spec, lm, images=images, max_new_tokens=max_new_tokens, attentions=attentions,
+                           positions=positions, backend=backend, top_k=top_k, progress=progress)
+    if images:
+        raise RunError(f"images were given but {lm.name} is a text-only model; pick a vision-language model "
+                       f"such as {vlm.HUB_EXAMPLES[0]} (or tiny-qwen2-vl offline)", spec)
     _register()
     backend = _backend(backend, lm)
     prep = prepare(spec, lm, chat)

@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 
+from maskstudio.compile import block_states
 from maskstudio import Spec
 from maskstudio import runner
 from maskstudio.runner import LoadedModel, RunError
@@ -269,7 +270,7 @@ def test_flex_block_mask_matches_dense():
     q, k = torch.meshgrid(torch.arange(350), torch.arange(350), indexing="ij")
     up = lambda b: b.repeat_interleave(128, 0).repeat_interleave(128, 1)[:350, :350]  # noqa: E731
     for h in range(2):
-        full, partial, _ = runner._block_bits(spec, 0, h, 128)
+        full, partial = block_states(spec, 128, 0, h)
         got = torch.vmap(torch.vmap(lambda a, b: bm.mask_mod(0, torch.tensor(h), a, b)))(q, k)
         assert torch.equal(up(full) | (up(partial) & got), spec.dense_mask(head=h))
     assert not torch.equal(spec.dense_mask(head=0), spec.dense_mask(head=1))
