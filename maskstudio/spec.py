@@ -408,12 +408,6 @@ class Spec:
     def selected(self, selector, path: str = "") -> list[int]:
         return resolve_selector(selector, self.segments, path)
 
-    def with_changes(self, **top) -> "Spec":
-        """A new spec with top-level keys replaced (validated again)."""
-        data = self.to_dict()
-        data.update(top)
-        return Spec.load(data)
-
     def with_sizes(self, sizes: dict) -> "Spec":
         """Rescale segments: {"name": 12 | [h, w] | [t, h, w] | {"frames": [..]}}.
 
