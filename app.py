@@ -115,8 +115,8 @@ def on_export(state, fmt, layer, head):
 
 
 @gpu
-def on_run(state, model_id, max_new_tokens, progress=gr.Progress()):
-    state, out = studio.run_model(state, model_id, max_new_tokens, progress=progress)
+def on_run(state, model_id, max_new_tokens, images=None, progress=gr.Progress()):
+    state, out = studio.run_model(state, model_id, max_new_tokens, progress=progress, images=images)
     if out["error"]:
         return [state, _error_md(out["error"])] + [gr.skip()] * 11
     return [state, "", out["summary"], out["tokens"], out["top_k"], out["continuation"], out["nll"],
@@ -127,6 +127,11 @@ def on_run(state, model_id, max_new_tokens, progress=gr.Progress()):
 
 def on_attention(state, layer, head):
     return studio.attention_for_state(state, layer, head)
+
+
+def on_overlay(state, layer, head, query, segment):
+    overlay, share, error = studio.overlay_for_state(state, layer, head, query, segment)
+    return overlay, share, _error_md(error) if error else ""
 
 
 @gpu
@@ -262,13 +267,19 @@ def build() -> gr.Blocks:
         with gr.Tabs():
             with gr.Tab("Run", id="run"):
                 with gr.Row():
-                    model_id = gr.Textbox("", label="model (empty: embedded SmolLM2-135M-Instruct; or a hub id)",
+                    model_id = gr.Textbox("", label="model (empty: embedded SmolLM2-135M-Instruct; or a hub id; "
+                                          "vision-language: HuggingFaceTB/SmolVLM-256M-Instruct, "
+                                          "Qwen/Qwen2-VL-2B-Instruct, offline tiny-qwen2-vl / tiny-idefics3)",
                                           placeholder="HuggingFaceTB/SmolLM2-135M-Instruct", scale=3,
                                           elem_id="model-id")
                     max_new = gr.Slider(0, 64, value=16, step=1, label="new tokens (0 = one forward pass)",
                                         scale=2, elem_id="max-new")
                     run_btn = gr.Button("Run / Generate", variant="primary", scale=1, elem_id="run-btn")
                 gr.Markdown("<small>Texts come from the segments table's `text` column.</small>")
+                run_images = gr.File(file_count="multiple", file_types=["image"], elem_id="run-images",
+                                     label="images and frames for image/video segments (VLM runs): a file named "
+                                           "after a segment (img.png, clip_01.png) goes there; the rest in order, "
+                                           "one per image segment, then frames shared by video segments")
                 run_error = gr.Markdown("", elem_classes=["error-line"], elem_id="run-error")
                 with gr.Row():
                     continuation = gr.Textbox(label="continuation", elem_id="continuation", scale=3)
@@ -287,6 +298,17 @@ def build() -> gr.Blocks:
                 with gr.Row():
                     curves_img = gr.Image(type="filepath", label="segment mass per layer")
                     rollout_img = gr.Image(type="filepath", label="rollout")
+                with gr.Row():
+                    ov_query = gr.Textbox("", label="overlay query token (index, segment or segment[i])",
+                                          placeholder="last token", elem_id="overlay-query")
+                    ov_segment = gr.Textbox("", label="image/video segment", placeholder="the first one",
+                                            elem_id="overlay-segment")
+                ov_error = gr.Markdown("", elem_classes=["error-line"])
+                with gr.Row():
+                    ov_img = gr.Image(type="filepath", label="attention over the image (VLM runs)",
+                                      elem_id="overlay-img")
+                    share_img = gr.Image(type="filepath", label="share of attention to visual tokens per layer",
+                                         elem_id="share-img")
                 run_summary = gr.Textbox(label="run summary", lines=12, elem_id="run-summary")
                 with gr.Accordion("Knockout sweep (block q -> k in a sliding window of layers)", open=False):
                     with gr.Row():
@@ -357,10 +379,14 @@ def build() -> gr.Blocks:
                flow_level.input], on_view_options, [state] + view_opts, pictures, api_name="render",
               trigger_mode="always_last")
         export_btn.click(on_export, [state, fmt, layer, head], [download, export_error], api_name="export")
-        run_btn.click(on_run, [state, model_id, max_new],
+        overlay_io = ([state, att_layer, att_head, ov_query, ov_segment], [ov_img, share_img, ov_error])
+        run_btn.click(on_run, [state, model_id, max_new, run_images],
                       [state, run_error, run_summary, tokens, top_k, continuation, nll, att_img, mass_img,
                        curves_img, rollout_img, att_layer, att_head],
-                      api_name="run_model", concurrency_limit=1, concurrency_id="model")
+                      api_name="run_model", concurrency_limit=1, concurrency_id="model"
+                      ).then(on_overlay, *overlay_io, api_name=False)
+        gr.on([att_layer.release, att_head.input, ov_query.submit, ov_segment.submit], on_overlay, *overlay_io,
+              api_name="image_overlay")
         gr.on([att_layer.release, att_head.input], on_attention, [state, att_layer, att_head], att_img,
               api_name="attention_map")
         ko_btn.click(on_knockout, [state, ko_q, ko_k, ko_window, model_id], [ko_error, ko_text, ko_img],

@@ -862,11 +862,44 @@ def _backend() -> str | None:
     return "eager" if importlib.util.find_spec("spaces") is not None else None
 
 
+def assign_images(spec: Spec, files) -> tuple[dict, list[str]]:
+    """Uploaded files -> {image/video segment name: path or [paths]}, plus one line per segment.
+
+    A file whose name starts with a segment's name (`img.png`, `clip_03.jpg`, `clip-3.png`) goes to
+    that segment; the rest go in upload order: one to each image segment still without one, then
+    shared evenly (in order) by the video segments still without frames."""
+    paths = [f if isinstance(f, str) else (f.get("path") if isinstance(f, dict) else getattr(f, "name", str(f)))
+             for f in (files or [])]
+    visual = [s for s in spec.segments if s["modality"] in GRID_DIMS]
+    got: dict[str, list[str]] = {s["name"]: [] for s in visual}
+    rest = []
+    for path in paths:
+        base = os.path.basename(path)
+        stem = os.path.splitext(base)[0]
+        hit = max((n for n in got if stem == n or re.match(re.escape(n) + r"[_\-. ]", base)), key=len, default=None)
+        (got[hit] if hit else rest).append(path)
+    for s in visual:
+        if s["modality"] == "image" and not got[s["name"]] and rest:
+            got[s["name"]].append(rest.pop(0))
+    videos = [s["name"] for s in visual if s["modality"] == "video" and not got[s["name"]]]
+    for i, name in enumerate(videos):
+        share = len(rest) // (len(videos) - i) if len(videos) - i else 0
+        got[name], rest = rest[:share], rest[share:]
+    lines = [f"{name}: {', '.join(os.path.basename(p) for p in ps) if ps else 'no upload (test pattern)'}"
+             for name, ps in got.items()]
+    if rest:
+        lines.append(f"unused uploads: {', '.join(os.path.basename(p) for p in rest)}")
+    images = {name: (ps[0] if len(ps) == 1 and next(s for s in visual if s['name'] == name)['modality'] == 'image'
+                     else ps) for name, ps in got.items() if ps}
+    return images, lines
+
+
 def run_model(state: dict, model_id: str = "", max_new_tokens: int = 0, progress=None,
-              texts: dict | None = None) -> tuple[dict, dict]:
+              texts: dict | None = None, images=None) -> tuple[dict, dict]:
     """Run the current design on a model. Returns (state with run_id, outputs) where outputs has
     "error" ("" when fine), "summary", "tokens" (rows), "top_k" (rows), "continuation",
-    "nll" (text) and pictures "attention", "mass", "curves", "rollout" (PNG paths or None)."""
+    "nll" (text) and pictures "attention", "mass", "curves", "rollout" (PNG paths or None).
+    `images`: uploaded files for image/video segments (see `assign_images`), for VLM runs."""
     from .runner import RunError, run
 
     spec = current(state)
@@ -882,8 +915,12 @@ def run_model(state: dict, model_id: str = "", max_new_tokens: int = 0, progress
     say = _progress_adapter(progress)
     try:
         kw = {"backend": _backend()} if _backend() else {}
+        if images:
+            kw["images"], placed = assign_images(spec, images)
         result = run(spec, model=model_name(model_id), max_new_tokens=int(max_new_tokens or 0),
                      attentions=True, progress=say, **kw)
+        if images:
+            result.notes.extend(f"upload -> {line}" for line in placed)
     except (RunError, SpecError, ValueError, OSError) as err:
         return state, {"error": _one_line(err)}
     new = dict(state)
@@ -1028,6 +1065,29 @@ def rollout_picture(result) -> str | None:
 def attention_for_state(state: dict, layer=None, head="mean") -> str | None:
     result = get_run(state)
     return attention_picture(result, layer, head) if result is not None else None
+
+
+def overlay_pictures(result, layer=None, head="mean", query="", segment="") -> tuple[str | None, str | None, str]:
+    """VLM runs: (attention of one query token over the image/video, heat overlay PNG; per-layer share
+    of attention to visual tokens PNG; error line). Text runs: (None, None, "")."""
+    from . import vlm
+
+    if result is None or result.attentions is None or not getattr(result, "visuals", None):
+        return None, None, ""
+    L, H = result.attentions.shape[:2]
+    try:
+        q = parse_token(result.layout, query)
+        lay = L - 1 if layer in (None, "") else min(max(int(layer), 0), L - 1)
+        hd = None if head in (None, "", "mean") else min(max(int(head), 0), H - 1)
+        overlay = figure_png(vlm.image_overlay(result, (segment or "").strip() or None, q, lay, hd))
+        _, share = vlm.visual_share(result, q)
+        return overlay, figure_png(share), ""
+    except (SpecError, ValueError) as err:
+        return None, None, _one_line(err)
+
+
+def overlay_for_state(state: dict, layer=None, head="mean", query="", segment="") -> tuple[str | None, str | None, str]:
+    return overlay_pictures(get_run(state), layer, head, query, segment)
 
 
 def knockout_sweep(state: dict, q: str, k: str, window: int = 3, model_id: str = "",

@@ -601,6 +601,16 @@ def _visual_positions(prep: VLPrepared) -> torch.Tensor:
 
 
 # ================================================================= attention over the image
+def _figure(size):
+    """A Figure on the Agg canvas (no pyplot, no global backend switch)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=size, dpi=100)
+    FigureCanvasAgg(fig)
+    return fig
+
+
 def _query_index(result: RunResult, query) -> int:
     n = len(result.input_ids)
     if isinstance(query, str):  # a segment name: its last token
@@ -648,11 +658,7 @@ def image_attention(result: RunResult, segment: str | None = None, query=-1, lay
 def image_overlay(result: RunResult, segment: str | None = None, query=-1, layer: int | None = None,
                   head: int | None = None, max_frames: int = 8):
     """Heat overlay of `image_attention` on the segment's image (one panel per frame, up to max_frames)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
     import numpy as np
-    from matplotlib.figure import Figure
 
     att = image_attention(result, segment, query, layer, head)
     t = result.layout.table
@@ -661,7 +667,7 @@ def image_overlay(result: RunResult, segment: str | None = None, query=-1, layer
     frames = vis["frames"] if vis else []
     T = att.shape[0]
     shown = min(T, max_frames)
-    fig = Figure(figsize=(3.2 * shown, 3.4), dpi=100)
+    fig = _figure((max(3.2 * shown + 1.0, 5.0), 3.8))
     vmax = float(att.max()) or 1.0
     per = max(1, len(frames) // T) if frames else 1
     q = _query_index(result, query)
@@ -681,7 +687,7 @@ def image_overlay(result: RunResult, segment: str | None = None, query=-1, layer
     s = int(t["segment"][q])
     L = result.attentions.shape[0]
     lay = L - 1 if layer is None else layer % L
-    fig.suptitle(f"attention from {t.names[s]}[{q - t.starts[s]}] (token {q}) to '{segment}', layer {lay}, "
+    fig.suptitle(f"attention from {t.names[s]}[{q - t.starts[s]}] (token {q}) to '{segment}'\nlayer {lay}, "
                  f"{'mean of heads' if head is None else f'head {head}'}; total {float(att.sum()):.3f}", fontsize=9)
     if im is not None:
         fig.colorbar(im, ax=fig.axes, shrink=0.8, label="attention")
@@ -714,16 +720,12 @@ def visual_share(result: RunResult, query=-1, plot: bool = True):
         label = f"{t.names[s]}[{q - t.starts[s]}]"
     fig = None
     if plot:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        from matplotlib.figure import Figure
-
-        fig = Figure(figsize=(5.5, 3.2), dpi=100)
+        fig = _figure((5.5, 3.2))
         ax = fig.add_subplot(1, 1, 1)
         ax.plot(range(len(share)), share.numpy(), marker="o")
         ax.axhline(float(vis.float().mean()), color="grey", ls="--", lw=1, label="visual share of tokens")
         ax.set_xlabel("layer"), ax.set_ylabel("attention to visual tokens")
+        ax.set_xticks(range(len(share)))
         ax.set_ylim(0, 1)
         ax.set_title(f"share of attention to image/video tokens, query {label}", fontsize=9)
         ax.legend(fontsize=8)

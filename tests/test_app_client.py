@@ -19,7 +19,7 @@ OPTS = (0, 0, 4, "", None, "segment")  # layer, head, reach layers, reach token,
 PICS = slice(7, 12)                     # mask, positions, distance, flow, reach in a design response
 ENDPOINTS = {"/load_preset", "/new_blank", "/undo", "/edit_tables", "/edit_json", "/import_spec", "/render",
              "/export", "/run_model", "/attention_map", "/knockout", "/keep_snapshot", "/compare_masks",
-             "/compare_runs", "/eval_template", "/evaluate"}
+             "/compare_runs", "/eval_template", "/evaluate", "/image_overlay"}
 
 pytestmark = pytest.mark.slow
 

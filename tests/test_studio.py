@@ -314,3 +314,42 @@ def test_knockout_and_compare_runs(smollm):
     cmp = studio.compare_runs(state, "snapshot", "", 0)
     assert cmp["error"] == "" and os.path.exists(cmp["kl"]) and os.path.exists(cmp["mass_diff"])
     assert "KL(a||b)" in cmp["summary"]
+
+
+# ---------------------------------------------------------------- vision-language runs (tiny local VLMs)
+def _png(path, w=40, h=30, seed=0):
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    Image.fromarray((rng.random((h, w, 3)) * 255).astype("uint8")).save(path)
+    return str(path)
+
+
+def test_uploads_are_assigned_to_image_and_video_segments(tmp_path):
+    spec = Spec.load({"segments": [{"name": "a", "modality": "image", "grid": [2, 2]},
+                                   {"name": "clip", "modality": "video", "grid": [2, 2, 2]},
+                                   {"name": "b", "modality": "image", "grid": [2, 2]},
+                                   {"name": "q", "text": "?"}]})
+    files = [_png(tmp_path / n) for n in ("x.png", "b.png", "f1.png", "f2.png", "clip_09.png")]
+    images, lines = studio.assign_images(spec, files)
+    assert images["b"].endswith("b.png") and images["a"].endswith("x.png")
+    assert [os.path.basename(p) for p in images["clip"]] == ["clip_09.png"]
+    assert any(line.startswith("unused uploads") for line in lines)  # f1, f2: clip already has its named frame
+    images, _ = studio.assign_images(spec, files[:1] + files[2:4])  # x, f1, f2: in order
+    assert images["a"].endswith("x.png") and images["b"].endswith("f1.png")
+    assert [os.path.basename(p) for p in images["clip"]] == ["f2.png"]
+
+
+@pytest.mark.parametrize("model", ["tiny-qwen2-vl", "tiny-idefics3"])
+def test_vlm_run_with_uploads_and_overlay(tmp_path, model):
+    state = studio.new_state({"name": "vqa", "segments": [
+        {"name": "img", "modality": "image", "grid": [2, 2]}, {"name": "q", "text": " what is this?"}]})
+    state2, out = studio.run_model(state, model, 2, images=[_png(tmp_path / "photo.png")])
+    assert out["error"] == "", out["error"]
+    assert "upload -> img: photo.png" in out["notes"]
+    assert [row[0] for row in out["tokens"]] == ["img_start", "img", "img_end", "q"]
+    overlay, share, error = studio.overlay_for_state(state2, 0, "1", "q")
+    assert error == "" and os.path.exists(overlay) and os.path.exists(share)
+    assert studio.overlay_for_state(state2, None, "mean", "", "nope")[2]  # unknown segment: one error line
+    text_run = studio.new_state({"segments": [{"name": "q", "text": "hi"}]})
+    assert studio.overlay_for_state(text_run) == (None, None, "")
