@@ -181,7 +181,10 @@ def test_positions_reach_the_model(tiny, name):
     ids = runs[ref].layout.position_ids().tolist()
     ex = vlm.run_vlm(img_spec(positions={"scheme": "explicit", "ids": ids}), lm, images=img, attentions=False)
     assert (ex.logits - runs[ref].logits).abs().max() == 0
-    assert torch.equal(runs["concentric"].positions[..., -1], runs["concentric"].positions[..., -1])
+    cca = runs["concentric"]
+    want = cca.layout.position_ids()
+    assert torch.equal(cca.positions, want.expand(3, -1) if lm.is_3d else want)  # what the forward got
+    assert len(set(want[cca.layout.table.segment_slice(2)].tolist())) == 2  # a 4-wide grid has 2 rings
     if lm.is_3d:
         assert (runs["mrope"].logits - runs["sequential"].logits).abs().max() > 1e-4
         assert runs["sequential"].positions.shape[0] == 3  # 1-D ids reach M-RoPE on all three axes
