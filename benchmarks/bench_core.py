@@ -7,7 +7,6 @@ Prints one line per measurement; ratios compare against torch's create_mask / cr
 evaluating the very same mask_mod (so the blocks are identical, checked here too).
 """
 import argparse
-import resource
 import subprocess
 import sys
 import time

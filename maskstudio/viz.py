@@ -46,7 +46,6 @@ from matplotlib.path import Path
 from matplotlib.transforms import blended_transform_factory
 
 from . import flow as _flow
-from .positions import is_3d
 
 MODALITY_COLORS = {
     "text": "#3b6fb6",     # blue

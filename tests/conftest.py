@@ -1,6 +1,12 @@
 """Shared fixtures. Tiers: default (fast), `model`, `browser`, `slow` — CI runs all of them."""
 import json
+import os
 import pathlib
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
 
 import pytest
 
@@ -20,3 +26,43 @@ def smollm():
     from maskstudio.runner import load_model
 
     return load_model()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_app(timeout: float = 120):
+    """Start `python app.py` on a free port; returns (process, url). The caller terminates it."""
+    port = free_port()
+    env = dict(os.environ, PORT=str(port), HOST="127.0.0.1", GRADIO_ANALYTICS_ENABLED="False",
+               HF_HUB_OFFLINE=os.environ.get("HF_HUB_OFFLINE", "1"))
+    log = open(ROOT / "artifacts" / f"app-{port}.log", "w") if (ROOT / "artifacts").is_dir() else subprocess.DEVNULL
+    proc = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if proc.poll() is not None:
+            raise RuntimeError(f"app.py exited with {proc.returncode}")
+        try:
+            urllib.request.urlopen(url + "gradio_api/info", timeout=2)
+            return proc, url
+        except OSError:
+            time.sleep(0.5)
+    proc.terminate()
+    raise RuntimeError("app.py did not come up")
+
+
+@pytest.fixture(scope="session")
+def app_url():
+    """One `python app.py` for the client and browser tests (sessions are isolated by gradio)."""
+    (ROOT / "artifacts").mkdir(exist_ok=True)
+    proc, url = launch_app()
+    yield url
+    proc.terminate()
+    try:
+        proc.wait(20)
+    except subprocess.TimeoutExpired:
+        proc.kill()

@@ -4,12 +4,7 @@ Every named endpoint is called; the model endpoints are marked `model` too.
 """
 import json
 import os
-import socket
-import subprocess
-import sys
 import threading
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -22,45 +17,6 @@ ENDPOINTS = {"/load_preset", "/new_blank", "/undo", "/edit_tables", "/edit_json"
              "/compare_runs", "/eval_template", "/evaluate", "/image_overlay"}
 
 pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def launch_app(timeout: float = 120):
-    """Start `python app.py` on a free port; returns (process, url). The caller terminates it."""
-    port = free_port()
-    env = dict(os.environ, PORT=str(port), HOST="127.0.0.1", GRADIO_ANALYTICS_ENABLED="False",
-               HF_HUB_OFFLINE=os.environ.get("HF_HUB_OFFLINE", "1"))
-    log = open(ROOT / "artifacts" / f"app-{port}.log", "w") if (ROOT / "artifacts").is_dir() else subprocess.DEVNULL
-    proc = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/"
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        if proc.poll() is not None:
-            raise RuntimeError(f"app.py exited with {proc.returncode}")
-        try:
-            urllib.request.urlopen(url + "gradio_api/info", timeout=2)
-            return proc, url
-        except OSError:
-            time.sleep(0.5)
-    proc.terminate()
-    raise RuntimeError("app.py did not come up")
-
-
-@pytest.fixture(scope="module")
-def app_url():
-    (ROOT / "artifacts").mkdir(exist_ok=True)
-    proc, url = launch_app()
-    yield url
-    proc.terminate()
-    try:
-        proc.wait(20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
 
 
 @pytest.fixture

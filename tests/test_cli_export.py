@@ -10,7 +10,7 @@ import torch
 
 from maskstudio import Spec, SpecError
 from maskstudio.cli import main
-from maskstudio.export import affine_runs, flex_code
+from maskstudio.export import affine_runs
 from maskstudio.schema import SCHEMA_PATH, build_schema
 
 SPEC = {
