@@ -282,3 +282,54 @@ def test_offline_hub_vlm_is_a_clear_message(monkeypatch):
     with pytest.raises(RunError, match="not downloaded") as info:
         runner.load_model("maskstudio-test/SmolVLM-nope")
     assert "tiny-qwen2-vl" in str(info.value) and "\n" not in str(info.value)
+
+
+# ---------------------------------------------------------------- the app, end to end
+@pytest.mark.slow
+def test_app_run_with_an_uploaded_image_and_overlay(tmp_path):
+    """python app.py: /run_model with an uploaded picture on tiny-qwen2-vl, then /image_overlay."""
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+    from pathlib import Path
+
+    from gradio_client import Client, handle_file
+
+    root = Path(__file__).resolve().parents[1]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, PORT=str(port), HOST="127.0.0.1", GRADIO_ANALYTICS_ENABLED="False", HF_HUB_OFFLINE="1")
+    proc = subprocess.Popen([sys.executable, "app.py"], cwd=root, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        for _ in range(240):
+            try:
+                urllib.request.urlopen(url + "gradio_api/info", timeout=2)
+                break
+            except OSError:
+                assert proc.poll() is None, "app.py exited"
+                time.sleep(0.5)
+        client = Client(url, verbose=False)
+        spec = img_spec(positions={"scheme": "mrope"})
+        client.predict(json.dumps(spec), 0, 0, 4, "", None, "segment", api_name="/edit_json")
+        path = tmp_path / "photo.png"
+        picture(64, 40).save(path)
+        out = client.predict("tiny-qwen2-vl", 2, [handle_file(str(path))], api_name="/run_model")
+        error, summary, tokens = out[:3]
+        assert error == "" and "tiny-qwen2-vl" in summary
+        assert [row[0] for row in tokens["data"]] == ["sys", "img_start", "img", "img_end", "q"]
+        assert tokens["data"][2][1] == 40  # 40x64 px -> 10x16 patches -> 5x8 tokens
+        overlay, share, err = client.predict(1, "mean", "q", "img", api_name="/image_overlay")
+        assert err == "" and os.path.exists(overlay) and os.path.exists(share)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
