@@ -455,9 +455,14 @@ def model_rope_index(lm: VLModel, prep: VLPrepared) -> torch.Tensor:
     ids = prep.input_ids[None]
     image_id, video_id = lm.token_id("<|image_pad|>"), lm.token_id("<|video_pad|>")
     mm = (ids == image_id).int() + 2 * (ids == video_id).int()
-    pos, _ = lm.model.model.get_rope_index(ids, mm, prep.inputs.get("image_grid_thw"),
-                                            prep.inputs.get("video_grid_thw"))
-    return pos[:, 0]
+    import inspect
+
+    fn = lm.model.model.get_rope_index
+    kw = {"image_grid_thw": prep.inputs.get("image_grid_thw"), "video_grid_thw": prep.inputs.get("video_grid_thw")}
+    if "mm_token_type_ids" in inspect.signature(fn).parameters:  # transformers >= 5.2x
+        kw["mm_token_type_ids"] = mm
+    pos, _ = fn(ids, **kw)
+    return pos[:, 0].cpu()
 
 
 # ================================================================= forward
@@ -582,7 +587,7 @@ def _generate(lm: VLModel, prep: VLPrepared, first_logits, embeds, max_new_token
             if s["modality"] in VISUAL:
                 vis[off:off + size] = True
             off += size
-        full[0, vis.to(full.device)] = embeds[0, _visual_positions(prep)].to(full.dtype)
+        full[0, vis.to(full.device)] = embeds[0, _visual_positions(prep).to(embeds.device)].to(full.dtype)
         ctx = _Context(layout, lm.num_heads, backend, record=False)
         dummy = VLPrepared(layout, grown.seg_ids, [], grown.gen)
         logits, _ = _vlm_forward(lm, ctx, dummy, pos, embeds=full)

@@ -15,7 +15,7 @@ FAMILIES = ["tiny-qwen2-vl", "tiny-idefics3"]
 
 @pytest.fixture(scope="module")
 def tiny():
-    return lambda name: vlm.load_vlm(name)
+    return lambda name: vlm.load_vlm(name, device="cpu")
 
 
 def picture(w=48, h=32, seed=0):
