@@ -333,3 +333,30 @@ def test_app_run_with_an_uploaded_image_and_overlay(tmp_path):
             proc.wait(20)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_every_image_and_video_preset_runs_or_is_refused_with_a_reason(tiny, name):
+    """Presets with image/video segments run on test-pattern pictures (texts filled in); the only
+    refusals are position schemes the model cannot take."""
+    from maskstudio.presets import list_presets, load_preset
+
+    lm = tiny(name)
+    ran, refused = 0, []
+    for preset in list_presets():
+        data = load_preset(preset["name"]).to_dict()
+        if not any(s["modality"] in vlm.VISUAL for s in data["segments"]):
+            continue
+        for s in data["segments"]:
+            if s["modality"] in ("text", "special") and "text" not in s:
+                s["text"] = "x" * s.get("length", 1)
+        try:
+            r = vlm.run_vlm(data, lm, attentions=False)
+        except RunError as err:
+            refused.append((preset["name"], data["positions"]["scheme"], str(err)))
+            continue
+        assert torch.isfinite(r.logits).all(), preset
+        ran += 1
+    assert ran >= 20
+    for preset, scheme, why in refused:
+        assert scheme in ("grid", "mrope") and ("1-D RoPE" in why or "diffusion" in why), (preset, why)
