@@ -18,6 +18,8 @@ How a spec reaches the model
   * Generation appends to the `generate` segment (else a new trailing segment "generated") and
     obeys the spec's rules for it: full recompute, or the KV cache when analysis says the mask is
     KV-cache compatible.
+  * Vision-language models (Qwen2-VL, Idefics3/SmolVLM, tiny-*) are handed to `maskstudio.vlm`
+    by `load_model` / `run` (imported lazily: vlm builds on this module's pieces).
 """
 from __future__ import annotations
 
