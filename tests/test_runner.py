@@ -229,6 +229,15 @@ def test_offline_hub_id_is_a_clear_message(monkeypatch):
     assert "\n" not in str(info.value)
 
 
+def test_without_the_gguf_wheel_the_default_is_the_hub_model(monkeypatch):
+    """A hosted Space installs requirements.txt only: the default then loads SmolLM2 from the hub."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(runner, "_embedded_folder", lambda: None)
+    monkeypatch.setattr(runner, "_MODELS", {})
+    with pytest.raises(RunError, match="HuggingFaceTB/SmolLM2-135M-Instruct"):
+        runner.load_model()
+
+
 def test_out_of_memory_is_a_run_error(tiny, monkeypatch):
     def boom(*a, **k):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 80 GiB")
