@@ -27,4 +27,8 @@ def __getattr__(name):
     if name in ("run", "compare"):
         from . import runner
         return getattr(runner, name)
+    if name in ("analysis", "compile", "evaluate", "export", "flow", "positions", "presets", "runner",
+                "studio", "tokens", "viz", "vlm", "patterns", "schema", "bounds"):
+        import importlib
+        return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'maskstudio' has no attribute {name!r}")
