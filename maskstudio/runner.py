@@ -401,6 +401,32 @@ def _chat_segments(spec: Spec, tokenizer) -> list[dict]:
     return out
 
 
+def size_by_tokenizer(s: dict, tokenizer, notes: list, spec: Spec) -> list[list[int]]:
+    """Tokenize a text segment (one string, or one per frame) and set its length / frames to the
+    real token counts, in place; returns the token ids per frame."""
+    if "text" not in s:
+        raise RunError(f"segment '{s['name']}' has no text; give it \"text\" to run it on a model", spec)
+    texts = s["text"] if isinstance(s["text"], list) else [s["text"]]
+    frames = [_encode(tokenizer, t) for t in texts]
+    if any(len(f) == 0 for f in frames):
+        raise RunError(f"segment '{s['name']}' has empty text{' in a frame' if len(frames) > 1 else ''}; "
+                       f"give it at least one token of text or remove it", spec)
+    declared = s.get("length")
+    if isinstance(s["text"], str) and "frames" in s:
+        notes.append(f"segment '{s['name']}': declared frames dropped (its text is one string; "
+                     f"give a list of strings for one frame each)")
+    for key in ("length", "frames"):
+        s.pop(key, None)
+    if isinstance(s["text"], list):
+        s["frames"] = [len(f) for f in frames]
+    else:
+        s["length"] = len(frames[0])
+    if declared is not None and declared != sum(len(f) for f in frames):
+        notes.append(f"segment '{s['name']}': declared {declared} tokens, text has "
+                     f"{sum(len(f) for f in frames)} (sized by the tokenizer)")
+    return frames
+
+
 def prepare(spec: Spec, lm: LoadedModel, chat: bool = False) -> Prepared:
     """Tokenize the spec's texts and return the materialized layout (sizes = real token counts)."""
     for i, s in enumerate(spec.segments):
@@ -411,27 +437,7 @@ def prepare(spec: Spec, lm: LoadedModel, chat: bool = False) -> Prepared:
     segs = _chat_segments(spec, lm.tokenizer) if chat else [dict(s) for s in spec.segments]
     notes, seg_ids = [], []
     for s in segs:
-        if "text" not in s:
-            raise RunError(f"segment '{s['name']}' has no text; give it \"text\" to run it on a model", spec)
-        texts = s["text"] if isinstance(s["text"], list) else [s["text"]]
-        frames = [_encode(lm.tokenizer, t) for t in texts]
-        if any(len(f) == 0 for f in frames):
-            raise RunError(f"segment '{s['name']}' has empty text{' in a frame' if len(frames) > 1 else ''}; "
-                           f"give it at least one token of text or remove it", spec)
-        declared = s.get("length")
-        if isinstance(s["text"], str) and "frames" in s:
-            notes.append(f"segment '{s['name']}': declared frames dropped (its text is one string; "
-                         f"give a list of strings for one frame each)")
-        for key in ("length", "frames"):
-            s.pop(key, None)
-        if isinstance(s["text"], list):
-            s["frames"] = [len(f) for f in frames]
-        else:
-            s["length"] = len(frames[0])
-        if declared is not None and declared != sum(len(f) for f in frames):
-            notes.append(f"segment '{s['name']}': declared {declared} tokens, text has "
-                         f"{sum(len(f) for f in frames)} (sized by the tokenizer)")
-        seg_ids.append(frames)
+        seg_ids.append(size_by_tokenizer(s, lm.tokenizer, notes, spec))
     data = spec.to_dict()
     data["segments"] = segs
     try:

@@ -26,7 +26,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import html
-import io
 import json
 import math
 import os
@@ -43,7 +42,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .spec import GRID_DIMS, MODALITIES, OVERLAY_OPS, Spec, SpecError, segment_size
+from .spec import GRID_DIMS, Spec, SpecError, segment_size
 
 SEGMENT_COLUMNS = ["name", "modality", "size", "branch", "roles", "text"]
 RULE_COLUMNS = ["kind", "q", "k", "pattern", "params", "layers", "heads"]

@@ -365,24 +365,9 @@ def prepare_vlm(spec, lm: VLModel, images: dict | None = None) -> VLPrepared:
         if mod not in VISUAL:
             if s["name"] in images:
                 raise RunError(f"segment '{s['name']}' is {mod}; images go into image or video segments", spec)
-            if "text" not in s:
-                raise RunError(f"segment '{s['name']}' has no text; give it \"text\" to run it on a model", spec)
             seg = dict(s)
-            texts = s["text"] if isinstance(s["text"], list) else [s["text"]]
-            frames = [runner._encode(lm.tokenizer, t) for t in texts]
-            if any(len(f) == 0 for f in frames):
-                raise RunError(f"segment '{s['name']}' has empty text; give it at least one token or remove it", spec)
-            declared = seg.pop("length", None)
-            seg.pop("frames", None)
-            if isinstance(s["text"], list):
-                seg["frames"] = [len(f) for f in frames]
-            else:
-                seg["length"] = len(frames[0])
-            if declared is not None and declared != sum(len(f) for f in frames):
-                notes.append(f"segment '{s['name']}': declared {declared} tokens, text has "
-                             f"{sum(len(f) for f in frames)} (sized by the tokenizer)")
+            seg_ids.append(runner.size_by_tokenizer(seg, lm.tokenizer, notes, spec))
             segs.append(seg)
-            seg_ids.append(frames)
             continue
         if s["name"] in images and images[s["name"]] is not None:
             frames = as_frames(images[s["name"]])
