@@ -9,7 +9,7 @@ import argparse
 import json
 import sys
 
-from .spec import Spec, SpecError
+from .spec import DEFAULT_MAX_TOKENS, Spec, SpecError
 
 
 class UsageError(Exception):
@@ -23,7 +23,7 @@ def _load(args) -> Spec:
         return load_preset(args.preset)
     if not args.spec:
         raise UsageError("give a spec file, or --preset NAME (see `maskstudio presets`)")
-    return Spec.load(args.spec)
+    return Spec.load(args.spec, max_tokens=args.max_tokens)
 
 
 def _write(path: str | None, data: bytes) -> None:
@@ -118,6 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--preset", help="use a built-in preset instead of a file")
             p.add_argument("--layer", type=int, default=0, help="layer for per-layer rules (default 0)")
             p.add_argument("--head", type=int, default=0, help="head for per-head rules (default 0)")
+            p.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS,
+                           help=f"refuse layouts longer than this (default {DEFAULT_MAX_TOKENS})")
         p.set_defaults(fn=fn)
         return p
 

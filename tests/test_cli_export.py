@@ -67,6 +67,12 @@ def test_bad_input_exit_two_one_line(tmp_path, capsys, mutation, expected):
     assert expected in err and "\n" not in err and "Traceback" not in err
 
 
+def test_token_limit_is_configurable(spec_file, capsys):
+    assert main(["check", str(spec_file), "--max-tokens", "10"]) == 2
+    assert "over the limit of 10" in capsys.readouterr().err
+    assert main(["check", str(spec_file), "--max-tokens", "100"]) == 0
+
+
 def test_export_npy_positions_json(spec_file, tmp_path):
     spec = Spec.load(spec_file)
     for fmt, check in [("npy", lambda a: np.array_equal(a, spec.dense_mask().numpy())),
