@@ -10,7 +10,7 @@ import torch
 
 from maskstudio import Spec, SpecError
 from maskstudio.cli import main
-from maskstudio.export import affine_runs
+from maskstudio.export import affine_runs, flex_code
 from maskstudio.schema import SCHEMA_PATH, build_schema
 
 SPEC = {
@@ -183,3 +183,25 @@ def test_run_with_an_image_on_a_tiny_vlm(tmp_path, capsys):
     assert grid != [2, 2] and grid[0] * grid[1] > 4          # the processor's real merged patch grid
     assert main(["run", str(spec), "--model", "tiny-qwen2-vl", "--image", "img"]) == 2
     assert "SEGMENT=PATH" in capsys.readouterr().err
+
+
+def test_flex_export_of_every_preset_reproduces_it(tmp_path):
+    """The generated file (run here, it is our own output) equals the spec on every layer/head it varies by."""
+    import functools
+    import runpy
+
+    from torch.nn.attention.flex_attention import create_mask
+
+    from maskstudio.presets import list_presets, load_preset
+
+    for p in list_presets():
+        spec = load_preset(p["name"])
+        path = tmp_path / f"{p['name']}.py"
+        path.write_text(flex_code(spec))
+        ns = runpy.run_path(str(path))
+        for layer in sorted({0} | {x for ls in spec.layer_sets() for x in ls})[:3]:
+            mod = functools.partial(ns["mask_mod"], layer=layer) if spec.varies_by_layer else ns["mask_mod"]
+            dense = create_mask(mod, None, 2, ns["N"], ns["N"])[0]
+            for head in range(2):
+                assert torch.equal(dense[head], spec.dense_mask(layer=layer, head=head)), (p["name"], layer, head)
+        assert torch.equal(ns["position_ids"](), spec.position_ids()), p["name"]
