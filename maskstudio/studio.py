@@ -539,13 +539,34 @@ def figure_array(fig, dpi: int = DPI) -> np.ndarray:
     return arr
 
 
+def tokenizer_at_hand():
+    """The tokenizer of a text model this process has already loaded (never loads one)."""
+    from . import runner
+
+    for lm in list(runner._MODELS.values()):
+        if lm.tokenizer is not None and not getattr(lm, "family", None):
+            return lm.tokenizer
+    return None
+
+
 def picture_spec(spec: Spec) -> tuple[Spec, str]:
-    """A sized spec for pictures: text-only segments get an estimated length (a run uses the
-    model's tokenizer instead)."""
+    """A sized spec for pictures: text-only segments are sized by the loaded model's tokenizer when
+    one is at hand (exactly what a run will do), else estimated from their word count."""
     missing = spec.unsized_segments()
     if not missing:
         return spec, ""
     data = spec.to_dict()
+    tok = tokenizer_at_hand()
+    if tok is not None:
+        from .runner import RunError, size_by_tokenizer
+
+        try:
+            for seg in data["segments"]:
+                if segment_size(seg) is None:
+                    size_by_tokenizer(seg, tok, [], spec)
+            return Spec.load(data), f"sizes of {', '.join(missing)} come from the loaded model's tokenizer"
+        except (RunError, SpecError):
+            data = spec.to_dict()
     for seg in data["segments"]:
         if segment_size(seg) is None:
             text = seg["text"] if isinstance(seg["text"], str) else " ".join(seg["text"])
@@ -568,7 +589,16 @@ def view_options(spec: Spec, options: dict | None = None) -> dict:
     o["flow_level"] = o.get("flow_level") if o.get("flow_level") in ("segment", "frame", "token") else "segment"
     if o["flow_level"] == "token" and spec.n > 256:
         o["flow_level"] = "segment"
+    tok = tokenizer_at_hand() if spec.n <= 64 and any("text" in seg for seg in spec.segments) else None
+    o["token_labels"] = _token_labels(spec, tok) if tok is not None else None
     return o
+
+
+def _token_labels(spec: Spec, tok) -> list[str] | None:
+    """The real tokens as mask labels (small layouts with text, once a model is loaded)."""
+    from .viz import _default_labels
+
+    return _default_labels(spec, tok)
 
 
 def parse_token(spec: Spec, text) -> int:
@@ -606,7 +636,7 @@ def _view_key(spec: Spec, view: str, o: dict) -> str:
     if view == "distance":
         return _digest(view, layout, o["query"])
     if view == "mask":
-        return _digest(view, data, o["layer"], o["head"])
+        return _digest(view, data, o["layer"], o["head"], o.get("token_labels"))
     if view == "flow":
         return _digest(view, data, o["layer"], o["head"], o["flow_level"])
     return _digest(view, data, o["head"], o["reach_layers"], o["reach_token"])
@@ -618,7 +648,7 @@ def _draw(spec: Spec, view: str, o: dict, path: str) -> str:
 
     kw: dict = {}
     if view == "mask":
-        kw = dict(layer=o["layer"], head=o["head"])
+        kw = dict(layer=o["layer"], head=o["head"], token_labels=o.get("token_labels"))
     elif view == "distance":
         kw = dict(query=o["query"])
     elif view == "flow":

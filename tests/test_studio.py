@@ -353,3 +353,20 @@ def test_vlm_run_with_uploads_and_overlay(tmp_path, model):
     assert studio.overlay_for_state(state2, None, "mean", "", "nope")[2]  # unknown segment: one error line
     text_run = studio.new_state({"segments": [{"name": "q", "text": "hi"}]})
     assert studio.overlay_for_state(text_run) == (None, None, "")
+
+
+@pytest.mark.model
+def test_pictures_use_the_loaded_tokenizer_for_sizes_and_labels(smollm):
+    """Once a model is loaded, unsized text segments get their real token counts and the mask
+    view is labelled with the real tokens (issue: 'the real tokens when a tokenizer is at hand')."""
+    from maskstudio import runner
+
+    spec = Spec.load({"segments": [{"name": "ctx", "text": "Paris is lovely."},
+                                   {"name": "q", "text": " Where?"}]})
+    sized, note = studio.picture_spec(spec)
+    ran = runner.prepare(spec, smollm)
+    assert [s["length"] for s in sized.segments] == [s["length"] for s in ran.layout.segments]
+    assert "tokenizer" in note
+    o = studio.view_options(sized, {})
+    assert o["token_labels"] is not None and len(o["token_labels"]) == sized.n
+    assert "Paris" in "".join(o["token_labels"])
