@@ -43,6 +43,7 @@ DEFAULT_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the same model, for ho
 DEFAULT_NAMES = (None, "", "default", "embedded", "smollm2")
 MAX_CAPTURE = 2048          # past this many tokens attention maps are not recorded (no-maps mode)
 FLEX_BLOCK = 128
+FLEX_MIN_TOKENS = 1024      # default backend on CUDA: eager (dense) below this many tokens, flex above
 FLEX_BITS_BUDGET = 1 << 30  # bytes of partial-block bits before falling back to the spec's mask_mod
 CHAT_ROLES = ("system", "user", "assistant")
 
@@ -625,8 +626,12 @@ def _as_spec(spec) -> Spec:
     return spec if isinstance(spec, Spec) else Spec.load(spec)
 
 
-def _backend(backend, lm) -> str:
-    backend = backend or ("flex" if lm.device.type == "cuda" else "eager")
+def _backend(backend, lm, n: int | None = None) -> str:
+    """flex on CUDA (eager below FLEX_MIN_TOKENS, where a small dense mask is cheaper than building
+    a BlockMask and launching the compiled kernel), eager on CPU."""
+    if backend is None:
+        short = n is not None and n < FLEX_MIN_TOKENS
+        backend = "flex" if lm.device.type == "cuda" and not short else "eager"
     if backend not in ("flex", "eager"):
         raise RunError(f"unknown backend '{backend}'; use 'flex' or 'eager'")
     return backend
@@ -658,11 +663,11 @@ def run(spec, model=None, max_new_tokens: int = 0, attentions: bool = True, chat
         raise RunError(f"images were given but {lm.name} is a text-only model; pick a vision-language model "
                        f"such as {vlm.HUB_EXAMPLES[0]} (or tiny-qwen2-vl offline)", spec)
     _register()
-    backend = _backend(backend, lm)
     prep = prepare(spec, lm, chat)
     notes = list(prep.notes)
     layout, ids = prep.layout, prep.input_ids
     n = len(ids)
+    backend = _backend(backend, lm, n + max(max_new_tokens, 0))
     record = attentions
     if attentions and n > MAX_CAPTURE:
         record = False
