@@ -209,7 +209,8 @@ def test_render_views_in_worker_processes(monkeypatch):
     assert all(os.path.exists(out[v]) for v in studio.VIEWS)
 
 
-def test_text_only_segments_get_estimated_sizes_for_pictures():
+def test_text_only_segments_get_estimated_sizes_for_pictures(monkeypatch):
+    monkeypatch.setattr(studio, "tokenizer_at_hand", lambda: None)  # as before any model is loaded
     spec = Spec.load({"segments": [{"name": "a", "text": "one two three four"}, {"name": "b", "length": 3}]})
     out = studio.render_views(spec)
     assert "estimated" in out["note"] and os.path.exists(out["mask"])
