@@ -439,14 +439,21 @@ def prepare(spec: Spec, lm: LoadedModel, chat: bool = False) -> Prepared:
     notes, seg_ids = [], []
     for s in segs:
         seg_ids.append(size_by_tokenizer(s, lm.tokenizer, notes, spec))
+    layout, gen = materialize(spec, segs, "the tokenized text")
+    return Prepared(layout, seg_ids, notes, gen)
+
+
+def materialize(spec: Spec, segs: list[dict], what: str) -> tuple[Spec, int | None]:
+    """The spec with its segments replaced by the sized ones, and the ordinal of the generate
+    segment (None: generation appends a new segment)."""
     data = spec.to_dict()
     data["segments"] = segs
     try:
         layout = Spec.load(data)
     except SpecError as err:
-        raise RunError(f"the spec does not fit the tokenized text: {err}", spec) from None
+        raise RunError(f"the spec does not fit {what}: {err}", spec) from None
     gen = next((i for i, s in enumerate(layout.segments) if "generate" in s.get("role", [])), None)
-    return Prepared(layout, seg_ids, notes, gen)
+    return layout, gen
 
 
 def _grow(prep: Prepared, new_ids: list[int], tokenizer) -> Prepared:

@@ -32,7 +32,7 @@ import torch
 
 from . import runner
 from .runner import ATTN_NAME, LoadedModel, Prepared, RunError, RunResult, _Context
-from .spec import Spec, SpecError
+from .spec import Spec
 
 FAMILIES = ("qwen2_vl", "idefics3")
 MODEL_TYPES = {"qwen2_vl": "qwen2_vl", "idefics3": "idefics3", "smolvlm": "idefics3"}
@@ -393,13 +393,7 @@ def prepare_vlm(spec, lm: VLModel, images: dict | None = None) -> VLPrepared:
                 segs.append({"name": fresh(f"{s['name']}_{where}"), "modality": "special", "text": text,
                              "length": len(ids), "role": ["vision_marker"]})
                 seg_ids.append([ids])
-    data = spec.to_dict()
-    data["segments"] = segs
-    try:
-        layout = Spec.load(data)
-    except SpecError as err:
-        raise RunError(f"the spec does not fit the model's real layout: {err}", spec) from None
-    gen = next((i for i, s in enumerate(layout.segments) if "generate" in s.get("role", [])), None)
+    layout, gen = runner.materialize(spec, segs, "the model's real layout")
     inputs: dict = {}
     for vis in visuals.values():
         for k, v in vis.inputs.items():
