@@ -531,14 +531,6 @@ def figure_png(fig, path: str | None = None, dpi: int = DPI) -> str:
     return path
 
 
-def figure_array(fig, dpi: int = DPI) -> np.ndarray:
-    fig.set_dpi(dpi)
-    fig.canvas.draw()
-    arr = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
-    fig.clear()
-    return arr
-
-
 def tokenizer_at_hand():
     """The tokenizer of a text model this process has already loaded (never loads one)."""
     from . import runner
@@ -737,13 +729,6 @@ def _store(key: str, path: str) -> str:
         while len(_CACHE) > _CACHE_MAX:
             _CACHE.popitem(last=False)
     return path
-
-
-def render_view(spec: Spec, view: str, options: dict | None = None) -> str:
-    """One view as a cached PNG path (drawn in this process)."""
-    o = view_options(spec, options)
-    key, path = _png_key(spec, view, o)
-    return _lookup(key, path) or _store(key, _draw(spec, view, o, path))
 
 
 def analysis_for(spec: Spec, layer: int = 0, head: int = 0):
