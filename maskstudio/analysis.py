@@ -1,8 +1,9 @@
 """Facts about a compiled mask: density, per-segment-pair density, empty rows, causality,
 KV-cache compatibility, target leaks, block sparsity and FLOPs. No plotting here.
 
-Small layouts are analysed on the dense mask. Past DENSE_LIMIT tokens the same facts are
-accumulated tile by tile (tiles cut at multiples of 128 and at segment boundaries), so a
+Small layouts are analysed on the dense mask. Past knobs.ANALYSIS_DENSE_MAX tokens the same facts
+are accumulated through the tiled evaluator (tiles cut every knobs.BLOCK tokens and at segment
+boundaries), so a
 128k-token layout never allocates N^2 memory.
 """
 from __future__ import annotations
@@ -12,10 +13,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .compile import classify_tiles, block_states, compile_program, evaluate_block, make_cuts
+from . import knobs
+from .compile import block_states, compile_program, evaluate_block
+from .tiled import TiledMask
 
-DENSE_LIMIT = 4096
-BLOCK = 128
 
 
 @dataclass
@@ -92,7 +93,7 @@ class Analysis:
                  f"causal            {yes[self.causal]}",
                  f"symmetric         {yes[self.symmetric]}",
                  f"KV-cache safe     {yes[self.kv_cache_compatible]}",
-                 f"block sparsity    {self.block_sparsity:.3f} at {BLOCK} "
+                 f"block sparsity    {self.block_sparsity:.3f} at {knobs.BLOCK} "
                  f"({self.blocks_full} full, {self.blocks_partial} partial of {self.blocks_total})",
                  f"FLOPs vs full     {self.flops_vs_full:.3f}",
                  f"FLOPs vs causal   {self.flops_vs_causal:.3f}"]
@@ -177,27 +178,46 @@ def _accumulate(spec, layer, head, acc: _Acc, dense_limit: int):
         idx = torch.arange(n)
         acc.add_dense(idx, idx, m)
         return bool((m == m.T).all())
-    program = compile_program(spec, layer)
-    cuts = make_cuts(n, BLOCK, t.starts)
-    must, may = classify_tiles(program, t.attrs, cuts, cuts, head)
-    unknown = may & ~must
-    acc.add_full_tiles(must, cuts)
-    tile = lambda i: torch.arange(int(cuts[i]), int(cuts[i + 1]))  # noqa: E731
-    for i in torch.nonzero(unknown.any(1)).flatten().tolist():
-        js = torch.nonzero(unknown[i]).flatten().tolist()
-        k_idx = torch.cat([tile(j) for j in js])
-        acc.add_dense(tile(i), k_idx, evaluate_block(program, t.attrs, tile(i), k_idx, head))
+    tiles = TiledMask(spec, layer, head, tile=knobs.BLOCK, extra_cuts=t.starts)
+    acc.add_full_tiles(tiles.must, tiles.cuts)
+    for i in tiles.undecided_rows():
+        k_idx, block = tiles.undecided_row(i)
+        acc.add_dense(tiles.tile_range(i), k_idx, block)
+    tiles.forget()
+    return _symmetric(tiles)
+
+
+def _symmetric(tiles: TiledMask) -> bool:
+    """Whether the mask equals its transpose: decided tile pairs compared wholesale, the rest by tokens."""
+    must, may = tiles.must, tiles.must | tiles.unknown
     decided = must | ~may
     both = decided & decided.T
-    symmetric = bool((must == must.T)[both].all())
+    if not bool((must == must.T)[both].all()):
+        return False
     upper = torch.arange(len(must))[:, None] <= torch.arange(len(must))[None, :]
     for i, j in torch.nonzero(~both & upper).tolist():
-        if not symmetric:
-            break
-        a = evaluate_block(program, t.attrs, tile(i), tile(j), head)
-        b = evaluate_block(program, t.attrs, tile(j), tile(i), head)
-        symmetric = bool((a == b.T).all())
-    return symmetric
+        a = tiles.evaluate(tiles.tile_range(i), tiles.tile_range(j))
+        b = tiles.evaluate(tiles.tile_range(j), tiles.tile_range(i))
+        if not bool((a == b.T).all()):
+            return False
+    return True
+
+
+def kv_cache_compatible(spec, layer: int = 0, head: int = 0) -> bool:
+    """No query attends a LATER key in the generation region (what the KV cache needs), decided
+    from tiles: only tile pairs with keys in that region above the diagonal are looked at."""
+    start = _generation_start(spec)
+    tiles = TiledMask(spec, layer, head, tile=knobs.BLOCK, extra_cuts=[start])
+    cuts = torch.from_numpy(tiles.cuts)
+    q_first, k_last = cuts[:-1][:, None], (cuts[1:] - 1)[None, :]
+    region = (cuts[:-1] >= start)[None, :] & (k_last > q_first)   # some key after some query
+    if bool((tiles.must & region).any()):
+        return False
+    for i, j in torch.nonzero(tiles.unknown & region).tolist():
+        q_idx, k_idx = tiles.tile_range(i), tiles.tile_range(j)
+        if bool((tiles.evaluate(q_idx, k_idx) & (k_idx[None, :] > q_idx[:, None])).any()):
+            return False
+    return True
 
 
 def _target_leaks(spec, layer, head) -> list[str]:
@@ -221,12 +241,12 @@ def _target_leaks(spec, layer, head) -> list[str]:
     return leaks
 
 
-def analyze(spec, layer: int = 0, head: int = 0, dense_limit: int = DENSE_LIMIT) -> Analysis:
+def analyze(spec, layer: int = 0, head: int = 0, dense_limit: int | None = None) -> Analysis:
     """Every fact `check` reports, exact, in O(N) memory past `dense_limit` tokens."""
     t = spec.table
     acc = _Acc(spec, _generation_start(spec))
-    symmetric = _accumulate(spec, layer, head, acc, dense_limit)
-    full, partial = block_states(spec, BLOCK, layer, head)
+    symmetric = _accumulate(spec, layer, head, acc, knobs.ANALYSIS_DENSE_MAX if dense_limit is None else dense_limit)
+    full, partial = block_states(spec, knobs.BLOCK, layer, head)
     tq = full.shape[0]
     causal_blocks = tq * (tq + 1) // 2
     empty = torch.nonzero(~acc.row_any).flatten()

@@ -15,7 +15,7 @@ import torch
 
 from . import patterns
 from .compile import Tok, compile_program, evaluate
-from .spec import expand_int_list
+from .segments import expand_int_list
 
 FORMATS = ("json", "npy", "positions", "flex")
 

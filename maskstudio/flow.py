@@ -26,7 +26,7 @@ segment_counts > 0) over-approximates: with partial blocks the token that reache
 one that A's queries read. We never compose at segment level. Instead we propagate token sets:
 with V_B[:, 0] = "token is in B", V after L layers = A_{L-1} ... A_0 V_B marks exactly the tokens
 that can see B. One propagation is a boolean [N, N] x [N, S] product, done tile by tile past
-DENSE_LIMIT tokens (decided tiles from interval bounds, only undecided tiles evaluated), so it is
+knobs.PICTURE_DENSE_MAX tokens (decided tiles from interval bounds, only undecided tiles evaluated), so it is
 exact and O(N * S) memory for a 128k-token layout.
 """
 from __future__ import annotations
@@ -37,19 +37,18 @@ import networkx as nx
 import numpy as np
 import torch
 
-from .compile import classify_tiles, compile_program, evaluate_block, make_cuts
+from . import knobs
+from .analysis import analyze
+from .compile import compile_program, evaluate_block
+from .segments import layer_key as _mask_layer_key
+from .tiled import TiledMask
 
-DENSE_LIMIT = 4096        # dense [N, N] mask below this, tiles above
-TILE = 128
-ANALYSIS_DENSE_LIMIT = 1024  # analyze() is exact either way; its tiled path is faster past ~1k tokens
-TOKEN_GRAPH_MAX = 256     # flow_graph(level="token") refuses larger layouts
-REACH_MATRIX_MAX = 4096   # reachability() returns an N x N matrix only up to this
 
 
 # ---------------------------------------------------------------- per-layer masks
 def layer_key(spec, layer: int) -> tuple:
     """Layers with equal keys compile to the same program (rules switch on layer membership only)."""
-    return tuple(layer in s for s in spec.layer_sets())
+    return _mask_layer_key(spec.mask, layer)
 
 
 def _layer_list(layers) -> list[int]:
@@ -67,38 +66,6 @@ def default_layers(spec, minimum: int = 4) -> int:
     return max(minimum, top + 2)
 
 
-class _Tiles:
-    """A layer's mask as tiles: `must` tiles are all-allowed; undecided tiles evaluated on demand."""
-
-    def __init__(self, spec, layer: int, head: int, extra_cuts=(), tile: int = TILE):
-        t = spec.table
-        self.attrs, self.n = t.attrs, t.n
-        self.program = compile_program(spec, layer)
-        self.head = head
-        self.cuts = make_cuts(self.n, tile, extra_cuts)
-        must, may = classify_tiles(self.program, self.attrs, self.cuts, self.cuts, head)
-        self.must = must
-        self.unknown = may & ~must
-        self.rows = torch.nonzero(self.unknown.any(1)).flatten().tolist()
-        self._cache: dict[int, tuple] = {}
-        self._cached_bytes = 0
-
-    def tile_range(self, i) -> torch.Tensor:
-        return torch.arange(int(self.cuts[i]), int(self.cuts[i + 1]))
-
-    def undecided_row(self, i: int):
-        """(key indices, bool block [tile, keys]) of query tile i's undecided tiles."""
-        if i in self._cache:
-            return self._cache[i]
-        js = torch.nonzero(self.unknown[i]).flatten().tolist()
-        k_idx = torch.cat([self.tile_range(j) for j in js])
-        block = evaluate_block(self.program, self.attrs, self.tile_range(i), k_idx, self.head)
-        if self._cached_bytes + block.numel() < (256 << 20):  # keep repeated propagations cheap
-            self._cache[i] = (k_idx, block)
-            self._cached_bytes += block.numel()
-        return k_idx, block
-
-
 def dense(spec, layer: int = 0, head: int = 0) -> torch.Tensor:
     """bool [N, N] from the compiled program evaluated on the whole index grid in one go (the
     same evaluator as compile.dense_mask; one pass is fastest for the small N it is used at)."""
@@ -110,7 +77,7 @@ class _Layer:
     """One layer's relation A = M OR I, applied to token sets: A @ V (and A^T @ V)."""
 
     def __init__(self, spec, layer: int, head: int, mask: torch.Tensor | None = None,
-                 dense_limit: int = DENSE_LIMIT):
+                 dense_limit: int = knobs.PICTURE_DENSE_MAX):
         self.n = spec.table.n
         if mask is not None or self.n <= dense_limit:
             m = dense(spec, layer, head) if mask is None else mask
@@ -118,7 +85,7 @@ class _Layer:
             self.tiles = None
         else:
             self.dense = None
-            self.tiles = _Tiles(spec, layer, head)
+            self.tiles = TiledMask(spec, layer, head, tile=knobs.BLOCK)
 
     def apply(self, v: torch.Tensor, transpose: bool = False) -> torch.Tensor:
         """bool [N, C] -> bool [N, C]: out[q] = OR_k A[q, k] v[k]  (transpose: out[k] = OR_q A[q, k] v[q])."""
@@ -132,7 +99,7 @@ class _Layer:
         tile_any = torch.zeros(len(cuts) - 1, v.shape[1]).index_add_(0, owner, v.float()) > 0
         must = tl.must.T if transpose else tl.must
         out = ((must.float() @ tile_any.float()) > 0)[owner] | v
-        for i in tl.rows:
+        for i in tl.undecided_rows():
             k_idx, block = tl.undecided_row(i)
             q_rng = tl.tile_range(i)
             if transpose:   # queries of tile i -> the keys they read
@@ -144,11 +111,11 @@ class _Layer:
         return out
 
 
-class Model:
+class LayerMasks:
     """A spec's per-layer masks for one head, built on first use and shared between layers that
-    compile to the same program (and between pictures: pass one Model to several views)."""
+    compile to the same program (and between pictures: pass one LayerMasks to several views)."""
 
-    def __init__(self, spec, head: int = 0, dense_limit: int = DENSE_LIMIT):
+    def __init__(self, spec, head: int = 0, dense_limit: int = knobs.PICTURE_DENSE_MAX):
         self.spec, self.head, self.dense_limit = spec, head, dense_limit
         self._layers: dict[tuple, _Layer] = {}
         self._masks: dict[tuple, torch.Tensor] = {}
@@ -176,23 +143,23 @@ def reachability(spec, layers, head: int = 0) -> torch.Tensor:
     R = (M_{L-1} OR I) ... (M_0 OR I) as boolean matrix products, newest layer on the left.
     `layers` is a count L (layers 0..L-1) or a list of layer ids in the order they are applied."""
     n = spec.table.n
-    if n > REACH_MATRIX_MAX:
+    if n > knobs.REACH_MATRIX_MAX:
         raise ValueError(f"reachability() builds an N x N matrix; this layout has {n} tokens "
-                         f"(limit {REACH_MATRIX_MAX}). Use segment_reachability(), exact at any N.")
-    model = Model(spec, head)
+                         f"(limit {knobs.REACH_MATRIX_MAX}). Use segment_reachability(), exact at any N.")
+    model = LayerMasks(spec, head)
     r = torch.eye(n, dtype=torch.bool)
     for layer in _layer_list(layers):
         r = model[layer].apply(r)  # A_layer @ R
     return r
 
 
-def receptive_field(spec, token: int, layers, head: int = 0, model: Model | None = None) -> torch.Tensor:
+def receptive_field(spec, token: int, layers, head: int = 0, model: "LayerMasks | None" = None) -> torch.Tensor:
     """bool [L, N]: row l-1 = the input tokens token `token` can read after the first l layers.
 
     Row l-1 is e_token^T A_{l-1} ... A_0, walked from the newest layer down (exact at any N)."""
     order = _layer_list(layers)
     n = spec.table.n
-    model = model or Model(spec, head)
+    model = model or LayerMasks(spec, head)
     rows = []
     for upto in range(1, len(order) + 1):
         v = torch.zeros(n, 1, dtype=torch.bool)
@@ -203,10 +170,10 @@ def receptive_field(spec, token: int, layers, head: int = 0, model: Model | None
     return torch.stack(rows) if rows else torch.zeros(0, n, dtype=torch.bool)
 
 
-def sees_segments(spec, layers, head: int = 0, model: Model | None = None) -> torch.Tensor:
+def sees_segments(spec, layers, head: int = 0, model: "LayerMasks | None" = None) -> torch.Tensor:
     """bool [L, N, S]: [l-1, q, B] = token q can read some token of segment B after l layers (exact)."""
     t = spec.table
-    model = model or Model(spec, head)
+    model = model or LayerMasks(spec, head)
     v = torch.nn.functional.one_hot(t["segment"], len(t.names)).bool()
     out = []
     for layer in _layer_list(layers):
@@ -216,7 +183,7 @@ def sees_segments(spec, layers, head: int = 0, model: Model | None = None) -> to
 
 
 def segment_reachability(spec, layers, head: int = 0, every: bool = True,
-                         model: Model | None = None) -> torch.Tensor:
+                         model: "LayerMasks | None" = None) -> torch.Tensor:
     """bool [L, S, S]: [l-1, A, B] = after l layers every token (every=False: some token) of
     segment A can read some token of segment B. Exact at any N (see the module docstring)."""
     t = spec.table
@@ -251,7 +218,7 @@ class ReachTable:
         return "\n".join(lines)
 
 
-def layers_until_reach(spec, layers=None, head: int = 0, model: Model | None = None) -> ReachTable:
+def layers_until_reach(spec, layers=None, head: int = 0, model: "LayerMasks | None" = None) -> ReachTable:
     """For every segment pair (A, B): the fewest layers after which every token of A can read
     some token of B (residual stream counted). The diagonal is 0: a segment sees itself through
     the residual stream before any layer."""
@@ -273,7 +240,7 @@ def layers_until_reach(spec, layers=None, head: int = 0, model: Model | None = N
 
 # ---------------------------------------------------------------- counts and the flow graph
 def pair_counts(spec, groups: torch.Tensor, layer: int = 0, head: int = 0,
-                dense_limit: int = DENSE_LIMIT) -> torch.Tensor:
+                dense_limit: int = knobs.PICTURE_DENSE_MAX) -> torch.Tensor:
     """LongTensor [G, G]: allowed (query group, key group) pairs. `groups` [N] holds group ids
     0..G-1 that are constant on contiguous runs (frames, blocks, segments). O(N + G^2) memory
     past `dense_limit`: tiles are cut at run starts, decided tiles counted by their area."""
@@ -286,17 +253,17 @@ def pair_counts(spec, groups: torch.Tensor, layer: int = 0, head: int = 0,
         onehot = torch.nn.functional.one_hot(groups, g).double()
         return (onehot.T @ m @ onehot).round().long()
     starts = (torch.nonzero(groups.diff() != 0).flatten() + 1).tolist()
-    tl = _Tiles(spec, layer, head, extra_cuts=starts)
+    tl = TiledMask(spec, layer, head, tile=knobs.BLOCK, extra_cuts=starts)
     cuts = torch.from_numpy(tl.cuts)
     sizes = cuts.diff()
     tile_group = groups[cuts[:-1]]
     counts = torch.zeros(g, g, dtype=torch.long)
     i, j = torch.nonzero(tl.must, as_tuple=True)
     counts.index_put_((tile_group[i], tile_group[j]), sizes[i] * sizes[j], accumulate=True)
-    for i in tl.rows:
+    for i in tl.undecided_rows():
         k_idx, block = tl.undecided_row(i)
         counts[tile_group[i]].index_add_(0, groups[k_idx], block.sum(0))
-    tl._cache.clear()
+    tl.forget()
     return counts
 
 
@@ -345,8 +312,7 @@ def flow_graph(spec, level: str = "segment", layer: int = 0, head: int = 0, anal
     t = spec.table
     if level == "segment":
         if analysis is None:
-            from .analysis import analyze
-            analysis = analyze(spec, layer=layer, head=head, dense_limit=ANALYSIS_DENSE_LIMIT)
+            analysis = analyze(spec, layer=layer, head=head, dense_limit=knobs.ANALYSIS_DENSE_MAX)
         nodes = [{"name": s["name"], "modality": s["modality"], "tokens": n, "segment": s["name"]}
                  for s, n in zip(spec.segments, t.sizes)]
         g = _graph(nodes, analysis.segment_counts, list(t.starts))
@@ -356,8 +322,8 @@ def flow_graph(spec, level: str = "segment", layer: int = 0, head: int = 0, anal
             0, gid, torch.arange(t.n), reduce="amin", include_self=False)
         g = _graph(nodes, pair_counts(spec, gid, layer, head), first.tolist())
     elif level == "token":
-        if t.n > TOKEN_GRAPH_MAX:
-            raise ValueError(f"token-level flow graphs are for small layouts (<= {TOKEN_GRAPH_MAX} "
+        if t.n > knobs.TOKEN_GRAPH_MAX:
+            raise ValueError(f"token-level flow graphs are for small layouts (<= {knobs.TOKEN_GRAPH_MAX} "
                              f"tokens); this one has {t.n}. Use level='segment' or 'frame'.")
         seg = t["segment"].tolist()
         nodes = [{"name": i, "segment": t.names[seg[i]], "modality": t.modalities[seg[i]], "tokens": 1,
@@ -367,3 +333,13 @@ def flow_graph(spec, level: str = "segment", layer: int = 0, head: int = 0, anal
         raise ValueError(f"unknown level {level!r}; use 'segment', 'frame' or 'token'")
     g.graph.update(level=level, layer=layer, head=head, spec=spec.name, n=t.n)
     return g
+
+
+def block_fraction(spec, block_size: int = 128, layer: int = 0, head: int = 0) -> torch.Tensor:
+    """float [T, T]: fraction of allowed pairs in each block_size x block_size block (the last
+    row/column of blocks is partial when N is not a multiple). O(N + T^2) memory at any N."""
+    n = spec.table.n
+    groups = torch.arange(n) // block_size
+    counts = pair_counts(spec, groups, layer, head)
+    sizes = torch.bincount(groups).double()
+    return counts.double() / (sizes[:, None] * sizes[None, :])

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
-from .spec import SpecError, did_you_mean
+from .errors import SpecError, did_you_mean
 
 BUILTIN_ATTRS = ("index", "segment", "local", "frame", "t", "row", "col", "cell", "ring",
                  "branch", "modality", "length", "frames")

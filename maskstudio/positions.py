@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import torch
 
-from .spec import SpecError, _check_keys, _is_int, _require, did_you_mean, segment_size
+from .errors import SpecError, check_keys as _check_keys, did_you_mean, is_int as _is_int, require as _require
+from .segments import segment_size
 
 SCHEMES = {
     "sequential": {"start": 0},
@@ -197,3 +198,37 @@ def position_ids(spec) -> torch.Tensor:
 def is_3d(spec) -> bool:
     pos = spec.positions
     return pos["scheme"] in ("mrope", "grid") or (pos["scheme"] == "explicit" and isinstance(pos["ids"][0], list))
+
+
+# ---------------------------------------------------------------- RoPE distances
+def default_query(spec) -> int:
+    """The last text segment (the answer / question that reads the image), else the last segment."""
+    text = [s for s, seg in enumerate(spec.segments) if seg["modality"] == "text"]
+    return text[-1] if text else len(spec.segments) - 1
+
+
+def _mean_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Exact mean |a_i - b_j| over all pairs in O((|a| + |b|) log |b|)."""
+    b = torch.sort(b.double()).values
+    a = a.double()
+    prefix = torch.cat([torch.zeros(1, dtype=torch.float64), b.cumsum(0)])
+    k = torch.searchsorted(b, a, right=True)
+    below = a * k - prefix[k]
+    above = (prefix[-1] - prefix[k]) - a * (len(b) - k)
+    return float((below + above).sum() / (len(a) * len(b)))
+
+
+def distance_stats(spec, query=None) -> dict:
+    """Mean RoPE |delta pos| from the query segment to every key segment (exact, all pairs, mask
+    ignored: the distance a pair WOULD have). 3-D schemes: [t, h, w] per segment."""
+    t = spec.table
+    q = default_query(spec) if query is None else t.names.index(query)
+    ids = position_ids(spec)
+    ids = ids if ids.dim() == 2 else ids[None]
+    qs = t.segment_slice(q)
+    means = {}
+    for s, name in enumerate(t.names):
+        ks = t.segment_slice(s)
+        vals = [_mean_abs_diff(ids[a, qs], ids[a, ks]) for a in range(ids.shape[0])]
+        means[name] = vals if ids.shape[0] > 1 else vals[0]
+    return {"query": t.names[q], "axes": ["t", "h", "w"] if ids.shape[0] > 1 else ["pos"], "mean": means}

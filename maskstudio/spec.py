@@ -7,16 +7,20 @@ the fix. Nothing here executes user data: a spec only names patterns and numbers
 from __future__ import annotations
 
 import copy
-import difflib
 import json
 import os
 from functools import cached_property
 from typing import Any
 
+from . import compile, patterns, positions
+from .errors import SpecError, check_keys as _check_keys, did_you_mean, is_int as _is_int, require as _require
+from .segments import (GRID_DIMS, MODALITIES, OVERLAY_OPS, all_steps, expand_int_list, layer_key, layer_sets,
+                       resolve_selector, segment_size)
+from .tokens import build_table
+
+_all_steps = all_steps  # old private name, until every caller uses segments.all_steps
+
 SCHEMA_VERSION = 1
-MODALITIES = ("text", "image", "video", "audio", "special")
-GRID_DIMS = {"image": 2, "video": 3}
-OVERLAY_OPS = ("and", "or", "and_not")
 DEFAULT_MAX_TOKENS = 1 << 21
 
 TOP_KEYS = ("maskstudio", "name", "group", "description", "citation", "url", "segments", "mask",
@@ -26,36 +30,6 @@ SEGMENT_KEYS = ("name", "modality", "length", "grid", "frames", "branch", "role"
 MASK_KEYS = ("base", "rules", "overlays", "cross")
 CHECK_KEYS = ("allow_target_leaks",)
 SELECTION_KEYS = ("q", "k", "layers", "heads")
-
-
-class SpecError(ValueError):
-    """An invalid spec: `path` is the JSON path (e.g. `mask.rules[2].k`), str() is one line."""
-
-    def __init__(self, path: str, message: str):
-        self.path, self.message = path, message
-        super().__init__(f"{path}: {message}" if path else message)
-
-
-def did_you_mean(word: str, choices) -> str:
-    close = difflib.get_close_matches(str(word), list(choices), n=1, cutoff=0.5)
-    return f" (did you mean '{close[0]}'?)" if close else ""
-
-
-def _require(cond: bool, path: str, message: str) -> None:
-    if not cond:
-        raise SpecError(path, message)
-
-
-def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _check_keys(d: dict, allowed, path: str, extra=()) -> None:
-    for key in d:
-        if key not in allowed and key not in extra:
-            raise SpecError(f"{path}.{key}" if path else key,
-                            f"unknown key{did_you_mean(key, list(allowed) + list(extra))}; "
-                            f"allowed: {', '.join(allowed)}")
 
 
 # ---------------------------------------------------------------- segments
@@ -133,16 +107,6 @@ def _normalize_segment(seg: Any, path: str) -> dict:
     return out
 
 
-def segment_size(seg: dict) -> int | None:
-    """Tokens in a segment, or None for a text segment still waiting for its tokenizer."""
-    if "grid" in seg:
-        n = 1
-        for g in seg["grid"]:
-            n *= g
-        return n
-    return seg.get("length")
-
-
 # ---------------------------------------------------------------- selections
 def _normalize_int_list(value, path: str, what: str):
     """`layers`/`heads`: a list of ints, or {"start", "stop", "step"} for a range."""
@@ -157,14 +121,6 @@ def _normalize_int_list(value, path: str, what: str):
     return sorted(set(value))
 
 
-def expand_int_list(value) -> list[int] | None:
-    if value is None:
-        return None
-    if isinstance(value, dict):
-        return list(range(value["start"], value["stop"], value["step"]))
-    return list(value)
-
-
 def _normalize_selector(value, path: str):
     if isinstance(value, str):
         return value
@@ -173,33 +129,7 @@ def _normalize_selector(value, path: str):
     return list(value)
 
 
-def resolve_selector(selector, segments: list[dict], path: str) -> list[int]:
-    """Segment ordinals named by a selector; errors name the path and suggest the nearest name."""
-    names = [s["name"] for s in segments]
-    items = [selector] if isinstance(selector, str) else selector
-    chosen: list[int] = []
-    for item in items:
-        if item == "*":
-            hits = list(range(len(segments)))
-        elif item.startswith("modality:"):
-            mod = item.split(":", 1)[1]
-            _require(mod in MODALITIES, path, f"unknown modality '{mod}'{did_you_mean(mod, MODALITIES)}")
-            hits = [i for i, s in enumerate(segments) if s["modality"] == mod]
-            _require(bool(hits), path, f"no segment has modality '{mod}'")
-        elif item.startswith("role:"):
-            role = item.split(":", 1)[1]
-            hits = [i for i, s in enumerate(segments) if role in s.get("role", [])]
-            _require(bool(hits), path, f"no segment has role '{role}'")
-        else:
-            _require(item in names, path, f"no segment named '{item}'{did_you_mean(item, names)}")
-            hits = [names.index(item)]
-        chosen.extend(h for h in hits if h not in chosen)
-    return sorted(chosen)
-
-
 def _normalize_step(step: Any, path: str, kind: str, segments: list[dict]) -> dict:
-    from . import patterns  # the registry of pattern names and parameters
-
     _require(isinstance(step, dict), path, f'a {kind} is an object like {{"pattern": "causal"}}')
     pname = step.get("pattern")
     _require(pname is not None, f"{path}.pattern", f"missing; one of {', '.join(patterns.PATTERNS)}")
@@ -230,8 +160,6 @@ def _normalize_step(step: Any, path: str, kind: str, segments: list[dict]) -> di
 # ---------------------------------------------------------------- the spec
 def normalize(data: Any, max_tokens: int = DEFAULT_MAX_TOKENS) -> dict:
     """Validate a raw spec dict and return its canonical form (fixed key order, defaults filled)."""
-    from . import patterns, positions
-
     _require(isinstance(data, dict), "", "a spec is a JSON object with 'segments', 'mask', 'positions'")
     _check_keys(data, TOP_KEYS, "")
     version = data.get("maskstudio", SCHEMA_VERSION)
@@ -288,7 +216,7 @@ def normalize(data: Any, max_tokens: int = DEFAULT_MAX_TOKENS) -> dict:
     out["mask"] = norm_mask
 
     attr_names = set(patterns.BUILTIN_ATTRS) | {k for s in segments for k in s.get("attrs", {})}
-    for path, step in _all_steps(norm_mask):
+    for path, step in all_steps(norm_mask):
         patterns.check_attr_params(patterns.PATTERNS[step["pattern"]], step, path, attr_names)
 
     out["positions"] = positions.normalize(data.get("positions", {"scheme": "sequential"}),
@@ -301,13 +229,6 @@ def normalize(data: Any, max_tokens: int = DEFAULT_MAX_TOKENS) -> dict:
             _require(isinstance(value, bool), f"checks.{key}", "must be true or false")
         out["checks"] = dict(checks)
     return out
-
-
-def _all_steps(mask: dict):
-    yield "mask.base", mask["base"]
-    for key in ("rules", "overlays"):
-        for i, step in enumerate(mask[key]):
-            yield f"mask.{key}[{i}]", step
 
 
 def dumps(obj, indent: str = "") -> str:
@@ -355,6 +276,37 @@ class Spec:
     @classmethod
     def load(cls, source, max_tokens: int = DEFAULT_MAX_TOKENS) -> "Spec":
         return cls(normalize(_read(source), max_tokens=max_tokens))
+
+    @classmethod
+    def from_valid(cls, data: dict) -> "Spec":
+        """Wrap a dict that is already canonical (it came from `Spec.to_dict`) without validating
+        it again: for state that only ever holds validated specs."""
+        return cls(data)
+
+    def with_tokens_appended(self, segment: int | None, text: str, count: int, name: str = "generated",
+                             role: str = "generated") -> "Spec":
+        """This spec with `count` new tokens (`text`) joined to segment `segment` (a list text grows
+        its last frame), or, for None, in a new trailing text segment. Not re-validated: growing a
+        sized text segment keeps every rule, selector and scheme valid (generation calls this per token)."""
+        data = dict(self._data)
+        segments = list(data["segments"])
+        if segment is None:
+            names = {s["name"] for s in segments}
+            while name in names:
+                name += "_"
+            segments.append({"name": name, "modality": "text", "length": count, "role": [role], "text": text})
+        else:
+            seg = dict(segments[segment])
+            if isinstance(seg.get("text"), list):
+                seg["text"] = seg["text"][:-1] + [seg["text"][-1] + text]
+                seg["frames"] = seg["frames"][:-1] + [seg["frames"][-1] + count]
+                seg["length"] = sum(seg["frames"])
+            else:
+                seg["text"] = seg.get("text", "") + text
+                seg["length"] = seg["length"] + count
+            segments[segment] = seg
+        data["segments"] = segments
+        return Spec(data)
 
     # -- data
     def to_dict(self) -> dict:
@@ -434,8 +386,6 @@ class Spec:
     # -- derived views (lazy; each lives in its own module)
     @cached_property
     def table(self):
-        from .tokens import build_table
-
         self.require_sized()
         return build_table(self.segments)
 
@@ -444,34 +394,30 @@ class Spec:
 
     @cached_property
     def varies_by_layer(self) -> bool:
-        return any("layers" in step for _, step in _all_steps(self.mask))
+        return any("layers" in step for _, step in all_steps(self.mask))
 
     @cached_property
     def varies_by_head(self) -> bool:
-        return any("heads" in step for _, step in _all_steps(self.mask))
+        return any("heads" in step for _, step in all_steps(self.mask))
 
     def layer_sets(self) -> list[list[int]]:
-        return [expand_int_list(step["layers"]) for _, step in _all_steps(self.mask) if "layers" in step]
+        return layer_sets(self.mask)
+
+    def layer_key(self, layer: int) -> tuple:
+        """Layers with equal keys share one mask."""
+        return layer_key(self.mask, layer)
 
     def mask_mod(self, layer: int = 0, device=None):
-        from .compile import mask_mod
-
-        return mask_mod(self, layer=layer, device=device)
+        return compile.mask_mod(self, layer=layer, device=device)
 
     def dense_mask(self, layer: int = 0, head: int = 0):
-        from .compile import dense_mask
-
-        return dense_mask(self, layer=layer, head=head)
+        return compile.dense_mask(self, layer=layer, head=head)
 
     def block_mask(self, block_size: int = 128, device="cpu", layer: int = 0, num_heads: int | None = None):
-        from .compile import block_mask
-
-        return block_mask(self, block_size=block_size, device=device, layer=layer, num_heads=num_heads)
+        return compile.block_mask(self, block_size=block_size, device=device, layer=layer, num_heads=num_heads)
 
     def position_ids(self):
-        from .positions import position_ids
-
-        return position_ids(self)
+        return positions.position_ids(self)
 
     def cross_slices(self):
         """(query token indices, key token indices) of the cross-attention view, or None."""

@@ -18,11 +18,12 @@ plus every user attribute from segments' `attrs` (-1 where a segment does not se
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
 import torch
 
-from .spec import MODALITIES, segment_size
+from .segments import MODALITIES, segment_size
 
 
 @dataclass
@@ -48,6 +49,11 @@ class TokenTable:
     def segment_slice(self, i: int) -> slice:
         return slice(self.starts[i], self.starts[i] + self.sizes[i])
 
+    def label(self, i: int) -> str:
+        """Token i as `segment[local]`, the one way tokens are named in messages and pictures."""
+        seg = int(self.attrs["segment"][i])
+        return f"{self.names[seg]}[{i - self.starts[seg]}]"
+
 
 def _segment_columns(seg: dict, n: int) -> dict[str, torch.Tensor]:
     """Per-segment attribute columns (frame-in-segment t, row, col, cell, ring)."""
@@ -70,7 +76,7 @@ def _segment_columns(seg: dict, n: int) -> dict[str, torch.Tensor]:
 
 def build_table(segments: list[dict]) -> TokenTable:
     sizes = [segment_size(s) for s in segments]
-    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    starts = [0, *itertools.accumulate(sizes)][:-1]
     branch_ids: dict[str, int] = {}
     user_attrs = sorted({k for s in segments for k in s.get("attrs", {})})
     cols: dict[str, list[torch.Tensor]] = {}
@@ -96,3 +102,36 @@ def build_table(segments: list[dict]) -> TokenTable:
     attrs["index"] = torch.arange(sum(sizes))
     return TokenTable(attrs, [s["name"] for s in segments], starts, sizes,
                       [s["modality"] for s in segments], [s.get("grid") for s in segments])
+
+
+def _tokenizer_pieces(tokenizer, text: str, size: int) -> list[str] | None:
+    """The tokenizer's pieces of `text` when they are exactly `size` tokens, else None."""
+    try:
+        pieces = [str(x) for x in tokenizer.tokenize(text)]
+    except (ValueError, TypeError, KeyError, AttributeError):  # a tokenizer that cannot help
+        return None
+    if len(pieces) != size:
+        return None
+    return [x.replace("Ġ", "·").replace("▁", "·") for x in pieces]
+
+
+def token_labels(spec, tokenizer=None) -> list[str]:
+    """Short per-token labels for pictures: the tokenizer's pieces for text (when given and they
+    match the segment's size), `t,row,col` / `row,col` for video / image, else name + index."""
+    t = spec.table
+    labels: list[str] = []
+    for s, seg in enumerate(spec.segments):
+        sl = t.segment_slice(s)
+        pieces = None
+        if tokenizer is not None and isinstance(seg.get("text"), str):
+            pieces = _tokenizer_pieces(tokenizer, seg["text"], t.sizes[s])
+        if pieces is not None:
+            labels += pieces
+        elif seg["modality"] == "video":
+            labels += [f"{a},{b},{c}" for a, b, c in zip(t["t"][sl].tolist(), t["row"][sl].tolist(),
+                                                         t["col"][sl].tolist())]
+        elif seg["modality"] == "image":
+            labels += [f"{b},{c}" for b, c in zip(t["row"][sl].tolist(), t["col"][sl].tolist())]
+        else:
+            labels += [f"{seg['name'][:6]}{i}" for i in range(t.sizes[s])]
+    return labels

@@ -119,7 +119,7 @@ def test_segment_reachability_tiled_exact_and_not_segment_composition():
                                "rules": [{"q": "b", "k": "a", "pattern": "lookahead", "size": -599},
                                          {"q": "c", "k": "b", "pattern": "first", "size": 1, "by": "local"}]}})
     exact = flow.segment_reachability(spec, 3, every=False)
-    tiled = flow.segment_reachability(spec, 3, every=False, model=flow.Model(spec, dense_limit=0))
+    tiled = flow.segment_reachability(spec, 3, every=False, model=flow.LayerMasks(spec, dense_limit=0))
     assert torch.equal(exact, tiled)
     seg = analyze(spec).segment_counts > 0
     assert seg[2, 1] and seg[1, 0]
@@ -153,7 +153,7 @@ def random_spec(draw):
 def test_reachability_matches_brute_force(spec, layers):
     r = flow.reachability(spec, layers)
     assert torch.equal(r, brute_reach(spec, layers))
-    tiled = flow.Model(spec, dense_limit=0)   # the tile path gives the same relation
+    tiled = flow.LayerMasks(spec, dense_limit=0)   # the tile path gives the same relation
     s = len(spec.segments)
     seg = flow.segment_reachability(spec, layers, every=True, model=tiled)
     for l in range(len(layers)):

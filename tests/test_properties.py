@@ -11,6 +11,7 @@ from torch.nn.attention.flex_attention import create_block_mask, create_mask
 
 from maskstudio import Spec, SpecError
 from maskstudio import compile as comp
+from maskstudio import knobs
 from maskstudio.analysis import analyze
 from maskstudio.patterns import PATTERNS, REQUIRED
 
@@ -91,12 +92,12 @@ FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthChe
 
 def tiled_dense(spec, layer, head):
     """The tiled dense path on a tiny layout: interval bounds decide 4x4 tiles, the rest is evaluated."""
-    saved = comp.DENSE_DIRECT_MAX, comp.TILE
-    comp.DENSE_DIRECT_MAX, comp.TILE = 0, 4
+    saved = knobs.DENSE_DIRECT_MAX, knobs.TILE
+    knobs.DENSE_DIRECT_MAX, knobs.TILE = 0, 4
     try:
         return spec.dense_mask(layer=layer, head=head)
     finally:
-        comp.DENSE_DIRECT_MAX, comp.TILE = saved
+        knobs.DENSE_DIRECT_MAX, knobs.TILE = saved
 
 
 @FAST
@@ -202,3 +203,60 @@ def test_partial_block_bits_are_the_dense_blocks(raw, block):
     blocks = padded.view(tq, block, tk, block).permute(0, 2, 1, 3)
     assert torch.equal(blocks[partial], bits)
     assert bool(blocks[full].all()) and not bool(blocks[~full & ~partial].any())
+
+
+# ---------------------------------------------------------------- the tiled evaluator and its users
+def with_generate_role(raw, generate_last: bool):
+    raw = json.loads(json.dumps(raw))
+    if generate_last:
+        raw["segments"][-1]["role"] = ["generate"]
+    return raw
+
+
+@given(specs(), st.integers(0, 1), st.integers(0, 2), st.integers(0, 40), st.integers(1, 8))
+@FAST
+def test_tiled_rows_equal_dense_rows(raw, layer, head, q_start, tile):
+    """TiledMask.dense(q_start) (what the runner's attention context reads while generating)
+    equals the rows of the dense mask, whatever the tile edge."""
+    from maskstudio.tiled import TiledMask
+
+    spec = Spec.load(raw)
+    q_start = q_start % spec.n
+    full = spec.dense_mask(layer=layer, head=head)
+    rows = TiledMask(spec, layer, head, tile=tile).dense(q_start)
+    assert torch.equal(rows, full[q_start:])
+
+
+@given(specs(), st.integers(0, 1), st.integers(0, 2), st.booleans())
+@FAST
+def test_cheap_kv_check_equals_analysis(raw, layer, head, generate_last):
+    """analysis.kv_cache_compatible (tiles above the diagonal in the generation region only)
+    says what the full analysis says, on the dense and the tiled analysis path."""
+    from maskstudio.analysis import kv_cache_compatible
+
+    spec = Spec.load(with_generate_role(raw, generate_last))
+    expected = analyze(spec, layer=layer, head=head).kv_cache_compatible
+    assert kv_cache_compatible(spec, layer, head) == expected
+    assert analyze(spec, layer=layer, head=head, dense_limit=0).kv_cache_compatible == expected
+
+
+@pytest.mark.parametrize("frames", [False, True])
+@pytest.mark.parametrize("into", [None, 1])
+def test_tokens_appended_equal_a_validated_spec(frames, into):
+    """Generation grows a spec without re-validating; the result is the spec Spec.load would give."""
+    text = ["ab", "cd"] if frames else "abcd"
+    segs = [{"name": "p", "modality": "text", "length": 3, "text": "xyz"},
+            {"name": "gen", "modality": "text", "role": ["generate"], "text": text,
+             **({"frames": [2, 2]} if frames else {"length": 4})}]
+    spec = Spec.load({"segments": segs, "mask": {"base": {"pattern": "causal"}}})
+    grown = spec.with_tokens_appended(into, "ef", 2)
+    data = spec.to_dict()
+    if into is None:
+        data["segments"].append({"name": "generated", "modality": "text", "length": 2, "role": ["generated"],
+                                 "text": "ef"})
+    elif frames:
+        data["segments"][1].update(text=["ab", "cdef"], frames=[2, 4], length=6)
+    else:
+        data["segments"][1].update(text="abcdef", length=6)
+    assert grown.to_json() == Spec.load(data).to_json()
+    assert grown.n == spec.n + 2 and spec.n == 7   # the original is untouched

@@ -1,0 +1,31 @@
+"""Every tuning constant in one table. None of them changes a result, only speed and memory
+(except the limits at the bottom, which refuse or simplify past a size).
+
+Three knobs decide how a mask is evaluated:
+  * direct vs tiled: below DENSE_DIRECT_MAX tokens the whole N x N grid is evaluated in one go;
+    above it the tiled evaluator (tiled.TiledMask) decides whole tiles by interval bounds.
+  * tile / block edge: TILE for dense masks, BLOCK for block sparsity, analysis, flow and FlexAttention.
+  * dense vs block pictures: past PICTURE_DENSE_MAX tokens pictures and reachability work at block level.
+"""
+DENSE_DIRECT_MAX = 1024   # tokens: evaluate the whole grid at once below this
+TILE = 256                # tile edge of dense masks past DENSE_DIRECT_MAX
+BLOCK = 128               # block edge: block sparsity, tiled analysis and flow, FlexAttention
+ANALYSIS_DENSE_MAX = 1024  # analyze(): dense below, tiled above (exact either way; tiled is faster past ~1k)
+PICTURE_DENSE_MAX = 4096  # pictures, flow and reachability: dense [N, N] below, block level above
+
+# limits
+TOKEN_GRAPH_MAX = 256     # flow_graph(level="token") refuses larger layouts
+REACH_MATRIX_MAX = 4096   # reachability() returns an N x N matrix only up to this
+TOKEN_LABEL_MAX = 64      # mask pictures label single tokens up to this many
+DISPLAY_PIXELS = 800      # dense mask pictures are pooled to <= this many cells a side
+
+# runs
+MAX_CAPTURE = 2048          # past this many tokens attention maps are not recorded
+FLEX_BLOCK = BLOCK          # FlexAttention block size
+FLEX_MIN_TOKENS = 1024      # on CUDA: eager (dense) below this many tokens, flex above
+FLEX_BITS_BUDGET = 1 << 30  # bytes of partial-block bits before falling back to the spec's mask_mod
+
+# the app
+HISTORY = 30              # undo steps kept per session
+RUNS_KEPT = 16            # model runs kept per process for the run views
+PICTURE_CACHE = 600       # rendered pictures kept per process
