@@ -72,7 +72,7 @@ def _fmt_runs(runs, indent="    ") -> str:
 def _call(step: dict) -> str:
     pat = patterns.PATTERNS[step["pattern"]]
     args = [f"{k}={step[k]!r}" for k in pat.params if k in step]
-    return f"{pat.name}(q, k{', ' if args else ''}{', '.join(args)})"
+    return f"{pat.fn.__name__}(q, k{', ' if args else ''}{', '.join(args)})"
 
 
 def _region(spec, step: dict, consts: list, label: str) -> str:

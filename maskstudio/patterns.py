@@ -52,7 +52,7 @@ def anticausal(q, k):
     return k.index >= q.index
 
 
-def self(q, k):  # noqa: A001 - the pattern's public name
+def only_self(q, k):
     """k == q: each token sees only itself."""
     return k.index == q.index
 
@@ -152,12 +152,13 @@ class Pattern:
         return " ".join((self.fn.__doc__ or "").split())
 
 
-def _p(fn, **params) -> Pattern:
-    return Pattern(fn.__name__, fn, params)
+def _p(fn, name: str | None = None, **params) -> Pattern:
+    """A registry entry; the JSON name is the function's name unless given (`self` is no Python name)."""
+    return Pattern(name or fn.__name__, fn, params)
 
 
 PATTERNS: dict[str, Pattern] = {p.name: p for p in [
-    _p(full), _p(none), _p(causal), _p(anticausal), _p(self),
+    _p(full), _p(none), _p(causal), _p(anticausal), _p(only_self, name="self"),
     _p(window, size=Param("posint"), causal=Param("bool", True), by=Param("attr", "index")),
     _p(lookahead, size=Param("int_or_attr"), by=Param("attr", "index")),
     _p(dilated, size=Param("posint"), dilation=Param("posint")),
