@@ -60,11 +60,20 @@ class TiledMask:
         self._rows.clear()
         self._row_bytes = 0
 
+    def _decided(self, q_start: int) -> torch.Tensor:
+        """bool [N - q_start, N] with the `must` tiles set (a fresh tensor, safe to write into)."""
+        sizes = self.sizes
+        edge = int(sizes[0])
+        if bool((sizes[:-1] == edge).all()):  # equal tiles: expand a view, one copy
+            tq, tk = self.must.shape
+            grid = self.must[:, None, :, None].expand(tq, edge, tk, edge).reshape(tq * edge, tk * edge)
+            return grid[q_start:self.n, :self.n].contiguous()
+        owner = torch.repeat_interleave(torch.arange(len(sizes)), sizes)
+        return self.must[owner[q_start:]][:, owner]
+
     def dense(self, q_start: int = 0) -> torch.Tensor:
         """bool [N - q_start, N]: decided tiles filled wholesale, undecided ones evaluated."""
-        owner = torch.repeat_interleave(torch.arange(len(self.cuts) - 1), self.sizes)
-        rows = owner[q_start:]
-        out = self.must[rows][:, owner]
+        out = self._decided(q_start)
         for i in self.undecided_rows():
             lo, hi = max(int(self.cuts[i]), q_start), int(self.cuts[i + 1])
             if hi <= q_start:

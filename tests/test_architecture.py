@@ -46,7 +46,9 @@ def imported_modules(path: Path, known: set[str]) -> set[str]:
     package = own if path.name == "__init__.py" else own[:-1]
     found: set[str] = set()
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-        names = [alias.name for alias in getattr(node, "names", [])]
+        if not isinstance(node, (ast.Import, ast.ImportFrom)):
+            continue
+        names = [alias.name for alias in node.names]
         if isinstance(node, ast.ImportFrom) and node.level:
             base = package[:len(package) - (node.level - 1)]
             found |= _resolve(base + (node.module.split(".") if node.module else []), names, known)
