@@ -93,6 +93,12 @@ def first(q, k, size, by="index"):
     return getattr(k, by) < size
 
 
+def flagged_key(q, k, by):
+    """The key's attribute `by` is > 0: keys that carry a flag, e.g. BICO's [MASK] tokens, which
+    no query may see (use with op and_not; tokens without the attribute hold -1)."""
+    return getattr(k, by) > 0
+
+
 def branch_isolated(q, k):
     """False iff both tokens are on branches and the branches differ (Multiverse paths)."""
     return ~((q.branch >= 0) & (k.branch >= 0) & (q.branch != k.branch))
@@ -165,6 +171,7 @@ PATTERNS: dict[str, Pattern] = {p.name: p for p in [
     _p(block_causal, by=Param("group", "frame"), size=Param("posint", None), strict=Param("bool", False)),
     _p(same, by=Param("group", "frame"), size=Param("posint", None)),
     _p(first, size=Param("int"), by=Param("attr", "index")),
+    _p(flagged_key, by=Param("attr")),
     _p(branch_isolated), _p(other_branch),
     _p(local2d, radius=Param("int")),
     _p(tile, size=Param("pair")),

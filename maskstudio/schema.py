@@ -10,7 +10,7 @@ import json
 import pathlib
 
 from . import patterns, positions
-from .spec import MODALITIES, OVERLAY_OPS, SCHEMA_VERSION
+from .spec import MODALITIES, OVERLAY_OPS, PROVENANCE_KEYS, PROVENANCE_SOURCES, SCHEMA_VERSION
 
 SCHEMA_PATH = pathlib.Path(__file__).with_name("schema.json")
 
@@ -78,6 +78,9 @@ def build_schema() -> dict:
             "maskstudio": {"const": SCHEMA_VERSION},
             "name": {"type": "string"}, "description": {"type": "string"},
             "citation": {"type": "string"}, "url": {"type": "string"}, "group": {"type": "string"},
+            "provenance": {"type": "object", "required": ["source"], "additionalProperties": False,
+                           "properties": {"source": {"enum": list(PROVENANCE_SOURCES)},
+                                          **{k: {"type": "string", "minLength": 1} for k in PROVENANCE_KEYS[1:]}}},
             "segments": {"type": "array", "items": segment, "minItems": 1},
             "mask": {"type": "object", "additionalProperties": False, "properties": {
                 "base": _step("base"),

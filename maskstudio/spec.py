@@ -23,12 +23,14 @@ _all_steps = all_steps  # old private name, until every caller uses segments.all
 SCHEMA_VERSION = 1
 DEFAULT_MAX_TOKENS = 1 << 21
 
-TOP_KEYS = ("maskstudio", "name", "group", "description", "citation", "url", "segments", "mask",
+TOP_KEYS = ("maskstudio", "name", "group", "description", "citation", "url", "provenance", "segments", "mask",
             "positions", "checks")
 SEGMENT_KEYS = ("name", "modality", "length", "grid", "frames", "branch", "role", "text",
                 "attrs")
 MASK_KEYS = ("base", "rules", "overlays", "cross")
 CHECK_KEYS = ("allow_target_leaks",)
+PROVENANCE_SOURCES = ("code", "paper", "inferred")
+PROVENANCE_KEYS = ("source", "repo", "commit", "file", "function", "note")
 SELECTION_KEYS = ("q", "k", "layers", "heads")
 
 
@@ -158,6 +160,22 @@ def _normalize_step(step: Any, path: str, kind: str, segments: list[dict]) -> di
 
 
 # ---------------------------------------------------------------- the spec
+def _normalize_provenance(prov: Any) -> dict:
+    """Where a design comes from: {"source": "code" | "paper" | "inferred", "repo", "commit",
+    "file", "function", "note"} (strings); code provenance names its repository."""
+    _require(isinstance(prov, dict), "provenance",
+             'must be an object like {"source": "code", "repo": "owner/name", "commit": "abc1234", '
+             '"file": "path.py", "function": "build_mask"}')
+    _check_keys(prov, PROVENANCE_KEYS, "provenance")
+    for key, value in prov.items():
+        _require(isinstance(value, str) and value != "", f"provenance.{key}", "must be a non-empty string")
+    _require(prov.get("source") in PROVENANCE_SOURCES, "provenance.source",
+             f"must be one of {', '.join(PROVENANCE_SOURCES)}")
+    _require(prov["source"] != "code" or "repo" in prov, "provenance.repo",
+             "code provenance names the repository (owner/name)")
+    return {key: prov[key] for key in PROVENANCE_KEYS if key in prov}
+
+
 def normalize(data: Any, max_tokens: int = DEFAULT_MAX_TOKENS) -> dict:
     """Validate a raw spec dict and return its canonical form (fixed key order, defaults filled)."""
     _require(isinstance(data, dict), "", "a spec is a JSON object with 'segments', 'mask', 'positions'")
@@ -170,6 +188,8 @@ def normalize(data: Any, max_tokens: int = DEFAULT_MAX_TOKENS) -> dict:
         if key in data:
             _require(isinstance(data[key], str), key, "must be a string")
             out[key] = data[key]
+    if "provenance" in data:
+        out["provenance"] = _normalize_provenance(data["provenance"])
     segs = data.get("segments")
     _require(isinstance(segs, list) and len(segs) > 0, "segments",
              'needs a non-empty list, e.g. [{"name": "text", "modality": "text", "length": 16}]')
