@@ -13,7 +13,16 @@ BLOCK = 128               # block edge: block sparsity, tiled analysis and flow,
 ANALYSIS_DENSE_MAX = 1024  # analyze(): dense below, tiled above (exact either way; tiled is faster past ~1k)
 PICTURE_DENSE_MAX = 4096  # pictures, flow and reachability: dense [N, N] below, block level above
 
-# limits
+# limits on a spec (validation refuses past them, with a one-line error naming the field)
+MAX_TOKENS = 1 << 19      # tokens in a layout (Spec.load(max_tokens=...) raises or lowers it)
+MAX_SEGMENTS = 4096       # segments in a layout
+MAX_LAYERS = 1024         # layer indices in `layers` (rules apply to layers 0 .. MAX_LAYERS-1)
+MAX_HEADS = 1024          # head indices in `heads`
+MAX_NESTING = 32          # JSON nesting depth
+MAX_SPEC_BYTES = 16 << 20  # bytes of spec JSON read from a file or a text box
+DENSE_EXPORT_MAX = 1 << 15  # tokens: N x N exports (.npy mask) refuse past this (1 GiB of bools)
+
+# limits on work
 TOKEN_GRAPH_MAX = 256     # flow_graph(level="token") refuses larger layouts
 REACH_MATRIX_MAX = 4096   # reachability() returns an N x N matrix only up to this
 TOKEN_LABEL_MAX = 64      # mask pictures label single tokens up to this many

@@ -39,7 +39,7 @@ SCHEMES = {
 def normalize(pos, segments: list[dict], attr_names) -> dict:
     _require(isinstance(pos, dict), "positions", 'must be an object like {"scheme": "sequential"}')
     scheme = pos.get("scheme", "sequential")
-    _require(scheme in SCHEMES, "positions.scheme",
+    _require(isinstance(scheme, str) and scheme in SCHEMES, "positions.scheme",
              f"unknown scheme '{scheme}'{did_you_mean(scheme, SCHEMES)}; use one of {', '.join(SCHEMES)}")
     _check_keys(pos, ("scheme", "share") + tuple(SCHEMES[scheme]), "positions")
     out: dict = {"scheme": scheme}
@@ -53,7 +53,7 @@ def normalize(pos, segments: list[dict], attr_names) -> dict:
         _require(out["align"] in ("start", "end"), "positions.align", "use 'start' or 'end'")
         _require(out["span"] in ("longest", "sum"), "positions.span", "use 'longest' or 'sum'")
     if scheme == "attr":
-        _require(out["attr"] in attr_names, "positions.attr",
+        _require(isinstance(out["attr"], str) and out["attr"] in attr_names, "positions.attr",
                  f"unknown attribute '{out['attr']}'{did_you_mean(out['attr'], attr_names)}")
     if scheme == "explicit":
         ids = out["ids"]
@@ -82,6 +82,8 @@ def normalize(pos, segments: list[dict], attr_names) -> dict:
         names = {s["name"]: segment_size(s) for s in segments}
         _require(isinstance(share, dict), "positions.share", 'maps a segment to its source, e.g. {"noisy": "clean"}')
         for copy, source in share.items():
+            _require(isinstance(source, str), f"positions.share.{copy}",
+                     'the source is one segment name, e.g. {"noisy": "clean"}')
             for name in (copy, source):
                 _require(name in names, f"positions.share.{copy}",
                          f"no segment named '{name}'{did_you_mean(name, names)}")

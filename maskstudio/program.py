@@ -31,9 +31,9 @@ class Step:
     def region(self, q, k, h):
         r = True
         if self.q_sel is not None:
-            r = q.in_segments(self.q_sel)
+            r = q._in_segments(self.q_sel)
         if self.k_sel is not None:
-            r = r & k.in_segments(self.k_sel) if r is not True else k.in_segments(self.k_sel)
+            r = r & k._in_segments(self.k_sel) if r is not True else k._in_segments(self.k_sel)
         if self.heads is not None:
             head_ok = False
             for x in self.heads:
@@ -116,7 +116,8 @@ def evaluate(program: Program, q, k, h=0):
 
 # ---------------------------------------------------------------- token views
 class Tok:
-    """Token view over index tensors: `tok.frame` -> the frame ids of those tokens."""
+    """Token view over index tensors: `tok.frame` -> the frame ids of those tokens. Every public
+    name is a token attribute; the view's own names start with `_`, which attribute names never do."""
 
     def __init__(self, attrs: dict, idx):
         self._attrs, self._idx = attrs, idx
@@ -126,7 +127,7 @@ class Tok:
             raise AttributeError(name)
         return self._attrs[name][self._idx]
 
-    def in_segments(self, sel):
+    def _in_segments(self, sel):
         return sel[self._attrs["segment"][self._idx]]
 
 
@@ -141,7 +142,7 @@ class TileTok:
             raise AttributeError(name)
         return Interval(self._lo[name].view(self._shape), self._hi[name].view(self._shape))
 
-    def in_segments(self, sel):
+    def _in_segments(self, sel):
         counts = torch.cat([torch.zeros(1, dtype=torch.long), sel.long().cumsum(0)])
         lo, hi = self._lo["segment"].view(self._shape), self._hi["segment"].view(self._shape)
         hits = counts[hi + 1] - counts[lo]

@@ -9,11 +9,12 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 from functools import cached_property
 from typing import Any
 
-from . import compile, patterns, positions
-from .errors import SpecError, check_keys as _check_keys, did_you_mean, is_int as _is_int, require as _require
+from . import compile, knobs, patterns, positions
+from .errors import MAX_INT, SpecError, check_keys as _check_keys, did_you_mean, is_int as _is_int, require as _require
 from .segments import (GRID_DIMS, MODALITIES, OVERLAY_OPS, all_steps, expand_int_list, layer_key, layer_sets,
                        resolve_selector, segment_size)
 from .tokens import build_table
@@ -21,7 +22,7 @@ from .tokens import build_table
 _all_steps = all_steps  # old private name, until every caller uses segments.all_steps
 
 SCHEMA_VERSION = 1
-DEFAULT_MAX_TOKENS = 1 << 21
+DEFAULT_MAX_TOKENS = knobs.MAX_TOKENS
 
 TOP_KEYS = ("maskstudio", "name", "group", "description", "citation", "url", "provenance", "segments", "mask",
             "positions", "checks")
@@ -32,6 +33,7 @@ CHECK_KEYS = ("allow_target_leaks",)
 PROVENANCE_SOURCES = ("code", "paper", "inferred")
 PROVENANCE_KEYS = ("source", "repo", "commit", "file", "function", "note")
 SELECTION_KEYS = ("q", "k", "layers", "heads")
+_ATTR_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,63}\Z")
 
 
 # ---------------------------------------------------------------- segments
@@ -45,7 +47,7 @@ def _normalize_segment(seg: Any, path: str) -> dict:
     _require(not name.startswith(("modality:", "role:")) and name != "*", f"{path}.name",
              "names may not be '*' or start with 'modality:'/'role:' (those are selectors)")
     modality = seg.get("modality", "text")
-    _require(modality in MODALITIES, f"{path}.modality",
+    _require(isinstance(modality, str) and modality in MODALITIES, f"{path}.modality",
              f"unknown modality '{modality}'{did_you_mean(modality, MODALITIES)}; "
              f"use one of {', '.join(MODALITIES)}")
     out: dict = {"name": name, "modality": modality}
@@ -103,6 +105,8 @@ def _normalize_segment(seg: Any, path: str) -> dict:
         _require(isinstance(attrs, dict), f"{path}.attrs", "attrs maps an attribute name to a list of ints")
         out["attrs"] = {}
         for key, values in attrs.items():
+            _require(_ATTR_NAME.match(key) is not None and key != "chunk", f"{path}.attrs.{key}",
+                     "attribute names are letters, digits and _, start with a letter, and are not 'chunk'")
             _require(isinstance(values, list) and all(_is_int(v) for v in values),
                      f"{path}.attrs.{key}", "expected a list of integers, one per token")
             out["attrs"][key] = list(values)
@@ -112,14 +116,18 @@ def _normalize_segment(seg: Any, path: str) -> dict:
 # ---------------------------------------------------------------- selections
 def _normalize_int_list(value, path: str, what: str):
     """`layers`/`heads`: a list of ints, or {"start", "stop", "step"} for a range."""
+    limit = knobs.MAX_LAYERS if what == "layers" else knobs.MAX_HEADS
     if isinstance(value, dict):
         _check_keys(value, ("start", "stop", "step"), path)
         start, stop, step = value.get("start", 0), value.get("stop"), value.get("step", 1)
         _require(all(_is_int(x) and x >= 0 for x in (start, stop, step)) and step > 0,
                  path, f'a {what} range needs non-negative ints, e.g. {{"start": 0, "stop": 12, "step": 2}}')
+        _require(stop <= limit, f"{path}.stop", f"{what} stop {stop} is over the limit of {limit}")
+        _require(start < stop, path, f"the range {start}..{stop} selects no {what}; give stop > start")
         return {"start": start, "stop": stop, "step": step}
     _require(isinstance(value, list) and value and all(_is_int(x) and x >= 0 for x in value),
              path, f"{what} must be a non-empty list of non-negative ints, e.g. [0, 1]")
+    _require(max(value) < limit, path, f"{what} index {max(value)} is over the limit of {limit - 1}")
     return sorted(set(value))
 
 
@@ -135,6 +143,8 @@ def _normalize_step(step: Any, path: str, kind: str, segments: list[dict]) -> di
     _require(isinstance(step, dict), path, f'a {kind} is an object like {{"pattern": "causal"}}')
     pname = step.get("pattern")
     _require(pname is not None, f"{path}.pattern", f"missing; one of {', '.join(patterns.PATTERNS)}")
+    _require(isinstance(pname, str), f"{path}.pattern", f"must be a pattern name (a string), "
+             f"got {json.dumps(pname)[:40]}; one of {', '.join(patterns.PATTERNS)}")
     _require(pname in patterns.PATTERNS, f"{path}.pattern",
              f"unknown pattern '{pname}'{did_you_mean(pname, patterns.PATTERNS)}")
     pat = patterns.PATTERNS[pname]
@@ -143,7 +153,7 @@ def _normalize_step(step: Any, path: str, kind: str, segments: list[dict]) -> di
     out: dict = {"pattern": pname}
     if kind == "overlay":
         op = step.get("op", "or")
-        _require(op in OVERLAY_OPS, f"{path}.op", f"unknown op '{op}'{did_you_mean(op, OVERLAY_OPS)}; "
+        _require(isinstance(op, str) and op in OVERLAY_OPS, f"{path}.op", f"unknown op '{op}'{did_you_mean(op, OVERLAY_OPS)}; "
                  f"use one of {', '.join(OVERLAY_OPS)}")
         out["op"] = op
     if kind != "base":
@@ -160,6 +170,24 @@ def _normalize_step(step: Any, path: str, kind: str, segments: list[dict]) -> di
 
 
 # ---------------------------------------------------------------- the spec
+def _check_nesting_and_numbers(data: Any) -> None:
+    """Refuse JSON nested deeper than knobs.MAX_NESTING and integers past int32 anywhere, naming
+    the path, before anything else looks at the data (no recursion: the walk keeps its own stack)."""
+    stack = [(data, "", 0)]
+    while stack:
+        obj, path, depth = stack.pop()
+        _require(depth <= knobs.MAX_NESTING, path, f"nested more than {knobs.MAX_NESTING} levels deep")
+        if isinstance(obj, dict):
+            stack.extend((v, f"{path}.{k}" if path else str(k), depth + 1) for k, v in obj.items())
+        elif isinstance(obj, list):
+            stack.extend((v, f"{path}[{i}]", depth + 1) for i, v in enumerate(obj))
+        elif isinstance(obj, int) and not isinstance(obj, bool):
+            _require(-MAX_INT <= obj <= MAX_INT, path, f"integer {str(obj)[:24]}{'...' if len(str(obj)) > 24 else ''} "
+                     f"is out of range; integers in a spec lie within +-{MAX_INT}")
+        elif isinstance(obj, float):
+            _require(obj == obj and abs(obj) != float("inf"), path, "NaN and Infinity are not JSON numbers")
+
+
 def _normalize_provenance(prov: Any) -> dict:
     """Where a design comes from: {"source": "code" | "paper" | "inferred", "repo", "commit",
     "file", "function", "note"} (strings); code provenance names its repository."""
@@ -180,8 +208,9 @@ def normalize(data: Any, max_tokens: int = DEFAULT_MAX_TOKENS) -> dict:
     """Validate a raw spec dict and return its canonical form (fixed key order, defaults filled)."""
     _require(isinstance(data, dict), "", "a spec is a JSON object with 'segments', 'mask', 'positions'")
     _check_keys(data, TOP_KEYS, "")
+    _check_nesting_and_numbers(data)
     version = data.get("maskstudio", SCHEMA_VERSION)
-    _require(version == SCHEMA_VERSION, "maskstudio",
+    _require(_is_int(version) and version == SCHEMA_VERSION, "maskstudio",
              f"unsupported spec version {version!r}; this Mask Studio reads version {SCHEMA_VERSION}")
     out: dict = {"maskstudio": SCHEMA_VERSION}
     for key in ("name", "group", "description", "citation", "url"):
@@ -193,6 +222,8 @@ def normalize(data: Any, max_tokens: int = DEFAULT_MAX_TOKENS) -> dict:
     segs = data.get("segments")
     _require(isinstance(segs, list) and len(segs) > 0, "segments",
              'needs a non-empty list, e.g. [{"name": "text", "modality": "text", "length": 16}]')
+    _require(len(segs) <= knobs.MAX_SEGMENTS, "segments",
+             f"{len(segs)} segments, over the limit of {knobs.MAX_SEGMENTS}; merge segments or use frames")
     segments = [_normalize_segment(s, f"segments[{i}]") for i, s in enumerate(segs)]
     seen: dict[str, int] = {}
     for i, s in enumerate(segments):
@@ -270,20 +301,59 @@ def dumps(obj, indent: str = "") -> str:
     return json.dumps(obj, ensure_ascii=False)
 
 
+def _no_duplicate_keys(pairs: list) -> dict:
+    out: dict = {}
+    for key, value in pairs:
+        if key in out:
+            raise SpecError(key, "appears twice in one JSON object; keep one (JSON would silently take the last)")
+        out[key] = value
+    return out
+
+
+def parse_json(text: str) -> Any:
+    """JSON text -> data; errors (bad JSON, duplicate keys, too deep, too large) are one-line SpecErrors."""
+    if not isinstance(text, str):
+        raise SpecError("", f"expected JSON text, got {type(text).__name__}")
+    if len(text) > knobs.MAX_SPEC_BYTES:
+        raise SpecError("", f"spec text is {len(text):,} characters, over the limit of {knobs.MAX_SPEC_BYTES:,}")
+    try:
+        return json.loads(text, object_pairs_hook=_no_duplicate_keys)
+    except json.JSONDecodeError as err:
+        raise SpecError("", f"invalid JSON at line {err.lineno}, column {err.colno}: {err.msg}") from None
+    except RecursionError:
+        raise SpecError("", f"JSON nested too deeply (more than {knobs.MAX_NESTING} levels are refused)") from None
+
+
+def read_spec_file(path) -> str:
+    """A spec file's text: a regular file of at most knobs.MAX_SPEC_BYTES (so /dev/zero or a FIFO
+    is refused instead of read forever). For the CLI and Python; the app never reads paths."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise SpecError("", f"no such spec file: {path}" if not os.path.exists(path)
+                        else f"not a regular file: {path}; give a .json spec file")
+    size = os.path.getsize(path)
+    if size > knobs.MAX_SPEC_BYTES:
+        raise SpecError("", f"{path} is {size:,} bytes, over the limit of {knobs.MAX_SPEC_BYTES:,} for a spec")
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return fh.read()
+    except UnicodeDecodeError:
+        raise SpecError("", f"{path} is not UTF-8 text; a spec is a JSON file") from None
+    except OSError as err:
+        raise SpecError("", f"cannot read {path}: {err.strerror}") from None
+
+
 def _read(source) -> Any:
     if isinstance(source, dict):
-        return copy.deepcopy(source)
-    if isinstance(source, (str, os.PathLike)):
-        text = str(source)
-        if not text.lstrip().startswith("{"):
-            if not os.path.exists(text):
-                raise SpecError("", f"no such spec file: {text}")
-            with open(text, encoding="utf-8") as fh:
-                text = fh.read()
         try:
-            return json.loads(text)
-        except json.JSONDecodeError as err:
-            raise SpecError("", f"invalid JSON at line {err.lineno}, column {err.colno}: {err.msg}") from None
+            return copy.deepcopy(source)
+        except RecursionError:
+            raise SpecError("", f"spec nested too deeply (more than {knobs.MAX_NESTING} levels are refused)") from None
+    if isinstance(source, (str, os.PathLike)):
+        text = source if isinstance(source, str) else os.fspath(source)
+        if isinstance(source, os.PathLike) or text.lstrip()[:1] not in ("{", "["):
+            text = read_spec_file(text)
+        return parse_json(text)
     raise SpecError("", f"cannot read a spec from {type(source).__name__}; give a path, JSON text or dict")
 
 
@@ -296,6 +366,11 @@ class Spec:
     @classmethod
     def load(cls, source, max_tokens: int = DEFAULT_MAX_TOKENS) -> "Spec":
         return cls(normalize(_read(source), max_tokens=max_tokens))
+
+    @classmethod
+    def from_json(cls, text: str, max_tokens: int = DEFAULT_MAX_TOKENS) -> "Spec":
+        """A spec from JSON text only: never a path (what the app's editor and uploads use)."""
+        return cls(normalize(parse_json(text), max_tokens=max_tokens))
 
     @classmethod
     def from_valid(cls, data: dict) -> "Spec":
