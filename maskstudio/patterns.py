@@ -14,7 +14,7 @@ from typing import Callable
 from .errors import SpecError, did_you_mean
 
 BUILTIN_ATTRS = ("index", "segment", "local", "frame", "t", "row", "col", "cell", "ring",
-                 "branch", "modality", "length", "frames")
+                 "branch", "modality", "length", "frames", "height", "width")
 CHUNK_STRIDE = 1 << 32  # chunk ids are (segment, local // size) in lexicographic order
 REQUIRED = object()
 
@@ -114,6 +114,19 @@ def local2d(q, k, radius):
     return (q.frame == k.frame) & (abs(q.row - k.row) <= radius) & (abs(q.col - k.col) <= radius)
 
 
+def neighborhood(q, k, radius):
+    """NATTEN's neighbourhood attention: the (2r+1) x (2r+1) window around the query, shifted
+    inward at the borders so that every query sees a full window (local2d truncates instead).
+    The window's rows are [c - r, c + r] with c = clamp(row, r, H-1-r); as 0 <= row < H this is
+    (k.row >= q.row - r or k.row >= H-1-2r) and (k.row <= q.row + r or k.row <= 2r), same for cols."""
+    span = 2 * radius
+    rows = (((k.row >= q.row - radius) | (k.row >= q.height - 1 - span))
+            & ((k.row <= q.row + radius) | (k.row <= span)))
+    cols = (((k.col >= q.col - radius) | (k.col >= q.width - 1 - span))
+            & ((k.col <= q.col + radius) | (k.col <= span)))
+    return (q.frame == k.frame) & rows & cols
+
+
 def tile(q, k, size):
     """Same frame and same non-overlapping size[0] x size[1] window (Swin, OmniTokenizer 'w' layers)."""
     th, tw = size
@@ -174,6 +187,7 @@ PATTERNS: dict[str, Pattern] = {p.name: p for p in [
     _p(flagged_key, by=Param("attr")),
     _p(branch_isolated), _p(other_branch),
     _p(local2d, radius=Param("int")),
+    _p(neighborhood, radius=Param("int")),
     _p(tile, size=Param("pair")),
     _p(chunked, chunk=Param("posint"), size=Param("int", -1), lookahead=Param("int", 0),
        by=Param("attr", "index")),

@@ -24,12 +24,13 @@ import torch
 from .errors import SpecError, check_keys as _check_keys, did_you_mean, is_int as _is_int, require as _require
 from .segments import segment_size
 
+MROPE_AFTER = ("max", "hw")
 SCHEMES = {
     "sequential": {"start": 0},
     "per_segment": {},
     "branches": {"align": "start", "span": "longest"},
     "concentric": {"start": 0},
-    "mrope": {"start": 0},
+    "mrope": {"start": 0, "after": "max"},
     "attr": {"attr": None},
     "explicit": {"ids": None},
     "grid": {"offsets": {}},
@@ -49,6 +50,10 @@ def normalize(pos, segments: list[dict], attr_names) -> dict:
         out[key] = v
     if "start" in out:
         _require(_is_int(out["start"]), "positions.start", "must be an integer")
+    if scheme == "mrope":
+        _require(out["after"] in MROPE_AFTER, "positions.after",
+                 "use 'max' (text after a grid starts at the grid's largest id + 1: Qwen2-VL's own code, "
+                 "vLLM) or 'hw' (at the grid's start + max(h, w), frames ignored: transformers 5.24)")
     if scheme == "branches":
         _require(out["align"] in ("start", "end"), "positions.align", "use 'start' or 'end'")
         _require(out["span"] in ("longest", "sum"), "positions.span", "use 'longest' or 'sum'")
@@ -145,7 +150,10 @@ def _concentric(table, segments, start=0):
     return out
 
 
-def _mrope(table, segments, start=0):
+def _mrope(table, segments, start=0, after="max"):
+    """Qwen2-VL 3-axis ids: text (p, p, p); a grid (p + t, p + row, p + col). The next text starts at
+    the grid's largest id + 1 (after="max": the original Qwen2-VL and vLLM) or at p + max(h, w)
+    (after="hw": transformers 5.24's get_rope_index, which ignores the frame count). Equal for images."""
     out = torch.empty(3, table.n, dtype=torch.long)
     pos = start
     for i, seg in enumerate(segments):
@@ -153,7 +161,7 @@ def _mrope(table, segments, start=0):
         if "grid" in seg:
             block = torch.stack([table["t"][sl], table["row"][sl], table["col"][sl]]) + pos
             out[:, sl] = block
-            pos = int(block.max()) + 1
+            pos = int(block.max()) + 1 if after == "max" else pos + max(seg["grid"][-2:])
         else:
             out[:, sl] = pos + torch.arange(table.sizes[i])
             pos += table.sizes[i]

@@ -11,6 +11,7 @@ Image tokens are row-major; video tokens frame-major then row-major. Attributes:
   row, col grid coordinates (1-D segments: row 0, col = local)
   cell     spatial location inside a frame, row * W + col (1-D: local)
   ring     concentric ring min(row, col, H-1-row, W-1-col) (CCA); -1 for 1-D segments
+  height, width  the token's grid H and W (1-D segments: 1 and their length)
   branch   -1, or an id per distinct branch label in order of first appearance
   modality index into spec.MODALITIES
   length   tokens in the token's segment;  frames: frames in the token's segment
@@ -64,14 +65,16 @@ def _segment_columns(seg: dict, n: int) -> dict[str, torch.Tensor]:
         t, rem = local // (H * W), local % (H * W)
         row, col = rem // W, rem % W
         ring = torch.minimum(torch.minimum(row, col), torch.minimum(H - 1 - row, W - 1 - col))
-        return {"t": t, "row": row, "col": col, "cell": rem, "ring": ring, "frames": torch.full((n,), T)}
+        return {"t": t, "row": row, "col": col, "cell": rem, "ring": ring, "frames": torch.full((n,), T),
+                "height": torch.full((n,), H), "width": torch.full((n,), W)}
     if "frames" in seg:
         counts = torch.tensor(seg["frames"])
         t = torch.repeat_interleave(torch.arange(len(counts)), counts)
     else:
         t = local
     return {"t": t, "row": torch.zeros(n, dtype=torch.long), "col": local, "cell": local,
-            "ring": torch.full((n,), -1), "frames": torch.full((n,), int(t[-1]) + 1)}
+            "ring": torch.full((n,), -1), "frames": torch.full((n,), int(t[-1]) + 1),
+            "height": torch.ones(n, dtype=torch.long), "width": torch.full((n,), n)}
 
 
 def build_table(segments: list[dict]) -> TokenTable:
