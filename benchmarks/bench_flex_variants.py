@@ -1,6 +1,6 @@
 """Which FlexAttention set-up is fastest on a GPU for our BlockMasks? (attention alone)
 
-Variants: the runner's bit-table mask_mod (one kernel for every spec) vs the spec's own mask_mod,
+Variants: the run package's bit-table mask_mod (one kernel for every spec) vs the spec's own mask_mod,
 torch.compile dynamic vs static shapes. Prints ms and the ratio to density x full-attention SDPA.
 """
 import json
@@ -13,7 +13,7 @@ from torch.nn.attention.flex_attention import flex_attention
 sys.path.insert(0, __file__.rsplit("/benchmarks/", 1)[0])
 from benchmarks.bench_gpu import D, H, HKV, cuda_time, specs  # noqa: E402
 from maskstudio import analyze  # noqa: E402
-from maskstudio.runner import flex_block_mask  # noqa: E402
+from maskstudio.run import flex_block_mask  # noqa: E402
 
 torch._dynamo.config.cache_size_limit = 64  # one compile per mask_mod closure and shape
 for n in (32768,):

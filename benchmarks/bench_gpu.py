@@ -4,10 +4,10 @@
 
 DIR holds a SmolLM2-135M config and tokenizer (weights random: timing does not depend on them).
   core   : spec.block_mask vs create_block_mask on the same mask_mod (identical blocks checked)
-  kernel : attention alone at 4k/16k/32k: FlexAttention + the runner's BlockMask, against
+  kernel : attention alone at 4k/16k/32k: FlexAttention + maskstudio.run's BlockMask, against
            SDPA with a dense additive mask, SDPA causal (flash) and SDPA full (no mask);
            reports flex / (density x full) — the goal is <= 1.1
-  model  : whole-model prefill through maskstudio.runner (flex) vs the model's own SDPA with a
+  model  : whole-model prefill through maskstudio.run (flex) vs the model's own SDPA with a
            dense 4-D mask vs SDPA causal
 """
 import argparse
@@ -94,9 +94,9 @@ def part_core(out):
 
 
 def part_kernel(out):
-    from maskstudio.runner import _flex_fn, flex_block_mask
+    from maskstudio.run.attention import flex_block_mask, flex_fn
 
-    flex = _flex_fn(torch.device("cuda"))
+    flex = flex_fn(torch.device("cuda"))
     for n in (4096, 16384, 32768):
         q = torch.randn(1, H, n, D, device="cuda", dtype=torch.bfloat16)
         k = torch.randn(1, HKV, n, D, device="cuda", dtype=torch.bfloat16)
@@ -127,9 +127,9 @@ def part_kernel(out):
 def part_model(out, model_dir):
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from maskstudio.runner import ATTN_NAME, _Context, _attn_impl, _register
+    from maskstudio.run.attention import ATTN_NAME, MaskContext, attn_impl, register
 
-    _register()
+    register()
     cfg = AutoConfig.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa", torch_dtype=torch.bfloat16).cuda().eval()
     for n in (4096, 16384, 32768):
@@ -140,10 +140,10 @@ def part_model(out, model_dir):
             for name, spec in specs(n).items():
                 if spec.n != n:
                     continue
-                ctx = _Context(spec, cfg.num_attention_heads, "flex", record=False)
+                ctx = MaskContext(spec, cfg.num_attention_heads, "flex", record=False)
 
                 def ours():
-                    with _attn_impl(model, ATTN_NAME):
+                    with attn_impl(model, ATTN_NAME):
                         model(input_ids=ids, position_ids=pos, use_cache=False, **{ATTN_NAME: ctx})
                 t_flex = cuda_time(ours, 2, 5)
                 row = {"part": "model", "n": n, "spec": name, "maskstudio_flex_ms": t_flex, "sdpa_causal_ms": t_causal,

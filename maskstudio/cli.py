@@ -52,17 +52,25 @@ def cmd_export(args) -> int:
 
 
 def cmd_render(args) -> int:
+    import io
+
     from .viz import render, save
 
     spec = _load(args)
     options = {"layer": args.layer, "head": args.head} if args.view == "mask" else {}
-    save(render(spec, args.view, **options), args.output)
+    figure = render(spec, args.view, **options)
+    if args.output == "-":  # PNG bytes on stdout, e.g. `maskstudio render spec.json -o - | display`
+        buffer = io.BytesIO()
+        save(figure, buffer)
+        _write(None, buffer.getvalue())
+        return 0
+    save(figure, args.output)
     print(f"wrote {args.output}")
     return 0
 
 
 def cmd_run(args) -> int:
-    from .runner import run
+    from .run import run
 
     spec = _load(args)
     images: dict = {}
@@ -85,7 +93,9 @@ def cmd_presets(args) -> int:
     from .presets import list_presets
 
     for p in list_presets():
-        print(f"{p['name']:32} {p.get('group', ''):26} {p.get('citation', '')[:60]}")
+        print(f"{p['name']:32} {p.get('group', ''):26} {p['source']:9} {p.get('citation', '')[:60]}")
+        if args.verbose:
+            print(f"    from: {p['origin']}\n    {p['description']}\n")
     return 0
 
 
@@ -129,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("json", "npy", "positions", "flex"), default="json")
     p.add_argument("-o", "--output", help="output file (default stdout)")
     p = add("render", cmd_render, "draw a view to PNG")
-    p.add_argument("-o", "--output", required=True)
+    p.add_argument("-o", "--output", required=True, help="PNG file, or - for stdout")
     p.add_argument("--view", default="mask", choices=("mask", "positions", "distance", "flow", "reach", "all"))
     p = add("run", cmd_run, "run the spec on a model (default: embedded SmolLM2-135M)")
     p.add_argument("--model", default=None, help="Hugging Face model id (default: embedded SmolLM2)")
@@ -137,7 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="also write the full result as JSON here")
     p.add_argument("--image", action="append", metavar="SEGMENT=PATH",
                    help="a picture for an image segment (repeat for a video's frames); needs a VLM --model")
-    add("presets", cmd_presets, "list the built-in presets", spec=False)
+    p = add("presets", cmd_presets, "list the built-in presets (name, group, provenance, citation)", spec=False)
+    p.add_argument("-v", "--verbose", action="store_true", help="also where each design comes from, and its description")
     add("patterns", cmd_patterns, "list the mask patterns and position schemes", spec=False)
     p = add("eval", cmd_eval, "evaluate specs on a built-in task with statistics", spec=False)
     p.add_argument("--specs", nargs="+", required=True)

@@ -81,7 +81,7 @@ def block_states(spec, block_size: int = 128, layer: int = 0, head: int = 0, chu
     return full, partial
 
 
-def _to_kv(blocks: torch.Tensor):
+def kv_blocks(blocks: torch.Tensor):
     """bool [..., Tq, Tk] -> (num [..., Tq] int32, indices [..., Tq, Tk] int32), ascending."""
     num = blocks.sum(-1, dtype=torch.int32)
     order = torch.argsort((~blocks).to(torch.int8), dim=-1, stable=True).to(torch.int32)
@@ -100,8 +100,8 @@ def block_mask(spec, block_size: int = 128, device="cpu", layer: int = 0, num_he
     states = [block_states(spec, block_size, layer, h, device=device) for h in range(heads)]
     full = torch.stack([f for f, _ in states])[None]
     partial = torch.stack([p for _, p in states])[None]
-    kv_num, kv_idx = _to_kv(partial)
-    full_num, full_idx = _to_kv(full)
+    kv_num, kv_idx = kv_blocks(partial)
+    full_num, full_idx = kv_blocks(full)
     n = spec.table.n
     return BlockMask.from_kv_blocks(kv_num.to(device), kv_idx.to(device), full_num.to(device),
                                     full_idx.to(device), BLOCK_SIZE=block_size,

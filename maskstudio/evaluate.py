@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from .errors import did_you_mean
 from .spec import Spec, SpecError
 
 ANSWER = "answer"
@@ -155,7 +156,7 @@ def fill(spec: Spec, example: Example) -> Spec:
 
 def score(spec: Spec, example: Example, lm) -> dict:
     """Target NLL (mean nats/token) and exact match for one example."""
-    from .runner import run
+    from .run import run
 
     res = run(fill(spec, example), model=lm, attentions=False)
     layout = res.layout
@@ -249,6 +250,10 @@ def _dist():
 def evaluate(specs, task: str = "kv_retrieval", n: int = 100, model=None, seed: int = 0, data: str | None = None,
              out_dir: str | None = None, progress: bool = True, rank: int | None = None, world: int | None = None) -> dict | None:
     """Run every spec on the same examples; returns the summary (None on ranks other than 0)."""
+    if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= 100_000:
+        raise ValueError(f"n (examples) must be an integer from 1 to 100,000, got {n!r}")
+    if task not in TASKS and data is None:
+        raise ValueError(f"unknown task '{task}'{did_you_mean(task, TASKS)}; use one of {', '.join(TASKS)}")
     loaded = [s if isinstance(s, Spec) else Spec.load(s) for s in specs]
     names = [s.name if s.name != "untitled" else f"spec{i}" for i, s in enumerate(loaded)]
     if len(set(names)) != len(names):
@@ -310,7 +315,7 @@ def _gather(mine: dict, rank: int, world: int, out: Path | None) -> list[dict]:
 
 
 def _load(model, world):
-    from .runner import load_model
+    from .run import load_model
 
     local = int(os.environ.get("LOCAL_RANK", "0"))
     return load_model(model, device=f"cuda:{local}" if torch.cuda.is_available() and world > 1 else None)

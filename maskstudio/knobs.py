@@ -37,4 +37,5 @@ FLEX_BITS_BUDGET = 1 << 30  # bytes of partial-block bits before falling back to
 # the app
 HISTORY = 30              # undo steps kept per session
 RUNS_KEPT = 16            # model runs kept per process for the run views
-PICTURE_CACHE = 600       # rendered pictures kept per process
+PICTURE_CACHE = 600       # rendered pictures kept per process (evicted PNG files are deleted)
+WORKDIR_MAX_AGE_S = 900   # run pictures and exports older than this are deleted from the app's temp folder

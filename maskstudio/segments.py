@@ -1,7 +1,7 @@
 """Segment and selection helpers over canonical spec dicts (below everything but errors).
 
 Pure functions on plain dicts and lists, shared by validation (spec), the token table, the
-compiler, positions and the runner, so none of them has to reach up into `spec`.
+compiler, positions and the run package, so none of them has to reach up into `spec`.
 """
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 Interval bounds (bounds.py) decide most tiles wholesale: `must` tiles are all-allowed, tiles
 outside `may` all-masked. Only the undecided rest (diagonals, segment boundaries, windows) is
-evaluated token by token, on demand. Dense masks, block states, analysis, flow and the runner's
+evaluated token by token, on demand. Dense masks, block states, analysis, flow and the run package's
 attention context all walk masks through this one class, so the walk is written once.
 """
 from __future__ import annotations
@@ -24,10 +24,28 @@ class TiledMask:
         self.attrs, self.n, self.head = t.attrs, t.n, head
         self.program = program if program is not None else compile_program(spec, layer)
         self.cuts = make_cuts(self.n, tile or knobs.TILE, extra_cuts)
-        self.must, may = classify_tiles(self.program, self.attrs, self.cuts, self.cuts, head)
-        self.unknown = may & ~self.must
         self._rows: dict[int, tuple] = {}
         self._row_bytes = 0
+        self._classified = False
+
+    def _classify(self) -> None:
+        """Decide the tiles (on first use: small layouts asked for dense rows never need it)."""
+        if not self._classified:
+            self._must, may = classify_tiles(self.program, self.attrs, self.cuts, self.cuts, self.head)
+            self._unknown = may & ~self._must
+            self._classified = True
+
+    @property
+    def must(self) -> torch.Tensor:
+        """bool [Tq, Tk]: tiles whose every pair is allowed."""
+        self._classify()
+        return self._must
+
+    @property
+    def unknown(self) -> torch.Tensor:
+        """bool [Tq, Tk]: tiles bounds could not decide (evaluated token by token)."""
+        self._classify()
+        return self._unknown
 
     @property
     def sizes(self) -> torch.Tensor:
@@ -72,7 +90,10 @@ class TiledMask:
         return self.must[owner[q_start:]][:, owner]
 
     def dense(self, q_start: int = 0) -> torch.Tensor:
-        """bool [N - q_start, N]: decided tiles filled wholesale, undecided ones evaluated."""
+        """bool [N - q_start, N]: decided tiles filled wholesale, undecided ones evaluated
+        (below knobs.DENSE_DIRECT_MAX tokens the rows are evaluated in one go instead)."""
+        if self.n <= knobs.DENSE_DIRECT_MAX:
+            return self.evaluate(torch.arange(q_start, self.n), torch.arange(self.n)).contiguous()
         out = self._decided(q_start)
         for i in self.undecided_rows():
             lo, hi = max(int(self.cuts[i]), q_start), int(self.cuts[i + 1])

@@ -23,7 +23,7 @@ def goldens():
 @pytest.fixture(scope="session")
 def smollm():
     """The embedded default model, loaded once per test session."""
-    from maskstudio.runner import load_model
+    from maskstudio.run import load_model
 
     return load_model()
 

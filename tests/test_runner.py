@@ -1,4 +1,4 @@
-"""Live runs: the runner on tiny random-weight models (fast) and on the embedded SmolLM2 (`model`).
+"""Live runs: maskstudio.run on tiny random-weight models (fast) and on the embedded SmolLM2 (`model`).
 
 Tiny models use a byte tokenizer defined here, so fast tests download and load nothing."""
 from __future__ import annotations
@@ -10,13 +10,13 @@ import torch
 
 from maskstudio.compile import block_states
 from maskstudio import Spec
-from maskstudio import runner
-from maskstudio.runner import LoadedModel, RunError
+from maskstudio import run as R
+from maskstudio.run import LoadedModel, RunError
 
 
 # ---------------------------------------------------------------- tiny models
 class ByteTokenizer:
-    """One token per UTF-8 byte (ids 3..258); enough of the tokenizer API for the runner."""
+    """One token per UTF-8 byte (ids 3..258); enough of the tokenizer API for the R."""
 
     eos_token_id = None
     chat_template = None
@@ -72,14 +72,14 @@ def plain_logits(lm, ids):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_causal_spec_equals_plain_forward(tiny, arch):
     lm = tiny(arch)
-    r = runner.run(two_seg(), lm)
+    r = R.run(two_seg(), lm)
     assert r.attentions.shape == (3, 4, 25, 25) and r.attentions.dtype == torch.float16
     assert (r.logits - plain_logits(lm, r.input_ids)).abs().max() <= 1e-5
 
 
 def test_sliding_window_is_honoured(tiny):
     """Mistral's own window (6) still applies inside our attention function."""
-    r = runner.run(two_seg(), tiny("mistral"))
+    r = R.run(two_seg(), tiny("mistral"))
     first_layer = r.attentions[0, 0].float()
     assert first_layer[20, :15].sum() == 0 and first_layer[20, 15:21].sum() > 0.99
 
@@ -87,8 +87,8 @@ def test_sliding_window_is_honoured(tiny):
 # ---------------------------------------------------------------- per-layer and per-head rules
 def test_head_rule_changes_only_that_head(tiny):
     lm = tiny("llama")
-    base = runner.run(two_seg(), lm)
-    cut = runner.run(two_seg(mask={"rules": [{"q": "b", "k": "a", "pattern": "none", "layers": [0],
+    base = R.run(two_seg(), lm)
+    cut = R.run(two_seg(mask={"rules": [{"q": "b", "k": "a", "pattern": "none", "layers": [0],
                                               "heads": [1]}]}), lm)
     d = (cut.attentions[0].float() - base.attentions[0].float()).abs().flatten(1).amax(1)
     assert d[1] > 0.01 and d[[0, 2, 3]].max() == 0
@@ -97,8 +97,8 @@ def test_head_rule_changes_only_that_head(tiny):
 
 def test_layer_rule_changes_only_that_layer_and_later(tiny):
     lm = tiny("qwen2")
-    base = runner.run(two_seg(), lm)
-    cut = runner.run(two_seg(mask={"overlays": [{"op": "and_not", "q": "b", "k": "a", "pattern": "full",
+    base = R.run(two_seg(), lm)
+    cut = R.run(two_seg(mask={"overlays": [{"op": "and_not", "q": "b", "k": "a", "pattern": "full",
                                                  "layers": [1]}]}), lm)
     diff = (cut.attentions.float() - base.attentions.float()).abs().flatten(1).amax(1)
     assert diff[0] == 0 and diff[1] > 0.01
@@ -110,7 +110,7 @@ def test_layout_is_materialized_with_frames(tiny):
     spec = {"segments": [{"name": "ctx", "text": "abc", "length": 99},
                          {"name": "clips", "text": ["xy", "zzzz", "w"]}],
             "mask": {"rules": [{"q": "clips", "k": "clips", "pattern": "block_causal", "by": "frame"}]}}
-    r = runner.run(spec, tiny())
+    r = R.run(spec, tiny())
     segs = r.layout.segments
     assert segs[0]["length"] == 3 and segs[1]["frames"] == [2, 4, 1] and r.layout.n == 10
     assert any("declared 99" in n for n in r.notes)
@@ -122,7 +122,7 @@ def test_layout_is_materialized_with_frames(tiny):
 
 
 def test_segment_mass_and_rollout_rows_sum_to_one(tiny):
-    r = runner.run(two_seg(), tiny())
+    r = R.run(two_seg(), tiny())
     assert r.segment_mass.shape == (3, 2, 2)
     assert torch.allclose(r.segment_mass.sum(-1), torch.ones(3, 2), atol=1e-2)
     assert r.segment_mass[:, 0, 1].abs().max() == 0  # causal: a never sees b
@@ -132,7 +132,7 @@ def test_segment_mass_and_rollout_rows_sum_to_one(tiny):
 
 def test_summary_and_json(tiny):
     spec = {"segments": [{"name": "p", "text": "abc"}, {"name": "t", "text": "def", "role": "target"}]}
-    r = runner.run(spec, tiny(), max_new_tokens=3)
+    r = R.run(spec, tiny(), max_new_tokens=3)
     text = r.summary()
     for word in ("tokens", "top-k", "continuation", "target NLL", "t:"):
         assert word in text
@@ -143,7 +143,7 @@ def test_summary_and_json(tiny):
 
 def test_target_nll_is_teacher_forced(tiny):
     spec = {"segments": [{"name": "p", "text": "abc"}, {"name": "t", "text": "de", "role": "target"}]}
-    r = runner.run(spec, tiny())
+    r = R.run(spec, tiny())
     logp = torch.log_softmax(r.logits, -1)
     ids = r.input_ids
     want = -(logp[2, ids[3]] + logp[3, ids[4]]) / 2
@@ -155,8 +155,8 @@ def test_generation_kv_cache_equals_recompute(tiny):
     spec = {"segments": [{"name": "p", "text": "hello"}, {"name": "g", "text": " w", "role": "generate"}],
             "mask": {"overlays": [{"op": "or", "q": "p", "k": "p", "pattern": "full"}]}}
     lm = tiny("gemma2")
-    kv = runner.run(spec, lm, max_new_tokens=6, use_cache=True, attentions=False)
-    re = runner.run(spec, lm, max_new_tokens=6, use_cache=False, attentions=False)
+    kv = R.run(spec, lm, max_new_tokens=6, use_cache=True, attentions=False)
+    re = R.run(spec, lm, max_new_tokens=6, use_cache=False, attentions=False)
     assert kv.new_ids == re.new_ids and len(kv.new_ids) == 6
     assert not any("KV cache not used" in n for n in kv.notes)
     assert kv.generated_layout.segments[1]["length"] == 8
@@ -166,7 +166,7 @@ def test_generation_recomputes_when_not_kv_compatible(tiny):
     """The prompt attends the generate segment (full overlay): new tokens change the prefix."""
     spec = {"segments": [{"name": "p", "text": "hello"}, {"name": "g", "text": " w", "role": "generate"}],
             "mask": {"overlays": [{"op": "or", "q": "p", "k": "g", "pattern": "full"}]}}
-    r = runner.run(spec, tiny(), max_new_tokens=3, use_cache=True, attentions=False)
+    r = R.run(spec, tiny(), max_new_tokens=3, use_cache=True, attentions=False)
     assert any("KV cache not used" in n for n in r.notes)
 
 
@@ -177,8 +177,8 @@ def test_generated_tokens_obey_the_rules(tiny):
                              {"name": "g", "text": "x", "role": "generate"}],
                 "mask": {"rules": [{"q": "g", "k": "secret", "pattern": "none"}]}}
     lm = tiny("mistral")
-    a = runner.run(spec("1111"), lm, max_new_tokens=5, attentions=False)
-    b = runner.run(spec("9876"), lm, max_new_tokens=5, attentions=False)
+    a = R.run(spec("1111"), lm, max_new_tokens=5, attentions=False)
+    b = R.run(spec("9876"), lm, max_new_tokens=5, attentions=False)
     assert a.new_ids == b.new_ids
     assert torch.equal(a.logits[-1], b.logits[-1])
 
@@ -186,18 +186,18 @@ def test_generated_tokens_obey_the_rules(tiny):
 # ---------------------------------------------------------------- compare and knockout
 def test_compare_same_spec_has_zero_kl(tiny):
     lm = tiny()
-    c = runner.compare(two_seg(), two_seg(), lm)
+    c = R.compare(two_seg(), two_seg(), lm)
     assert c.kl.abs().max() < 1e-6 and c.mass_diff.abs().max() == 0
-    c = runner.compare(two_seg(), two_seg(mask={"rules": [{"q": "b", "k": "a", "pattern": "none"}]}), lm)
+    c = R.compare(two_seg(), two_seg(mask={"rules": [{"q": "b", "k": "a", "pattern": "none"}]}), lm)
     assert c.kl[:11].abs().max() < 1e-6 and c.kl[11:].max() > 0
     assert "KL" in c.summary() and json.loads(c.to_json())["kl"]
 
 
 def test_knockout_is_a_per_layer_overlay(tiny):
     lm = tiny()
-    ko = runner.knockout(two_seg(), q="b", k="a", window=2, model=lm)
+    ko = R.knockout(two_seg(), q="b", k="a", window=2, model=lm)
     assert ko.windows == [(0, 1), (1, 2)] and len(ko.probs) == 2
-    direct = runner.run(two_seg(mask={"overlays": [{"op": "and_not", "q": "b", "k": "a", "pattern": "full",
+    direct = R.run(two_seg(mask={"overlays": [{"op": "and_not", "q": "b", "k": "a", "pattern": "full",
                                                     "layers": [1, 2]}]}), lm, attentions=False)
     assert abs(float(torch.softmax(direct.logits[-1], -1)[ko.token_id]) - ko.probs[1]) < 1e-6
     assert "knockout" in ko.summary() and json.loads(ko.to_json())["deltas"]
@@ -216,39 +216,39 @@ def test_bad_input_raises_run_error(tiny, monkeypatch):
     ]
     for spec, words in cases:
         with pytest.raises(RunError, match=words) as info:
-            runner.run(spec, lm)
+            R.run(spec, lm)
         assert "\n" not in str(info.value) and info.value.spec is not None
     with pytest.raises(RunError, match="backend"):
-        runner.run(two_seg(), lm, backend="cuda-magic")
+        R.run(two_seg(), lm, backend="cuda-magic")
 
 
 def test_offline_hub_id_is_a_clear_message(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(RunError, match="not downloaded") as info:
-        runner.load_model("maskstudio-test/no-such-model")
+        R.load_model("maskstudio-test/no-such-model")
     assert "\n" not in str(info.value)
 
 
 def test_without_the_gguf_wheel_the_default_is_the_hub_model(monkeypatch):
     """A hosted Space installs requirements.txt only: the default then loads SmolLM2 from the hub."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(runner, "_embedded_folder", lambda: None)
-    monkeypatch.setattr(runner, "_MODELS", {})
+    monkeypatch.setattr(R.models, "_embedded_folder", lambda: None)
+    monkeypatch.setattr(R.models, "_MODELS", {})
     with pytest.raises(RunError, match="HuggingFaceTB/SmolLM2-135M-Instruct"):
-        runner.load_model()
+        R.load_model()
 
 
 def test_out_of_memory_is_a_run_error(tiny, monkeypatch):
     def boom(*a, **k):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 80 GiB")
-    monkeypatch.setattr(runner, "_forward", boom)
+    monkeypatch.setattr(R.TextAdapter, "forward", boom)
     with pytest.raises(RunError, match="out of memory"):
-        runner.run(two_seg(), tiny())
+        R.run(two_seg(), tiny())
 
 
 def test_long_input_switches_to_no_maps_mode(tiny, monkeypatch):
-    monkeypatch.setattr(runner, "MAX_CAPTURE", 8)
-    r = runner.run(two_seg(), tiny())
+    monkeypatch.setattr(R.pipeline, "MAX_CAPTURE", 8)
+    r = R.run(two_seg(), tiny())
     assert r.attentions is None and r.segment_mass is None and r.rollout is None
     assert any("no-maps" in n for n in r.notes)
 
@@ -264,24 +264,47 @@ def test_flex_backend_matches_eager(tiny, arch):
             "mask": {"rules": [{"q": "c", "k": "a", "pattern": "none", "heads": [2]},
                                {"q": "b", "k": "b", "pattern": "window", "size": 9, "layers": [1]}],
                      "overlays": [{"op": "or", "q": "a", "k": "a", "pattern": "full"}]}}
-    eager = runner.run(spec, lm, attentions=False, backend="eager")
-    flex = runner.run(spec, lm, attentions=False, backend="flex")
+    eager = R.run(spec, lm, attentions=False, backend="eager")
+    flex = R.run(spec, lm, attentions=False, backend="flex")
     assert flex.backend == "flex" and len(flex.input_ids) > 128  # spans more than one block
     assert (flex.logits - eager.logits).abs().max() < 1e-4
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["llama", "mistral"])
+def test_flex_matches_eager_on_cpu_past_one_block(tiny, arch):
+    """Layouts of several 128-token blocks with full blocks (causal below the diagonal, a
+    bidirectional prefix, per-head and per-layer steps): uncompiled CPU flex == eager."""
+    lm = tiny(arch)
+    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi " * 12
+    spec = {"segments": [{"name": "a", "text": words[:400]}, {"name": "b", "text": words[400:900]},
+                         {"name": "c", "text": words[900:]}],
+            "mask": {"rules": [{"q": "a", "k": "a", "pattern": "full"},
+                               {"q": "c", "k": "a", "pattern": "none", "heads": [1]},
+                               {"q": "b", "k": "b", "pattern": "window", "size": 200, "layers": [0]}]}}
+    eager = R.run(spec, lm, attentions=False, backend="eager")
+    flex = R.run(spec, lm, attentions=False, backend="flex")
+    n = len(flex.input_ids)
+    full, _ = block_states(Spec.load(flex.layout.to_dict()), 128, 0, 0)
+    assert n > 3 * 128 and int(full.sum()) >= 3
+    assert (flex.logits - eager.logits).abs().max() < 1e-4
+
+
 def test_flex_block_mask_matches_dense():
-    """Full blocks + the bit-table mask_mod inside partial blocks reproduce the dense mask."""
+    """Full blocks + the bit-table mask_mod inside partial blocks reproduce the dense mask, and the
+    mask_mod alone is right at EVERY (q, k), full blocks included (CPU flex evaluates them)."""
     spec = Spec.load({"segments": [{"name": "a", "length": 150}, {"name": "b", "length": 200}],
                       "mask": {"rules": [{"q": "b", "k": "a", "pattern": "window", "size": 40, "causal": False,
                                           "heads": [1]}]}})
-    bm = runner.flex_block_mask(spec, 0, 2, "cpu")
+    bm = R.flex_block_mask(spec, 0, 2, "cpu")
     q, k = torch.meshgrid(torch.arange(350), torch.arange(350), indexing="ij")
     up = lambda b: b.repeat_interleave(128, 0).repeat_interleave(128, 1)[:350, :350]  # noqa: E731
     for h in range(2):
         full, partial = block_states(spec, 128, 0, h)
         got = torch.vmap(torch.vmap(lambda a, b: bm.mask_mod(0, torch.tensor(h), a, b)))(q, k)
         assert torch.equal(up(full) | (up(partial) & got), spec.dense_mask(head=h))
+        assert torch.equal(got, spec.dense_mask(head=h))
+        assert partial.any() and (full.any() or h == 1)  # head 0 has full blocks
     assert not torch.equal(spec.dense_mask(head=0), spec.dense_mask(head=1))
 
 
@@ -291,7 +314,7 @@ PROMPT = "The capital of France is"
 
 @pytest.mark.model
 def test_model_causal_spec_equals_plain_forward(smollm):
-    r = runner.run({"segments": [{"name": "q", "text": "Q: What is the capital of France?"},
+    r = R.run({"segments": [{"name": "q", "text": "Q: What is the capital of France?"},
                                  {"name": "a", "text": " A:"}]}, smollm)
     assert (r.logits - plain_logits(smollm, r.input_ids)).abs().max() <= 1e-4
     assert r.attentions.shape == (30, 9, len(r.input_ids), len(r.input_ids))
@@ -313,8 +336,8 @@ def test_model_counterfactual_unreachable_segment_cannot_matter(smollm):
         return {"segments": [{"name": "ctx", "text": "My favourite colour is"}, {"name": "B", "text": b},
                              {"name": "mid", "text": ". The colour I like is"}, {"name": "last", "text": " called"}],
                 "mask": {"rules": rules}}
-    a = runner.run(spec(" green"), smollm, attentions=False)
-    b = runner.run(spec(" purple"), smollm, attentions=False)
+    a = R.run(spec(" green"), smollm, attentions=False)
+    b = R.run(spec(" purple"), smollm, attentions=False)
     assert a.layout.segments[1]["length"] == b.layout.segments[1]["length"]
     assert not torch.equal(a.input_ids, b.input_ids)
     lay = a.layout
@@ -323,17 +346,17 @@ def test_model_counterfactual_unreachable_segment_cannot_matter(smollm):
     reach = _reach(lay, smollm.num_layers)
     assert not reach[last, t.segment_slice(1)].any()  # the analysis: B cannot reach `last`
     assert (a.logits[last] - b.logits[last]).abs().max() == 0
-    ca = runner.run(spec(" green", False), smollm, attentions=False)
-    cb = runner.run(spec(" purple", False), smollm, attentions=False)
+    ca = R.run(spec(" green", False), smollm, attentions=False)
+    cb = R.run(spec(" purple", False), smollm, attentions=False)
     assert (ca.logits[last] - cb.logits[last]).abs().max() > 0.1
 
 
 @pytest.mark.model
 def test_model_positions_reach_the_model(smollm):
     base = {"segments": [{"name": "p", "text": PROMPT}]}
-    r0 = runner.run(base, smollm, attentions=False)
-    shifted = runner.run({**base, "positions": {"scheme": "sequential", "start": 7}}, smollm, attentions=False)
-    zeros = runner.run({**base, "positions": {"scheme": "attr", "attr": "row"}}, smollm, attentions=False)
+    r0 = R.run(base, smollm, attentions=False)
+    shifted = R.run({**base, "positions": {"scheme": "sequential", "start": 7}}, smollm, attentions=False)
+    zeros = R.run({**base, "positions": {"scheme": "attr", "attr": "row"}}, smollm, attentions=False)
     assert torch.equal(zeros.layout.position_ids(), torch.zeros(len(r0.input_ids), dtype=torch.long))
     assert (shifted.logits - r0.logits).abs().max() < 1e-2  # RoPE: relative positions unchanged
     assert (zeros.logits - r0.logits).abs().max() > 0.5
@@ -341,7 +364,7 @@ def test_model_positions_reach_the_model(smollm):
 
 @pytest.mark.model
 def test_model_chat_generation_and_visible_template(smollm):
-    r = runner.run({"segments": [{"name": "q", "text": "What is the capital of France?"}]}, smollm,
+    r = R.run({"segments": [{"name": "q", "text": "What is the capital of France?"}]}, smollm,
                    max_new_tokens=8, chat=True)
     assert "Paris" in r.text
     specials = [s for s in r.layout.segments if s["modality"] == "special"]
@@ -351,12 +374,12 @@ def test_model_chat_generation_and_visible_template(smollm):
 
 @pytest.mark.model
 def test_model_target_nll_and_knockout(smollm):
-    good = runner.run({"segments": [{"name": "p", "text": PROMPT}, {"name": "t", "text": " Paris", "role": "target"}]},
+    good = R.run({"segments": [{"name": "p", "text": PROMPT}, {"name": "t", "text": " Paris", "role": "target"}]},
                       smollm, attentions=False)
-    bad = runner.run({"segments": [{"name": "p", "text": PROMPT}, {"name": "t", "text": " Tokyo", "role": "target"}]},
+    bad = R.run({"segments": [{"name": "p", "text": PROMPT}, {"name": "t", "text": " Tokyo", "role": "target"}]},
                      smollm, attentions=False)
     assert good.target_nll["t"]["mean"] + 2 < bad.target_nll["t"]["mean"]
-    ko = runner.knockout({"segments": [{"name": "p", "text": "The capital of"}, {"name": "c", "text": " France"},
+    ko = R.knockout({"segments": [{"name": "p", "text": "The capital of"}, {"name": "c", "text": " France"},
                                        {"name": "l", "text": " is"}]}, q="l", k="c", window=10, model=smollm)
     assert len(ko.windows) == 21 and ko.token.strip() == "Paris"
     assert min(ko.deltas) < -0.05  # blocking is -> France somewhere in depth hurts " Paris"

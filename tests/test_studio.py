@@ -1,4 +1,4 @@
-"""The app's handlers without a browser or gradio (maskstudio/studio.py)."""
+"""The app's handlers without a browser or gradio (maskstudio/studio/)."""
 import json
 import os
 
@@ -210,7 +210,7 @@ def test_render_views_in_worker_processes(monkeypatch):
 
 
 def test_text_only_segments_get_estimated_sizes_for_pictures(monkeypatch):
-    monkeypatch.setattr(studio, "tokenizer_at_hand", lambda: None)  # as before any model is loaded
+    monkeypatch.setattr(studio.pictures, "tokenizer_at_hand", lambda: None)  # as before any model is loaded
     spec = Spec.load({"segments": [{"name": "a", "text": "one two three four"}, {"name": "b", "length": 3}]})
     out = studio.render_views(spec)
     assert "estimated" in out["note"] and os.path.exists(out["mask"])
@@ -360,14 +360,71 @@ def test_vlm_run_with_uploads_and_overlay(tmp_path, model):
 def test_pictures_use_the_loaded_tokenizer_for_sizes_and_labels(smollm):
     """Once a model is loaded, unsized text segments get their real token counts and the mask
     view is labelled with the real tokens (issue: 'the real tokens when a tokenizer is at hand')."""
-    from maskstudio import runner
+    from maskstudio.run import prepare
 
     spec = Spec.load({"segments": [{"name": "ctx", "text": "Paris is lovely."},
                                    {"name": "q", "text": " Where?"}]})
     sized, note = studio.picture_spec(spec)
-    ran = runner.prepare(spec, smollm)
+    ran = prepare(spec, smollm)
     assert [s["length"] for s in sized.segments] == [s["length"] for s in ran.layout.segments]
     assert "tokenizer" in note
     o = studio.view_options(sized, {})
     assert o["token_labels"] is not None and len(o["token_labels"]) == sized.n
     assert "Paris" in "".join(o["token_labels"])
+
+
+# ---------------------------------------------------------------- trust: paths, temp files, memory
+def test_the_json_editor_never_opens_a_server_path(tmp_path):
+    secret = tmp_path / "secret.json"
+    secret.write_text('{"segments": [{"name": "leaked_secret", "length": 2}]}')
+    state = studio.new_state()
+    for text in (str(secret), "/dev/zero", "/etc/passwd", " " + str(secret)):
+        new, error = studio.apply_json_edit(state, text)
+        assert error.startswith("invalid JSON") and "leaked_secret" not in error
+        assert new is state  # the design is kept
+
+
+def test_an_oversized_upload_is_refused_before_parsing(tmp_path):
+    from maskstudio import knobs
+
+    big = tmp_path / "big.json"
+    big.write_text('{"name": "' + "x" * (knobs.MAX_SPEC_BYTES + 10) + '"}')
+    state = studio.new_state()
+    new, error = studio.import_file(state, str(big))
+    assert "MiB" in error and new is state
+
+
+def test_undo_history_is_bounded():
+    from maskstudio import knobs
+
+    state = studio.new_state()
+    for i in range(knobs.HISTORY + 15):
+        state, error = studio.apply_json_edit(state, json.dumps(
+            {"segments": [{"name": "a", "length": 2 + i}], "mask": {"base": {"pattern": "causal"}}}))
+        assert not error
+    assert len(state["history"]) == knobs.HISTORY
+
+
+def test_temp_files_are_removed(tmp_path):
+    """Pictures the cache lets go are deleted at once; one-off run pictures and exports after
+    knobs.WORKDIR_MAX_AGE_S; cached pictures stay."""
+    import os
+    import time
+
+    from maskstudio.studio import pictures
+
+    cache = pictures.Cache(2, on_evict=pictures.remove_if_ours)
+    paths = []
+    for i in range(3):
+        path = os.path.join(pictures.WORKDIR, f"evict-test-{i}.png")
+        open(path, "wb").close()
+        paths.append(cache.put(i, path))
+    assert not os.path.exists(paths[0]) and os.path.exists(paths[1]) and os.path.exists(paths[2])
+    old = os.path.join(pictures.WORKDIR, "old-run-picture.png")
+    open(old, "wb").close()
+    os.utime(old, (time.time() - 10_000, time.time() - 10_000))
+    kept = pictures._CACHE.put("png:sweep-test", os.path.join(pictures.WORKDIR, "kept.png"))
+    open(kept, "wb").close()
+    os.utime(kept, (time.time() - 10_000, time.time() - 10_000))
+    assert pictures.sweep_workdir() >= 1
+    assert not os.path.exists(old) and os.path.exists(kept)

@@ -92,7 +92,7 @@ def test_block_view_past_threshold_matches_block_states():
     info = fig.maskstudio["mask"]
     assert info["mode"] == "block" and info["block_size"] == 128
     assert info["density"] == pytest.approx(analyze(spec).density)
-    frac = viz.block_fraction(spec, 128)
+    frac = flow.block_fraction(spec, 128)
     full, partial = block_states(spec, 128)
     # fraction 1 <=> full (except the ragged last row/column, which block_states never calls full)
     inner = slice(0, frac.shape[0] - 1)

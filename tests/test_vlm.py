@@ -7,15 +7,16 @@ import pytest
 import torch
 from PIL import Image
 
-from maskstudio import runner, vlm
-from maskstudio.runner import RunError
+from maskstudio import run as R
+from maskstudio.viz.run_views import image_overlay, visual_share_figure
+from maskstudio.run import RunError
 
 FAMILIES = ["tiny-qwen2-vl", "tiny-idefics3"]
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    return lambda name: vlm.load_vlm(name, device="cpu")
+    return lambda name: R.load_model(name, device="cpu")
 
 
 def picture(w=48, h=32, seed=0):
@@ -43,7 +44,7 @@ def own_forward(lm, prep):
 # ---------------------------------------------------------------- layout
 def test_qwen_grid_is_the_merged_patch_grid_and_markers_are_visible(tiny):
     lm = tiny("tiny-qwen2-vl")
-    prep = vlm.prepare_vlm(img_spec(), lm, {"img": picture(48, 32)})
+    prep = R.prepare_vlm(img_spec(), lm, {"img": picture(48, 32)})
     segs = prep.layout.segments
     assert [s["name"] for s in segs] == ["sys", "img_start", "img", "img_end", "q"]
     # 32x48 px, patch 4 -> 8x12 patches, 2x2 merge -> 4x6 tokens
@@ -57,7 +58,7 @@ def test_qwen_grid_is_the_merged_patch_grid_and_markers_are_visible(tiny):
 
 def test_idefics_grid_is_one_tile_after_pixel_shuffle(tiny):
     lm = tiny("tiny-idefics3")
-    prep = vlm.prepare_vlm(img_spec(), lm, {"img": picture(40, 30)})
+    prep = R.prepare_vlm(img_spec(), lm, {"img": picture(40, 30)})
     segs = prep.layout.segments
     assert segs[2]["grid"] == [4, 4]  # image 32 / patch 4 / scale 2
     assert segs[1]["text"] == "<fake_token_around_image><global-img>" and segs[1]["length"] == 2
@@ -74,7 +75,7 @@ def test_idefics_ids_match_the_processor(tiny):
         proc = Idefics3Processor(image_processor=lm.image_processor, tokenizer=lm.tokenizer, image_seq_len=16)
     except Exception as err:  # noqa: BLE001
         pytest.skip(f"Idefics3Processor cannot be built here: {err}")
-    prep = vlm.prepare_vlm(img_spec(), lm, {"img": picture()})
+    prep = R.prepare_vlm(img_spec(), lm, {"img": picture()})
     enc = proc(text=["look at<image> what is it?"], images=[[picture()]], do_image_splitting=False,
                return_tensors="pt")
     assert enc["input_ids"][0].tolist() == prep.input_ids.tolist()
@@ -83,11 +84,11 @@ def test_idefics_ids_match_the_processor(tiny):
 
 def test_video_segments_take_frames(tiny):
     frames = [picture(seed=i) for i in range(4)]
-    q = vlm.prepare_vlm({"segments": [{"name": "v", "modality": "video", "grid": [1, 1, 1]},
+    q = R.prepare_vlm({"segments": [{"name": "v", "modality": "video", "grid": [1, 1, 1]},
                                       {"name": "q", "text": "ok"}]}, tiny("tiny-qwen2-vl"), {"v": frames})
     assert q.layout.segments[1]["grid"] == [2, 4, 6]  # 4 frames / temporal patch 2
     assert q.inputs["video_grid_thw"].tolist() == [[2, 8, 12]]
-    i = vlm.prepare_vlm({"segments": [{"name": "v", "modality": "video", "grid": [1, 1, 1]}]},
+    i = R.prepare_vlm({"segments": [{"name": "v", "modality": "video", "grid": [1, 1, 1]}]},
                         tiny("tiny-idefics3"), {"v": frames[:3]})
     assert i.layout.segments[1]["grid"] == [3, 4, 4] and i.inputs["pixel_values"].shape[1] == 3
 
@@ -95,10 +96,10 @@ def test_video_segments_take_frames(tiny):
 def test_images_from_paths_arrays_and_upload_dicts(tmp_path):
     path = tmp_path / "a.png"
     picture().save(path)
-    got = vlm.as_frames([str(path), {"path": str(path)}, np.zeros((4, 5, 3))])
+    got = R.as_frames([str(path), {"path": str(path)}, np.zeros((4, 5, 3))])
     assert [f.size for f in got] == [(48, 32), (48, 32), (5, 4)]
     with pytest.raises(RunError, match="cannot open"):
-        vlm.as_frames(str(tmp_path / "missing.png"))
+        R.as_frames(str(tmp_path / "missing.png"))
 
 
 # ---------------------------------------------------------------- equality with the model's own forward
@@ -106,12 +107,12 @@ def test_images_from_paths_arrays_and_upload_dicts(tmp_path):
 def test_plain_spec_equals_the_models_own_forward(tiny, name):
     lm = tiny(name)
     spec = img_spec(positions={"scheme": "mrope" if lm.is_3d else "sequential"})
-    r = vlm.run_vlm(spec, lm, images={"img": picture()})
-    prep = vlm.prepare_vlm(spec, lm, {"img": picture()})
+    r = R.run(spec, lm, images={"img": picture()})
+    prep = R.prepare_vlm(spec, lm, {"img": picture()})
     assert torch.equal(r.input_ids, prep.input_ids)
     assert (r.logits - own_forward(lm, prep)).abs().max() <= 1e-5
     assert r.attentions.shape[:2] == (lm.num_layers, lm.num_heads)
-    same = vlm.run_vlm(img_spec(), lm, images={"img": picture()}, positions="model")
+    same = R.run(img_spec(), lm, images={"img": picture()}, positions="model")
     assert (same.logits - r.logits).abs().max() == 0
 
 
@@ -120,8 +121,8 @@ def test_qwen_video_plain_spec_equals_own_forward(tiny):
     spec = {"segments": [{"name": "a", "text": "clip"}, {"name": "v", "modality": "video", "grid": [2, 4, 6]},
                          {"name": "q", "text": " what happens?"}], "positions": {"scheme": "mrope"}}
     frames = [picture(seed=i) for i in range(4)]
-    r = vlm.run_vlm(spec, lm, images={"v": frames})
-    assert (r.logits - own_forward(lm, vlm.prepare_vlm(spec, lm, {"v": frames}))).abs().max() <= 1e-5
+    r = R.run(spec, lm, images={"v": frames})
+    assert (r.logits - own_forward(lm, R.prepare_vlm(spec, lm, {"v": frames}))).abs().max() <= 1e-5
     assert not any("differ" in n for n in r.notes)
 
 
@@ -131,11 +132,11 @@ def test_mrope_scheme_equals_qwen2_vl_rope_index(tiny):
                          {"name": "b", "text": "two"}, {"name": "i2", "modality": "image", "grid": [1, 1]},
                          {"name": "v", "modality": "video", "grid": [1, 1, 1]}, {"name": "c", "text": "end"}],
             "positions": {"scheme": "mrope"}}
-    prep = vlm.prepare_vlm(spec, lm, {"i1": picture(48, 32), "i2": picture(24, 40, 1),
+    prep = R.prepare_vlm(spec, lm, {"i1": picture(48, 32), "i2": picture(24, 40, 1),
                                       "v": [picture(seed=i) for i in range(6)]})
     ours = prep.layout.position_ids()
     assert ours.shape == (3, len(prep.input_ids))
-    assert torch.equal(ours, vlm.model_rope_index(lm, prep))
+    assert torch.equal(ours, R.model_rope_index(lm, prep))
 
 
 def test_mrope_difference_after_a_long_video_is_reported(tiny):
@@ -144,7 +145,7 @@ def test_mrope_difference_after_a_long_video_is_reported(tiny):
     spec = {"segments": [{"name": "v", "modality": "video", "grid": [1, 1, 1]}, {"name": "q", "text": "x"}],
             "positions": {"scheme": "mrope"}}
     frames = [picture(8, 8, seed=i) for i in range(8)]  # 4 x 1 x 1 after merging
-    r = vlm.run_vlm(spec, lm, images={"v": frames}, attentions=False)
+    r = R.run(spec, lm, images={"v": frames}, attentions=False)
     assert r.layout.segments[1]["grid"] == [4, 1, 1]
     assert any("differ from Qwen2-VL" in n for n in r.notes)
 
@@ -156,15 +157,15 @@ def test_an_unreachable_image_cannot_matter(tiny, name):
     # nothing outside the image sees it (the markers don't exist before the run: "*" covers them)
     blocked = img_spec(mask={"rules": [{"q": "*", "k": "img", "pattern": "none"},
                                        {"q": "img", "k": "img", "pattern": "causal"}]})
-    a = vlm.run_vlm(blocked, lm, images={"img": picture(seed=1)}, attentions=False)
-    b = vlm.run_vlm(blocked, lm, images={"img": picture(seed=2)}, attentions=False)
+    a = R.run(blocked, lm, images={"img": picture(seed=1)}, attentions=False)
+    b = R.run(blocked, lm, images={"img": picture(seed=2)}, attentions=False)
     assert torch.equal(a.input_ids, b.input_ids)
     q = a.layout.table.segment_slice(4)
     assert (a.logits[q] - b.logits[q]).abs().max() == 0
     img = a.layout.table.segment_slice(2)
     assert (a.logits[img] - b.logits[img]).abs().max() > 0  # the image itself did change
-    ca = vlm.run_vlm(img_spec(), lm, images={"img": picture(seed=1)}, attentions=False)
-    cb = vlm.run_vlm(img_spec(), lm, images={"img": picture(seed=2)}, attentions=False)
+    ca = R.run(img_spec(), lm, images={"img": picture(seed=1)}, attentions=False)
+    cb = R.run(img_spec(), lm, images={"img": picture(seed=2)}, attentions=False)
     assert (ca.logits[q] - cb.logits[q]).abs().max() > 1e-4
 
 
@@ -173,13 +174,13 @@ def test_an_unreachable_image_cannot_matter(tiny, name):
 def test_positions_reach_the_model(tiny, name):
     lm = tiny(name)
     img = {"img": picture()}
-    runs = {s: vlm.run_vlm(img_spec(positions={"scheme": s}), lm, images=img, attentions=False)
+    runs = {s: R.run(img_spec(positions={"scheme": s}), lm, images=img, attentions=False)
             for s in ["sequential", "concentric"] + (["mrope"] if lm.is_3d else [])}
     assert (runs["sequential"].logits - runs["concentric"].logits).abs().max() > 1e-4
     # explicit ids equal to a scheme's ids give exactly that scheme's output
     ref = "mrope" if lm.is_3d else "concentric"
     ids = runs[ref].layout.position_ids().tolist()
-    ex = vlm.run_vlm(img_spec(positions={"scheme": "explicit", "ids": ids}), lm, images=img, attentions=False)
+    ex = R.run(img_spec(positions={"scheme": "explicit", "ids": ids}), lm, images=img, attentions=False)
     assert (ex.logits - runs[ref].logits).abs().max() == 0
     cca = runs["concentric"]
     want = cca.layout.position_ids()
@@ -193,53 +194,54 @@ def test_positions_reach_the_model(tiny, name):
 def test_refusals_say_why(tiny):
     lm = tiny("tiny-idefics3")
     with pytest.raises(RunError, match="1-D RoPE"):
-        vlm.run_vlm(img_spec(positions={"scheme": "mrope"}), lm)
+        R.run(img_spec(positions={"scheme": "mrope"}), lm)
     with pytest.raises(RunError, match="diffusion"):
-        vlm.run_vlm(img_spec(positions={"scheme": "grid"}), tiny("tiny-qwen2-vl"))
+        R.run(img_spec(positions={"scheme": "grid"}), tiny("tiny-qwen2-vl"))
     with pytest.raises(RunError, match="no segment of that name"):
-        vlm.run_vlm(img_spec(), lm, images={"imag": picture()})
+        R.run(img_spec(), lm, images={"imag": picture()})
     with pytest.raises(RunError, match="one image"):
-        vlm.run_vlm(img_spec(), lm, images={"img": [picture(), picture()]})
+        R.run(img_spec(), lm, images={"img": [picture(), picture()]})
     with pytest.raises(RunError, match="audio"):
-        vlm.run_vlm({"segments": [{"name": "s", "modality": "audio", "length": 3}]}, lm)
+        R.run({"segments": [{"name": "s", "modality": "audio", "length": 3}]}, lm)
 
 
 # ---------------------------------------------------------------- attention over the image
 @pytest.mark.parametrize("name", FAMILIES)
 def test_image_attention_overlay_and_visual_share(tiny, name):
     lm = tiny(name)
-    r = vlm.run_vlm(img_spec(), lm, images={"img": picture()})
+    r = R.run(img_spec(), lm, images={"img": picture()})
     grid = r.layout.segments[2]["grid"]
-    att = vlm.image_attention(r, "img", query=-1, layer=1, head=2)
+    att = R.image_attention(r, "img", query=-1, layer=1, head=2)
     assert att.shape == (1, *grid)
     sl = r.layout.table.segment_slice(2)
     assert torch.allclose(att.flatten(), r.attentions[1, 2, -1, sl].float())
-    mean = vlm.image_attention(r, "img")  # last layer, mean of heads
+    mean = R.image_attention(r, "img")  # last layer, mean of heads
     assert torch.allclose(mean.flatten(), r.attentions[-1, :, -1, sl].float().mean(0))
-    fig = vlm.image_overlay(r, "img", query="q", layer=0)
+    fig = image_overlay(r, "img", query="q", layer=0)
     assert len(fig.axes) >= 1
-    share, fig = vlm.visual_share(r)
+    share, label, fraction = R.visual_share(r)
     assert share.shape == (lm.num_layers,) and ((share >= 0) & (share <= 1)).all()
     assert torch.allclose(share, r.attentions[:, :, -1, sl].float().mean(1).sum(-1), atol=1e-3)
-    all_share, _ = vlm.visual_share(r, query="all", plot=False)
+    assert label == "q[11]" and 0 < fraction < 1 and len(visual_share_figure(r).axes) >= 1
+    all_share, _, _ = R.visual_share(r, query="all")
     assert all_share.shape == (lm.num_layers,)
     with pytest.raises(RunError, match="layer"):
-        vlm.image_attention(r, "img", layer=9)
+        R.image_attention(r, "img", layer=9)
 
 
 def test_video_overlay_has_a_panel_per_frame(tiny):
     lm = tiny("tiny-idefics3")
-    r = vlm.run_vlm({"segments": [{"name": "v", "modality": "video", "grid": [3, 4, 4]}, {"name": "q", "text": "?"}]},
+    r = R.run({"segments": [{"name": "v", "modality": "video", "grid": [3, 4, 4]}, {"name": "q", "text": "?"}]},
                     lm, images={"v": [picture(seed=i) for i in range(3)]})
-    assert vlm.image_attention(r, "v").shape == (3, 4, 4)
-    fig = vlm.image_overlay(r, "v")
+    assert R.image_attention(r, "v").shape == (3, 4, 4)
+    fig = image_overlay(r, "v")
     assert len([a for a in fig.axes if a.get_title().startswith("frame")]) == 3
 
 
-# ---------------------------------------------------------------- through runner.run, generation, knockout
-def test_runner_dispatches_to_vlm_by_name(tiny):
-    r = runner.run(img_spec(), "tiny-idefics3", images={"img": picture()}, max_new_tokens=3)
-    assert isinstance(r, vlm.VLMRunResult) and r.model == "tiny-idefics3"
+# ---------------------------------------------------------------- through run, generation, knockout
+def test_run_dispatches_to_the_vision_adapter_by_name(tiny):
+    r = R.run(img_spec(), "tiny-idefics3", images={"img": picture()}, max_new_tokens=3)
+    assert r.visual_segments == ["img"] and r.model == "tiny-idefics3"
     assert r.generated_layout.segments[-1]["name"] == "generated"
     assert r.generated_layout.segments[-1]["length"] == len(r.new_ids) <= 3
     assert "img" in r.summary()
@@ -250,21 +252,21 @@ def test_generation_matches_recomputing_from_pixels(tiny):
     lm = tiny("tiny-qwen2-vl")
     spec = {"segments": [{"name": "img", "modality": "image", "grid": [2, 2]},
                          {"name": "g", "text": "a", "role": "generate"}], "positions": {"scheme": "mrope"}}
-    r = vlm.run_vlm(spec, lm, images={"img": picture()}, max_new_tokens=4, attentions=False)
+    r = R.run(spec, lm, images={"img": picture()}, max_new_tokens=4, attentions=False)
     assert len(r.new_ids) >= 2
     # recompute the grown sequence from the pixels (no cached embeddings): same next token
-    prep = vlm.prepare_vlm(spec, lm, {"img": picture()})
-    grown = runner._grow(prep, r.new_ids[:-1], lm.tokenizer)
-    again = vlm.VLPrepared(grown.layout, grown.seg_ids, [], grown.gen, prep.visuals, prep.inputs)
-    ctx = runner._Context(grown.layout, lm.num_heads, "eager", record=False)
-    logits, _ = vlm._vlm_forward(lm, ctx, again, runner._positions(grown.layout, lm))
+    prep = R.prepare_vlm(spec, lm, {"img": picture()})
+    grown = R.inputs.grow(prep, r.new_ids[:-1], lm.tokenizer)
+    again = R.VLPrepared(grown.layout, grown.seg_ids, [], grown.gen, prep.visuals, prep.inputs)
+    ctx = R.MaskContext(grown.layout, lm.num_heads, "eager", record=False)
+    logits = R.VisionAdapter(lm).forward(ctx, again, R.inputs.model_positions(grown.layout, lm))
     assert int(logits[-1].argmax()) == r.new_ids[-1]
     assert r.generated_layout.segments[-1]["length"] == 1 + len(r.new_ids)
 
 
 def test_knockout_on_a_vlm_layout_keeps_its_markers(tiny):
     lm = tiny("tiny-idefics3")
-    ko = runner.knockout(img_spec(), q="q", k="img", window=1, model=lm, images={"img": picture()})
+    ko = R.knockout(img_spec(), q="q", k="img", window=1, model=lm, images={"img": picture()})
     assert len(ko.windows) == 2
     assert [s["name"] for s in ko.layout.segments] == ["sys", "img_start", "img", "img_end", "q"]
 
@@ -273,14 +275,14 @@ def test_text_model_with_images_is_refused():
     from tests.test_runner import _tiny
 
     with pytest.raises(RunError, match="text-only"):
-        runner.run(img_spec(), _tiny("llama"), images={"img": picture()})
+        R.run(img_spec(), _tiny("llama"), images={"img": picture()})
 
 
 def test_offline_hub_vlm_is_a_clear_message(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    assert vlm.is_vlm_name("Qwen/Qwen2-VL-2B-Instruct") and not vlm.is_vlm_name("gpt2")
+    assert R.is_vlm_name("Qwen/Qwen2-VL-2B-Instruct") and not R.is_vlm_name("gpt2")
     with pytest.raises(RunError, match="not downloaded") as info:
-        runner.load_model("maskstudio-test/SmolVLM-nope")
+        R.load_model("maskstudio-test/SmolVLM-nope")
     assert "tiny-qwen2-vl" in str(info.value) and "\n" not in str(info.value)
 
 
@@ -338,25 +340,28 @@ def test_app_run_with_an_uploaded_image_and_overlay(tmp_path):
 @pytest.mark.parametrize("name", FAMILIES)
 def test_every_image_and_video_preset_runs_or_is_refused_with_a_reason(tiny, name):
     """Presets with image/video segments run on test-pattern pictures (texts filled in); the only
-    refusals are position schemes the model cannot take."""
+    refusals are position schemes the model cannot take, and explicit ids written for the preset's
+    own token count (a VLM's markers and merged grids change it)."""
     from maskstudio.presets import list_presets, load_preset
 
     lm = tiny(name)
     ran, refused = 0, []
     for preset in list_presets():
         data = load_preset(preset["name"]).to_dict()
-        if not any(s["modality"] in vlm.VISUAL for s in data["segments"]):
+        if not any(s["modality"] in R.VISUAL for s in data["segments"]):
             continue
         for s in data["segments"]:
             if s["modality"] in ("text", "special") and "text" not in s:
                 s["text"] = "x" * s.get("length", 1)
         try:
-            r = vlm.run_vlm(data, lm, attentions=False)
+            r = R.run(data, lm, attentions=False)
         except RunError as err:
             refused.append((preset["name"], data["positions"]["scheme"], str(err)))
             continue
         assert torch.isfinite(r.logits).all(), preset
         ran += 1
-    assert ran >= 20
+    assert ran >= 18
     for preset, scheme, why in refused:
-        assert scheme in ("grid", "mrope") and ("1-D RoPE" in why or "diffusion" in why), (preset, why)
+        model_cannot = scheme in ("grid", "mrope") and ("1-D RoPE" in why or "diffusion" in why)
+        ids_do_not_fit = scheme == "explicit" and "positions.ids" in why
+        assert model_cannot or ids_do_not_fit, (preset, why)

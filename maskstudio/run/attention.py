@@ -1,0 +1,200 @@
+"""The attention function registered with transformers, and the per-call mask context it reads.
+
+`masked_attention` is registered as ATTN_NAME ("maskstudio") in transformers' AttentionInterface.
+A `MaskContext` travels as the extra forward kwarg `maskstudio=ctx` into its **kwargs; the function
+reads `module.layer_idx`, asks the context for that layer's mask and computes attention itself:
+
+  eager  dense bool rows from maskstudio.tiled.TiledMask, float32 softmax, probabilities recorded;
+  flex   FlexAttention with a BlockMask whose mask_mod looks partial blocks up in a bit table, so
+         one compiled kernel serves every spec and length (no N^2 mask, no probabilities).
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import torch
+
+from ..knobs import FLEX_BITS_BUDGET, FLEX_BLOCK
+from ..program import compile_program
+from ..segments import layer_key
+from ..tiled import TiledMask
+
+ATTN_NAME = "maskstudio"
+
+
+@dataclass
+class MaskContext:
+    """One forward's masks: travels to `masked_attention` through `model(..., maskstudio=ctx)`.
+
+    Masks are built on first use per distinct layer mask (layers with the same `layer_key` share
+    one) and kept for the forward; recorded probabilities land in `probs` (layer -> [H, N, N] fp16)."""
+
+    spec: object
+    num_heads: int
+    backend: str = "eager"
+    record: bool = True
+    probs: dict = field(default_factory=dict)
+    _dense: dict = field(default_factory=dict)
+    _blocks: dict = field(default_factory=dict)
+
+    def layer_key(self, layer: int) -> tuple:
+        """Layers with the same key share one mask."""
+        return layer_key(self.spec.mask, layer)
+
+    def _heads(self) -> range | list[int]:
+        return range(self.num_heads) if self.spec.varies_by_head else [0]
+
+    def dense(self, layer: int, q_start: int, device) -> torch.Tensor:
+        """bool [H or 1, n_q, N] for query rows q_start.. (True = may attend)."""
+        key = (self.layer_key(layer), q_start)
+        if key not in self._dense:
+            program = compile_program(self.spec, layer)
+            rows = [TiledMask(self.spec, layer, h, program=program).dense(q_start) for h in self._heads()]
+            self._dense[key] = torch.stack(rows).to(device)
+        return self._dense[key]
+
+    def block_mask(self, layer: int, device):
+        key = self.layer_key(layer)
+        if key not in self._blocks:
+            self._blocks[key] = flex_block_mask(self.spec, layer, self.num_heads, device)
+        return self._blocks[key]
+
+
+def masked_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """transformers attention-function signature; the mask comes from kwargs[ATTN_NAME]."""
+    ctx: MaskContext | None = kwargs.get(ATTN_NAME)
+    if ctx is None:
+        raise RuntimeError("the maskstudio attention function was called without a spec; use maskstudio.run()")
+    layer = module.layer_idx
+    n_q, n_k = query.shape[-2], key.shape[-2]
+    scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
+    window, softcap = kwargs.get("sliding_window"), kwargs.get("softcap")
+    if ctx.backend == "flex" and n_q == n_k and not ctx.record:
+        return _flex_attention(ctx, layer, query, key, value, scaling, window, softcap)
+    return _eager_attention(ctx, layer, query, key, value, scaling, window, softcap)
+
+
+def _eager_attention(ctx, layer, query, key, value, scaling, window, softcap):
+    n_q, n_k = query.shape[-2], key.shape[-2]
+    mask = ctx.dense(layer, n_k - n_q, query.device)
+    if window:  # the layer's own sliding window, same rule as transformers: q - kv < window
+        q_idx = torch.arange(n_k - n_q, n_k, device=query.device)[:, None]
+        mask = mask & (q_idx - torch.arange(n_k, device=query.device)[None, :] < window)
+    groups = query.shape[1] // key.shape[1]  # GQA: repeat kv heads (repeat_interleave order, as transformers)
+    if groups > 1:
+        key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    scores = torch.matmul(query, key.transpose(-1, -2)) * scaling
+    if softcap is not None:  # Gemma2 logit soft-capping, before masking as in eager
+        scores = torch.tanh(scores / softcap) * softcap
+    scores = scores.float().masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    probs = torch.where(mask.any(-1, keepdim=True), probs, 0.0)  # a row that sees nothing -> zeros, not NaN
+    if ctx.record:
+        ctx.probs[layer] = probs[0].to(torch.float16)
+    out = torch.matmul(probs.to(value.dtype), value).transpose(1, 2).contiguous()
+    return out, None
+
+
+def register() -> None:
+    """Make ATTN_NAME known to transformers (idempotent)."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ATTN_NAME, masked_attention)
+
+
+@contextlib.contextmanager
+def attn_impl(model, name: str):
+    """Switch `model` to the attention implementation `name` for the duration of the block."""
+    old = model.config._attn_implementation
+    if old != name:
+        model.set_attn_implementation(name)
+    try:
+        yield
+    finally:
+        if old != name:
+            model.set_attn_implementation(old)
+
+
+# ================================================================= FlexAttention
+_FLEX_FN = None
+
+
+def flex_fn(device):
+    """flex_attention, torch.compile'd once per process on CUDA (plain on CPU, where it is a
+    reference implementation used by the tests)."""
+    global _FLEX_FN
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if device.type != "cuda":
+        return flex_attention
+    if _FLEX_FN is None:
+        _FLEX_FN = torch.compile(flex_attention, dynamic=True)
+    return _FLEX_FN
+
+
+def _bit_table_mask_mod(per_head, shape, num_heads: int, block: int, device):
+    """A mask_mod over tensors only: slot[h, q block, k block] indexes bits[slot, q % B, k % B].
+
+    Slot 0 is all False (empty blocks), slot 1 all True (full blocks), then one slot per partial
+    block, so the mask_mod is right at every (q, k), whichever kernel asks: the compiled GPU kernel
+    never evaluates full blocks, but FlexAttention's reference path on CPU does."""
+    slot = torch.zeros(len(per_head), *shape, dtype=torch.int32)
+    start = 2
+    for h, (f, p, b) in enumerate(per_head):
+        slot[h][f] = 1
+        slot[h][p] = torch.arange(start, start + b.shape[0], dtype=torch.int32)
+        start += b.shape[0]
+    constant = [torch.zeros(1, block, block, dtype=torch.bool), torch.ones(1, block, block, dtype=torch.bool)]
+    bits = torch.cat(constant + [b for _, _, b in per_head])
+    # one closure and one layout (contiguous [H, Tq, Tk]) for shared and per-head masks: a
+    # broadcast view would have stride 0, which torch.compile specializes on (a second kernel)
+    slot, bits = slot.to(device).expand(num_heads, -1, -1).contiguous(), bits.to(device)
+
+    def mask_mod(b, h, q, kv):
+        return bits[slot[h, q // block, kv // block], q % block, kv % block]
+    return mask_mod
+
+
+def flex_block_mask(spec, layer: int, num_heads: int, device, block: int = FLEX_BLOCK):
+    """A BlockMask whose mask_mod looks the partial blocks up in a bit table.
+
+    The mask_mod closes over tensors only, so one compiled FlexAttention kernel serves every
+    spec and length. Memory: 2 bytes per (q block, k block) slot plus B*B bytes per partial
+    block; past FLEX_BITS_BUDGET the spec's own mask_mod is used instead (may recompile)."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    from ..compile import kv_blocks, block_states
+
+    heads = range(num_heads) if spec.varies_by_head else [0]
+    per_head = [block_states(spec, block, layer, h, with_bits=True) for h in heads]
+    # always num_heads block rows (a broadcast when the mask is shared): a head dim of 1 would be
+    # specialized by torch.compile and cost a second kernel
+    full = torch.stack([f for f, _, _ in per_head])[None].expand(1, num_heads, -1, -1)
+    partial = torch.stack([p for _, p, _ in per_head])[None].expand(1, num_heads, -1, -1)
+    kv_num, kv_idx = kv_blocks(partial)
+    full_num, full_idx = kv_blocks(full)
+    n = spec.table.n
+    n_bits = sum(b.shape[0] for _, _, b in per_head)
+    if n_bits * block * block > FLEX_BITS_BUDGET:
+        mask_mod = spec.mask_mod(layer, device)
+    else:
+        mask_mod = _bit_table_mask_mod(per_head, partial.shape[2:], num_heads, block, device)
+    return BlockMask.from_kv_blocks(kv_num.to(device), kv_idx.to(device), full_num.to(device),
+                                    full_idx.to(device), BLOCK_SIZE=block, mask_mod=mask_mod,
+                                    seq_lengths=(n, n))
+
+
+def _flex_attention(ctx, layer, query, key, value, scaling, window, softcap):
+    block_mask = ctx.block_mask(layer, query.device)
+    score_mod = None
+    if window or softcap is not None:
+        def score_mod(score, b, h, q, kv):
+            if softcap is not None:
+                score = torch.tanh(score / softcap) * softcap
+            if window:
+                score = torch.where(q - kv < window, score, -float("inf"))
+            return score
+    out = flex_fn(query.device)(query, key, value, score_mod=score_mod, block_mask=block_mask,
+                                scale=scaling, enable_gqa=query.shape[1] != key.shape[1])
+    return out.transpose(1, 2).contiguous(), None

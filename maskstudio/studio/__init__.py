@@ -1,0 +1,23 @@
+"""Everything the web app does, as plain functions over a session state (app.py only lays out
+widgets and wires events; tests/test_studio.py drives these without a browser).
+
+  state     the session state (validated Spec objects) and undo; edits return (state, error)
+  tables    the table codec: spec <-> segments / rules / overlays rows, cell parsers, table edits
+  pictures  the design's pictures as cached PNG files, the checks, the render workers, `Cache`
+  actions   run / compare / knockout / overlay / evaluate / export handlers
+
+Every name below is importable as `maskstudio.studio.<name>`.
+"""
+from ..errors import SpecError
+from .actions import (EXPORT_FORMATS, assign_images, attention_for_state, attention_picture, compare_runs,
+                      compare_static, evaluate_for_state, export_file, export_for_state, get_run, knockout_sweep,
+                      model_name, overlay_for_state, overlay_pictures, run_model, run_outputs, spec_b)
+from .pictures import (DPI, VIEWS, Cache, analysis_for, check_text, controls, density_rows, figure_png,
+                       picture_spec, render_processes, render_views, tokenizer_at_hand, view_options, warm_up)
+from .state import (BLANK, DEFAULT_PRESET, apply_json_edit, attempt, current, gallery_markdown, import_file,
+                    load_blank, load_preset_into_state, load_task_template, new_state, one_line, preset_card,
+                    preset_choices, set_snapshot, snapshot, undo)
+from .tables import (OVERLAY_COLUMNS, RULE_COLUMNS, SEGMENT_COLUMNS, apply_table_edit, apply_tables, format_ints,
+                     format_params, format_selector, format_size, format_text, parse_ints, parse_params,
+                     parse_selector, parse_size, parse_text, parse_token, rows_of, spec_to_tables,
+                     tables_to_spec_dict)

@@ -1,0 +1,322 @@
+"""What the app's buttons do beyond editing: run / compare / knockout on a model, the image
+overlay of a VLM run, A/B mask comparison, evaluation and export. Every handler returns plain
+values (PNG paths, text, rows) and an error line instead of raising: a failure the user can fix
+(a bad spec, a missing model, an unknown segment) is shown as one line, never a traceback.
+
+Model runs are kept in a small per-process cache (knobs.RUNS_KEPT); the session state only holds
+the key of its last run.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import re
+import uuid
+import zipfile
+
+from ..errors import SpecError
+from ..knobs import PICTURE_DENSE_MAX, RUNS_KEPT
+from ..segments import GRID_DIMS
+from ..spec import Spec
+from .pictures import VIEWS, WORKDIR, Cache, analysis_for, figure_png, picture_spec, render_views, sweep_workdir
+from .state import current, one_line, snapshot
+from .tables import parse_token
+
+EXPORT_FORMATS = {"json": ".json", "flex": "_flex.py", "npy": "_mask.npy", "positions": "_positions.npy",
+                  "png": "_pictures.zip"}
+RUN_ERRORS = (ValueError, OSError)  # SpecError and RunError are ValueErrors; OSError: files, downloads
+_RUNS = Cache(RUNS_KEPT)
+
+
+# ---------------------------------------------------------------- helpers
+def model_name(model_id) -> str | None:
+    model_id = (model_id or "").strip()
+    return None if model_id.lower() in ("", "default", "embedded", "smollm2") else model_id
+
+
+def _progress_adapter(progress):
+    if progress is None:
+        return None
+
+    def say(fraction, message):
+        try:
+            progress(fraction, desc=message)
+        except TypeError:
+            progress(fraction, message)
+    return say
+
+
+def _backend_kw() -> dict:
+    """Eager under ZeroGPU (no torch.compile there); else the run package's choice."""
+    return {"backend": "eager"} if importlib.util.find_spec("spaces") is not None else {}
+
+
+def _png(fig) -> str | None:
+    return figure_png(fig) if fig is not None else None
+
+
+def _layer_head(result, layer, head) -> tuple[int, int | None]:
+    """The picker values as indices: layer ''/None -> the last; head ''/None/'mean' -> None (mean);
+    out-of-range values are clamped."""
+    L, H = result.attentions.shape[:2]
+    lay = L - 1 if layer in (None, "") else min(max(int(layer), 0), L - 1)
+    hd = None if head in (None, "", "mean") else min(max(int(head), 0), H - 1)
+    return lay, hd
+
+
+# ---------------------------------------------------------------- export
+def export_file(spec: Spec, fmt: str, layer: int = 0, head: int = 0) -> str:
+    """Write one export to a fresh file named after the spec; returns its path.
+    fmt: json | flex | npy | positions | png (a zip of every picture)."""
+    from ..export import export_bytes
+
+    if fmt not in EXPORT_FORMATS:
+        raise ValueError(f"unknown format '{fmt}'; use one of {', '.join(EXPORT_FORMATS)}")
+    stem = re.sub(r"[^\w.-]+", "_", spec.name)[:80] or "spec"
+    sweep_workdir()
+    folder = os.path.join(WORKDIR, "export", uuid.uuid4().hex[:12])
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, stem + EXPORT_FORMATS[fmt])
+    if fmt == "png":
+        pics = render_views(spec, {"layer": layer, "head": head}, parallel=False)
+        with zipfile.ZipFile(path, "w") as zf:
+            for view in VIEWS:
+                zf.write(pics[view], f"{stem}_{view}.png")
+        return path
+    if fmt in ("npy", "positions", "flex"):
+        spec.require_sized()
+    with open(path, "wb") as fh:
+        fh.write(export_bytes(spec, fmt, layer=layer, head=head))
+    return path
+
+
+def export_for_state(state: dict, fmt: str, layer=0, head=0) -> tuple[str | None, str]:
+    """(path, "") or (None, error line)."""
+    try:
+        return export_file(current(state), fmt, int(layer or 0), int(head or 0)), ""
+    except (ValueError, OSError) as err:  # unknown format, unsized spec, a full disk
+        return None, one_line(err)
+
+
+# ---------------------------------------------------------------- model runs
+def _keep_run(result) -> str:
+    key = uuid.uuid4().hex
+    _RUNS.put(key, result)
+    return key
+
+
+def get_run(state: dict):
+    key = state.get("run_id") if state else None
+    return _RUNS.get(key) if key else None
+
+
+def assign_images(spec: Spec, files) -> tuple[dict, list[str]]:
+    """Uploaded files -> {image/video segment name: path or [paths]}, plus one line per segment.
+
+    A file whose name starts with a segment's name (`img.png`, `clip_03.jpg`, `clip-3.png`) goes to
+    that segment; the rest go in upload order: one to each image segment still without one, then
+    shared evenly (in order) by the video segments still without frames."""
+    paths = [f if isinstance(f, str) else (f.get("path") if isinstance(f, dict) else getattr(f, "name", str(f)))
+             for f in (files or [])]
+    visual = [s for s in spec.segments if s["modality"] in GRID_DIMS]
+    got: dict[str, list[str]] = {s["name"]: [] for s in visual}
+    rest = []
+    for path in paths:
+        base = os.path.basename(path)
+        stem = os.path.splitext(base)[0]
+        hit = max((n for n in got if stem == n or re.match(re.escape(n) + r"[_\-. ]", base)), key=len, default=None)
+        (got[hit] if hit else rest).append(path)
+    for s in visual:
+        if s["modality"] == "image" and not got[s["name"]] and rest:
+            got[s["name"]].append(rest.pop(0))
+    videos = [s["name"] for s in visual if s["modality"] == "video" and not got[s["name"]]]
+    for i, name in enumerate(videos):
+        share = len(rest) // (len(videos) - i) if len(videos) - i else 0
+        got[name], rest = rest[:share], rest[share:]
+    lines = [f"{name}: {', '.join(os.path.basename(p) for p in ps) if ps else 'no upload (test pattern)'}"
+             for name, ps in got.items()]
+    if rest:
+        lines.append(f"unused uploads: {', '.join(os.path.basename(p) for p in rest)}")
+    modality = {s["name"]: s["modality"] for s in visual}
+    images = {name: (ps[0] if len(ps) == 1 and modality[name] == "image" else ps) for name, ps in got.items() if ps}
+    return images, lines
+
+
+def _with_texts(spec: Spec, texts: dict | None) -> Spec:
+    """The design with segment texts replaced (text segments become unsized: the run sizes them)."""
+    if not texts:
+        return spec
+    data = spec.to_dict()
+    for seg in data["segments"]:
+        if seg["name"] in texts and texts[seg["name"]] is not None:
+            seg["text"] = texts[seg["name"]]
+            if seg["modality"] not in GRID_DIMS:
+                seg.pop("length", None)
+                seg.pop("frames", None)
+    return Spec.load(data)
+
+
+def run_model(state: dict, model_id: str = "", max_new_tokens: int = 0, progress=None,
+              texts: dict | None = None, images=None) -> tuple[dict, dict]:
+    """Run the current design on a model. Returns (state with run_id, outputs) where outputs has
+    "error" ("" when fine), "summary", "tokens" (rows), "top_k" (rows), "continuation",
+    "nll" (text) and pictures "attention", "mass", "curves", "rollout" (PNG paths or None).
+    `images`: uploaded files for image/video segments (see `assign_images`), for VLM runs."""
+    from ..run import run
+
+    try:
+        spec = _with_texts(current(state), texts)
+        kw = _backend_kw()
+        if images:
+            kw["images"], placed = assign_images(spec, images)
+        result = run(spec, model=model_name(model_id), max_new_tokens=int(max_new_tokens or 0),
+                     attentions=True, progress=_progress_adapter(progress), **kw)
+    except RUN_ERRORS as err:
+        return state, {"error": one_line(err)}
+    if images:
+        result.notes.extend(f"upload -> {line}" for line in placed)
+    new = dict(state)
+    new["run_id"] = _keep_run(result)
+    return new, run_outputs(result)
+
+
+def attention_picture(result, layer=None, head="mean") -> str | None:
+    """Attention probabilities of one layer (default: the last) for one head or the head mean."""
+    from ..viz import attention_figure
+
+    if result.attentions is None:
+        return None
+    return _png(attention_figure(result, *_layer_head(result, layer, head)))
+
+
+def run_outputs(result, layer=None, head="mean") -> dict:
+    from ..viz import mass_curves_figure, rollout_figure, segment_mass_figure
+
+    tokens = [[name, len(toks), "".join(toks)] for name, toks in result.tokens.items()]
+    top = [[json.dumps(t, ensure_ascii=False), round(p, 4)] for t, p in result.top_k]
+    nll = "\n".join(f"{name}: {t['mean']:.4f} nats/token over {t['tokens']} tokens (perplexity "
+                    f"{math.exp(t['mean']):.2f})" for name, t in result.target_nll.items()) \
+        or "no segment has role 'target'"
+    att = result.attentions
+    return {"error": "", "summary": result.summary(), "tokens": tokens, "top_k": top,
+            "continuation": result.text, "nll": nll, "notes": "\n".join(result.notes),
+            "layers": int(att.shape[0]) if att is not None else 0, "heads": int(att.shape[1]) if att is not None else 0,
+            "attention": attention_picture(result, layer, head), "mass": _png(segment_mass_figure(result)),
+            "curves": _png(mass_curves_figure(result)), "rollout": _png(rollout_figure(result))}
+
+
+def attention_for_state(state: dict, layer=None, head="mean") -> str | None:
+    result = get_run(state)
+    return attention_picture(result, layer, head) if result is not None else None
+
+
+def overlay_pictures(result, layer=None, head="mean", query="", segment="") -> tuple[str | None, str | None, str]:
+    """VLM runs: (attention of one query token over the image/video, heat overlay PNG; per-layer share
+    of attention to visual tokens PNG; error line). Text runs: (None, None, "")."""
+    from ..viz import image_overlay, visual_share_figure
+
+    if result is None or result.attentions is None or not getattr(result, "visuals", None):
+        return None, None, ""
+    try:
+        q = parse_token(result.layout, query)
+        lay, hd = _layer_head(result, layer, head)
+        overlay = figure_png(image_overlay(result, (segment or "").strip() or None, q, lay, hd))
+        return overlay, figure_png(visual_share_figure(result, q)), ""
+    except ValueError as err:  # SpecError (query), RunError (segment): one line
+        return None, None, one_line(err)
+
+
+def overlay_for_state(state: dict, layer=None, head="mean", query="", segment="") -> tuple[str | None, str | None, str]:
+    return overlay_pictures(get_run(state), layer, head, query, segment)
+
+
+def knockout_sweep(state: dict, q: str, k: str, window: int = 3, model_id: str = "", progress=None) -> dict:
+    """Block q -> k in a sliding window of layers; {"error", "summary", "curve" (PNG)}."""
+    from ..run import knockout, load_model
+    from ..viz import knockout_figure
+
+    try:
+        lm = load_model(model_name(model_id), progress=_progress_adapter(progress))
+        ko = knockout(current(state), q or "*", k, window=int(window or 3), model=lm, **_backend_kw())
+    except RUN_ERRORS as err:
+        return {"error": one_line(err), "summary": "", "curve": None}
+    return {"error": "", "summary": ko.summary(), "curve": figure_png(knockout_figure(ko))}
+
+
+# ---------------------------------------------------------------- compare
+def spec_b(state: dict, choice: str) -> Spec:
+    """Design B: "snapshot" (the kept snapshot) or a preset name."""
+    if not choice or choice == "snapshot":
+        if snapshot(state) is None:
+            raise SpecError("compare", "no snapshot kept yet; press 'Keep snapshot as B' or pick a preset")
+        return snapshot(state)
+    from ..presets import load_preset
+
+    return load_preset(choice)
+
+
+def _side_by_side(a: Spec, b: Spec) -> list[str]:
+    ta, tb = analysis_for(a).summary().splitlines(), analysis_for(b).summary().splitlines()
+    width = max(len(x) for x in ta) + 2
+    lines = [f"{'A: ' + a.name:<{width}}| B: {b.name}", "-" * (width + 20)]
+    for i in range(max(len(ta), len(tb))):
+        la = ta[i] if i < len(ta) else ""
+        lb = tb[i] if i < len(tb) else ""
+        lines.append(f"{la:<{width}}| {lb}")
+    return lines
+
+
+def compare_static(state: dict, choice: str = "snapshot") -> dict:
+    """No model: both check reports and a picture of where the masks differ (same token count)."""
+    from ..viz import mask_diff_figure
+
+    try:
+        a, b = current(state), spec_b(state, choice)
+        a, _ = picture_spec(a)
+        b, _ = picture_spec(b)
+    except SpecError as err:
+        return {"error": one_line(err), "summary": "", "diff": None}
+    lines = _side_by_side(a, b)
+    diff = None
+    if a.n == b.n and a.n <= PICTURE_DENSE_MAX:
+        diff = figure_png(mask_diff_figure(a, b))
+    else:
+        lines.append(f"\n(no mask difference picture: A has {a.n} tokens, B has {b.n})")
+    return {"error": "", "summary": "\n".join(lines), "diff": diff}
+
+
+def compare_runs(state: dict, choice: str = "snapshot", model_id: str = "", max_new_tokens: int = 0,
+                 progress=None) -> dict:
+    """A vs B on a model: outputs, KL per position, segment-mass difference."""
+    from ..run import compare, load_model
+    from ..viz import kl_figure, mass_diff_figure
+
+    try:
+        b = spec_b(state, choice)
+        lm = load_model(model_name(model_id), progress=_progress_adapter(progress))
+        cmp = compare(current(state), b, model=lm, max_new_tokens=int(max_new_tokens or 0), **_backend_kw())
+    except RUN_ERRORS as err:
+        return {"error": one_line(err), "summary": "", "kl": None, "mass_diff": None}
+    return {"error": "", "summary": cmp.summary(), "kl": figure_png(kl_figure(cmp)),
+            "mass_diff": _png(mass_diff_figure(cmp))}
+
+
+# ---------------------------------------------------------------- evaluate
+def evaluate_for_state(state: dict, task: str, n: int, baseline: str, model_id: str = "", progress=None) -> dict:
+    """The design against a baseline ("template": the task's causal template, or "snapshot") on
+    generated examples; {"error", "text", "figure" (PNG)}."""
+    from ..evaluate import evaluate_design
+
+    say = _progress_adapter(progress)
+    if say is not None:
+        say(0.05, "loading the model and scoring examples")
+    base = snapshot(state) if baseline == "snapshot" else None
+    if baseline == "snapshot" and base is None:
+        return {"error": "no snapshot kept yet: use Compare → Keep snapshot as B", "text": "", "figure": None}
+    try:
+        out = evaluate_design(current(state), task, int(n), baseline=base, model=model_name(model_id))
+    except RUN_ERRORS as err:  # one line in the UI, never a traceback; the design stays
+        return {"error": one_line(err), "text": "", "figure": None}
+    return {"error": "", "text": out["text"], "figure": figure_png(out["figure"])}

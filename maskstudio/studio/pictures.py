@@ -1,0 +1,364 @@
+"""The design's pictures as PNG files, and the checks beside them.
+
+Pictures are content-addressed and cached: a view is redrawn only when the part of the spec it
+depends on changes (positions and RoPE distance ignore the mask, so a rule edit redraws the mask,
+flow and reach views only). Views not drawn before are drawn in parallel by render workers
+(processes when MASKSTUDIO_RENDER_PROCESSES > 0, as app.py asks; else threads) while the calling
+thread computes the checks.
+
+`Cache` is the one bounded, thread-safe LRU map of the app: drawn pictures, analyses and sized
+picture specs here, model runs in actions.py.
+"""
+from __future__ import annotations
+
+import atexit
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from typing import Any, Callable
+
+from ..errors import RunError, SpecError
+from ..knobs import ANALYSIS_DENSE_MAX, PICTURE_CACHE, TOKEN_GRAPH_MAX, TOKEN_LABEL_MAX, WORKDIR_MAX_AGE_S
+from ..segments import all_steps, expand_int_list, segment_size
+from ..spec import Spec
+from .tables import parse_token
+
+VIEWS = ("mask", "positions", "distance", "flow", "reach")
+DRAW_ORDER = ("mask", "reach", "distance", "flow", "positions")  # slowest first, for the workers
+DPI = 80
+WORKDIR = tempfile.mkdtemp(prefix="maskstudio-app-")
+atexit.register(shutil.rmtree, WORKDIR, ignore_errors=True)
+_MISSING = object()
+
+
+def remove_if_ours(value) -> None:
+    """Delete `value` when it is a file in WORKDIR (a picture the cache let go)."""
+    if isinstance(value, str) and value.startswith(WORKDIR + os.sep) and os.path.isfile(value):
+        try:
+            os.remove(value)
+        except OSError:  # already gone, or in use on a platform that forbids it: swept later
+            pass
+
+
+def sweep_workdir(max_age_s: float = WORKDIR_MAX_AGE_S, now: float | None = None) -> int:
+    """Delete run pictures and exports older than `max_age_s` (Gradio has its own copy by then;
+    cached design pictures are kept). Returns how many files went."""
+    now = time.time() if now is None else now
+    keep = {v for v in _CACHE.values() if isinstance(v, str)}
+    gone = 0
+    for root, dirs, files in os.walk(WORKDIR, topdown=False):
+        for name in files:
+            path = os.path.join(root, name)
+            try:
+                if path not in keep and now - os.path.getmtime(path) > max_age_s:
+                    os.remove(path)
+                    gone += 1
+            except OSError:
+                continue
+        if root != WORKDIR and not os.listdir(root):
+            os.rmdir(root)
+    return gone
+
+
+class Cache:
+    """A bounded least-recently-used map, safe to share between threads."""
+
+    def __init__(self, size: int, on_evict: Callable[[Any], None] | None = None):
+        self.size = size
+        self._items: OrderedDict = OrderedDict()
+        self._lock = threading.Lock()
+        self._on_evict = on_evict
+
+    def get(self, key, default=None):
+        with self._lock:
+            if key not in self._items:
+                return default
+            self._items.move_to_end(key)
+            return self._items[key]
+
+    def put(self, key, value):
+        evicted = []
+        with self._lock:
+            self._items[key] = value
+            self._items.move_to_end(key)
+            while len(self._items) > self.size:
+                evicted.append(self._items.popitem(last=False)[1])
+        if self._on_evict is not None:
+            for old in evicted:
+                self._on_evict(old)
+        return value
+
+    def values(self) -> list:
+        with self._lock:
+            return list(self._items.values())
+
+    def get_or_make(self, key, make: Callable[[], Any]):
+        """The cached value, or make() stored (made outside the lock: two threads may both make it)."""
+        hit = self.get(key, _MISSING)
+        return hit if hit is not _MISSING else self.put(key, make())
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+_CACHE = Cache(PICTURE_CACHE, on_evict=remove_if_ours)  # "png:" paths, "an:" analyses, "sized:" picture specs
+
+
+def digest(*parts) -> str:
+    return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def figure_png(fig, path: str | None = None, dpi: int = DPI) -> str:
+    """Draw a matplotlib Figure to a PNG file (fast zlib level) and free it; returns the path."""
+    from ..viz import write_png
+
+    if path is None:  # a one-off picture (a run's): old ones are swept
+        sweep_workdir()
+        path = os.path.join(WORKDIR, f"{uuid.uuid4().hex}.png")
+    return write_png(fig, path, dpi)
+
+
+# ---------------------------------------------------------------- sizes and options
+def tokenizer_at_hand():
+    """The tokenizer of a text model this process has already loaded (never loads one)."""
+    if "maskstudio.run" not in sys.modules:  # no model can be loaded before the run package is
+        return None
+    from ..run import loaded_tokenizer
+
+    return loaded_tokenizer()
+
+
+def _sized(spec: Spec, missing: list[str], tok) -> tuple[Spec, str]:
+    data = spec.to_dict()
+    if tok is not None:
+        from ..run import size_by_tokenizer
+
+        try:
+            for seg in data["segments"]:
+                if segment_size(seg) is None:
+                    size_by_tokenizer(seg, tok, [], spec)
+            return Spec.load(data), f"sizes of {', '.join(missing)} come from the loaded model's tokenizer"
+        except (RunError, SpecError):
+            data = spec.to_dict()
+    for seg in data["segments"]:
+        if segment_size(seg) is None:
+            text = seg["text"] if isinstance(seg["text"], str) else " ".join(seg["text"])
+            seg["length"] = max(1, round(len(text.split()) * 1.3))
+    return Spec.load(data), (f"sizes of {', '.join(missing)} are estimated from their text for the "
+                             f"pictures; a run sizes them with the model's tokenizer")
+
+
+def picture_spec(spec: Spec) -> tuple[Spec, str]:
+    """A sized spec for pictures: text-only segments are sized by the loaded model's tokenizer when
+    one is at hand (exactly what a run will do), else estimated from their word count. Sized specs
+    are returned as they are; a sizing is made (and validated) once per design and tokenizer."""
+    missing = spec.unsized_segments()
+    if not missing:
+        return spec, ""
+    tok = tokenizer_at_hand()
+    key = "sized:" + digest(spec.to_dict(), id(tok) if tok is not None else None)
+    return _CACHE.get_or_make(key, lambda: _sized(spec, missing, tok))
+
+
+def view_options(spec: Spec, options: dict | None = None) -> dict:
+    """Fill and clamp the picture options: layer, head, reach_layers, reach_token, query, flow_level,
+    token_labels (the real tokens, for small layouts with text once a model is loaded)."""
+    from ..flow import default_layers
+    from ..tokens import token_labels
+
+    o = dict(options or {})
+    o["layer"] = max(0, int(o.get("layer") or 0))
+    o["head"] = max(0, int(o.get("head") or 0))
+    o["reach_layers"] = max(1, min(64, int(o.get("reach_layers") or default_layers(spec))))
+    o["reach_token"] = parse_token(spec, o.get("reach_token"))
+    names = [s["name"] for s in spec.segments]
+    o["query"] = o.get("query") if o.get("query") in names else None
+    o["flow_level"] = o.get("flow_level") if o.get("flow_level") in ("segment", "frame", "token") else "segment"
+    if o["flow_level"] == "token" and spec.n > TOKEN_GRAPH_MAX:
+        o["flow_level"] = "segment"
+    small_text = spec.n <= TOKEN_LABEL_MAX and any("text" in seg for seg in spec.segments)
+    tok = tokenizer_at_hand() if small_text else None
+    o["token_labels"] = token_labels(spec, tok) if tok is not None else None
+    return o
+
+
+def controls(spec: Spec) -> dict:
+    """What the pickers should offer for this design: whether the mask varies by layer/head, the
+    layer/head ranges, the segment names (distance query, knockout, reach token)."""
+    from ..flow import default_layers
+
+    heads = [h for _, s in all_steps(spec.mask) if "heads" in s for h in expand_int_list(s["heads"])]
+    return {"varies_by_layer": spec.varies_by_layer, "varies_by_head": spec.varies_by_head,
+            "layers": default_layers(spec), "heads": max(heads, default=0) + 2,
+            "segments": [s["name"] for s in spec.segments]}
+
+
+# ---------------------------------------------------------------- checks
+def analysis_for(spec: Spec, layer: int = 0, head: int = 0):
+    from ..analysis import analyze
+
+    return _CACHE.get_or_make("an:" + digest(spec.to_dict(), layer, head),
+                              lambda: analyze(spec, layer=layer, head=head, dense_limit=ANALYSIS_DENSE_MAX))
+
+
+def check_text(spec: Spec, layer: int = 0, head: int = 0) -> str:
+    """The checks report: density, empty rows, leaks, KV-cache compatibility, block sparsity, FLOPs."""
+    spec, note = picture_spec(spec)
+    text = f"{spec.name}\n\n{analysis_for(spec, layer, head).summary()}"
+    return text + (f"\n\nnote: {note}" if note else "")
+
+
+def density_rows(spec: Spec, layer: int = 0, head: int = 0) -> dict:
+    """The segment density table (rows = query segment, columns = key segment) for a Dataframe."""
+    spec, _ = picture_spec(spec)
+    a = analysis_for(spec, layer, head)
+    rows = [[name] + [round(v, 3) for v in row] for name, row in zip(a.names, a.segment_density.tolist())]
+    return {"headers": ["q \\ k"] + list(a.names), "data": rows}
+
+
+# ---------------------------------------------------------------- drawing one view
+def _view_key(data: dict, view: str, o: dict) -> str:
+    """What the view depends on: positions and distance only on the layout, the rest on everything."""
+    layout = {"segments": data["segments"], "positions": data["positions"], "name": data.get("name")}
+    if view == "positions":
+        return digest(view, layout)
+    if view == "distance":
+        return digest(view, layout, o["query"])
+    if view == "mask":
+        return digest(view, data, o["layer"], o["head"], o.get("token_labels"))
+    if view == "flow":
+        return digest(view, data, o["layer"], o["head"], o["flow_level"])
+    return digest(view, data, o["head"], o["reach_layers"], o["reach_token"])
+
+
+def _draw(spec: Spec, view: str, o: dict, path: str) -> str:
+    """Draw one view to `path` (runs in a render worker process or a thread)."""
+    from ..viz import render
+
+    kw: dict = {}
+    if view == "mask":
+        kw = dict(layer=o["layer"], head=o["head"], token_labels=o.get("token_labels"))
+    elif view == "distance":
+        kw = dict(query=o["query"])
+    elif view == "flow":
+        kw = dict(layer=o["layer"], head=o["head"], level=o["flow_level"])
+        if o["flow_level"] == "segment":
+            kw["analysis"] = analysis_for(spec, o["layer"], o["head"])
+    elif view == "reach":
+        kw = dict(head=o["head"], layers=o["reach_layers"], token=o["reach_token"])
+    return figure_png(render(spec, view, **kw), path)
+
+
+def _draw_job(data: dict, view: str, o: dict, path: str) -> str:
+    return _draw(Spec.from_valid(data), view, o, path)
+
+
+def _warm_job() -> int:
+    """Imports, fonts and the first Agg draw, so the first real picture is not slow."""
+    from .state import BLANK
+
+    blank = Spec.load(BLANK)
+    _draw(blank, "mask", view_options(blank), os.path.join(WORKDIR, "warm.png"))
+    return os.getpid()
+
+
+# ---------------------------------------------------------------- render workers
+_THREADS = ThreadPoolExecutor(max_workers=2, thread_name_prefix="maskstudio-render")
+_PROCS = None
+_PROCS_LOCK = threading.Lock()
+
+
+def _watch_parent(parent: int) -> None:
+    """Render worker initializer: exit when the app process is gone (even after SIGKILL), so no
+    worker outlives the app."""
+    def watch():
+        while True:
+            time.sleep(1.0)
+            if os.getppid() != parent:
+                os._exit(0)
+    threading.Thread(target=watch, daemon=True, name="maskstudio-parent-watch").start()
+
+
+def render_processes() -> int:
+    """Worker processes for pictures (matplotlib holds the GIL, so threads do not draw in
+    parallel). 0 (the library default) draws in threads of this process; app.py asks for
+    min(2, cores). Processes are spawned, so the main script needs `if __name__ == "__main__"`."""
+    return int(os.environ.get("MASKSTUDIO_RENDER_PROCESSES", "0"))
+
+
+def _process_pool():
+    global _PROCS
+    if render_processes() <= 0:
+        return None
+    with _PROCS_LOCK:
+        if _PROCS is None:
+            import atexit
+            import multiprocessing as mp
+            from concurrent.futures import ProcessPoolExecutor
+
+            _PROCS = ProcessPoolExecutor(max_workers=render_processes(), mp_context=mp.get_context("spawn"),
+                                         initializer=_watch_parent, initargs=(os.getpid(),))
+            atexit.register(_PROCS.shutdown, wait=False, cancel_futures=True)
+        return _PROCS
+
+
+def _reset_pool() -> None:
+    global _PROCS
+    with _PROCS_LOCK:
+        if _PROCS is not None:
+            _PROCS.shutdown(wait=False, cancel_futures=True)
+        _PROCS = None
+
+
+def warm_up() -> list[int]:
+    """Start the render workers and draw once in each (call at app start)."""
+    pool = _process_pool()
+    if pool is None:
+        _warm_job()
+        return [os.getpid()]
+    return [f.result() for f in [pool.submit(_warm_job) for _ in range(render_processes())]]
+
+
+def _submit(spec: Spec, data: dict, view: str, o: dict, path: str):
+    pool = _process_pool()
+    if pool is not None:
+        return pool.submit(_draw_job, data, view, o, path)
+    return _THREADS.submit(_draw, spec, view, o, path)
+
+
+# ---------------------------------------------------------------- every picture
+def render_views(spec: Spec, options: dict | None = None, views=VIEWS, parallel: bool = True) -> dict:
+    """Every picture of a design plus the checks: {"mask": png path, ..., "checks": text,
+    "density": {"headers", "data"}, "note": text, "options": the clamped options}."""
+    spec, note = picture_spec(spec)
+    o = view_options(spec, options)
+    out: dict = {"note": note, "options": o}
+    data = spec.to_dict()
+    todo = {}
+    for v in sorted(views, key=lambda v: DRAW_ORDER.index(v) if v in DRAW_ORDER else 99):
+        key = "png:" + _view_key(data, v, o)
+        hit = _CACHE.get(key)
+        if hit is not None and os.path.exists(hit):
+            out[v] = hit
+        else:
+            todo[v] = (key, os.path.join(WORKDIR, f"{v}-{key[4:]}.png"))
+    futures = {v: _submit(spec, data, v, o, path) for v, (key, path) in todo.items()} if parallel else {}
+    out["checks"] = check_text(spec, o["layer"], o["head"])
+    out["density"] = density_rows(spec, o["layer"], o["head"])
+    for v, (key, path) in todo.items():
+        try:
+            drawn = futures[v].result() if parallel else _draw(spec, v, o, path)
+        except BrokenProcessPool:  # a worker died (killed, out of memory): draw here, start afresh
+            _reset_pool()
+            drawn = _draw(spec, v, o, path)
+        out[v] = _CACHE.put(key, drawn)
+    return out

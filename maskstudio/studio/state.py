@@ -1,0 +1,179 @@
+"""A session's state and its undo history, and the preset gallery texts.
+
+The state is a plain dict (what `gr.State` holds, one per browser tab / client session):
+
+    {"spec": Spec (the last *valid* design),
+     "history": [older Specs]   (undo stack, newest last, at most knobs.HISTORY),
+     "snapshot": Spec or None    (design B for comparisons),
+     "run_id": key of the last model run in this process's run cache, or None}
+
+It holds validated Spec objects, so a design is validated exactly once, when it is made (an edit,
+a preset, an upload); everything after reads the Spec (and its cached token table) as it is.
+
+Edits never raise: `apply_json_edit` / `import_file` / `undo` / ... (and tables.apply_table_edit) return
+`(state, error)` where `error` is "" or the one-line error text, and on error the state (hence the
+pictures) is the previous good one.
+"""
+from __future__ import annotations
+
+import html
+import re
+from typing import Any, Callable
+
+from ..errors import SpecError
+from .. import knobs
+from ..knobs import HISTORY
+from ..spec import Spec
+
+DEFAULT_PRESET = "multiverse"
+BLANK = {"maskstudio": 1, "name": "untitled",
+         "segments": [{"name": "prompt", "modality": "text", "length": 12},
+                      {"name": "answer", "modality": "text", "length": 8, "role": ["generate"]}],
+         "mask": {"base": {"pattern": "causal"}}, "positions": {"scheme": "sequential"}}
+
+
+# ---------------------------------------------------------------- the state
+def new_state(spec: Any = None) -> dict:
+    """A fresh session: the given spec (Spec, dict, JSON), else the default preset, else BLANK."""
+    if spec is None:
+        from ..presets import load_preset
+
+        try:
+            spec = load_preset(DEFAULT_PRESET)
+        except (SpecError, OSError):  # a missing or broken preset folder still gives a working app
+            spec = BLANK
+    spec = spec if isinstance(spec, Spec) else Spec.load(spec)
+    return {"spec": spec, "history": [], "snapshot": None, "run_id": None}
+
+
+def current(state: dict) -> Spec:
+    """The session's design (validated when it was made; never re-validated here)."""
+    return state["spec"]
+
+
+def snapshot(state: dict) -> Spec | None:
+    return state.get("snapshot")
+
+
+def one_line(err: BaseException) -> str:
+    """An error as the one line the UI shows."""
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
+
+
+def _push(state: dict, spec: Spec) -> dict:
+    """A new state whose design is `spec`; the old design goes on the undo stack."""
+    new = dict(state)
+    if spec == state["spec"]:
+        return new
+    new["history"] = (list(state.get("history", [])) + [state["spec"]])[-HISTORY:]
+    new["spec"] = spec
+    return new
+
+
+def attempt(state: dict, make: Callable[[], Spec]) -> tuple[dict, str]:
+    """Make a new design (validating it once) and push it; on error the state is unchanged."""
+    try:
+        return _push(state, make()), ""
+    except SpecError as err:
+        return state, one_line(err)
+    except (ValueError, TypeError, KeyError) as err:  # a malformed cell: still one line, never a crash
+        return state, one_line(err)
+
+
+# ---------------------------------------------------------------- edits
+def load_preset_into_state(state: dict, name: str, sizes: dict | None = None) -> tuple[dict, str]:
+    from ..presets import load_preset
+
+    return attempt(state, lambda: load_preset(name, sizes))
+
+
+def load_blank(state: dict) -> tuple[dict, str]:
+    return attempt(state, lambda: Spec.load(BLANK))
+
+
+def apply_json_edit(state: dict, text: str) -> tuple[dict, str]:
+    if not isinstance(text, str) or not text.strip():
+        return state, "the JSON editor is empty; paste a spec or pick a preset"
+    return attempt(state, lambda: Spec.from_json(text))  # JSON text only: never a path on the server
+
+
+def import_file(state: dict, path) -> tuple[dict, str]:
+    """Upload: a JSON spec file (path, or a gradio file object with .name)."""
+    if path is None:
+        return state, "no file uploaded"
+    path = getattr(path, "name", path)
+    try:
+        with open(path, encoding="utf-8") as fh:
+            text = fh.read(knobs.MAX_SPEC_BYTES + 1)  # the upload gradio stored, never a typed path
+    except (OSError, UnicodeDecodeError) as err:
+        return state, f"cannot read the upload: {one_line(err)}"
+    if len(text) > knobs.MAX_SPEC_BYTES:
+        return state, f"the upload is over {knobs.MAX_SPEC_BYTES >> 20} MiB; a spec is a small JSON file"
+    return apply_json_edit(state, text)
+
+
+def load_task_template(state: dict, task: str) -> tuple[dict, str]:
+    """An evaluation task's causal template as the design (its segments are the task's parts)."""
+    from ..evaluate import task_template
+
+    return attempt(state, lambda: task_template(task))
+
+
+def undo(state: dict) -> tuple[dict, str]:
+    history = list(state.get("history", []))
+    if not history:
+        return state, "nothing to undo"
+    new = dict(state)
+    new["spec"] = history.pop()
+    new["history"] = history
+    return new, ""
+
+
+def set_snapshot(state: dict) -> dict:
+    """Keep the current design as B for comparisons (Specs are immutable: no copy needed)."""
+    new = dict(state)
+    new["snapshot"] = state["spec"]
+    return new
+
+
+# ---------------------------------------------------------------- the preset gallery
+def preset_choices() -> list[tuple[str, str]]:
+    """Dropdown (label, value) pairs, grouped: "video · tc_llava"."""
+    from ..presets import list_presets
+
+    return [(f"{p['group']} · {p['name']}", p["name"]) for p in list_presets()]
+
+
+def _first_sentence(text: str) -> str:
+    m = re.match(r"(.+?[.!?])(\s|$)", text.strip())
+    return (m.group(1) if m else text.strip())[:220]
+
+
+def _md(text: str) -> str:
+    """Plain text for Markdown: tags like <Path> shown, not swallowed as HTML; no table breaks."""
+    return html.escape(text, quote=False).replace("|", "/")
+
+
+def preset_card(name: str) -> str:
+    """Markdown: the preset's group, one-line 'what it does' and citation."""
+    from ..presets import list_presets
+
+    for p in list_presets():
+        if p["name"] == name:
+            return (f"**{p['name']}** · *{p['group']}*  \n{_md(_first_sentence(p['description']))}  \n"
+                    f"<small>{_md(p['citation'])}</small>")
+    return ""
+
+
+def gallery_markdown() -> str:
+    """Every preset, grouped, with what it does and its citation."""
+    from ..presets import list_presets
+
+    lines, group = [], None
+    for p in list_presets():
+        if p["group"] != group:
+            group = p["group"]
+            lines += ["", f"#### {group}", "", "| preset | what it does | citation |", "|---|---|---|"]
+        lines.append(f"| `{p['name']}` | {_md(_first_sentence(p['description']))} | {_md(p['citation'])} |")
+    return "\n".join(lines).strip()

@@ -1,0 +1,373 @@
+"""The table codec: a spec <-> the segments, rules and overlays tables the app edits.
+
+Tables are lists of string rows (what a gr.Dataframe edits). Sizes are written `12`, `24x24`,
+`8x16x16` or `4+4+4` (frames); roles and selectors as `a, b`; pattern parameters as
+`size=4, causal=false` (or a JSON object); layers and heads as `0, 1, 2` or `start:stop[:step]`.
+A table row that is unchanged keeps its exact previous JSON (so per-token attrs, one-name selector
+lists and the like survive a table edit). Parse errors are SpecErrors naming the cell's JSON path;
+apply_table_edit turns them into the one-line error of an edit, like every other edit (state.attempt).
+Token references (`12`, `answer`, `answer[3]`) are parsed here too (parse_token).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import re
+
+from ..errors import SpecError, did_you_mean
+from ..spec import Spec
+from .state import attempt
+
+SEGMENT_COLUMNS = ["name", "modality", "size", "branch", "roles", "text"]
+RULE_COLUMNS = ["kind", "q", "k", "pattern", "params", "layers", "heads"]
+OVERLAY_COLUMNS = ["op", "q", "k", "pattern", "params", "layers", "heads"]
+STRUCTURAL = ("pattern", "op", "q", "k", "layers", "heads")  # rule keys that have their own column
+_BARE = re.compile(r"^[A-Za-z_][\w:.\-]*$")
+
+
+# ---------------------------------------------------------------- cells
+def _cell(v) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, float) and math.isnan(v):
+        return ""
+    if isinstance(v, float) and v.is_integer():
+        return str(int(v))
+    return str(v).strip()
+
+
+def rows_of(table) -> list[list[str]]:
+    """Rows of a Dataframe value (list of lists, pandas DataFrame or {"data": ...}); blank rows dropped."""
+    if table is None:
+        return []
+    if isinstance(table, dict):
+        table = table.get("data", [])
+    if hasattr(table, "values") and hasattr(table, "columns"):
+        table = table.values.tolist()
+    out = []
+    for row in table:
+        cells = [_cell(v) for v in row]
+        if any(cells):
+            out.append(cells)
+    return out
+
+
+def _pad(row: list[str], n: int) -> list[str]:
+    return (list(row) + [""] * n)[:n]
+
+
+def format_size(seg: dict) -> str:
+    if "grid" in seg:
+        return "x".join(str(g) for g in seg["grid"])
+    if "frames" in seg:
+        return "+".join(str(f) for f in seg["frames"])
+    return str(seg["length"]) if "length" in seg else ""
+
+
+def parse_size(text: str, path: str) -> dict:
+    """'12' -> length, '24x24' / '8x16x16' -> grid, '4+4+4' -> frames, '' -> unsized (text only)."""
+    text = text.strip().lower().replace("×", "x").replace(" ", "")
+    if not text:
+        return {}
+    try:
+        if "x" in text:
+            return {"grid": [int(p) for p in text.split("x")]}
+        if "+" in text:
+            return {"frames": [int(p) for p in text.split("+")]}
+        return {"length": int(text)}
+    except ValueError:
+        raise SpecError(path, f"size '{text}' is not like 12, 24x24, 8x16x16 or 4+4+4 (frames)") from None
+
+
+def _split_top(text: str) -> list[str]:
+    """Split on commas outside brackets, braces and quotes."""
+    parts, depth, quote, cur = [], 0, None, []
+    for ch in text:
+        if quote:
+            cur.append(ch)
+            if ch == quote:
+                quote = None
+            continue
+        if ch in "\"'":
+            quote = ch
+        elif ch in "[{(":
+            depth += 1
+        elif ch in "]})":
+            depth -= 1
+        if ch == "," and depth == 0:
+            parts.append("".join(cur))
+            cur = []
+        else:
+            cur.append(ch)
+    parts.append("".join(cur))
+    return [p.strip() for p in parts if p.strip()]
+
+
+def _value(text: str):
+    low = text.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if low in ("none", "null"):
+        return None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        if len(text) >= 2 and text[0] == text[-1] == "'":
+            return text[1:-1]
+        return text
+
+
+def format_params(params: dict) -> str:
+    out = []
+    for k, v in params.items():
+        if isinstance(v, str) and _BARE.match(v) and v.lower() not in ("true", "false", "none", "null"):
+            out.append(f"{k}={v}")
+        else:
+            out.append(f"{k}={json.dumps(v)}")
+    return ", ".join(out)
+
+
+def parse_params(text: str, path: str) -> dict:
+    """'size=4, causal=false, by=frame' or a JSON object -> dict."""
+    text = text.strip()
+    if not text:
+        return {}
+    if text.startswith("{"):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise SpecError(path, f"parameters are not valid JSON ({err.msg}); write size=4, causal=false") from None
+        if not isinstance(data, dict):
+            raise SpecError(path, "parameters must be an object")
+        return data
+    out = {}
+    for part in _split_top(text):
+        if "=" not in part:
+            raise SpecError(path, f"'{part}' is not name=value; write e.g. size=4, causal=false")
+        key, val = part.split("=", 1)
+        out[key.strip()] = _value(val.strip())
+    return out
+
+
+def format_ints(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, dict):
+        return f"{value['start']}:{value['stop']}" + (f":{value['step']}" if value.get("step", 1) != 1 else "")
+    return ", ".join(str(x) for x in value)
+
+
+def parse_ints(text: str, path: str):
+    """'0, 1, 2' -> [0, 1, 2]; '0:12:2' -> {"start": 0, "stop": 12, "step": 2}; '' -> None."""
+    text = text.strip()
+    if not text:
+        return None
+    try:
+        if text.startswith(("[", "{")):
+            return json.loads(text)
+        if ":" in text:
+            parts = [int(p) if p.strip() else None for p in text.split(":")]
+            start, stop = parts[0] or 0, parts[1]
+            step = parts[2] if len(parts) > 2 and parts[2] is not None else 1
+            return {"start": start, "stop": stop, "step": step}
+        return [int(p) for p in text.replace(" ", ",").split(",") if p.strip()]
+    except (ValueError, json.JSONDecodeError, IndexError):
+        raise SpecError(path, f"'{text}' is not like 0, 1, 2 or start:stop[:step]") from None
+
+
+def format_selector(sel) -> str:
+    return sel if isinstance(sel, str) else ", ".join(sel)
+
+
+def parse_selector(text: str):
+    items = [p.strip() for p in text.split(",") if p.strip()]
+    if not items:
+        return "*"
+    return items[0] if len(items) == 1 else items
+
+
+def format_text(text) -> str:
+    if text is None:
+        return ""
+    return text if isinstance(text, str) else json.dumps(text, ensure_ascii=False)
+
+
+def parse_text(text: str):
+    if text.startswith("["):
+        try:
+            data = json.loads(text)
+            if isinstance(data, list) and all(isinstance(t, str) for t in data):
+                return data
+        except json.JSONDecodeError:
+            pass
+    return text
+
+
+def parse_token(spec: Spec, text) -> int:
+    """'12' -> token 12; 'answer' -> the last token of segment answer; 'answer[3]' -> its 4th token;
+    '' / None -> the last token. Out-of-range indices are clamped."""
+    t = spec.table
+    n = t.n
+    if text is None or (isinstance(text, str) and not text.strip()):
+        return n - 1
+    if isinstance(text, (int, float)):
+        return int(min(max(int(text), 0), n - 1))
+    text = text.strip()
+    if re.fullmatch(r"-?\d+", text):
+        i = int(text)
+        return min(max(i if i >= 0 else n + i, 0), n - 1)
+    m = re.fullmatch(r"(.+?)(?:\[(-?\d+)\])?", text)
+    name, local = m.group(1).strip(), m.group(2)
+    if name not in t.names:
+        raise SpecError("reach.token", f"no segment named '{name}'{did_you_mean(name, t.names)}")
+    s = t.names.index(name)
+    size = t.sizes[s]
+    j = size - 1 if local is None else int(local)
+    j = j if j >= 0 else size + j
+    return t.starts[s] + min(max(j, 0), size - 1)
+
+
+# ---------------------------------------------------------------- spec -> tables
+def _step_params(step: dict, structural) -> dict:
+    return {k: v for k, v in step.items() if k not in structural}
+
+
+def _step_row(first: str, step: dict) -> list[str]:
+    return [first, format_selector(step["q"]), format_selector(step["k"]), step["pattern"],
+            format_params(_step_params(step, STRUCTURAL)), format_ints(step.get("layers")),
+            format_ints(step.get("heads"))]
+
+
+def spec_to_tables(spec) -> dict:
+    """{"segments": rows, "rules": rows, "overlays": rows, "scheme": str, "position_params": str}.
+    `spec`: a Spec or its canonical dict."""
+    data = spec.to_dict() if isinstance(spec, Spec) else spec
+    segs = [[s["name"], s["modality"], format_size(s), s.get("branch", ""), ", ".join(s.get("role", [])),
+             format_text(s.get("text"))] for s in data["segments"]]
+    mask = data["mask"]
+    base = mask["base"]
+    rules = [["base", "*", "*", base["pattern"], format_params(_step_params(base, ("pattern",))), "", ""]]
+    rules += [_step_row("rule", r) for r in mask.get("rules", [])]
+    overlays = [_step_row(o.get("op", "or"), o) for o in mask.get("overlays", [])]
+    pos = data["positions"]
+    return {"segments": segs, "rules": rules, "overlays": overlays, "scheme": pos["scheme"],
+            "position_params": format_params({k: v for k, v in pos.items() if k != "scheme"})}
+
+
+# ---------------------------------------------------------------- tables -> spec
+def _segments_from_rows(old: dict, before: dict, segments_rows) -> list[dict]:
+    segs = []
+    old_segs = {s["name"]: s for s in old["segments"]}
+    old_seg_rows = {tuple(r): old_segs[r[0]] for r in before["segments"]}
+    for i, row in enumerate(rows_of(segments_rows)):
+        row = _pad(row, len(SEGMENT_COLUMNS))
+        if tuple(row) in old_seg_rows:
+            segs.append(copy.deepcopy(old_seg_rows[tuple(row)]))
+            continue
+        name, modality, size, branch, roles, text = row
+        seg: dict = {"name": name, "modality": modality or "text"}
+        seg.update(parse_size(size, f"segments[{i}].size"))
+        if branch:
+            seg["branch"] = branch
+        if roles:
+            seg["role"] = [r.strip() for r in roles.split(",") if r.strip()]
+        if text:
+            seg["text"] = parse_text(text)
+        prev = old_segs.get(name)
+        if prev and "attrs" in prev:
+            seg["attrs"] = copy.deepcopy(prev["attrs"])
+        segs.append(seg)
+    return segs
+
+
+def _table_step(cells: list[str], path: str) -> dict:
+    q, k, pattern, params, layers, heads = cells
+    step: dict = {"q": parse_selector(q), "k": parse_selector(k), "pattern": pattern}
+    step.update(parse_params(params, path))
+    for key, text in (("layers", layers), ("heads", heads)):
+        val = parse_ints(text, f"{path}.{key}")
+        if val is not None:
+            step[key] = val
+    return step
+
+
+def _rules_from_rows(old: dict, before: dict, rules_rows, mask: dict) -> list[dict]:
+    """The rules table: one 'base' row (into mask["base"]) and 'rule' rows."""
+    old_rules = {tuple(r): s for r, s in zip(before["rules"][1:], old["mask"].get("rules", []))}
+    rules = []
+    for row in rows_of(rules_rows):
+        row = _pad(row, len(RULE_COLUMNS))
+        kind = (row[0] or "rule").lower()
+        if kind == "base":
+            if "base" in mask:
+                raise SpecError("mask.base", "the rules table has two 'base' rows; keep one")
+            mask["base"] = {"pattern": row[3], **parse_params(row[4], "mask.base")}
+            continue
+        if kind != "rule":
+            raise SpecError(f"mask.rules[{len(rules)}]", f"kind '{row[0]}' should be 'base' or 'rule'")
+        if tuple(row) in old_rules:
+            rules.append(copy.deepcopy(old_rules[tuple(row)]))
+            continue
+        rules.append(_table_step(row[1:], f"mask.rules[{len(rules)}]"))
+    return rules
+
+
+def _overlays_from_rows(old: dict, before: dict, overlays_rows) -> list[dict]:
+    old_ov = {tuple(r): s for r, s in zip(before["overlays"], old["mask"].get("overlays", []))}
+    overlays = []
+    for i, row in enumerate(rows_of(overlays_rows)):
+        row = _pad(row, len(OVERLAY_COLUMNS))
+        if tuple(row) in old_ov:
+            overlays.append(copy.deepcopy(old_ov[tuple(row)]))
+            continue
+        step = _table_step(row[1:], f"mask.overlays[{i}]")
+        step["op"] = row[0] or "or"
+        overlays.append(step)
+    return overlays
+
+
+def _positions_value(positions, old: dict) -> dict:
+    """positions: a dict, a scheme name, or (scheme, "param=value, ...")."""
+    if positions is None:
+        return copy.deepcopy(old["positions"])
+    if isinstance(positions, dict):
+        return positions
+    if isinstance(positions, str):
+        positions = (positions, "")
+    scheme, params = positions
+    out = {"scheme": (scheme or "sequential").strip()}
+    out.update(parse_params(params or "", "positions"))
+    return out
+
+
+def tables_to_spec_dict(old, segments_rows, rules_rows, overlays_rows, positions) -> dict:
+    """Build a raw spec dict from edited tables (validated later by Spec.load). Top-level metadata,
+    mask.cross and checks come from `old` (a Spec or its canonical dict); unchanged rows keep their
+    exact old JSON."""
+    old = old.to_dict() if isinstance(old, Spec) else old
+    before = spec_to_tables(old)
+    data = {k: copy.deepcopy(v) for k, v in old.items() if k not in ("segments", "mask", "positions")}
+    data["segments"] = _segments_from_rows(old, before, segments_rows)
+    mask: dict = {}
+    rules = _rules_from_rows(old, before, rules_rows, mask)
+    mask.setdefault("base", {"pattern": "causal"})
+    mask["rules"] = rules
+    mask["overlays"] = _overlays_from_rows(old, before, overlays_rows)
+    if "cross" in old["mask"]:
+        mask["cross"] = copy.deepcopy(old["mask"]["cross"])
+    data["mask"] = mask
+    data["positions"] = _positions_value(positions, old)
+    return data
+
+
+def apply_table_edit(state: dict, segments_rows, rules_rows, overlays_rows, positions=None) -> tuple[dict, str]:
+    """The edited tables as the session's new design, or (state, error) unchanged on a bad cell.
+    positions: a dict, a scheme name, or (scheme, "param=value, ...")."""
+    return attempt(state, lambda: Spec.load(tables_to_spec_dict(state["spec"], segments_rows, rules_rows,
+                                                                overlays_rows, positions)))
+
+
+def apply_tables(state: dict, segments_rows, rules_rows, overlays_rows, scheme, position_params) -> tuple[dict, str]:
+    """The tables tab as the app sends it: three tables, the scheme and its parameters."""
+    return apply_table_edit(state, segments_rows, rules_rows, overlays_rows, (scheme, position_params))

@@ -1,0 +1,180 @@
+"""Shared figure helpers: colours, the pyplot-free Agg figure, saving, and the small drawing
+pieces every view uses (segment bands and ticks, frame cuts, the modality legend, a labelled
+heatmap). No computation lives here: a helper draws what it is given.
+
+Colours: MODALITY_COLORS; consecutive segments of one modality alternate a lighter shade
+(segment_colors) so neighbours stay apart, identically in every view.
+"""
+from __future__ import annotations
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.colors import LinearSegmentedColormap, to_rgb
+from matplotlib.figure import Figure
+from matplotlib.patches import Patch, Rectangle
+from matplotlib.transforms import blended_transform_factory
+
+MODALITY_COLORS = {
+    "text": "#3b6fb6",     # blue
+    "image": "#e08a2c",    # orange
+    "video": "#c8424a",    # red
+    "audio": "#3f9b5a",    # green
+    "special": "#7d5bb5",  # purple
+}
+ALLOWED_COLOR = "#1f2a44"
+MASKED_COLOR = "#ffffff"
+BOUNDARY_COLOR = "#9aa5b8"
+PALETTE = ["#3b6fb6", "#e08a2c", "#4a9a5b", "#b5485d", "#7d5ba6"]  # one colour per compared spec
+MONO = "DejaVu Sans Mono"
+SHADE = LinearSegmentedColormap.from_list("allowed", [MASKED_COLOR, "#8fa3c7", ALLOWED_COLOR])
+
+
+# ---------------------------------------------------------------- figures
+def new_figure(figsize=(8, 8), dpi: int = 100) -> Figure:
+    """A pyplot-free Figure with an Agg canvas (thread-safe for the web app). Its dpi is what
+    a plain fig.savefig uses."""
+    fig = Figure(figsize=figsize, dpi=dpi)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def save(fig: Figure, path, dpi: int | None = None) -> None:
+    """Write the figure (format from the suffix; PNG with fast compression). Figures made here are
+    not registered with pyplot, so dropping the reference frees them; no plt.close needed."""
+    png = str(path).lower().endswith(".png") or getattr(path, "write", None) is not None
+    fig.savefig(path, dpi=dpi or fig.dpi, facecolor="white", **({"pil_kwargs": {"compress_level": 1}} if png else {}))
+
+
+def write_png(fig: Figure, path: str, dpi: int) -> str:
+    """Draw the figure on its Agg canvas at `dpi`, write the pixels as a PNG (fast zlib level)
+    and clear the figure; returns `path`. Faster than savefig for the app's pictures."""
+    from PIL import Image
+
+    fig.set_dpi(dpi)
+    fig.canvas.draw()
+    arr = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+    fig.clear()
+    Image.fromarray(arr).save(path, "PNG", compress_level=1)
+    return path
+
+
+def info(fig: Figure, view: str, **facts) -> None:
+    """What a figure shows, for tests and the app: fig.maskstudio[view] = {...}."""
+    if not hasattr(fig, "maskstudio"):
+        fig.maskstudio = {}
+    fig.maskstudio[view] = facts
+
+
+# ---------------------------------------------------------------- text
+def fmt(x: float) -> str:
+    return f"{x:.2f}" if x < 100 else f"{x:,.0f}"
+
+
+def layer_note(spec, layer, head) -> str:
+    """' (layer 2, head 1)' when the mask varies by layer / head, else ''."""
+    parts = []
+    if spec.varies_by_layer:
+        parts.append(f"layer {layer}")
+    if spec.varies_by_head:
+        parts.append(f"head {head}")
+    return f" ({', '.join(parts)})" if parts else ""
+
+
+# ---------------------------------------------------------------- segments
+def segment_colors(spec) -> list:
+    """One colour per segment: its modality's, every second segment of a run a lighter shade."""
+    out, prev, flip = [], None, False
+    for seg in spec.segments:
+        mod = seg["modality"]
+        flip = (not flip) if mod == prev else False
+        base = np.array(to_rgb(MODALITY_COLORS[mod]))
+        out.append(tuple(base + (1 - base) * 0.45) if flip else tuple(base))
+        prev = mod
+    return out
+
+
+def bands(spec, ax, axis: str, colors, depth: float = 0.04) -> None:
+    """Coloured segment bands with names just outside one side of `ax` (axis 'x': above it,
+    'y': left of it). Drawn into `ax` itself with blended transforms: no extra Axes to build."""
+    t = spec.table
+    n = t.n
+    if axis == "x":
+        trans = blended_transform_factory(ax.transData, ax.transAxes)
+    else:
+        trans = blended_transform_factory(ax.transAxes, ax.transData)
+    for s, (name, start, size) in enumerate(zip(t.names, t.starts, t.sizes)):
+        if axis == "x":
+            xy, w, h = (start, 1.01), size, depth
+        else:
+            xy, w, h = (-0.01 - depth, start), depth, size
+        rect = Rectangle(xy, w, h, facecolor=colors[s], edgecolor="white", linewidth=0.6, label=name,
+                         transform=trans, clip_on=False)
+        rect.set_gid(f"segment:{name}")
+        ax.add_patch(rect)
+        frac = size / n
+        label = name if frac * 60 >= len(name) else (name[:3] if frac >= 0.012 else "")
+        if label:
+            mid = start + size / 2
+            kw = dict(ha="center", va="center", fontsize=8, color="white", fontweight="bold",
+                      transform=trans, clip_on=False)
+            if axis == "x":
+                ax.text(mid, 1.01 + depth / 2, label, **kw)
+            else:
+                ax.text(-0.01 - depth / 2, mid, label, rotation=90, **kw)
+
+
+def segment_ticks(ax, layout, axis: str = "both") -> None:
+    """Segment boundaries as thin lines and segment names as ticks at their middles (token cells
+    centred on integers, as imshow draws them)."""
+    t = layout.table
+    mids = [s + z / 2 for s, z in zip(t.starts, t.sizes)]
+    for start in t.starts[1:]:
+        if axis in ("both", "x"):
+            ax.axvline(start - 0.5, color=BOUNDARY_COLOR, lw=0.6)
+        if axis in ("both", "y"):
+            ax.axhline(start - 0.5, color=BOUNDARY_COLOR, lw=0.6)
+    if axis in ("both", "x"):
+        ax.set_xticks([m - 0.5 for m in mids])
+        ax.set_xticklabels(t.names, rotation=60, fontsize=7, ha="right")
+    if axis in ("both", "y"):
+        ax.set_yticks([m - 0.5 for m in mids])
+        ax.set_yticklabels(t.names, fontsize=7)
+
+
+def frame_cuts(spec, max_lines: int = 400) -> list[int]:
+    """Token indices where a new video frame starts (inside video segments)."""
+    t = spec.table
+    cuts = []
+    for s, seg in enumerate(spec.segments):
+        if seg["modality"] != "video":
+            continue
+        T, H, W = seg["grid"]
+        cuts += [t.starts[s] + f * H * W for f in range(1, T)]
+    return cuts if len(cuts) <= max_lines else []
+
+
+def modality_legend(spec, ax, **kw):
+    mods = list(dict.fromkeys(s["modality"] for s in spec.segments))
+    handles = [Patch(facecolor=MODALITY_COLORS[m], label=m) for m in mods]
+    return ax.legend(handles=handles, **kw)
+
+
+# ---------------------------------------------------------------- matrices
+def heatmap(m, names, title: str, cmap, vmin, vmax) -> Figure:
+    """A segment x segment matrix with names on both axes and values written in (up to 12 names)."""
+    fig = new_figure((6.5, 5.5))
+    ax = fig.add_subplot(111)
+    img = ax.imshow(m, cmap=cmap, vmin=vmin, vmax=vmax)
+    ax.set_xticks(range(len(names)))
+    ax.set_xticklabels(names, rotation=60, ha="right", fontsize=8)
+    ax.set_yticks(range(len(names)))
+    ax.set_yticklabels(names, fontsize=8)
+    if len(names) <= 12:
+        for i in range(len(names)):
+            for j in range(len(names)):
+                ax.text(j, i, f"{m[i, j]:.2f}", ha="center", va="center", fontsize=7,
+                        color="white" if abs(m[i, j]) < 0.6 * max(abs(vmin), abs(vmax)) else "black")
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(img, ax=ax, fraction=0.046, pad=0.04)
+    fig.tight_layout()
+    return fig
