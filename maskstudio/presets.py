@@ -29,18 +29,46 @@ def _files() -> dict[str, Path]:
     return {p.stem: p for p in sorted(folder.glob("*.json"))}
 
 
+def origin(provenance: dict | None) -> str:
+    """One line: where a design comes from, e.g. `code: owner/repo@abc123 file.py:build_mask`."""
+    if not provenance:
+        return "not stated"
+    where = provenance.get("repo", "")
+    if "commit" in provenance:
+        where += f"@{provenance['commit']}"
+    if "file" in provenance:
+        where += f" {provenance['file']}" + (f":{provenance['function']}" if "function" in provenance else "")
+    note = f" ({provenance['note']})" if "note" in provenance else ""
+    return f"{provenance['source']}: {where.strip() or 'see the citation'}{note}"
+
+
+def _read_preset(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise SpecError("preset", f"cannot read preset file {path.name}: {err}") from None
+    if not isinstance(data, dict):
+        raise SpecError("preset", f"preset file {path.name} is not a JSON object")
+    return data
+
+
 def list_presets() -> list[dict]:
-    """One dict per preset: name, file, group, citation, description (sorted by group, then name)."""
+    """One dict per preset: name, file, group, citation, description, provenance, source ("code" /
+    "paper" / "inferred") and origin (one line), sorted by group, then name."""
     out = []
     for stem, path in _files().items():
-        data = json.loads(path.read_text(encoding="utf-8"))
-        out.append({"name": stem, "file": str(path), "group": data.get("group", "other"),
-                    "citation": data.get("citation", ""), "description": data.get("description", "")})
+        data = _read_preset(path)
+        prov = data.get("provenance") if isinstance(data.get("provenance"), dict) else None
+        out.append({"name": stem, "file": str(path), "group": str(data.get("group", "other")),
+                    "citation": str(data.get("citation", "")), "description": str(data.get("description", "")),
+                    "provenance": prov, "source": (prov or {}).get("source", "?"), "origin": origin(prov)})
     order = {g: i for i, g in enumerate(GROUPS)}
     return sorted(out, key=lambda d: (order.get(d["group"], len(GROUPS)), d["name"]))
 
 
 def _resolve(name: str) -> Path:
+    if not isinstance(name, str) or not name.strip():
+        raise SpecError("preset", f"give a preset name (a string), got {name!r}; see maskstudio.list_presets()")
     files = _files()
     key = name.strip().lower().replace("-", "_").replace(" ", "_")
     if key.endswith(".json"):
