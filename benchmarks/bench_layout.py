@@ -39,7 +39,7 @@ for _ in range(int(sys.argv[1])):
     t0 = time.perf_counter()
     r = maskstudio.run(spec, max_new_tokens=40, chat=True)
     times.append(time.perf_counter() - t0)
-print(json.dumps({"median": statistics.median(times), "times": times, "tokens": len(r.input_ids)}))
+print(json.dumps({"median": statistics.median(times), "times": times, "new": len(r.new_ids)}))
 """
 
 
@@ -162,7 +162,7 @@ def main() -> None:
     for name, runs in gen.items():
         times = [t for r in runs for t in r["times"]]
         print(f"  {name:6s} {statistics.median(times):.3f}  (runs {', '.join(f'{t:.2f}' for t in times)}; "
-              f"{runs[0]['tokens']} tokens in the final sequence)")
+              f"{runs[0]['new']} new tokens)")
 
 
 if __name__ == "__main__":

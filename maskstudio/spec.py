@@ -19,7 +19,6 @@ from .segments import (GRID_DIMS, MODALITIES, OVERLAY_OPS, all_steps, expand_int
                        resolve_selector, segment_size)
 from .tokens import build_table
 
-_all_steps = all_steps  # old private name, until every caller uses segments.all_steps
 
 SCHEMA_VERSION = 1
 DEFAULT_MAX_TOKENS = knobs.MAX_TOKENS

@@ -8,6 +8,7 @@ ordinal of the generate segment. `TextAdapter` is the adapter of text-only causa
 """
 from __future__ import annotations
 
+import functools
 import inspect
 from dataclasses import dataclass, field
 
@@ -194,9 +195,14 @@ def model_positions(layout: Spec, lm: LoadedModel) -> torch.Tensor:
 
 
 # ================================================================= the text adapter
+@functools.lru_cache(maxsize=None)
+def _cache_kwarg_of(model_type: type) -> str:
+    return "cache" if "cache" in inspect.signature(model_type.forward).parameters else "past_key_values"
+
+
 def _cache_kwarg(model) -> str:
-    """transformers renamed `past_key_values` to `cache` (5.2x); accept both."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    """transformers renamed `past_key_values` to `cache` (5.2x); accept both (looked up once per class)."""
+    return _cache_kwarg_of(type(model))
 
 
 def forward_ids(lm: LoadedModel, ctx, ids: torch.Tensor, pos: torch.Tensor, cache=None) -> torch.Tensor:

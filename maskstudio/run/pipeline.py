@@ -20,7 +20,7 @@ from ..errors import RunError
 from ..knobs import FLEX_MIN_TOKENS, MAX_CAPTURE
 from ..segments import all_steps, expand_int_list
 from ..spec import Spec
-from .attention import MaskContext, register
+from .attention import ATTN_NAME, MaskContext, attn_impl, register
 from .inputs import Prepared, TextAdapter, as_spec, decode_tokens
 from .measures import rollout, segment_mass, target_nll
 from .models import LoadedModel, VLModel, load_model
@@ -186,20 +186,21 @@ def run(spec, model=None, max_new_tokens: int = 0, attentions: bool = True, chat
     kv, why = _kv_plan(adapter, prep, max_new_tokens, use_cache)
     ctx = MaskContext(prep.layout, lm.num_heads, backend, record)
     cache = adapter.new_cache() if kv else None
-    try:
-        logits = adapter.forward(ctx, prep, pos, cache)
-    except RuntimeError as err:  # torch.OutOfMemoryError is one; CPU allocators raise plain RuntimeErrors
-        if _is_oom(err):
-            raise RunError(f"out of memory at {n} tokens; {adapter.oom_hint}", spec) from None
-        raise
-    probs = torch.stack([ctx.probs[i] for i in sorted(ctx.probs)]).cpu() if record else None
-    new_ids, grown = [], None
-    if max_new_tokens > 0:
-        new_ids, grown = generate(adapter, prep, logits[prep.predict_at], max_new_tokens, backend, cache)
-        if use_cache and not kv:
-            notes.append(f"KV cache not used: {why}")
-        if not kv and use_cache is None:
-            notes.append(f"generation recomputed the prefix each step ({why})")
+    with attn_impl(lm.model, ATTN_NAME):  # switched once for the whole run, not per forward
+        try:
+            logits = adapter.forward(ctx, prep, pos, cache)
+        except RuntimeError as err:  # torch.OutOfMemoryError is one; CPU allocators raise plain RuntimeErrors
+            if _is_oom(err):
+                raise RunError(f"out of memory at {n} tokens; {adapter.oom_hint}", spec) from None
+            raise
+        probs = torch.stack([ctx.probs[i] for i in sorted(ctx.probs)]).cpu() if record else None
+        new_ids, grown = [], None
+        if max_new_tokens > 0:
+            new_ids, grown = generate(adapter, prep, logits[prep.predict_at], max_new_tokens, backend, cache)
+    if max_new_tokens > 0 and use_cache and not kv:
+        notes.append(f"KV cache not used: {why}")
+    if max_new_tokens > 0 and not kv and use_cache is None:
+        notes.append(f"generation recomputed the prefix each step ({why})")
     result = _result(adapter, prep, logits, probs, top_k, new_ids, grown, pos)
     result.backend, result.notes, result.seconds = backend, notes, time.perf_counter() - t0
     return result

@@ -66,7 +66,10 @@ def _push(state: dict, spec: Spec) -> dict:
     new = dict(state)
     if spec == state["spec"]:
         return new
-    new["history"] = (list(state.get("history", [])) + [state["spec"]])[-HISTORY:]
+    # undo keeps the validated data only: a fresh Spec without its cached token table, so a
+    # session's memory is HISTORY small dicts, not HISTORY token tables
+    old = Spec.from_valid(state["spec"].to_dict())
+    new["history"] = (list(state.get("history", [])) + [old])[-HISTORY:]
     new["spec"] = spec
     return new
 
@@ -156,13 +159,14 @@ def _md(text: str) -> str:
 
 
 def preset_card(name: str) -> str:
-    """Markdown: the preset's group, one-line 'what it does' and citation."""
+    """Markdown: the preset's group, what it does (the whole description), where it comes from
+    (authors' code, paper or inferred) and its citation."""
     from ..presets import list_presets
 
     for p in list_presets():
         if p["name"] == name:
-            return (f"**{p['name']}** · *{p['group']}*  \n{_md(_first_sentence(p['description']))}  \n"
-                    f"<small>{_md(p['citation'])}</small>")
+            return (f"**{p['name']}** · *{p['group']}*  \n{_md(p['description'])}  \n"
+                    f"<small>From: {_md(p['origin'])}<br>{_md(p['citation'])}</small>")
     return ""
 
 
