@@ -226,6 +226,10 @@ class TextAdapter:
     def __init__(self, lm: LoadedModel):
         self.lm = lm
 
+    def masked(self):
+        """A context in which the model attends through the spec (held for a whole run)."""
+        return attn_impl(self.lm.model, ATTN_NAME)
+
     def prepare(self, spec: Spec, chat: bool = False, images: dict | None = None,
                 positions: str | None = None) -> Prepared:
         if images:

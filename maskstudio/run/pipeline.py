@@ -20,7 +20,7 @@ from ..errors import RunError
 from ..knobs import FLEX_MIN_TOKENS, MAX_CAPTURE
 from ..segments import all_steps, expand_int_list
 from ..spec import Spec
-from .attention import ATTN_NAME, MaskContext, attn_impl, register
+from .attention import MaskContext, register
 from .inputs import Prepared, TextAdapter, as_spec, decode_tokens
 from .measures import rollout, segment_mass, target_nll
 from .models import LoadedModel, VLModel, load_model
@@ -186,7 +186,7 @@ def run(spec, model=None, max_new_tokens: int = 0, attentions: bool = True, chat
     kv, why = _kv_plan(adapter, prep, max_new_tokens, use_cache)
     ctx = MaskContext(prep.layout, lm.num_heads, backend, record)
     cache = adapter.new_cache() if kv else None
-    with attn_impl(lm.model, ATTN_NAME):  # switched once for the whole run, not per forward
+    with adapter.masked():  # the model's attention switched once for the whole run, not per forward
         try:
             logits = adapter.forward(ctx, prep, pos, cache)
         except RuntimeError as err:  # torch.OutOfMemoryError is one; CPU allocators raise plain RuntimeErrors

@@ -22,6 +22,8 @@ attention). `VisionAdapter` plugs this into the one pipeline: prepare (pixels ->
 """
 from __future__ import annotations
 
+import contextlib
+
 import inspect
 import os
 from dataclasses import dataclass, field
@@ -288,6 +290,11 @@ class VisionAdapter(TextAdapter):
     no_kv_reason = "VLM runs keep no KV cache"
     oom_hint = "use smaller images or fewer frames, or attentions=False"
     lm: VLModel
+
+    def masked(self):
+        """Nothing for the whole run: each forward switches the decoder only (the vision tower
+        keeps its own attention)."""
+        return contextlib.nullcontext()
 
     def prepare(self, spec: Spec, chat: bool = False, images: dict | None = None,
                 positions: str | None = None) -> VLPrepared:
