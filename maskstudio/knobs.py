@@ -38,4 +38,6 @@ FLEX_BITS_BUDGET = 1 << 30  # bytes of partial-block bits before falling back to
 HISTORY = 30              # undo steps kept per session
 RUNS_KEPT = 16            # model runs kept per process for the run views
 PICTURE_CACHE = 600       # rendered pictures kept per process (evicted PNG files are deleted)
+REACH_LIVE_MAX = 1 << 15  # tokens: past this the reach view (~10 s at 262k) is drawn when asked, not per edit
+PICKER_LAYERS, PICKER_HEADS = 32, 16  # the layer / head sliders reach at least this far (stale values stay valid)
 WORKDIR_MAX_AGE_S = 900   # run pictures and exports older than this are deleted from the app's temp folder

@@ -12,7 +12,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 OPTS = (0, 0, 4, "", None, "segment")  # layer, head, reach layers, reach token, distance query, flow level
 PICS = slice(7, 12)                     # mask, positions, distance, flow, reach in a design response
-ENDPOINTS = {"/load_preset", "/new_blank", "/undo", "/edit_tables", "/edit_json", "/import_spec", "/render",
+ENDPOINTS = {"/load_preset", "/new_blank", "/undo", "/edit_tables", "/edit_json", "/import_spec", "/render", "/reach",
              "/export", "/run_model", "/attention_map", "/knockout", "/keep_snapshot", "/compare_masks",
              "/compare_runs", "/eval_template", "/evaluate", "/image_overlay"}
 
@@ -38,12 +38,14 @@ def test_preset_edit_undo_and_error_keeps_pictures(client):
     out = client.predict("prefix_lm", *OPTS, api_name="/load_preset")
     assert spec_json(out)["name"] == "prefix_lm" and out[6] == ""
     assert all(os.path.exists(p) for p in out[PICS])
-    assert "Raffel" in out[-1]
+    assert "Raffel" in out[22]                          # the card (after 15 picture outputs)
     pics = out[PICS]
     segs, rules, overlays = out[1], out[2], out[3]
     rules["data"][1][3] = "none"                       # the rule '* -> prefix: full' becomes 'none'
     edited = client.predict(segs, rules, overlays, out[4], out[5], *OPTS, api_name="/edit_tables")
     assert spec_json(edited)["mask"]["rules"][0]["pattern"] == "none" and edited[6] == ""
+    assert spec_json(edited)["name"] == "prefix_lm-edited"          # the name and the gallery follow the edit
+    assert (edited[23] or {}).get("value") is None and (out[23] or {}).get("value") == "prefix_lm"
     assert edited[PICS][0] != pics[0]                  # a new mask picture
     bad = json.loads(edited[0])
     bad["mask"]["rules"][0]["k"] = "prefx"
@@ -137,8 +139,10 @@ def test_run_knockout_and_compare_on_the_model(client):
     assert tokens["data"][0][0] == "context"
     assert os.path.exists(out[6]) and os.path.exists(out[9])
     assert os.path.exists(client.predict(2, "0", api_name="/attention_map"))
-    error, text, curve = client.predict("question", "context", 28, "", api_name="/knockout")
+    error, text, curve = client.predict("question", "context", 28, "", "", api_name="/knockout")
     assert error == "" and "knockout" in text and os.path.exists(curve)
+    error, text, _ = client.predict("question", "context", 28, "", " Rome", api_name="/knockout")
+    assert error == "" and '" Rome"' in text  # the named target, not the top-1
     error, text, kl, mdiff = client.predict("snapshot", "", 0, api_name="/compare_runs")
     assert error == "" and "KL(a||b)" in text and os.path.exists(kl)
 

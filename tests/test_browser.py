@@ -81,11 +81,12 @@ def test_invalid_edit_shows_the_error_and_keeps_the_pictures(page):
     page.keyboard.press("Control+a")
     page.keyboard.insert_text('{"segments": [{"name": "a", "length": 4}], "mask": {"base": {"pattern": "causl"}}}')
     page.locator("#apply-json").click()
-    err = page.locator("#design-error")
+    err = page.locator("#json-error")                      # next to the editor that caused it
     err.get_by_text("mask.base.pattern").wait_for()
     assert "unknown pattern 'causl' (did you mean 'causal'?)" in err.inner_text()
     time.sleep(1.0)
     assert src(page) == before["#mask-img"]
+    assert "last valid design" in page.locator("#note").inner_text()
     page.screenshot(path=str(ART / "browser-invalid-edit.png"))
     page.get_by_role("tab", name="Tables").click()
 
@@ -121,3 +122,134 @@ def test_run_the_default_model_and_see_a_continuation(page):
     assert box.input_value().strip()
     page.locator("#run-btn").scroll_into_view_if_needed()
     page.screenshot(path=str(ART / "browser-run.png"), full_page=True)
+
+
+# ---------------------------------------------------------------- issue 15: no dead ends
+def error_badges(page) -> int:
+    """Gradio's "Error" marks: toasts and component status badges."""
+    return page.locator(".toast-body.error").count() + page.locator(".error", has_text="Error").count()
+
+
+def server_log(app_url) -> str:
+    port = app_url.rstrip("/").rsplit(":", 1)[-1]
+    path = ART / f"app-{port}.log"
+    return path.read_text(errors="replace") if path.exists() else ""
+
+
+def pick_preset(page, name):
+    before = src(page)
+    page.locator("#preset input").click()
+    page.locator("#preset input").fill(name)
+    page.locator("[role=option]", has_text=name).first.click()
+    wait_src_change(page, before)
+
+
+def reach_token(page, text):
+    page.get_by_role("tab", name="Reachability").click()
+    box = page.locator("#reach-token textarea, #reach-token input").first
+    box.fill(text)
+    box.press("Enter")
+
+
+def upload(page, path):
+    """Upload into the import box, clearing a file left there first."""
+    page.get_by_role("tab", name="Export / Import").click()
+    clear = page.locator("#upload button[aria-label='Clear']")
+    if clear.count():
+        clear.first.click()
+    page.locator("#upload input[type=file]").set_input_files(str(path))
+
+
+def settle(page, seconds=1.5):
+    page.wait_for_function("() => !document.querySelector('.progress-text, .eta-bar')", timeout=60_000)
+    time.sleep(seconds)
+
+
+def test_no_dead_ends_stale_token_box_and_hidden_slider(page, app_url):
+    """Issue 15 items 1-2 and the stale-state sequences: a token box naming the previous design's
+    segment, a hidden slider past the next design's layers, a preset switch after a per-layer design."""
+    pick_preset(page, "multiverse")
+    reach_token(page, "path2[3]")
+    settle(page)
+    reach_token(page, "pth2")                                   # a typo: said next to the box
+    page.locator("#reach-error").get_by_text("no segment named 'pth2'").wait_for()
+    pick_preset(page, "prefix_lm")                              # the token box now names nothing
+    settle(page)
+    assert "prefix_lm" in page.locator("#preset-card").inner_text()
+    assert '"name": "prefix_lm"' in editor_text(page)
+    assert "no segment named" in page.locator("#reach-error").inner_text()
+    pick_preset(page, "hymba_meta_tokens")                      # a per-layer design: the layer slider shows
+    page.get_by_role("tab", name="Mask").click()
+    num = page.locator("#layer input[type=number]")
+    num.fill("15")
+    num.press("Tab")
+    settle(page)
+    pick_preset(page, "cca")                                    # its slider hides with a stale value
+    settle(page)
+    page.get_by_role("tab", name="Flow").click()
+    page.get_by_label("frame").check()
+    settle(page)
+    pick_preset(page, "prefix_lm")
+    settle(page)
+    assert error_badges(page) == 0
+    assert "Traceback" not in server_log(app_url)
+    page.screenshot(path=str(ART / "browser-no-dead-ends.png"))
+
+
+def test_table_edit_keeps_leading_spaces_and_invalid_edits_mark_the_pictures(page, app_url, tmp_path):
+    f = tmp_path / "paris.json"
+    f.write_text(json.dumps(SPEC))
+    before = src(page)
+    upload(page, f)
+    wait_src_change(page, before)
+    page.get_by_role("tab", name="Tables").click()
+    before = src(page)
+    page.locator("#rules [data-testid='cell-0-3']").dblclick()   # base pattern: causal -> full
+    page.keyboard.press("Control+a")
+    page.keyboard.type("full")
+    page.keyboard.press("Enter")
+    wait_src_change(page, before)
+    assert '" Q: What is the capital of France? A:"' in editor_text(page)      # item 3
+    page.locator("#rules [data-testid='cell-0-3']").dblclick()
+    page.keyboard.press("Control+a")
+    page.keyboard.type("causl")
+    page.keyboard.press("Enter")
+    page.locator("#tables-error").get_by_text("did you mean 'causal'").wait_for()   # next to the tables
+    assert "last valid design" in page.locator("#note").inner_text()             # pictures marked
+    page.get_by_role("tab", name="Export / Import").click()
+    page.get_by_label("FlexAttention .py").check()
+    page.locator("#export-btn").click()
+    page.wait_for_function("() => /run the design once|tokenizer/.test(document.querySelector('#export-message').innerText)")
+    said = page.locator("#export-message").inner_text()      # item 4: sized by a run / the tokenizer, or how to
+    assert "run the design once" in said or "tokenizer" in said, said
+    bad = tmp_path / "bad.json"
+    bad.write_text("{oops")
+    upload(page, bad)
+    page.locator("#upload-error").get_by_text("invalid JSON").wait_for()
+    page.wait_for_function("() => !document.querySelector('#upload a')")   # item 7: not left as if loaded
+    settle(page)
+    assert error_badges(page) == 0
+    assert "Traceback" not in server_log(app_url)
+    page.get_by_role("tab", name="Tables").click()
+
+
+@pytest.mark.model
+def test_presets_run_with_one_click_or_say_why_not_up_front(page, app_url):
+    """Item 5-6: a text preset runs as shipped (example text of its sizes); a video preset on the
+    text model is refused at once, before any loading."""
+    pick_preset(page, "prefix_lm")
+    page.get_by_role("tab", name="Run").click()
+    old = page.locator("#continuation textarea").input_value()
+    page.locator("#run-btn").click()
+    page.wait_for_function("(old) => { const v = document.querySelector('#continuation textarea').value;"
+                           " return v.length > 0 && v !== old; }", arg=old, timeout=240_000)
+    assert "example text used for" in page.locator("#run-summary textarea").input_value()
+    pick_preset(page, "tc_llava")
+    page.get_by_role("tab", name="Run").click()
+    t0 = time.perf_counter()
+    page.locator("#run-btn").click()
+    page.locator("#run-error").get_by_text("text-only model").wait_for(timeout=20_000)
+    assert time.perf_counter() - t0 < 10
+    settle(page)
+    assert error_badges(page) == 0
+    assert "Traceback" not in server_log(app_url)

@@ -173,7 +173,7 @@ def test_presets_blank_and_sessions_are_independent():
     b2, err = studio.load_blank(b)
     assert err == "" and studio.current(b2).name == "untitled"
     assert studio.current(a2).name == "prefix_lm" and a["spec"] == b["spec"]
-    assert studio.load_preset_into_state(a, "prefx_lm")[1].startswith("preset: no preset named")
+    assert studio.load_preset_into_state(a, "prefx_lm")[1].startswith("no preset named")
     choices = studio.preset_choices()
     assert ("other · prefix_lm", "prefix_lm") in choices
     card = studio.preset_card("prefix_lm")
@@ -214,6 +214,7 @@ def test_text_only_segments_get_estimated_sizes_for_pictures(monkeypatch):
     spec = Spec.load({"segments": [{"name": "a", "text": "one two three four"}, {"name": "b", "length": 3}]})
     out = studio.render_views(spec)
     assert "estimated" in out["note"] and os.path.exists(out["mask"])
+    assert "estimated" in studio.design_views(spec)["note"]       # the app's view of it too
 
 
 def test_controls_and_tokens():
@@ -310,6 +311,8 @@ def test_knockout_and_compare_runs(smollm):
     state = studio.set_snapshot(studio.new_state(data))
     ko = studio.knockout_sweep(state, "question", "context", window=28)  # 3 windows of 30 layers
     assert ko["error"] == "" and os.path.exists(ko["curve"]) and "knockout" in ko["summary"]
+    named = studio.knockout_sweep(state, "question", "context", window=28, target=" Rome")
+    assert named["error"] == "" and '" Rome"' in named["summary"] and named["summary"] != ko["summary"]
     data["mask"]["rules"] = [{"q": "question", "k": "context", "pattern": "none"}]
     state, _ = studio.apply_json_edit(state, json.dumps(data))
     cmp = studio.compare_runs(state, "snapshot", "", 0)
@@ -428,3 +431,185 @@ def test_temp_files_are_removed(tmp_path):
     os.utime(kept, (time.time() - 10_000, time.time() - 10_000))
     assert pictures.sweep_workdir() >= 1
     assert not os.path.exists(old) and os.path.exists(kept)
+
+
+# ---------------------------------------------------------------- issue 15: every handler total, no dead ends
+def _tables(state):
+    return {k: [list(r) for r in v] if isinstance(v, list) else v for k, v in
+            studio.spec_to_tables(studio.current(state)).items()}
+
+
+def test_stale_picker_values_are_clamped_and_said_next_to_their_control():
+    hymba, _ = studio.load_preset_into_state(studio.new_state(), "hymba_meta_tokens")
+    cca = studio.current(studio.load_preset_into_state(hymba, "cca")[0])
+    o = studio.view_options(cca, {"layer": 15, "head": 3})          # a hidden slider left at 15 (item 2)
+    c = studio.controls(cca)
+    assert o["layer"] <= c["layer_max"] and o["head"] <= c["head_max"]
+    views = studio.design_views(cca, {"layer": 15, "head": 3, "reach_token": "path2[3]", "query": "goal"})
+    assert views["options"]["layer"] <= views["layer_max"]
+    assert "no segment named 'path2'" in views["options"]["warnings"]["reach_token"]   # item 1: said, not raised
+    assert "goal" in views["options"]["warnings"]["query"] and views["options"]["query"] in views["segments"]
+    assert all(os.path.exists(views[v]) for v in studio.VIEWS)
+    assert studio.view_options(cca, {"layer": "x", "reach_layers": None})["layer"] == 0
+    assert studio.view_options(cca)["query"] in views["segments"]   # the distance picker shows its default (item 13)
+
+
+def test_table_edits_keep_leading_spaces_of_texts():
+    state = studio.new_state({"name": "qa", "segments": [
+        {"name": "context", "text": "Paris is in France."}, {"name": "question", "text": " Paris is in"}],
+        "mask": {"base": {"pattern": "causal"}}})
+    t = _tables(state)
+    assert t["segments"][1][5] == " Paris is in"
+    t["rules"].append(["rule", "question", "context", "none", "", "", ""])   # only a rule changes (item 3)
+    new, err = studio.apply_tables(state, t["segments"], t["rules"], t["overlays"], t["scheme"], t["position_params"])
+    assert err == "" and studio.current(new).segments[1]["text"] == " Paris is in"
+    t["segments"][0][5] = "  two spaces"                                   # an edited text keeps them too
+    new, err = studio.apply_tables(new, t["segments"], t["rules"], t["overlays"], t["scheme"], t["position_params"])
+    assert studio.current(new).segments[0]["text"] == "  two spaces"
+
+
+def test_a_pattern_change_drops_the_old_parameters_and_errors_name_the_table_row():
+    state, _ = studio.load_preset_into_state(studio.new_state(), "prefix_lm")
+    t = _tables(state)
+    t["rules"][1][3:5] = ["window", "size=3"]
+    state, err = studio.apply_tables(state, t["segments"], t["rules"], t["overlays"], t["scheme"], t["position_params"])
+    assert err == ""
+    t = _tables(state)
+    t["rules"][1][3] = "full"                                     # params cell still "size=3, ..." (item 8)
+    new, err = studio.apply_tables(state, t["segments"], t["rules"], t["overlays"], t["scheme"], t["position_params"])
+    assert err == "" and studio.current(new).mask["rules"][0] == {"pattern": "full", "q": "*", "k": "prefix"}
+    assert studio.tables_need_refresh(studio.current(state), studio.current(new))
+    t["rules"][1][3] = "dilated"
+    _, err = studio.apply_tables(state, t["segments"], t["rules"], t["overlays"], t["scheme"], t["position_params"])
+    assert err.startswith("rules table, row 2 (mask.rules[0].dilation)")
+    t = _tables(state)
+    t["segments"][1][2] = "8q"
+    _, err = studio.apply_tables(state, t["segments"], t["rules"], t["overlays"], t["scheme"], t["position_params"])
+    assert err.startswith("segments table, row 2 (segments[1].size)")
+
+
+def test_edited_presets_are_renamed_and_the_gallery_follows():
+    state, _ = studio.load_preset_into_state(studio.new_state(), "prefix_lm")
+    assert studio.preset_of(studio.current(state)) == "prefix_lm"
+    t = _tables(state)
+    t["rules"][1][3] = "none"
+    new, err = studio.apply_tables(state, t["segments"], t["rules"], t["overlays"], t["scheme"], t["position_params"])
+    spec = studio.current(new)
+    assert spec.name == "prefix_lm-edited" and studio.preset_of(spec) is None    # item 9
+    assert "Edited from" in studio.design_card(spec) and "Raffel" in studio.design_card(spec)
+    b = studio.set_snapshot(state)
+    b = dict(b, spec=studio.current(state))
+    assert "(the design)" in studio.compare_static(b, "snapshot")["summary"]   # same names told apart
+    assert "own design" in studio.design_card(Spec.load(studio.BLANK))
+
+
+def test_examples_fit_every_runnable_preset_and_refusals_come_before_loading():
+    import sys
+
+    for p in list_presets():
+        spec = load_preset(p["name"])
+        blocker = studio.run_blocker(spec)
+        mods = {s["modality"] for s in spec.segments}
+        if mods & {"image", "video", "audio"}:
+            assert blocker and ("text-only model" in blocker or "audio" in blocker), p["name"]
+            continue
+        assert blocker is None, p["name"]
+        filled, names = studio.with_examples(spec)            # no tokenizer: estimated from words
+        assert names == studio.needs_examples(spec) and not studio.needs_examples(filled)
+        assert [s.get("length") for s in filled.segments] == [s.get("length") for s in spec.segments]
+    assert studio.run_blocker(load_preset("cca"), "tiny-qwen2-vl") is None
+    assert "tiny-qwen2-vl" in studio.run_blocker(load_preset("cca"))   # names what would take it
+    state, _ = studio.load_preset_into_state(studio.new_state(), "tc_llava")
+    _, out = studio.run_model(state, "", 0)
+    assert "text-only model" in out["error"]
+    if "maskstudio.run.models" in sys.modules:   # nothing was loaded for the refusal (item 6)
+        from maskstudio.run import loaded_models
+        assert not any("video" in m.name for m in loaded_models())
+
+
+def test_messages_fit_the_app():
+    msg = studio.app_message("model 'x/y' is not downloaded and the Hugging Face hub is unreachable; connect to "
+                             "the network once to download it, or leave out --model to use the embedded model", "x/y")
+    assert "--model" not in msg and "model box" in msg
+    gone = studio.app_message("model 'HuggingFaceTB/SmolLM2-135M-Instruct' is not downloaded and the Hugging "
+                              "Face hub is unreachable; or leave out --model", None)
+    assert "not installed here" in gone and "--model" not in gone
+
+
+def test_export_of_a_design_sized_by_the_tokenizer_says_what_it_needs(monkeypatch):
+    monkeypatch.setattr(studio.actions, "tokenizer_at_hand", lambda: None)
+    state = studio.new_state({"name": "qa", "segments": [{"name": "a", "text": "one two three"}],
+                              "mask": {"base": {"pattern": "causal"}}})
+    path, err = studio.export_for_state(state, "flex")
+    assert path is None and "run the design once" in err
+    path, note = studio.export_for_state(state, "json")
+    assert path and note == ""
+
+
+@pytest.fixture
+def app_module(monkeypatch):
+    monkeypatch.setenv("MASKSTUDIO_RENDER_PROCESSES", "0")
+    import app
+    return app
+
+
+def test_app_edit_handlers_are_total(app_module):
+    """Item 1 and 2 as the app's handlers see them: the design switches, the message goes next to
+    the control, nothing raises; a broken edit keeps the last good design and marks the pictures."""
+    app = app_module
+    opts = (0, 0, 4, "path2[3]", None, "segment")
+    h = app.edit_handler(studio.load_preset_into_state, 1, "preset")
+    out = h(studio.new_state(), "prefix_lm", *opts)
+    pics = out[8:8 + app.N_PICTURE_OUTPUTS]
+    assert studio.current(out[0]).name == "prefix_lm" and out[7] == ""
+    assert "no segment named 'path2'" in pics[13]                # next to the token box
+    out = h(out[0], "hymba_meta_tokens", *opts)
+    out = h(out[0], "cca", 15, 3, 4, "", None, "segment")
+    layer = out[8 + 7]
+    assert layer["value"] <= layer["maximum"]
+
+    def broken(state, *_):
+        raise RuntimeError("boom")
+    out2 = app.edit_handler(broken, 0, "json")(out[0], 0, 0, 4, "", None, "segment")
+    assert out2[0] is out[0] and "boom" in out2[7] and "last valid design" in out2[8 + app.NOTE]
+    bad = app.edit_handler(studio.apply_json_edit, 1, "json")(out[0], "{oops", 0, 0, 4, "", None, "segment")
+    assert bad[7].startswith("⚠") and studio.current(bad[0]) is studio.current(out[0])
+    assert "last valid design" in bad[8 + app.NOTE]
+    assert app.on_view_options(out[0], 99, 99, 4, "nope[1]", "nope", "token")[13].startswith("⚠")
+
+
+@pytest.mark.model
+def test_every_preset_runs_on_the_embedded_model_or_is_refused_up_front(smollm):
+    """Item 5: text presets get example text of exactly their declared sizes (so the run's layout
+    is the design the pictures show); the rest are refused before any model is loaded."""
+    from maskstudio.run.inputs import prepare
+
+    refused = []
+    for p in list_presets():
+        spec = load_preset(p["name"])
+        if studio.run_blocker(spec):
+            refused.append(p["name"])
+            continue
+        filled, _ = studio.with_examples(spec, smollm.tokenizer)
+        assert prepare(filled, smollm).layout.n == spec.n, p["name"]
+    assert "cca" in refused and "prefix_lm" not in refused
+    for name in ("prefix_lm", "hymba_meta_tokens", "multiverse"):   # real one-click runs
+        state, _ = studio.load_preset_into_state(studio.new_state(), name)
+        state2, out = studio.run_model(state, "", 2)
+        assert out["error"] == "", (name, out["error"])
+        assert "example text used for" in out["summary"] and out["continuation"]
+        assert studio.get_run(state2).layout.n == studio.current(state).n
+
+
+@pytest.mark.model
+def test_designs_sized_by_the_tokenizer_export_the_last_run(smollm):
+    state = studio.new_state({"name": "qa", "segments": [
+        {"name": "context", "text": "Paris is in France."}, {"name": "question", "text": " Paris is in"}],
+        "mask": {"base": {"pattern": "causal"}}})
+    state2, out = studio.run_model(state, "", 0)
+    assert out["error"] == ""
+    path, note = studio.export_for_state(state2, "npy")
+    n = studio.get_run(state2).layout.n
+    assert np.load(path).shape == (n, n) and "last run" in note
+    path, note = studio.export_for_state(state, "positions")      # no run of it: the loaded tokenizer
+    assert path and "tokenizer" in note

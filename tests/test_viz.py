@@ -220,3 +220,33 @@ def test_big_video_mask_is_block_view_without_n2_memory():
     grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
     assert fig.maskstudio["mask"]["mode"] == "block"
     assert grown_mb < 2048
+
+
+def test_distance_view_has_a_colour_bar():
+    fig = viz.render(video(), "distance")
+    labels = [ax.get_ylabel() for ax in fig.axes]
+    assert "share of (query, key) pairs" in labels
+
+
+def test_attention_map_names_every_token_of_a_small_run():
+    from types import SimpleNamespace
+
+    from maskstudio import Spec
+
+    layout = Spec.load({"segments": [{"name": "a", "length": 3}, {"name": "b", "length": 2}]})
+    att = torch.softmax(torch.randn(2, 2, 5, 5), -1)
+    result = SimpleNamespace(attentions=att, layout=layout, model="m",
+                             tokens={"a": ["The", " cap", "ital"], "b": [" of", "\n"]})
+    fig = viz.attention_figure(result, 1, None)
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["The", " cap", "ital", " of", "'\\n'"]
+
+
+def test_names_with_math_markup_are_drawn_as_typed(tmp_path):
+    """Spec names go into titles, ticks, legends and tables; `$x^$` must not be parsed as math."""
+    names = ["$x^$", "a_b$", "\\frac{", "x\ny", "$$", "100%"]
+    segs = [{"name": n, "length": 3} for n in names] + [{"name": "img", "modality": "image", "grid": [2, 2]}]
+    spec = Spec.load({"name": "$bad^name$", "segments": segs, "mask": {"base": {"pattern": "causal"}}})
+    for view in ("mask", "positions", "distance", "flow", "reach", "all"):
+        viz.save(viz.render(spec, view), tmp_path / f"{view}.png")
+        assert (tmp_path / f"{view}.png").stat().st_size > 1000

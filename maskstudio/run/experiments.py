@@ -74,7 +74,7 @@ class Knockout:
         return [p - self.base_prob for p in self.probs]
 
     def summary(self) -> str:
-        lines = [f"knockout {self.q} -> {self.k}, window {self.window} layers; top token "
+        lines = [f"knockout {self.q} -> {self.k}, window {self.window} layers; token "
                  f"{json.dumps(self.token, ensure_ascii=False)} p = {self.base_prob:.4f}"]
         for (lo, hi), p, d in zip(self.windows, self.probs, self.deltas):
             lines.append(f"  layers {lo:>2}-{hi:<2}  p = {p:.4f}  change {d:+.4f}")
@@ -87,15 +87,27 @@ class Knockout:
                            "deltas": self.deltas}, ensure_ascii=False, indent=1) + "\n"
 
 
-def knockout(spec, q, k, window: int = 3, model=None, chat: bool = False, **kw) -> Knockout:
+def target_token(tokenizer, target: str | None, p_last: torch.Tensor) -> int:
+    """The token to measure: the first token of `target` (e.g. " Rome"), or the current top-1."""
+    if target is None or target == "":
+        return int(p_last.argmax())
+    ids = list(tokenizer.encode(target, add_special_tokens=False))
+    if not ids:
+        raise RunError(f"the target {target!r} has no tokens; give a word such as \" Rome\"")
+    return int(ids[0])
+
+
+def knockout(spec, q, k, window: int = 3, model=None, chat: bool = False, target: str | None = None,
+             **kw) -> Knockout:
     """Attention knockout (Geva et al. 2023): block the edge q -> k in `window` consecutive layers,
-    sliding over depth, and report the probability of the original top token at the last position.
-    Each blocked edge is an ordinary per-layer overlay added to the spec (no special code)."""
+    sliding over depth, and report the probability at the last position of `target`'s first token
+    (default: the original top token). Each blocked edge is an ordinary per-layer overlay added to
+    the spec (no special code)."""
     lm = load_model(model)
     base = run(spec, lm, attentions=False, chat=chat, **kw)
     layout = base.layout  # materialized once: chat segments and sizes stay fixed across windows
     p_base = torch.softmax(base.logits[-1], -1)
-    top_id = int(p_base.argmax())
+    top_id = target_token(lm.tokenizer, target, p_base)
     windows, probs = [], []
     L = lm.num_layers
     for lo in range(0, max(L - window, 0) + 1):

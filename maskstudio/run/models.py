@@ -363,3 +363,23 @@ def tiny_vlm(family: str, seed: int = 0) -> VLModel:
     model, tok, ip = builders[family]()
     model.set_attn_implementation("eager")
     return VLModel(model.eval(), tok, f"tiny-{family.replace('_', '-')}", torch.device("cpu"), ip, family)
+
+
+# ================================================================= before loading
+def can_take(spec, name=None) -> str | None:
+    """Why `spec` cannot run on model `name`, checked without loading any weights (a name, the
+    layout's modalities), or None when it can: image/video segments need a vision-language model,
+    audio segments have no model here."""
+    mods = {}
+    for s in spec.segments:
+        mods.setdefault(s["modality"], s["name"])
+    if "audio" in mods:
+        return (f"segment '{mods['audio']}' is audio: none of the models here takes audio (design and "
+                f"export it; to run it, make it a text segment)")
+    visual = next((mods[m] for m in ("image", "video") if m in mods), None)
+    if visual is not None and (name in DEFAULT_NAMES or not is_vlm_name(name)):
+        shown = "the embedded SmolLM2-135M-Instruct" if name in DEFAULT_NAMES else f"'{name}'"
+        return (f"segment '{visual}' is {next(m for m in ('image', 'video') if m in mods)} but {shown} is a "
+                f"text-only model; pick a vision-language model ({', '.join(HUB_EXAMPLES)}, or the "
+                f"random-weight test models {' / '.join(TINY)})")
+    return None

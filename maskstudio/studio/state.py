@@ -88,6 +88,8 @@ def attempt(state: dict, make: Callable[[], Spec]) -> tuple[dict, str]:
 def load_preset_into_state(state: dict, name: str, sizes: dict | None = None) -> tuple[dict, str]:
     from ..presets import load_preset
 
+    if not isinstance(name, str) or name not in preset_names():
+        return state, f"no preset named '{name}'; pick one from the gallery"
     return attempt(state, lambda: load_preset(name, sizes))
 
 
@@ -168,6 +170,44 @@ def preset_card(name: str) -> str:
             return (f"**{p['name']}** · *{p['group']}*  \n{_md(p['description'])}  \n"
                     f"<small>From: {_md(p['origin'])}<br>{_md(p['citation'])}</small>")
     return ""
+
+
+def preset_names() -> list[str]:
+    from ..presets import list_presets
+
+    return [p["name"] for p in list_presets()]
+
+
+def preset_of(spec: Spec) -> str | None:
+    """The preset this design is, unchanged (for the gallery dropdown), else None."""
+    from ..presets import load_preset
+
+    if spec.name not in preset_names():
+        return None
+    try:
+        return spec.name if load_preset(spec.name).to_dict() == spec.to_dict() else None
+    except (SpecError, OSError):
+        return None
+
+
+def edited_name(name: str) -> str:
+    """The name of an edited preset ('prefix_lm' -> 'prefix_lm-edited'), so Compare, exports and
+    the card do not present an edited design as the published one."""
+    return f"{name}-edited" if name in preset_names() else name
+
+
+def design_card(spec: Spec) -> str:
+    """The preset card of the design (its preset's, marked when edited), or a line for own designs."""
+    name = spec.name
+    base = name[:-len("-edited")] if name.endswith("-edited") else name
+    card = preset_card(base)
+    if card and base != name:
+        return f"*Edited from the preset below.*  \n{card}"
+    if card:
+        return card
+    text = spec.to_dict().get("description", "")
+    desc = f"  \n{_md(text)}" if text else ""
+    return f"**{_md(name)}** · *own design*{desc}"
 
 
 def gallery_markdown() -> str:

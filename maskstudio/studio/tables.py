@@ -17,9 +17,10 @@ import re
 
 from ..errors import SpecError, did_you_mean
 from ..spec import Spec
-from .state import attempt
+from .state import attempt, edited_name
 
 SEGMENT_COLUMNS = ["name", "modality", "size", "branch", "roles", "text"]
+TEXT_COLUMN = SEGMENT_COLUMNS.index("text")
 RULE_COLUMNS = ["kind", "q", "k", "pattern", "params", "layers", "heads"]
 OVERLAY_COLUMNS = ["op", "q", "k", "pattern", "params", "layers", "heads"]
 STRUCTURAL = ("pattern", "op", "q", "k", "layers", "heads")  # rule keys that have their own column
@@ -27,18 +28,20 @@ _BARE = re.compile(r"^[A-Za-z_][\w:.\-]*$")
 
 
 # ---------------------------------------------------------------- cells
-def _cell(v) -> str:
+def _cell(v, strip: bool = True) -> str:
     if v is None:
         return ""
     if isinstance(v, float) and math.isnan(v):
         return ""
     if isinstance(v, float) and v.is_integer():
         return str(int(v))
-    return str(v).strip()
+    return str(v).strip() if strip else str(v)
 
 
-def rows_of(table) -> list[list[str]]:
-    """Rows of a Dataframe value (list of lists, pandas DataFrame or {"data": ...}); blank rows dropped."""
+def rows_of(table, raw_columns=()) -> list[list[str]]:
+    """Rows of a Dataframe value (list of lists, pandas DataFrame or {"data": ...}); blank rows dropped.
+    Cells are stripped except in `raw_columns` (segment texts keep their leading spaces: " Paris" and
+    "Paris" are different tokens)."""
     if table is None:
         return []
     if isinstance(table, dict):
@@ -47,8 +50,8 @@ def rows_of(table) -> list[list[str]]:
         table = table.values.tolist()
     out = []
     for row in table:
-        cells = [_cell(v) for v in row]
-        if any(cells):
+        cells = [_cell(v, j not in raw_columns) for j, v in enumerate(row)]
+        if any(c.strip() for c in cells):
             out.append(cells)
     return out
 
@@ -260,7 +263,7 @@ def _segments_from_rows(old: dict, before: dict, segments_rows) -> list[dict]:
     segs = []
     old_segs = {s["name"]: s for s in old["segments"]}
     old_seg_rows = {tuple(r): old_segs[r[0]] for r in before["segments"]}
-    for i, row in enumerate(rows_of(segments_rows)):
+    for i, row in enumerate(rows_of(segments_rows, raw_columns=(TEXT_COLUMN,))):
         row = _pad(row, len(SEGMENT_COLUMNS))
         if tuple(row) in old_seg_rows:
             segs.append(copy.deepcopy(old_seg_rows[tuple(row)]))
@@ -281,10 +284,10 @@ def _segments_from_rows(old: dict, before: dict, segments_rows) -> list[dict]:
     return segs
 
 
-def _table_step(cells: list[str], path: str) -> dict:
+def _table_step(cells: list[str], path: str, parsed: dict | None = None) -> dict:
     q, k, pattern, params, layers, heads = cells
     step: dict = {"q": parse_selector(q), "k": parse_selector(k), "pattern": pattern}
-    step.update(parse_params(params, path))
+    step.update(parse_params(params, path) if parsed is None else parsed)
     for key, text in (("layers", layers), ("heads", heads)):
         val = parse_ints(text, f"{path}.{key}")
         if val is not None:
@@ -292,24 +295,37 @@ def _table_step(cells: list[str], path: str) -> dict:
     return step
 
 
+def _params_for(row: list[str], old_rows: list[list[str]], i: int, path: str) -> dict:
+    """The params cell of row i; when only the pattern changed (the params cell is the old row's),
+    the old pattern's parameters that the new pattern does not take are dropped."""
+    from ..patterns import PATTERNS
+
+    params = parse_params(row[4], path)
+    old_row = old_rows[i] if i < len(old_rows) else None
+    if old_row and row[3] != old_row[3] and row[4] == old_row[4] and row[3] in PATTERNS:
+        params = {k: v for k, v in params.items() if k in PATTERNS[row[3]].params}
+    return params
+
+
 def _rules_from_rows(old: dict, before: dict, rules_rows, mask: dict) -> list[dict]:
     """The rules table: one 'base' row (into mask["base"]) and 'rule' rows."""
     old_rules = {tuple(r): s for r, s in zip(before["rules"][1:], old["mask"].get("rules", []))}
     rules = []
-    for row in rows_of(rules_rows):
+    for i, row in enumerate(rows_of(rules_rows)):
         row = _pad(row, len(RULE_COLUMNS))
         kind = (row[0] or "rule").lower()
         if kind == "base":
             if "base" in mask:
                 raise SpecError("mask.base", "the rules table has two 'base' rows; keep one")
-            mask["base"] = {"pattern": row[3], **parse_params(row[4], "mask.base")}
+            mask["base"] = {"pattern": row[3], **_params_for(row, before["rules"], i, "mask.base")}
             continue
         if kind != "rule":
             raise SpecError(f"mask.rules[{len(rules)}]", f"kind '{row[0]}' should be 'base' or 'rule'")
         if tuple(row) in old_rules:
             rules.append(copy.deepcopy(old_rules[tuple(row)]))
             continue
-        rules.append(_table_step(row[1:], f"mask.rules[{len(rules)}]"))
+        path = f"mask.rules[{len(rules)}]"
+        rules.append(_table_step(row[1:], path, _params_for(row, before["rules"], i, path)))
     return rules
 
 
@@ -321,7 +337,8 @@ def _overlays_from_rows(old: dict, before: dict, overlays_rows) -> list[dict]:
         if tuple(row) in old_ov:
             overlays.append(copy.deepcopy(old_ov[tuple(row)]))
             continue
-        step = _table_step(row[1:], f"mask.overlays[{i}]")
+        path = f"mask.overlays[{i}]"
+        step = _table_step(row[1:], path, _params_for(row, before["overlays"], i, path))
         step["op"] = row[0] or "or"
         overlays.append(step)
     return overlays
@@ -368,6 +385,50 @@ def apply_table_edit(state: dict, segments_rows, rules_rows, overlays_rows, posi
                                                                 overlays_rows, positions)))
 
 
+def _table_rows(kind: str, rows) -> list[int]:
+    """1-based table row numbers of a table's JSON list items (the rules table: rule rows only)."""
+    rows = rows_of(rows)
+    if kind == "rules":
+        return [i + 1 for i, r in enumerate(rows) if (r[0] or "rule").lower() != "base"]
+    return [i + 1 for i in range(len(rows))]
+
+
+def where_in_tables(error: str, segments_rows, rules_rows, overlays_rows) -> str:
+    """An error's JSON path said as the table row the user sees: 'rules table, row 2 (mask.rules[0].k): ...'."""
+    m = re.match(r"^(segments|mask\.rules|mask\.overlays)\[(\d+)\]", error)
+    if m:
+        kind = m.group(1).split(".")[-1]
+        rows = _table_rows(kind, {"segments": segments_rows, "rules": rules_rows, "overlays": overlays_rows}[kind])
+        i = int(m.group(2))
+        if i < len(rows):
+            return f"{kind} table, row {rows[i]} ({error.split(': ', 1)[0]}): {error.split(': ', 1)[-1]}"
+    if error.startswith("mask.base"):
+        base = [i + 1 for i, r in enumerate(rows_of(rules_rows)) if (r[0] or "").lower() == "base"]
+        row = f"row {base[0]}" if base else "the base row"
+        return f"rules table, {row} ({error.split(': ', 1)[0]}): {error.split(': ', 1)[-1]}"
+    return error
+
+
 def apply_tables(state: dict, segments_rows, rules_rows, overlays_rows, scheme, position_params) -> tuple[dict, str]:
-    """The tables tab as the app sends it: three tables, the scheme and its parameters."""
-    return apply_table_edit(state, segments_rows, rules_rows, overlays_rows, (scheme, position_params))
+    """The tables tab as the app sends it: three tables, the scheme and its parameters. Errors name
+    the table row the user sees next to the JSON path."""
+    old = state["spec"]
+    new, error = apply_table_edit(state, segments_rows, rules_rows, overlays_rows, (scheme, position_params))
+    if error:
+        return new, where_in_tables(error, segments_rows, rules_rows, overlays_rows)
+    spec = new["spec"]
+    if spec is not old and spec.name == old.name and edited_name(spec.name) != spec.name:
+        data = spec.to_dict()
+        data["name"] = edited_name(spec.name)
+        new["spec"] = Spec.from_valid(data)
+    return new, ""
+
+
+def tables_need_refresh(old: Spec, new: Spec) -> bool:
+    """Whether a table edit changed rows beyond what the user typed (a pattern change dropped the
+    old pattern's parameters), so the app sends the rules and overlays tables back."""
+    def patterns(spec):
+        m = spec.mask
+        return [m["base"]] + list(m.get("rules", [])) + list(m.get("overlays", []))
+    a, b = patterns(old), patterns(new)
+    return len(a) == len(b) and any(x["pattern"] != y["pattern"] for x, y in zip(a, b))

@@ -35,13 +35,13 @@ Options (all views): layer=0, head=0, title=None, figsize=None. Per view:
   reach: token (index, default the last token), layers (count or list of layer ids)
   mask / reach / summary: masks (a flow.LayerMasks of the same head, shared between views)
 """
-from .figures import MODALITY_COLORS, new_figure, save, segment_colors, write_png
+from .figures import MODALITY_COLORS, message_figure, new_figure, save, segment_colors, write_png
 from .run_views import (attention_figure, evaluation_figure, image_overlay, kl_figure, knockout_figure,
                         mask_diff_figure, mass_curves_figure, mass_diff_figure, rollout_figure, segment_mass_figure,
                         visual_share_figure)
 from .spec_views import FIGSIZES, VIEW_FUNCTIONS, VIEWS, pool_factor, pool_fraction, render, render_all, summary_text
 
-__all__ = ["MODALITY_COLORS", "VIEWS", "VIEW_FUNCTIONS", "FIGSIZES", "new_figure", "save", "write_png",
+__all__ = ["MODALITY_COLORS", "message_figure", "VIEWS", "VIEW_FUNCTIONS", "FIGSIZES", "new_figure", "save", "write_png",
            "segment_colors", "render", "render_all", "summary_text", "pool_factor", "pool_fraction",
            "attention_figure", "segment_mass_figure", "mass_curves_figure", "rollout_figure", "mask_diff_figure",
            "kl_figure", "mass_diff_figure", "knockout_figure", "image_overlay", "visual_share_figure",

@@ -12,6 +12,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import LinearSegmentedColormap, to_rgb
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch, Rectangle
+from matplotlib.table import Table
+from matplotlib.text import Text
 from matplotlib.transforms import blended_transform_factory
 
 MODALITY_COLORS = {
@@ -38,10 +40,28 @@ def new_figure(figsize=(8, 8), dpi: int = 100) -> Figure:
     return fig
 
 
+def plain_text(fig: Figure) -> Figure:
+    """Every text of the figure as plain text: names from a spec (`$x^$`, `a_b$`) are shown as
+    typed instead of being parsed as math (which fails or garbles them). Call before drawing."""
+    for text in fig.findobj(Text):
+        text.set_parse_math(False)
+    for table in fig.findobj(Table):  # table cells keep their texts out of the artist tree
+        for cell in table.get_celld().values():
+            cell.get_text().set_parse_math(False)
+    return fig
+
+
+def tight(fig: Figure) -> Figure:
+    """tight_layout on plain text (it measures the texts, so math parsing would run there too)."""
+    plain_text(fig).tight_layout()
+    return fig
+
+
 def save(fig: Figure, path, dpi: int | None = None) -> None:
     """Write the figure (format from the suffix; PNG with fast compression). Figures made here are
     not registered with pyplot, so dropping the reference frees them; no plt.close needed."""
     png = str(path).lower().endswith(".png") or getattr(path, "write", None) is not None
+    plain_text(fig)
     fig.savefig(path, dpi=dpi or fig.dpi, facecolor="white", **({"pil_kwargs": {"compress_level": 1}} if png else {}))
 
 
@@ -51,7 +71,7 @@ def write_png(fig: Figure, path: str, dpi: int) -> str:
     from PIL import Image
 
     fig.set_dpi(dpi)
-    fig.canvas.draw()
+    plain_text(fig).canvas.draw()
     arr = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
     fig.clear()
     Image.fromarray(arr).save(path, "PNG", compress_level=1)
@@ -176,5 +196,14 @@ def heatmap(m, names, title: str, cmap, vmin, vmax) -> Figure:
                         color="white" if abs(m[i, j]) < 0.6 * max(abs(vmin), abs(vmax)) else "black")
     ax.set_title(title, fontsize=9)
     fig.colorbar(img, ax=ax, fraction=0.046, pad=0.04)
-    fig.tight_layout()
+    tight(fig)
+    return fig
+
+
+def message_figure(text: str, figsize=(8, 2.2)) -> Figure:
+    """A picture that says why there is no picture yet (a view drawn on demand)."""
+    fig = new_figure(figsize)
+    ax = fig.add_subplot(111)
+    ax.axis("off")
+    ax.text(0.5, 0.5, text, ha="center", va="center", fontsize=11, wrap=True, transform=ax.transAxes)
     return fig

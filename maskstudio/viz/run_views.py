@@ -12,10 +12,20 @@ from __future__ import annotations
 import numpy as np
 from matplotlib.figure import Figure
 
-from .figures import ALLOWED_COLOR, PALETTE, heatmap, new_figure, segment_colors, segment_ticks
+from .figures import ALLOWED_COLOR, PALETTE, heatmap, new_figure, segment_colors, segment_ticks, tight
 
 
 # ---------------------------------------------------------------- one run
+def _token_labels(result, n: int) -> list[str] | None:
+    """The run's tokens in layout order, one label each, when there are few enough to read."""
+    from ..knobs import TOKEN_LABEL_MAX
+
+    toks = [t for s in result.layout.segments for t in result.tokens.get(s["name"], [])]
+    if n > TOKEN_LABEL_MAX or len(toks) < n:
+        return None
+    return [repr(t)[1:-1][:12] if t.strip() else repr(t) for t in toks[:n]]
+
+
 def attention_figure(result, layer: int, head: int | None) -> Figure | None:
     """Attention probabilities of one layer for one head (None: the head mean), sqrt colour scale."""
     if result.attentions is None:
@@ -27,11 +37,16 @@ def attention_figure(result, layer: int, head: int | None) -> Figure | None:
     ax = fig.add_subplot(111)
     img = ax.imshow(m.numpy() ** 0.5, cmap="magma", interpolation="nearest", vmin=0, vmax=1)
     segment_ticks(ax, result.layout)
+    labels = _token_labels(result, m.shape[0])
+    if labels is not None:  # small runs: every token named on both axes, like the mask picture
+        ticks = list(range(len(labels)))
+        ax.set_xticks(ticks, labels, rotation=90, fontsize=6, family="monospace")
+        ax.set_yticks(ticks, labels, fontsize=6, family="monospace")
     ax.set_xlabel("key token", fontsize=8)
     ax.set_ylabel("query token", fontsize=8)
     ax.set_title(f"{result.model}: attention, layer {layer}, {which} (sqrt scale)", fontsize=9)
     fig.colorbar(img, ax=ax, fraction=0.046, pad=0.04)
-    fig.tight_layout()
+    tight(fig)
     return fig
 
 
@@ -63,7 +78,7 @@ def mass_curves_figure(result) -> Figure | None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=min(4, len(names)))
     ax.set_title(f"where '{names[q]}' reads from, layer by layer", fontsize=9)
-    fig.tight_layout()
+    tight(fig)
     return fig
 
 
@@ -81,7 +96,7 @@ def rollout_figure(result) -> Figure | None:
     ax.set_title("attention rollout through all layers (colour clipped at the 99th percentile "
                  "of non-first tokens)", fontsize=9)
     fig.colorbar(img, ax=ax, fraction=0.046, pad=0.04)
-    fig.tight_layout()
+    tight(fig)
     return fig
 
 
@@ -99,7 +114,7 @@ def mask_diff_figure(a, b) -> Figure:
     segment_ticks(ax, a)
     changed = int((ma ^ mb).sum())
     ax.set_title(f"A vs B: dark = both, blue = only A, red = only B  ({changed} pairs differ)", fontsize=9)
-    fig.tight_layout()
+    tight(fig)
     return fig
 
 
@@ -111,7 +126,7 @@ def kl_figure(cmp) -> Figure:
     segment_ticks(ax, cmp.a.layout, axis="x")
     ax.set_ylabel("KL(A || B)", fontsize=8)
     ax.set_title("next-token KL divergence per position", fontsize=9)
-    fig.tight_layout()
+    tight(fig)
     return fig
 
 
@@ -136,7 +151,7 @@ def knockout_figure(ko) -> Figure:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title(f"knockout {ko.q} -> {ko.k}", fontsize=9)
-    fig.tight_layout()
+    tight(fig)
     return fig
 
 
@@ -194,7 +209,7 @@ def visual_share_figure(result, query=-1) -> Figure:
     ax.set_ylim(0, 1)
     ax.set_title(f"share of attention to image/video tokens, query {label}", fontsize=9)
     ax.legend(fontsize=8)
-    fig.tight_layout()
+    tight(fig)
     return fig
 
 
@@ -229,5 +244,5 @@ def evaluation_figure(summary: dict) -> Figure:
     ax_n.set_xlabel("target NLL (nats/token)", fontsize=8)
     ax_n.invert_yaxis()
     ax_n.set_title("mean NLL, 95% CI", fontsize=9)
-    fig.tight_layout()
+    tight(fig)
     return fig

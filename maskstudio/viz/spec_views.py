@@ -248,7 +248,7 @@ def view_positions(spec, fig, region, title=None, **_):
 
 
 # ---------------------------------------------------------------- distance
-def _distance_heat(spec, ax, qpos, ids_axis, max_pairs: int) -> None:
+def _distance_heat(spec, ax, qpos, ids_axis, max_pairs: int):
     """Histogram of |delta pos| per key segment (deterministic strided sample past max_pairs)."""
     t = spec.table
     dmax, hists = 1, []
@@ -261,7 +261,8 @@ def _distance_heat(spec, ax, qpos, ids_axis, max_pairs: int) -> None:
         dmax = max(dmax, int(d.max()))
     edges = np.linspace(0, dmax + 1, min(dmax + 1, 60) + 1)
     heat = np.stack([np.histogram(d.numpy(), bins=edges)[0] / max(1, len(d)) for d in hists])
-    ax.imshow(heat, aspect="auto", cmap="magma_r", interpolation="nearest", extent=(0, dmax + 1, len(t.names), 0))
+    return ax.imshow(heat, aspect="auto", cmap="magma_r", interpolation="nearest",
+                     extent=(0, dmax + 1, len(t.names), 0), vmin=0)
 
 
 def _distance_bars(spec, bx, stats, naxes, colors) -> None:
@@ -301,7 +302,7 @@ def view_distance(spec, fig, region, query=None, title=None, max_pairs: int = 2_
     heat_axes = []
     for a in range(naxes):
         ax = fig.add_subplot(gs[a, 0])
-        _distance_heat(spec, ax, ids[a, qs], ids[a], max_pairs)
+        im = _distance_heat(spec, ax, ids[a, qs], ids[a], max_pairs)
         ax.set_yticks(np.arange(len(t.names)) + 0.5)
         ax.set_yticklabels(t.names, fontsize=7)
         for tick, c in zip(ax.get_yticklabels(), colors):
@@ -311,6 +312,9 @@ def view_distance(spec, fig, region, query=None, title=None, max_pairs: int = 2_
         ax.set_xlabel(f"|Δ position{' ' + axname if naxes > 1 else ''}|  (query {stats['query']})", fontsize=8)
         ax.tick_params(labelsize=7)
         heat_axes.append(ax)
+    bar = fig.colorbar(im, ax=heat_axes, fraction=0.035, pad=0.015)
+    bar.set_label("share of (query, key) pairs", fontsize=7)
+    bar.ax.tick_params(labelsize=6)
     bx = fig.add_subplot(gs[:, 1])
     _distance_bars(spec, bx, stats, naxes, colors)
     heat_axes[0].set_title(title or f"{spec.name}: RoPE distance from '{stats['query']}' "
