@@ -1,4 +1,4 @@
-"""`maskstudio check|export|render|run|presets|eval` over the same library functions.
+"""`maskstudio check|export|render|run|presets|eval|train` over the same library functions.
 
 Exit codes: 0 ok, 1 the check found errors (e.g. empty rows, leaks), 2 bad input (invalid spec,
 unknown preset, missing model) with a one-line message naming the field and the fix.
@@ -117,6 +117,39 @@ def cmd_eval(args) -> int:
     return eval_main(args)
 
 
+def cmd_train(args) -> int:
+    import torch
+
+    from .train import compare, train
+
+    spec = _load(args)
+    if args.n_train is not None and args.n_train < 1:
+        raise UsageError("--n-train must be a positive integer")
+    lora = True if args.lora else False
+    common = dict(model=args.model, task=None if args.data else args.task, data=args.data, steps=args.steps,
+                  lr=args.lr, seed=args.seed, batch=args.batch, lora=lora, objective=args.objective,
+                  out_dir=args.out, loss_on=args.loss_on, n_train=args.n_train or 256, backend=args.backend,
+                  warmup=args.warmup, save_every=args.save_every, progress=not args.quiet)
+    if args.no_baseline or args.resume:
+        fitted = train(spec, eval_every=args.eval_every, eval_n=args.eval_n, resume=args.resume,
+                       eval_spec=args.eval_spec, **common)
+        if int(__import__("os").environ.get("RANK", "0")) == 0:
+            last = fitted.steps[-1] if fitted.steps else {}
+            print(f"trained {spec.name}: {len(fitted.steps)} steps, last loss {last.get('loss', float('nan')):.4f}"
+                  + (f"; run folder {args.out}" if args.out else ""))
+            for e in fitted.evals:
+                print(f"  step {e['step']:>6}: eval NLL {e['nll']:.4f}, accuracy {e['accuracy']:.3f}")
+    else:
+        result = compare(spec, eval_n=args.eval_n, eval_spec=args.eval_spec, **common)
+        if result is not None:
+            print(result["text"])
+            if args.out:
+                print(f"run folder {args.out} (baseline/, design/, comparison.json)")
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="maskstudio", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -158,6 +191,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data", help="your own examples, JSONL")
     p.add_argument("--out", help="write results JSON here")
+    p = add("train", cmd_train, "fine-tune a model under the spec's mask, against a causal baseline")
+    p.add_argument("--model", default=None, help="hub id, tiny-llama (random, for tests), default embedded SmolLM2")
+    p.add_argument("--task", default="kv_retrieval", help="generated task to train and evaluate on")
+    p.add_argument("--data", help="your own training examples, JSONL (as for eval)")
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch", type=int, default=8, help="examples per optimizer step (the global batch)")
+    p.add_argument("--n-train", type=int, default=None, help="generated training examples (default 256)")
+    p.add_argument("--lora", action="store_true", help="train LoRA adapters (peft) instead of all weights")
+    p.add_argument("--objective", choices=("next_token", "bico"), default="next_token")
+    p.add_argument("--loss-on", nargs="+", help="segments carrying the loss (default: role target)")
+    p.add_argument("--eval-every", type=int, default=0, help="evaluate every K steps (with --no-baseline)")
+    p.add_argument("--eval-n", type=int, default=64, help="held-out examples for evaluation")
+    p.add_argument("--eval-spec", help="evaluate the design under this spec (default: the training spec)")
+    p.add_argument("--warmup", type=int, default=0, help="linear learning-rate warmup steps")
+    p.add_argument("--save-every", type=int, default=0, help="checkpoint every K steps (and at the end)")
+    p.add_argument("--backend", choices=("eager", "flex"), default=None, help="default: flex on CUDA, eager on CPU")
+    p.add_argument("--out", help="run folder: config, metrics, checkpoints (safetensors)")
+    p.add_argument("--resume", help="a run folder or checkpoint folder to continue from (implies --no-baseline)")
+    p.add_argument("--no-baseline", action="store_true", help="train the spec only, no causal baseline or table")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     return parser
 
 

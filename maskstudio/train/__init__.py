@@ -1,0 +1,152 @@
+"""Train under the mask: fine-tune a model with a spec's mask and positions, against a causal
+baseline trained identically, and evaluate both with maskstudio.evaluate's statistics.
+
+    from maskstudio.train import train, compare
+    fit = train(spec, "tiny-llama", task="kv_retrieval", steps=50, lr=1e-3, out_dir="runs/x")
+    table = compare(spec, None, task="reversal", steps=200, objective="bico", out_dir="runs/cmp")
+
+* The forward is the runner's: `run.attention`'s registered function reads each example's
+  `MaskContext` (per layer and head), positions come from the spec (`run.inputs.model_positions`).
+* The loss is on role `target` tokens (or `loss_on` segments), each predicted from the token before.
+* objective "bico": alternate plain causal next-token steps (even steps) with masked-denoising steps
+  (odd): 15% of the non-special tokens become the mask token, are invisible as keys to every
+  query (the spec's mask AND NOT flagged_key), and are predicted.
+* lora=True (or a dict of peft.LoraConfig options) trains LoRA adapters through `peft`.
+* Deterministic given `seed`: data order and BICO corruption are pure functions of (seed, step,
+  example); a resumed run continues with the very next loss of the uninterrupted one.
+* `out_dir`: config.json, spec.json, metrics.json (per-step loss, evaluations) and
+  checkpoints/step-N/{model,optimizer}.safetensors + spec.json + state.json.
+
+Modules: data (examples -> items, data order, BICO corruption), model (private trainable copy,
+LoRA, tiny model, memory estimate and refusal), loop (forward, loop, checkpoints, DDP).
+"""
+from __future__ import annotations
+
+import json
+import sys
+import types
+from pathlib import Path
+
+from ..errors import RunError
+from ..evaluate import report, summarize
+from ..spec import Spec
+from .data import (FACT_TASKS, TRAIN_BREAKDOWN, TRAIN_TASKS, batch_indices, bico_item, causal_twin, encode_all, fact_specs,
+                   held_out, parent_facts, train_examples)
+from .loop import OBJECTIVES, Fit, dist_info, evaluate_model, fit, item_loss, latest_checkpoint
+from .model import TINY_TEXT, check_memory, estimate_bytes, source_model, tiny_lm, trainable_copy
+
+__all__ = ["train", "compare", "Fit", "causal_twin", "batch_indices", "bico_item", "tiny_lm", "TINY_TEXT",
+           "estimate_bytes", "check_memory", "item_loss", "latest_checkpoint", "OBJECTIVES", "prepare_training",
+           "fact_specs", "parent_facts", "held_out", "TRAIN_TASKS", "FACT_TASKS"]
+
+
+def _as_spec(spec) -> Spec:
+    return spec if isinstance(spec, Spec) else Spec.load(spec)
+
+
+def _check(steps, lr, batch, n_train):
+    for name, value, lo in (("steps", steps, 1), ("batch", batch, 1), ("n_train", n_train, 1)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < lo:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if not (isinstance(lr, (int, float)) and 0 < lr < 1):
+        raise ValueError(f"lr must be a number in (0, 1), got {lr!r}")
+
+
+def prepare_training(spec, model=None, task: str | None = "kv_retrieval", data: str | None = None,
+                     n_train: int = 256, seed: int = 0, loss_on=None, device=None):
+    """(spec, source LoadedModel, examples, items): the examples tokenized under `spec`."""
+    spec = _as_spec(spec)
+    src = source_model(model, device)
+    examples = train_examples(task, data, n_train, seed)
+    return spec, src, examples, encode_all(spec, examples, src, loss_on)
+
+
+def train(spec, model=None, task: str | None = "kv_retrieval", data: str | None = None, steps: int = 100,
+          lr: float = 1e-4, seed: int = 0, batch: int = 8, lora=False, objective: str = "next_token",
+          eval_every: int = 0, eval_n: int = 32, out_dir: str | None = None, resume=None, loss_on=None,
+          n_train: int = 256, eval_spec=None, backend: str | None = None, device=None, warmup: int = 0,
+          save_every: int = 0, max_memory: int | None = None, progress: bool = True, on_step=None,
+          _prepared=None) -> Fit:
+    """Fine-tune `model` (LoadedModel, "tiny-llama", hub id, None = embedded SmolLM2-135M) under
+    `spec` on a generated `task` (evaluate.TASKS) or your `data` JSONL. The model given is never
+    modified: a private copy is trained and returned in `Fit.lm`. `on_step(record)` sees every
+    step's metrics (a live loss curve) and may return True to stop. Raises RunError / ValueError
+    with a one-line fix (including the memory refusal with its estimate)."""
+    _check(steps, lr, batch, n_train)
+    if objective not in OBJECTIVES:
+        raise ValueError(f"unknown objective '{objective}'; use one of {', '.join(OBJECTIVES)}")
+    spec, src, examples, items = _prepared or prepare_training(spec, model, task, data, n_train, seed, loss_on, device)
+    lm, module = trainable_copy(src, lora, seed)
+    eval_examples = held_out(task, eval_n, seed, len(examples)) if (eval_every and task and not data) else (
+        examples[:eval_n] if eval_every else None)
+    config = {"spec": spec.name, "model": src.name, "task": None if data else task, "data": data, "steps": steps,
+              "lr": lr, "seed": seed, "batch": batch, "lora": lora, "objective": objective, "loss_on": loss_on,
+              "n_train": len(examples), "eval_every": eval_every, "eval_n": eval_n, "warmup": warmup,
+              "save_every": save_every, "resumed_from": str(latest_checkpoint(resume)) if resume else None}
+    return fit(spec, lm, module, items, steps=steps, lr=lr, seed=seed, batch=batch, objective=objective,
+               warmup=warmup, eval_every=eval_every, eval_examples=eval_examples,
+               eval_spec=_as_spec(eval_spec) if eval_spec is not None else None,
+               breakdown=None if data else TRAIN_BREAKDOWN.get(task),
+               out_dir=out_dir, save_every=save_every, resume=resume, backend=backend, max_memory=max_memory,
+               progress=progress, config=config, desc=f"training {spec.name}", on_step=on_step)
+
+
+def compare(spec, model=None, task: str | None = "kv_retrieval", data: str | None = None, eval_data=None,
+            steps: int = 100, lr: float = 1e-4, seed: int = 0, batch: int = 8, lora=False,
+            objective: str = "next_token", eval_n: int = 64, out_dir: str | None = None, n_train: int = 256,
+            loss_on=None, eval_spec=None, baseline=None, progress: bool = True, **kwargs) -> dict:
+    """The design against its causal baseline, trained identically (same seed, data order, steps,
+    lr; the baseline's objective is next-token), both evaluated before and after training on the
+    same held-out examples. Returns {"summary": {"before", "after"}, "text": one table, "fits"}
+    (None on torchrun ranks other than 0)."""
+    spec = _as_spec(spec)
+    base = _as_spec(baseline) if baseline is not None else causal_twin(spec, "causal baseline")
+    design_eval = _as_spec(eval_spec) if eval_spec is not None else spec
+    base_eval = causal_twin(design_eval, "causal baseline") if eval_spec is not None else base
+    src = source_model(model, kwargs.get("device"))
+    examples = train_examples(task, data, n_train, seed)
+    out = Path(out_dir) if out_dir else None
+    fits = {}
+    for label, s, obj in (("baseline", base, "next_token"), ("design", spec, objective)):
+        items = encode_all(s, examples, src, loss_on)
+        fits[label] = train(s, src, task, data, steps=steps, lr=lr, seed=seed, batch=batch, lora=lora,
+                            objective=obj, out_dir=str(out / label) if out else None, loss_on=loss_on,
+                            n_train=n_train, progress=progress, _prepared=(s, src, examples, items), **kwargs)
+    if dist_info()[0] != 0:
+        return None  # other torchrun ranks: training only; rank 0 evaluates
+    if eval_data:
+        from ..evaluate import load_jsonl
+
+        held = load_jsonl(eval_data)[:eval_n]
+    else:
+        held = held_out(task, eval_n, seed, len(examples)) if not data else examples[:eval_n]
+    breakdown = TRAIN_BREAKDOWN.get(task) if not (data or eval_data) else None
+    rows = {"before": {}, "after": {}}
+    names = ["causal baseline", f"design: {spec.name}"]
+    for when in rows:
+        for name, s, label in ((names[0], base_eval, "baseline"), (names[1], design_eval, "design")):
+            lm = src if when == "before" else fits[label].lm
+            rows[when][name] = evaluate_model(s, lm, held)
+    summary = {when: summarize(names, rows[when], breakdown) for when in rows}
+    text = "\n".join([f"{'before training':^40}", report(summary["before"]), "",
+                      f"{f'after {steps} steps (design objective {objective})':^40}", report(summary["after"])])
+    result = {"summary": summary, "text": text, "fits": fits,
+              "losses": {k: f.losses for k, f in fits.items()}}
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "comparison.json").write_text(json.dumps(
+            {"summary": summary, "losses": result["losses"], "task": task, "data": data, "steps": steps,
+             "lr": lr, "seed": seed, "batch": batch, "objective": objective, "lora": lora, "eval_n": len(held)},
+            indent=1, default=str) + "\n")
+        (out / "comparison.txt").write_text(text + "\n")
+    return result
+
+
+class _CallableModule(types.ModuleType):
+    """`maskstudio.train(spec, ...)` calls `train` (as `maskstudio.run(...)` calls run)."""
+
+    def __call__(self, *args, **kwargs) -> Fit:
+        return train(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -1,0 +1,210 @@
+"""Training data: examples -> tokenized items under a spec, the shared data order, BICO corruption.
+
+An `Item` is one example materialized under one spec: token ids, the layout `Spec` (sizes = real
+token counts, as `run.inputs.prepare` makes it), position ids and the loss positions. The design
+and its causal baseline tokenize the same examples identically (they share segment names and
+texts), so they differ only in mask and positions.
+
+Everything random is a pure function of (seed, step, example): the data order (`batch_indices`)
+and BICO's masked tokens (`bico_item`). Nothing random is carried in state, so a resumed run and
+a baseline see exactly the batches the design saw.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import RunError
+from ..evaluate import _NAMES, BREAKDOWN, TASKS, Example, fill, load_jsonl, make_examples
+from ..run.inputs import model_positions, prepare
+from ..spec import Spec
+
+MASK_FLAG = "masked"         # the per-token attribute BICO corruption sets (1 = a [MASK] token)
+BICO_RATE = 0.15
+
+
+@dataclass
+class Item:
+    ids: torch.Tensor          # [N] long
+    layout: Spec               # materialized spec
+    pos: torch.Tensor          # position ids as the model takes them ([N] or [3, N])
+    targets: torch.Tensor      # [N] bool: token p is predicted (from logits at p - 1)
+    example: int               # index into the training examples
+    labels: torch.Tensor | None = None  # [N] the tokens to predict (None: ids; BICO: the unmasked ids)
+
+    @property
+    def n_targets(self) -> int:
+        return int(self.targets.sum())
+
+
+# ---------------------------------------------------------------- facts to memorize (the reversal curse)
+_LAST = ("Moreau Keller Sato Novak Okafor Larsen Rossi Weber Haddad Ivanova Costa Jensen Kovacs Lindqvist "
+         "Mendes Nakamura Olsen Petrov Quintero Reyes Schmidt Tanaka Ueda Varga Walsh Zhou").split()
+
+
+def parent_facts(n: int, seed: int = 0) -> list[tuple[str, str]]:
+    """n (child, parent) pairs of distinct made-up full names, deterministic in seed."""
+    people = [f"{f} {l}" for f in _NAMES for l in _LAST]
+    if 2 * n > len(people):
+        raise ValueError(f"parent_facts has {len(people) // 2} facts at most, asked for {n}")
+    chosen = random.Random(f"parent_facts:{seed}").sample(people, 2 * n)
+    return list(zip(chosen[::2], chosen[1::2]))
+
+
+def _fact_examples(n: int, seed: int) -> list[Example]:
+    return [Example(i, {"fact": f"{c}'s parent is {p}."}, {"child": c, "parent": p})
+            for i, (c, p) in enumerate(parent_facts(n, seed))]
+
+
+def _fact_questions(n_facts: int, n: int, seed: int) -> list[Example]:
+    """Questions about the first n // 2 training facts, each asked forward and in reverse, with no
+    fact in context: the model must have learned it."""
+    out = []
+    for i, (c, p) in enumerate(parent_facts(n_facts, seed)[: max(1, n // 2)]):
+        out.append(Example(2 * i, {"question": f"{c}'s parent is", "answer": f" {p}"}, {"direction": "forward"}))
+        out.append(Example(2 * i + 1, {"question": f"{p} is the parent of", "answer": f" {c}"},
+                           {"direction": "backward"}))
+    return out
+
+
+FACT_TASKS = {"parent_facts": (_fact_examples, _fact_questions)}
+TRAIN_TASKS = tuple(TASKS) + tuple(FACT_TASKS)
+TRAIN_BREAKDOWN = {**BREAKDOWN, "parent_facts": "direction"}
+
+
+def fact_specs(task: str = "parent_facts") -> dict:
+    """Specs for a fact task: "train_causal" (the fact, loss on all of it), "train_full" (BICO's
+    design: the fact bidirectional), "eval_causal" (question + answer) and "eval_prefix" (question
+    bidirectional, answer causal, as BICO evaluates)."""
+    fact = [{"name": "fact", "modality": "text", "text": "A's parent is B.", "role": ["target"]}]
+    qa = [{"name": "question", "modality": "text", "text": "A's parent is"},
+          {"name": "answer", "modality": "text", "text": " B", "role": ["target"]}]
+    return {
+        "train_causal": Spec.load({"name": f"{task} causal", "segments": fact}),
+        "train_full": Spec.load({"name": f"{task} bidirectional", "segments": fact, "mask": {"base": {"pattern": "full"}}}),
+        "eval_causal": Spec.load({"name": "questions causal", "segments": qa}),
+        "eval_prefix": Spec.load({"name": "questions prefix-LM", "segments": qa, "mask": {
+            "base": {"pattern": "causal"}, "rules": [{"q": "*", "k": "question", "pattern": "full"}]}}),
+    }
+
+
+def train_examples(task: str | None, data: str | None, n: int, seed: int) -> list[Example]:
+    """Training examples: a generated task (its own seed stream, disjoint from evaluation's
+    `make_examples(task, n, seed)`), a fact task, or your JSONL file (see evaluate.load_jsonl)."""
+    if data:
+        return load_jsonl(data)
+    if task in FACT_TASKS:
+        return FACT_TASKS[task][0](n, seed)
+    if task not in TASKS:
+        raise ValueError(f"unknown task '{task}'; use one of {', '.join(TRAIN_TASKS)} or data=FILE.jsonl")
+    return [TASKS[task](random.Random(f"{task}:train:{seed}:{i}"), i) for i in range(n)]
+
+
+def held_out(task: str, n: int, seed: int, n_train: int) -> list[Example]:
+    """Evaluation examples: a generated task's own (evaluate.make_examples, a disjoint stream), or
+    for a fact task questions about the facts trained on."""
+    if task in FACT_TASKS:
+        return FACT_TASKS[task][1](n_train, n, seed)
+    return make_examples(task, n, seed)
+
+
+def causal_twin(spec: Spec, name: str | None = None) -> Spec:
+    """The baseline: the same segments (texts, roles) under plain causal attention and sequential
+    positions."""
+    data = spec.to_dict()
+    data["mask"] = {"base": {"pattern": "causal"}}
+    data["positions"] = {"scheme": "sequential"}
+    data["name"] = name or f"causal ({spec.name})"
+    for key in ("description", "provenance", "citation", "url", "group"):
+        data.pop(key, None)
+    return Spec.load(data)
+
+
+def loss_segments(layout: Spec, loss_on=None) -> list[int]:
+    """Ordinals of the segments whose tokens carry the loss: `loss_on` (names), else role target."""
+    names = [s["name"] for s in layout.segments]
+    if loss_on:
+        wanted = [loss_on] if isinstance(loss_on, str) else list(loss_on)
+        missing = [w for w in wanted if w not in names]
+        if missing:
+            raise RunError(f"loss_on names segment(s) {', '.join(missing)} that the spec does not have; "
+                           f"use one of {', '.join(names)}", layout)
+        return [names.index(w) for w in wanted]
+    found = [i for i, s in enumerate(layout.segments) if "target" in s.get("role", [])]
+    if not found:
+        raise RunError("no segment has role 'target'; give the answer segment \"role\": [\"target\"] "
+                       "or pass loss_on=SEGMENT", layout)
+    return found
+
+
+def encode(spec: Spec, example: Example, lm, loss_on=None, index: int = 0) -> Item:
+    """One example under `spec`: filled by segment name, tokenized and sized like a run."""
+    filled = fill(spec, example)
+    prep = prepare(filled, lm)
+    layout = prep.layout
+    ids = prep.input_ids
+    targets = torch.zeros(len(ids), dtype=torch.bool)
+    for i in loss_segments(layout, loss_on):
+        targets[layout.table.segment_slice(i)] = True
+    targets[0] = False  # nothing predicts the first token
+    if not targets.any():
+        raise RunError(f"example {example.id}: no token carries the loss (the target is the first token)", layout)
+    return Item(ids, layout, model_positions(layout, lm), targets, index)
+
+
+def encode_all(spec: Spec, examples: list[Example], lm, loss_on=None) -> list[Item]:
+    return [encode(spec, ex, lm, loss_on, i) for i, ex in enumerate(examples)]
+
+
+def batch_indices(n: int, batch: int, step: int, seed: int) -> list[int]:
+    """The examples of optimizer step `step` (0-based): epochs of seeded permutations, read in
+    order. A pure function of its arguments, so design, baseline and a resumed run agree."""
+    out: list[int] = []
+    start = step * batch
+    while len(out) < batch:
+        epoch, offset = divmod(start + len(out), n)
+        g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        perm = torch.randperm(n, generator=g).tolist()
+        out.extend(perm[offset: offset + batch - len(out)])
+    return out
+
+
+def with_layout(item: Item, layout: Spec, lm) -> Item:
+    """The same tokens under another spec of the same sizes (e.g. the causal twin)."""
+    return Item(item.ids, layout, model_positions(layout, lm), item.targets, item.example, item.labels)
+
+
+def mask_token_id(tokenizer) -> int:
+    for attr in ("mask_token_id", "pad_token_id", "unk_token_id", "eos_token_id"):
+        value = getattr(tokenizer, attr, None)
+        if isinstance(value, int):
+            return value
+    raise RunError("the tokenizer has no mask, pad, unk or eos token to stand for [MASK]")
+
+
+def bico_item(item: Item, step: int, seed: int, mask_id: int, rate: float = BICO_RATE) -> Item:
+    """BICO's masked step: `rate` of the non-special, non-pad tokens become the mask token, are
+    invisible as KEYS to every query (the spec's mask AND NOT flagged_key(masked)), and are the
+    loss positions (each predicted from the position before it)."""
+    layout = item.layout
+    t = layout.table
+    eligible = torch.ones(t.n, dtype=torch.bool)
+    for i, s in enumerate(layout.segments):
+        if s["modality"] == "special" or "pad" in s.get("role", []):
+            eligible[t.segment_slice(i)] = False
+    eligible[0] = False
+    g = torch.Generator().manual_seed(seed * 1_000_003 + step * 10_007 + item.example)
+    chosen = (torch.rand(t.n, generator=g) < rate) & eligible
+    if not chosen.any():  # at least one masked token per example
+        cand = eligible.nonzero().flatten()
+        chosen[cand[torch.randint(len(cand), (1,), generator=g)]] = True
+    data = layout.to_dict()
+    for i, s in enumerate(data["segments"]):
+        s.setdefault("attrs", {})[MASK_FLAG] = chosen[t.segment_slice(i)].int().tolist()
+    mask = data["mask"]
+    mask["overlays"] = list(mask.get("overlays", [])) + [{"pattern": "flagged_key", "by": MASK_FLAG, "op": "and_not"}]
+    ids = item.ids.clone()
+    ids[chosen] = mask_id
+    return Item(ids, Spec.load(data), item.pos, chosen, item.example, item.ids)

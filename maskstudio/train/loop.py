@@ -1,0 +1,312 @@
+"""The training loop: forwards through the runner's attention path, checkpoints, resume, DDP.
+
+Every forward goes through `run.attention`: the model is switched to the registered "maskstudio"
+attention function (`attn_impl`) for the whole run and each example carries its own
+`MaskContext(layout)` as the forward kwarg `maskstudio=` - eager dense rows on CPU, FlexAttention
+with a BlockMask on CUDA past knobs.FLEX_MIN_TOKENS. There is no second masking path.
+
+One optimizer step = `batch` examples, one forward each (each has its own layout and mask), the
+loss summed over every target token of the step and divided by their number, so the step's
+gradient does not depend on how the examples are split between processes: under
+`torchrun --nproc_per_node=G` rank r takes examples r, r+G, ... of the step and DistributedDataParallel
+averages the gradients (each rank's loss is scaled by G / total tokens), which equals the
+one-process gradient of the same global batch.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..errors import RunError
+from ..evaluate import Example, score, summarize
+from ..run.attention import ATTN_NAME, MaskContext, attn_impl, register
+from ..run.models import LoadedModel
+from ..run.pipeline import choose_backend
+from ..spec import Spec
+from .data import Item, batch_indices, bico_item, causal_twin, mask_token_id, with_layout
+from .model import check_memory, trainable_parameters
+
+OBJECTIVES = ("next_token", "bico")
+CONTEXTS_KEPT = 256   # examples whose mask contexts (dense rows / BlockMasks) are kept between steps
+
+
+@dataclass
+class Fit:
+    """What one training run produced."""
+
+    lm: LoadedModel                 # the trained model (forward module), for evaluate.score / run
+    module: object                  # the module whose trainable parameters are saved (peft model with LoRA)
+    spec: Spec
+    steps: list = field(default_factory=list)    # {"step", "loss", "tokens", "kind", "lr", "seconds"}
+    evals: list = field(default_factory=list)    # {"step", "nll", "accuracy", ...}
+    out_dir: str | None = None
+    memory: dict = field(default_factory=dict)
+
+    @property
+    def losses(self) -> list[float]:
+        return [s["loss"] for s in self.steps]
+
+
+# ---------------------------------------------------------------- distributed
+def dist_info() -> tuple[int, int]:
+    """(rank, world) from torchrun's environment; initialises the process group when world > 1."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if world > 1 and not torch.distributed.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.distributed.init_process_group(backend)
+    return rank, world
+
+
+def _all_sum(x: torch.Tensor, world: int) -> torch.Tensor:
+    if world > 1:
+        x = x.clone()
+        torch.distributed.all_reduce(x)
+    return x
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        torch.distributed.barrier()
+
+
+# ---------------------------------------------------------------- one forward
+def item_loss(net, item: Item, num_heads: int, backend: str, device, autocast: bool, ctx=None) -> torch.Tensor:
+    """Summed cross-entropy over item's target tokens, through the registered attention function
+    (the model must be switched to it: `attn_impl(model, ATTN_NAME)`). `ctx`: a MaskContext of
+    item.layout to reuse (its masks are built once and kept)."""
+    ctx = ctx or MaskContext(item.layout, num_heads, backend, record=False)
+    pos = item.pos[..., None, :] if item.pos.dim() == 2 else item.pos[None]
+    at = item.targets.nonzero().flatten()
+    labels = (item.labels if item.labels is not None else item.ids)[at].to(device)
+    amp = torch.autocast(device.type, dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+    with amp:
+        out = net(input_ids=item.ids[None].to(device), position_ids=pos.to(device), use_cache=False,
+                  logits_to_keep=(at - 1).to(device), **{ATTN_NAME: ctx})
+    logits = out.logits[0].float()
+    return torch.nn.functional.cross_entropy(logits, labels, reduction="sum")
+
+
+# ---------------------------------------------------------------- checkpoints
+def _ckpt_dir(out_dir, step: int) -> Path:
+    return Path(out_dir) / "checkpoints" / f"step-{step:06d}"
+
+
+def save_checkpoint(path: Path, module, opt, params: dict, step: int, spec: Spec, extra: dict) -> None:
+    """model.safetensors (trainable parameters by name), optimizer.safetensors (AdamW moments and
+    step counters), spec.json and state.json. Written to a temporary folder, then renamed."""
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    save_file({n: p.detach().cpu().contiguous() for n, p in params.items()}, str(tmp / "model.safetensors"))
+    opt_state = {}
+    for n, p in params.items():
+        for k, v in opt.state.get(p, {}).items():
+            opt_state[f"{n}::{k}"] = (v if torch.is_tensor(v) else torch.tensor(v)).detach().cpu().contiguous()
+    save_file(opt_state, str(tmp / "optimizer.safetensors"))
+    (tmp / "spec.json").write_text(spec.to_json(), encoding="utf-8")
+    (tmp / "state.json").write_text(json.dumps({"step": step, **extra}, indent=1) + "\n")
+    if path.exists():
+        import shutil
+
+        shutil.rmtree(path)
+    tmp.rename(path)
+
+
+def latest_checkpoint(path) -> Path:
+    """`path` itself when it is a checkpoint folder, else the newest one under path/checkpoints."""
+    p = Path(path)
+    if (p / "state.json").exists():
+        return p
+    found = sorted((p / "checkpoints").glob("step-*[0-9]")) if (p / "checkpoints").is_dir() else []
+    if not found:
+        raise RunError(f"no checkpoint to resume from in '{path}' (expected state.json or checkpoints/step-*)")
+    return found[-1]
+
+
+def load_checkpoint(path: Path, opt, params: dict, device) -> dict:
+    from safetensors.torch import load_file
+
+    weights = load_file(str(path / "model.safetensors"))
+    missing = sorted(set(params) - set(weights))
+    if missing:
+        raise RunError(f"checkpoint {path} does not match this model/LoRA setting (missing {missing[0]}, ...)")
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(weights[n].to(p.device, p.dtype))
+    state = load_file(str(path / "optimizer.safetensors"))
+    for n, p in params.items():
+        entry = {k.split("::", 1)[1]: v for k, v in state.items() if k.split("::", 1)[0] == n}
+        if entry:
+            opt.state[p] = {k: (v if k == "step" else v.to(device)) for k, v in entry.items()}
+    return json.loads((path / "state.json").read_text())
+
+
+# ---------------------------------------------------------------- evaluation during / after training
+def evaluate_model(spec: Spec, lm: LoadedModel, examples: list[Example]) -> list[dict]:
+    """evaluate.score for every example (target NLL and exact match), the model in eval mode."""
+    was = lm.model.training
+    lm.model.eval()
+    try:
+        return [score(spec, ex, lm) for ex in examples]
+    finally:
+        lm.model.train(was)
+
+
+def eval_entry(step: int, rows: list[dict], breakdown: str | None) -> dict:
+    s = summarize(["model"], {"model": rows}, breakdown)["specs"][0]
+    return {"step": step, **{k: s[k] for k in ("n", "nll", "nll_ci", "accuracy", "accuracy_ci")},
+            **({"breakdown": s["breakdown"]} if "breakdown" in s else {})}
+
+
+# ---------------------------------------------------------------- the loop
+def _progress(total: int, initial: int, enabled: bool, desc: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, disable=not enabled, desc=desc, unit="step", dynamic_ncols=True)
+
+
+def fit(spec: Spec, lm: LoadedModel, module, items: list[Item], *, steps: int, lr: float, seed: int,
+        batch: int, objective: str = "next_token", warmup: int = 0, clip: float | None = 1.0,
+        eval_every: int = 0, eval_examples: list[Example] | None = None, eval_spec: Spec | None = None,
+        breakdown: str | None = None, out_dir: str | None = None, save_every: int = 0, resume=None,
+        backend: str | None = None, max_memory: int | None = None, progress: bool = True,
+        config: dict | None = None, desc: str = "training", on_step=None) -> Fit:
+    """Train `lm.model` (a private trainable copy) on `items` (encoded under `spec`).
+
+    `on_step(record)` is called on rank 0 after every step with the step's metrics dict (and the
+    latest evaluation under "eval" when one ran), e.g. to draw a live loss curve; returning True
+    stops after this step (a checkpoint is written when out_dir is set)."""
+    if objective not in OBJECTIVES:
+        raise RunError(f"unknown objective '{objective}'; use one of {', '.join(OBJECTIVES)}")
+    rank, world = dist_info()
+    if batch % world:
+        raise RunError(f"batch {batch} does not split over {world} processes; use a multiple of {world}")
+    device = lm.device
+    longest = max(len(it.ids) for it in items)
+    backend = choose_backend(backend, lm, longest)
+    if backend == "flex" and device.type != "cuda":
+        raise RunError("FlexAttention has no backward pass on CPU; train with backend='eager' (the default "
+                       "on CPU) or on a GPU")
+    params = trainable_parameters(module)
+    memory = check_memory(lm, longest, module is not lm.model, backend, max_memory,
+                          sum(p.numel() for p in params.values()))
+    opt = torch.optim.AdamW(list(params.values()), lr=lr, weight_decay=0.0)
+    causal = None
+    if objective == "bico":  # the causal steps: the same tokens under the causal twin
+        twins: dict = {}
+        causal = []
+        for it in items:
+            key = it.layout.to_json()
+            twins.setdefault(key, causal_twin(it.layout))
+            causal.append(with_layout(it, twins[key], lm))
+    mask_id = mask_token_id(lm.tokenizer)
+    fitted = Fit(lm, module, spec, out_dir=out_dir, memory=memory)
+    start = 0
+    if resume:
+        ck = latest_checkpoint(resume)
+        start = load_checkpoint(ck, opt, params, device)["step"]
+        old = Path(ck).parent.parent / "metrics.json"
+        if old.exists():
+            prev = json.loads(old.read_text())
+            fitted.steps = [s for s in prev.get("steps", []) if s["step"] <= start]
+            fitted.evals = [e for e in prev.get("evals", []) if e["step"] <= start]
+    out = Path(out_dir) if out_dir else None
+    if out and rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "spec.json").write_text(spec.to_json(), encoding="utf-8")
+        (out / "config.json").write_text(json.dumps({**(config or {}), "backend": backend, "world_size": world,
+                                                     "memory_estimate_bytes": memory["estimate_bytes"]},
+                                                    indent=1, default=str) + "\n")
+    autocast = device.type == "cuda"
+    net = lm.model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        net = DDP(lm.model, device_ids=[device.index] if device.type == "cuda" else None)
+    register()
+    bar = _progress(steps, start, progress and rank == 0, desc)
+    heads = lm.num_heads
+    contexts: dict = {}  # (kind, example) -> MaskContext: a fixed layout's masks are built once per run
+    with attn_impl(lm.model, ATTN_NAME):
+        lm.model.train()
+        for step in range(start, steps):
+            t0 = time.perf_counter()
+            kind = ("causal" if step % 2 == 0 else "denoise") if objective == "bico" else "next_token"
+            order = batch_indices(len(items), batch, step, seed)
+            idx = order[rank::world]
+            if kind == "causal":
+                mine = [causal[i] for i in idx]
+            elif kind == "denoise":
+                mine = [bico_item(items[i], step, seed, mask_id) for i in idx]
+            else:
+                mine = [items[i] for i in idx]
+            local = torch.tensor([float(sum(it.n_targets for it in mine))], device=device)
+            total = float(_all_sum(local, world))
+            for g in opt.param_groups:
+                g["lr"] = lr * min(1.0, (step + 1) / warmup) if warmup else lr
+            loss_sum = torch.zeros((), device=device)
+            for j, it in enumerate(mine):
+                sync = net.no_sync() if world > 1 and j < len(mine) - 1 else contextlib.nullcontext()
+                ctx = None
+                key = (kind, it.example)
+                if key in contexts:
+                    ctx = contexts[key]
+                elif kind != "denoise" and len(contexts) < CONTEXTS_KEPT:  # denoising layouts change every step
+                    ctx = contexts[key] = MaskContext(it.layout, heads, backend, record=False)
+                with sync:
+                    loss = item_loss(net, it, heads, backend, device, autocast, ctx)
+                    (loss * (world / total)).backward()
+                loss_sum += loss.detach()
+            if clip:
+                torch.nn.utils.clip_grad_norm_(list(params.values()), clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            mean = float(_all_sum(loss_sum[None], world)) / total
+            if not math.isfinite(mean):
+                raise RunError(f"the loss became {mean} at step {step + 1}; lower the learning rate (lr={lr})")
+            fitted.steps.append({"step": step + 1, "loss": mean, "tokens": int(total), "kind": kind, "examples": order,
+                                 "lr": opt.param_groups[0]["lr"], "seconds": time.perf_counter() - t0})
+            bar.set_postfix(loss=f"{mean:.4f}")
+            bar.update(1)
+            done = step + 1
+            if eval_every and eval_examples and (done % eval_every == 0 or done == steps):
+                if rank == 0:
+                    rows = evaluate_model(eval_spec or spec, lm, eval_examples)
+                    fitted.evals.append(eval_entry(done, rows, breakdown))
+                    bar.write(f"step {done}: eval NLL {fitted.evals[-1]['nll']:.4f}, "
+                              f"accuracy {fitted.evals[-1]['accuracy']:.3f}")
+                _barrier(world)
+            stop = bool(on_step({**fitted.steps[-1], **({"eval": fitted.evals[-1]} if fitted.evals and
+                                                         fitted.evals[-1]["step"] == done else {})})
+                        ) if on_step and rank == 0 else False
+            if world > 1:  # every rank stops together
+                stop = bool(_all_sum(torch.tensor([float(stop)], device=device), world))
+            if out and ((save_every and done % save_every == 0) or done == steps or stop):
+                if rank == 0:
+                    save_checkpoint(_ckpt_dir(out, done), module, opt, params, done, spec,
+                                    {"loss": mean, "seed": seed, "objective": objective})
+                    write_metrics(fitted)
+                _barrier(world)
+            if stop:
+                break
+    bar.close()
+    if out and rank == 0:
+        write_metrics(fitted)
+    return fitted
+
+
+def write_metrics(fitted: Fit) -> None:
+    if fitted.out_dir:
+        path = Path(fitted.out_dir) / "metrics.json"
+        path.write_text(json.dumps({"steps": fitted.steps, "evals": fitted.evals}, indent=1) + "\n")

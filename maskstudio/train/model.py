@@ -1,0 +1,128 @@
+"""The model a run trains: a private copy (the run cache's model is never touched), LoRA through
+`peft`, the tiny random model CI trains, and the memory estimate behind the refusal."""
+from __future__ import annotations
+
+import copy
+import os
+
+import torch
+
+from ..errors import RunError
+from ..run.models import LoadedModel, _byte_tokenizer, load_model
+
+TINY_TEXT = "tiny-llama"   # 2 layers, 4 heads, hidden 64, byte tokenizer, random weights
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+def tiny_lm(seed: int = 0, layers: int = 2, hidden: int = 64, heads: int = 4) -> LoadedModel:
+    """A random Llama-architecture model with a byte-level tokenizer: no download, trains in ms."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = _byte_tokenizer(("<|endoftext|>",))
+    eos = int(tok.convert_tokens_to_ids("<|endoftext|>"))
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
+                      num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=max(1, heads // 2),
+                      max_position_embeddings=2048, eos_token_id=eos, bos_token_id=eos, pad_token_id=eos,
+                      tie_word_embeddings=True, attn_implementation="eager")
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(cfg)
+    model.set_attn_implementation("eager")
+    return LoadedModel(model.eval(), tok, TINY_TEXT, torch.device("cpu"))
+
+
+def source_model(model, device=None) -> LoadedModel:
+    """The model to start from: a LoadedModel, TINY_TEXT, a hub id, or None (embedded SmolLM2)."""
+    if isinstance(model, LoadedModel):
+        return model
+    if model == TINY_TEXT:
+        lm = tiny_lm()
+        if device is not None:
+            lm.model.to(device)
+            lm.device = torch.device(device)
+        return lm
+    return load_model(model, device=device)
+
+
+def trainable_copy(src: LoadedModel, lora: bool | dict, seed: int) -> tuple[LoadedModel, object]:
+    """A fresh fp32 copy of `src` to train (LoRA adapters added when `lora`), seeded.
+
+    Returns (LoadedModel whose .model is the module forwards go through, the module to save).
+    With LoRA the forward module is the peft model's base model with the adapters injected."""
+    torch.manual_seed(seed)
+    model = copy.deepcopy(src.model)
+    for t in list(model.parameters()) + list(model.buffers()):  # not .float(): refused on GGUF-loaded models
+        if t.is_floating_point():
+            t.data = t.data.float()
+    model.train()
+    outer = model
+    if lora:
+        from peft import LoraConfig, get_peft_model
+
+        options = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "target_modules": list(LORA_TARGETS)}
+        options.update(lora if isinstance(lora, dict) else {})
+        outer = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **options))
+        model = outer.get_base_model()
+    return LoadedModel(model, src.tokenizer, src.name, src.device), outer
+
+
+def trainable_parameters(module) -> dict[str, torch.Tensor]:
+    """name -> parameter for every trainable parameter (shared ones once)."""
+    return {n: p for n, p in module.named_parameters() if p.requires_grad}
+
+
+# ---------------------------------------------------------------- memory
+def estimate_bytes(lm: LoadedModel, tokens: int, lora: bool, backend: str, trainable: int | None = None) -> dict:
+    """A deliberately generous estimate of one training step's peak memory, by part (bytes)."""
+    cfg = lm.config
+    params = sum(p.numel() for p in lm.model.parameters())
+    train_n = trainable if trainable is not None else (params // 100 if lora else params)
+    L, H, d = cfg.num_hidden_layers, cfg.num_attention_heads, cfg.hidden_size
+    inter = getattr(cfg, "intermediate_size", 4 * d)
+    V = cfg.vocab_size
+    parts = {
+        "weights (fp32)": 4 * params,
+        "gradients": 4 * train_n,
+        "AdamW state": 8 * train_n,
+        # per layer and token: norms, q/k/v/o, residuals (~10 d) and the MLP (~4 intermediate), fp32
+        "activations": 4 * L * tokens * (10 * d + 4 * inter),
+        "logits": 3 * 4 * tokens * V,
+    }
+    if backend == "eager":  # scores, probabilities and their gradient per layer, plus the bool mask
+        parts["attention matrices (eager)"] = L * H * tokens * tokens * 12 + tokens * tokens
+    return parts
+
+
+def available_bytes(device) -> int:
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+
+
+def gib(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+def check_memory(lm: LoadedModel, tokens: int, lora: bool, backend: str, limit: int | None = None,
+                 trainable: int | None = None) -> dict:
+    """Refuse (RunError) when the estimate exceeds what the device has free (or `limit` bytes)."""
+    parts = estimate_bytes(lm, tokens, lora, backend, trainable)
+    need = sum(parts.values())
+    have = available_bytes(lm.device) if limit is None else int(limit)
+    if need > 0.9 * have:
+        detail = ", ".join(f"{k} {gib(v)}" for k, v in parts.items())
+        hints = [] if lora else ["lora=True"]
+        if backend == "eager":
+            hints.append("a GPU (FlexAttention: no N x N matrices)")
+        hints.append("shorter examples")
+        raise RunError(f"refusing to train: one step at {tokens} tokens needs about {gib(need)} ({detail}) "
+                       f"but {lm.device} has {gib(have)} available; try {', '.join(hints)}")
+    return {"estimate_bytes": need, "available_bytes": have, "parts": parts}
