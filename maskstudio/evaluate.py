@@ -39,7 +39,7 @@ class Example:
 # ---------------------------------------------------------------- tasks
 _WORDS = ("amber basil cedar delta ember fjord garnet harbor indigo juniper kestrel lagoon meadow "
           "nectar onyx pepper quartz raven saffron tundra umber velvet willow yarrow zephyr").split()
-_NAMES = ("Alice Bruno Chiara Dmitri Elena Farid Greta Hugo Ines Jonas Keiko Lars Mira Nadia Oscar "
+PEOPLE = ("Alice Bruno Chiara Dmitri Elena Farid Greta Hugo Ines Jonas Keiko Lars Mira Nadia Oscar "
           "Priya Quinn Rosa Sami Tomas Uma Viktor Wen Xavier Yara Zane").split()
 _FILLER = ("The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. ")
 
@@ -67,11 +67,11 @@ def _passkey(rng: random.Random, i: int, depths=(0.0, 0.25, 0.5, 0.75, 1.0), rep
 
 
 def _multihop(rng: random.Random, i: int, docs: int = 4) -> Example:
-    a, b, c, *others = rng.sample(_NAMES, docs + 1)
+    a, b, c, *others = rng.sample(PEOPLE, docs + 1)
     facts = [f"{a} is the mother of {b}.", f"{b} is the mother of {c}."]
     facts += [f"{x} is the mother of {y}." for x, y in zip(others[::2], others[1::2])][: docs - 2]
     while len(facts) < docs:
-        facts.append(f"{rng.choice(_NAMES)} likes {rng.choice(_WORDS)}.")
+        facts.append(f"{rng.choice(PEOPLE)} likes {rng.choice(_WORDS)}.")
     order = list(range(docs))
     rng.shuffle(order)
     texts = {"instruction": "Use the facts to answer.\n"}
@@ -82,7 +82,7 @@ def _multihop(rng: random.Random, i: int, docs: int = 4) -> Example:
 
 
 def _reversal(rng: random.Random, i: int) -> Example:
-    x, y = rng.sample(_NAMES, 2)
+    x, y = rng.sample(PEOPLE, 2)
     forward = i % 2 == 0
     texts = {"instruction": "Answer from the fact.\n", "doc0": f"Fact: {x}'s teacher is {y}.\n",
              "question": (f"Question: who is {x}'s teacher?\nAnswer:" if forward

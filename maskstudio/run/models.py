@@ -303,7 +303,7 @@ def _load_hub_vlm(name: str, device, say) -> VLModel:
 
 
 # ---------------------------------------------------------------- tiny local models
-def _byte_tokenizer(specials):
+def byte_tokenizer(specials):
     """A byte-level tokenizer built here (256 byte tokens + the VLM's special tokens): no download."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
@@ -325,7 +325,7 @@ def _tiny_qwen2_vl():
     import transformers as tf
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    tok = _byte_tokenizer(QWEN_TOKENS)
+    tok = byte_tokenizer(QWEN_TOKENS)
     ids = {t: int(tok.convert_tokens_to_ids(t)) for t in QWEN_TOKENS}
     text = dict(_TINY_TEXT, vocab_size=len(tok), eos_token_id=ids["<|endoftext|>"], bos_token_id=ids["<|endoftext|>"],
                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 2, 2]})
@@ -342,7 +342,7 @@ def _tiny_idefics3():
     import transformers as tf
     from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
 
-    tok = _byte_tokenizer(IDEFICS_TOKENS)
+    tok = byte_tokenizer(IDEFICS_TOKENS)
     ids = {t: int(tok.convert_tokens_to_ids(t)) for t in IDEFICS_TOKENS}
     text = dict(_TINY_TEXT, model_type="llama", vocab_size=len(tok), eos_token_id=ids["<|endoftext|>"],
                 bos_token_id=ids["<|endoftext|>"], pad_token_id=ids["<|endoftext|>"])

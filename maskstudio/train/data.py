@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import RunError
-from ..evaluate import _NAMES, BREAKDOWN, TASKS, Example, fill, load_jsonl, make_examples
+from ..evaluate import PEOPLE, BREAKDOWN, TASKS, Example, fill, load_jsonl, make_examples
 from ..run.inputs import model_positions, prepare
 from ..spec import Spec
 
@@ -46,7 +46,7 @@ _LAST = ("Moreau Keller Sato Novak Okafor Larsen Rossi Weber Haddad Ivanova Cost
 
 def parent_facts(n: int, seed: int = 0) -> list[tuple[str, str]]:
     """n (child, parent) pairs of distinct made-up full names, deterministic in seed."""
-    people = [f"{f} {l}" for f in _NAMES for l in _LAST]
+    people = [f"{f} {l}" for f in PEOPLE for l in _LAST]
     if 2 * n > len(people):
         raise ValueError(f"parent_facts has {len(people) // 2} facts at most, asked for {n}")
     chosen = random.Random(f"parent_facts:{seed}").sample(people, 2 * n)

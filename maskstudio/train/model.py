@@ -8,7 +8,7 @@ import os
 import torch
 
 from ..errors import RunError
-from ..run.models import LoadedModel, _byte_tokenizer, load_model
+from ..run.models import LoadedModel, byte_tokenizer, load_model
 
 TINY_TEXT = "tiny-llama"   # 2 layers, 4 heads, hidden 64, byte tokenizer, random weights
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -18,7 +18,7 @@ def tiny_lm(seed: int = 0, layers: int = 2, hidden: int = 64, heads: int = 4) ->
     """A random Llama-architecture model with a byte-level tokenizer: no download, trains in ms."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    tok = _byte_tokenizer(("<|endoftext|>",))
+    tok = byte_tokenizer(("<|endoftext|>",))
     eos = int(tok.convert_tokens_to_ids("<|endoftext|>"))
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
                       num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=max(1, heads // 2),
