@@ -189,33 +189,44 @@ def _load_embedded(dtype, say):
     return model, tok
 
 
+def _local_then_hub(name: str, load, what: str, offline_hint: str, say):
+    """`load(local_only)` from the local cache first (instant, works offline), then from the hub;
+    every failure is a one-line RunError naming what to do."""
+    errors = (OSError, ValueError, KeyError)
+    try:
+        return load(True)
+    except RunError:
+        raise
+    except errors as err:
+        if os.path.isdir(name):
+            raise RunError(f"cannot load {what} folder '{name}': {_first_line(err)}") from None
+        if not _hub_reachable():
+            raise RunError(f"{what} '{name}' is not downloaded and the Hugging Face hub is unreachable; "
+                           f"connect to the network once to download it, or {offline_hint}") from None
+    try:
+        say(0.1, f"downloading {name} from the hub")
+        return load(False)
+    except RunError:
+        raise
+    except errors as err:
+        raise RunError(f"cannot load '{name}' as a {what}: {_first_line(err)}; check the id on "
+                       f"huggingface.co") from None
+
+
 def _load_causal_lm(name: str, dtype, say):
-    """A hub id or local folder: the local cache first (instant, works offline), then the hub."""
+    """A hub id or local folder of a causal LM (Llama / Qwen2 / Mistral / Gemma-style text models)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    try:
-        say(0.1, f"loading {name} from the local cache")
-        tok = AutoTokenizer.from_pretrained(name, local_files_only=True)
+    def load(local_only: bool):
+        say(0.2, f"loading {name} tokenizer")
+        tok = AutoTokenizer.from_pretrained(name, local_files_only=local_only)
         say(0.4, f"loading {name} weights")
-        model = AutoModelForCausalLM.from_pretrained(name, local_files_only=True, dtype=dtype,
+        model = AutoModelForCausalLM.from_pretrained(name, local_files_only=local_only, dtype=dtype,
                                                      attn_implementation="eager")
         return model, tok
-    except (OSError, ValueError) as err:
-        if os.path.isdir(name):
-            raise RunError(f"cannot load model folder '{name}': {_first_line(err)}") from None
-        if not _hub_reachable():
-            raise RunError(f"model '{name}' is not downloaded and the Hugging Face hub is unreachable; "
-                           f"connect to the network once to download it, or leave out --model to use "
-                           f"the embedded SmolLM2-135M-Instruct") from None
-    try:
-        say(0.2, f"downloading {name} from the hub")
-        tok = AutoTokenizer.from_pretrained(name)
-        say(0.5, f"loading {name} weights")
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, attn_implementation="eager")
-        return model, tok
-    except (OSError, ValueError, KeyError) as err:
-        raise RunError(f"cannot load '{name}' as a causal LM: {_first_line(err)}; check the "
-                       f"id on huggingface.co (Llama/Qwen2/Mistral/Gemma-style text models)") from None
+
+    return _local_then_hub(name, load, "model", "leave out --model to use the embedded "
+                           "SmolLM2-135M-Instruct", say)
 
 
 # ================================================================= vision-language models
@@ -282,24 +293,9 @@ def _vlm_from(name: str, device, say, local_only: bool) -> VLModel:
 
 
 def _load_hub_vlm(name: str, device, say) -> VLModel:
-    try:
-        return _vlm_from(name, device, say, local_only=True)
-    except RunError:
-        raise
-    except (OSError, ValueError, KeyError) as err:
-        if os.path.isdir(name):
-            raise RunError(f"cannot load VLM folder '{name}': {_first_line(err)}") from None
-        if not _hub_reachable():
-            raise RunError(f"vision-language model '{name}' is not downloaded and the Hugging Face hub is "
-                           f"unreachable; connect once to download it, or use 'tiny-qwen2-vl' / "
-                           f"'tiny-idefics3' (random weights) to try the pipeline offline") from None
-    try:
-        say(0.1, f"downloading {name} from the hub")
-        return _vlm_from(name, device, say, local_only=False)
-    except RunError:
-        raise
-    except (OSError, ValueError, KeyError) as err:
-        raise RunError(f"cannot load '{name}' as a vision-language model: {_first_line(err)}") from None
+    return _local_then_hub(name, lambda local_only: _vlm_from(name, device, say, local_only),
+                           "vision-language model", "use 'tiny-qwen2-vl' / 'tiny-idefics3' (random "
+                           "weights) to try the pipeline offline", say)
 
 
 # ---------------------------------------------------------------- tiny local models
