@@ -37,14 +37,14 @@ RENDER_CONCURRENCY = int(os.environ.get("MASKSTUDIO_RENDER_CONCURRENCY", "4"))
 CSS = """
 .error-line p { color: #b3261e; font-weight: 600; margin: 0; }
 .ok-line p { color: #2e7d32; margin: 0; }
-#checks textarea, #run-summary textarea, #compare-text textarea, #eval-text textarea { font-family: "DejaVu Sans Mono", monospace; font-size: 12px; }
+#checks textarea, #run-summary textarea, #compare-text textarea, #eval-text textarea, #train-text textarea { font-family: "DejaVu Sans Mono", monospace; font-size: 12px; }
 """
 MODEL = dict(concurrency_limit=1, concurrency_id="model")  # model events run one at a time
 
 
 # ---------------------------------------------------------------- output packing (wiring only)
 log = logging.getLogger("maskstudio.app")
-ERROR_BOXES = ("preset", "tables", "json", "upload", "template")  # where an edit's error is shown
+ERROR_BOXES = ("preset", "tables", "json", "upload", "template", "train_template")  # where an edit's error is shown
 STALE = "⚠ **The pictures show the last valid design**: the edit has an error (shown next to it)."
 
 
@@ -226,6 +226,13 @@ def on_compare_run(state, choice, model_id, max_new_tokens, progress=gr.Progress
 def on_evaluate(state, task, n, baseline, model_id, progress=gr.Progress()):
     out = studio.evaluate_for_state(state, task, n, baseline, model_id, progress=progress)
     return _error_md(out["error"]), out["text"], out["figure"]
+
+
+@gpu
+@total(3, 0)
+def on_train(state, task, steps, lr, lora, objective, baseline, model_id, progress=gr.Progress()):
+    out = studio.train_design(state, task, steps, lr, lora, objective, model_id, baseline, progress=progress)
+    return _error_md(out["error"]), out["summary"], out["curve"]
 
 
 # ---------------------------------------------------------------- layout: design (left)
@@ -411,6 +418,30 @@ def _evaluate_tab(ui):
     ui.ev_img = gr.Image(type="filepath", label="accuracy and NLL with 95% intervals")
 
 
+def _train_tab(ui):
+    gr.Markdown(f"Fine-tune the model (the Run tab's model box; `tiny-llama` is a random-weight test model) "
+                f"under the design's mask on generated task examples, {studio.TRAIN_BATCH} per step. With the "
+                f"baseline, the design's causal twin is trained identically and both are scored before and "
+                f"after on the same held-out examples. A private copy is trained: the loaded model is untouched. "
+                f"Segment names must be the task's parts — start from the task's template. The embedded "
+                f"SmolLM2 is slow on CPU: start with few steps.")
+    with gr.Row():
+        ui.tr_task = gr.Dropdown(list(studio.TRAIN_TASKS), value="kv_retrieval", label="task", elem_id="train-task")
+        ui.tr_steps = gr.Slider(1, 200, value=20, step=1, label="steps", elem_id="train-steps")
+        ui.tr_lr = gr.Number(1e-4, label="learning rate", elem_id="train-lr")
+        ui.tr_objective = gr.Radio([("next token", "next_token"), ("BICO (causal + masked denoising)", "bico")],
+                                   value="next_token", label="objective", elem_id="train-objective")
+    with gr.Row():
+        ui.tr_lora = gr.Checkbox(False, label="LoRA (adapters on q/k/v/o only)", elem_id="train-lora")
+        ui.tr_baseline = gr.Checkbox(True, label="train the causal baseline too, score both", elem_id="train-baseline")
+        ui.tr_template = gr.Button("Load the task's template into the design")
+        ui.tr_btn = gr.Button("Train", variant="primary", elem_id="train-btn")
+    ui.errors["train_template"] = _message("train-template-error")
+    ui.tr_error = gr.Markdown("", elem_classes=["error-line"], elem_id="train-error")  # and the step / loss
+    ui.tr_img = gr.Image(type="filepath", label="training loss", elem_id="train-curve")
+    ui.tr_text = gr.Textbox(label="results", lines=14, elem_id="train-text")
+
+
 def _export_tab(ui):
     with gr.Row():
         ui.fmt = gr.Radio([("JSON spec (canonical)", "json"), ("FlexAttention .py", "flex"),
@@ -433,6 +464,8 @@ def _lower_tabs(ui, presets):
             _compare_tab(ui, presets)
         with gr.Tab("Evaluate", id="evaluate"):
             _evaluate_tab(ui)
+        with gr.Tab("Train", id="train"):
+            _train_tab(ui)
         with gr.Tab("Export / Import", id="export"):
             _export_tab(ui)
 
@@ -455,6 +488,8 @@ def _wire_design(ui):
     wire_edit(ui, [ui.upload.upload], studio.import_file, [ui.upload], "import_spec", "upload",
               extra_outputs=[ui.upload])
     wire_edit(ui, [ui.ev_template.click], studio.load_task_template, [ui.ev_task], "eval_template", "template")
+    wire_edit(ui, [ui.tr_template.click], studio.load_task_template, [ui.tr_task], "train_template",
+              "train_template")
     # .input: a drag, the arrow keys and the number box alike (release misses the last two)
     gr.on([ui.layer.input, ui.head.input, ui.query.input, ui.flow_level.input], on_view_options,
           [ui.state] + ui.view_opts, ui.pictures, api_name="render", trigger_mode="always_last")
@@ -487,6 +522,9 @@ def _wire_compare_evaluate_export(ui):
                          show_progress_on=[ui.cmp_error], **MODEL)
     ui.ev_btn.click(on_evaluate, [ui.state, ui.ev_task, ui.ev_n, ui.ev_base, ui.model_id],
                     [ui.ev_error, ui.ev_text, ui.ev_img], api_name="evaluate", show_progress_on=[ui.ev_error], **MODEL)
+    ui.tr_btn.click(on_train, [ui.state, ui.tr_task, ui.tr_steps, ui.tr_lr, ui.tr_lora, ui.tr_objective,
+                               ui.tr_baseline, ui.model_id],
+                    [ui.tr_error, ui.tr_text, ui.tr_img], api_name="train", show_progress_on=[ui.tr_error], **MODEL)
     ui.export_btn.click(on_export, [ui.state, ui.fmt, ui.layer, ui.head], [ui.download, ui.export_error],
                         api_name="export")
 

@@ -14,7 +14,7 @@ OPTS = (0, 0, 4, "", None, "segment")  # layer, head, reach layers, reach token,
 PICS = slice(7, 12)                     # mask, positions, distance, flow, reach in a design response
 ENDPOINTS = {"/load_preset", "/new_blank", "/undo", "/edit_tables", "/edit_json", "/import_spec", "/render", "/reach",
              "/export", "/run_model", "/attention_map", "/knockout", "/keep_snapshot", "/compare_masks",
-             "/compare_runs", "/eval_template", "/evaluate", "/image_overlay"}
+             "/compare_runs", "/eval_template", "/evaluate", "/image_overlay", "/train_template", "/train"}
 
 pytestmark = pytest.mark.slow
 
@@ -158,3 +158,14 @@ def test_evaluate_tab_scores_design_against_the_template(client):
     error, text, img = client.predict("kv_retrieval", 2, "template", "", api_name="/evaluate")
     assert error == "" and "design: kv isolated docs" in text and "accuracy by gold_position" in text
     assert os.path.exists(img)
+
+
+def test_train_tab_trains_the_template_on_tiny_llama(client):
+    out = client.predict("kv_retrieval", *OPTS, api_name="/train_template")
+    assert [s["name"] for s in spec_json(out)["segments"]][-1] == "answer"
+    error, text, curve = client.predict("kv_retrieval", 2, 1e-3, False, "next_token", True, "tiny-llama",
+                                        api_name="/train")
+    assert error == "" and "after 2 steps" in text and "causal baseline" in text and os.path.exists(curve)
+    error, text, curve = client.predict("kv_retrieval", 2, 5, False, "next_token", False, "tiny-llama",
+                                        api_name="/train")   # (steps outside the slider: refused by gradio)
+    assert "learning rate" in error and "\n" not in error and text == ""   # one line

@@ -613,3 +613,54 @@ def test_designs_sized_by_the_tokenizer_export_the_last_run(smollm):
     assert np.load(path).shape == (n, n) and "last run" in note
     path, note = studio.export_for_state(state, "positions")      # no run of it: the loaded tokenizer
     assert path and "tokenizer" in note
+
+
+# ---------------------------------------------------------------- the Train tab (tiny random Llama)
+def _prefix_lm_kv() -> dict:
+    state, error = studio.load_task_template(studio.new_state(), "kv_retrieval")
+    assert error == ""
+    d = studio.current(state).to_dict()
+    d["name"] = "kv prefix lm"
+    d["mask"] = {"base": {"pattern": "causal"}, "rules": [{"q": "*", "k": ["instruction", "doc0", "doc1", "doc2",
+                                                                          "doc3", "question"], "pattern": "full"}]}
+    return d
+
+
+def test_train_design_on_tiny_llama_draws_the_loss_curve_and_the_table():
+    from PIL import Image
+
+    state = studio.new_state(_prefix_lm_kv())
+    seen = []
+    out = studio.train_design(state, "kv_retrieval", 3, 1e-3, False, "next_token", "tiny-llama", True,
+                              progress=lambda f, desc="": seen.append(desc))
+    assert out["error"] == ""
+    assert Image.open(out["curve"]).format == "PNG"
+    assert "before training" in out["summary"] and "after 3 steps" in out["summary"]
+    assert "causal baseline" in out["summary"] and "design: kv prefix lm" in out["summary"]
+    assert [d.split(":")[0] for d in seen] == ["causal baseline"] * 3 + ["design"] * 3   # step / loss, live
+    assert "step 3/3, loss" in seen[-1]
+    files = set(os.listdir(out["run_dir"]))
+    assert {"config.json", "metrics.json", "summary.txt", "loss_curve.png"} <= files
+    losses = json.load(open(os.path.join(out["run_dir"], "metrics.json")))["losses"]
+    assert [len(v) for v in losses.values()] == [3, 3]
+    alone = studio.train_design(state, "kv_retrieval", 2, 1e-3, True, "bico", "tiny-llama", False)
+    assert alone["error"] == "" and "no baseline" in alone["summary"] and os.path.exists(alone["curve"])
+
+
+@pytest.mark.parametrize("bad, words", [
+    ({"steps": 0}, "steps must be"), ({"steps": "many"}, "must be numbers"), ({"task": "nope"}, "unknown task"),
+    ({"lr": 5}, "learning rate"), ({"objective": "mlm"}, "unknown objective")])
+def test_train_design_bad_input_is_one_line_and_keeps_the_design(bad, words):
+    state = studio.new_state(_prefix_lm_kv())
+    before = studio.current(state).to_json()
+    kw = dict(task="kv_retrieval", steps=2, lr=1e-3, lora=False, objective="next_token", model_id="tiny-llama",
+              baseline=False)
+    out = studio.train_design(state, **{**kw, **bad})
+    assert words in out["error"] and "\n" not in out["error"]
+    assert out["curve"] is None and out["summary"] == "" and studio.current(state).to_json() == before
+
+
+def test_train_design_says_the_design_is_not_the_task():
+    state, _ = studio.load_preset_into_state(studio.new_state(), "multiverse")
+    out = studio.train_design(state, "kv_retrieval", 2, 1e-3, False, "next_token", "tiny-llama", False)
+    assert "not parts of the task" in out["error"] and "template" in out["error"] and "\n" not in out["error"]

@@ -6,6 +6,7 @@ widgets and wires events; tests/test_studio.py drives these without a browser).
   pictures  the design's pictures as cached PNG files, the checks, the render workers, `Cache`
   examples  example inputs for designs without text; what a model can take, said before loading it
   actions   run / compare / knockout / overlay / evaluate / export handlers
+  training  the Train tab: fine-tune the design (and its causal baseline), loss curves
 
 Every name below is importable as `maskstudio.studio.<name>`.
 """
@@ -26,3 +27,4 @@ from .tables import (OVERLAY_COLUMNS, RULE_COLUMNS, SEGMENT_COLUMNS, apply_table
                      parse_selector, parse_size, parse_text, parse_token, rows_of, spec_to_tables, tables_need_refresh,
                      where_in_tables,
                      tables_to_spec_dict)
+from .training import TRAIN_BATCH, TRAIN_MAX_STEPS, TRAIN_TASKS, train_design

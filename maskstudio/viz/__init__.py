@@ -9,7 +9,8 @@ mask here.
 
   figures     shared helpers and colours: new_figure (Agg canvas), save, segment_colors, bands...
   spec_views  render / render_all and one `view_<name>(spec, fig, region, **options)` per view
-  run_views   figures of a run's result (RunResult, Comparison, Knockout) and of evaluations
+  run_views   figures of a run's result (RunResult, Comparison, Knockout), of evaluations and of
+              training (loss curves)
 
 Spec views:
   mask       heatmap allowed / masked, segment bands named on both axes (coloured by modality),
@@ -37,12 +38,12 @@ Options (all views): layer=0, head=0, title=None, figsize=None. Per view:
 """
 from .figures import MODALITY_COLORS, message_figure, new_figure, save, segment_colors, write_png
 from .run_views import (attention_figure, evaluation_figure, image_overlay, kl_figure, knockout_figure,
-                        mask_diff_figure, mass_curves_figure, mass_diff_figure, rollout_figure, segment_mass_figure,
-                        visual_share_figure)
+                        loss_curve_figure, mask_diff_figure, mass_curves_figure, mass_diff_figure, rollout_figure,
+                        segment_mass_figure, visual_share_figure)
 from .spec_views import FIGSIZES, VIEW_FUNCTIONS, VIEWS, pool_factor, pool_fraction, render, render_all, summary_text
 
 __all__ = ["MODALITY_COLORS", "message_figure", "VIEWS", "VIEW_FUNCTIONS", "FIGSIZES", "new_figure", "save", "write_png",
            "segment_colors", "render", "render_all", "summary_text", "pool_factor", "pool_fraction",
            "attention_figure", "segment_mass_figure", "mass_curves_figure", "rollout_figure", "mask_diff_figure",
            "kl_figure", "mass_diff_figure", "knockout_figure", "image_overlay", "visual_share_figure",
-           "evaluation_figure"]
+           "evaluation_figure", "loss_curve_figure"]

@@ -246,3 +246,32 @@ def evaluation_figure(summary: dict) -> Figure:
     ax_n.set_title("mean NLL, 95% CI", fontsize=9)
     tight(fig)
     return fig
+
+
+# ---------------------------------------------------------------- training
+def loss_curve_figure(losses_by_name: dict, title: str = "training loss") -> Figure:
+    """Per-step training loss of each named run (e.g. the causal baseline and the design), one
+    line each; a moving average is drawn over the raw steps when a run is long enough to be noisy."""
+    fig = new_figure((8, 3.6))
+    ax = fig.add_subplot(111)
+    for i, (name, losses) in enumerate(losses_by_name.items()):
+        y = np.asarray(list(losses), dtype=float)
+        if not len(y):
+            continue
+        x = np.arange(1, len(y) + 1)
+        color = PALETTE[i % len(PALETTE)]
+        window = max(1, len(y) // 10)
+        if window > 1:
+            ax.plot(x, y, color=color, alpha=0.3, lw=0.8)
+            smooth = np.convolve(y, np.ones(window) / window, mode="valid")
+            ax.plot(x[window - 1:], smooth, color=color, lw=1.6, label=f"{name} (mean of {window})")
+        else:
+            ax.plot(x, y, color=color, lw=1.6, marker="o" if len(y) <= 30 else None, ms=3, label=name)
+    ax.set_xlabel("optimizer step", fontsize=8)
+    ax.set_ylabel("loss (nats / target token)", fontsize=8)
+    ax.grid(alpha=0.3)
+    if losses_by_name:
+        ax.legend(fontsize=8, frameon=False)
+    ax.set_title(title, fontsize=9)
+    tight(fig)
+    return fig
