@@ -40,17 +40,11 @@ import torch
 from . import knobs
 from .analysis import analyze
 from .compile import compile_program, evaluate_block
-from .segments import layer_key as _mask_layer_key
 from .tiled import TiledMask
 
 
 
 # ---------------------------------------------------------------- per-layer masks
-def layer_key(spec, layer: int) -> tuple:
-    """Layers with equal keys compile to the same program (rules switch on layer membership only)."""
-    return _mask_layer_key(spec.mask, layer)
-
-
 def _layer_list(layers) -> list[int]:
     """`layers`: an int L (layers 0..L-1, first applied first) or an explicit list in applied order."""
     if isinstance(layers, (int, np.integer)):
@@ -122,13 +116,13 @@ class LayerMasks:
 
     def mask(self, layer: int = 0) -> torch.Tensor:
         """Dense bool [N, N] mask of `layer` (small N only), cached."""
-        key = layer_key(self.spec, layer)
+        key = self.spec.layer_key(layer)
         if key not in self._masks:
             self._masks[key] = dense(self.spec, layer, self.head)
         return self._masks[key]
 
     def __getitem__(self, layer: int) -> _Layer:
-        key = layer_key(self.spec, layer)
+        key = self.spec.layer_key(layer)
         if key not in self._layers:
             small = self.spec.table.n <= self.dense_limit
             self._layers[key] = _Layer(self.spec, layer, self.head, self.mask(layer) if small else None,

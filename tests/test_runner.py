@@ -383,3 +383,14 @@ def test_model_target_nll_and_knockout(smollm):
                                        {"name": "l", "text": " is"}]}, q="l", k="c", window=10, model=smollm)
     assert len(ko.windows) == 21 and ko.token.strip() == "Paris"
     assert min(ko.deltas) < -0.05  # blocking is -> France somewhere in depth hurts " Paris"
+
+
+def test_kv_check_probes_one_layer_per_distinct_mask():
+    """Layers 5 and 6 share a rule, layers 0 and 6 another: layer 6 is the only one where both
+    apply, and it is probed (the old probe set {0, firsts, max + 1} missed it)."""
+    spec = Spec.load({"segments": [{"name": "a", "length": 3}, {"name": "g", "length": 2, "role": ["generate"]}],
+                      "mask": {"overlays": [{"op": "or", "q": "a", "k": "g", "pattern": "full", "layers": [5, 6]},
+                                            {"op": "and_not", "q": "a", "k": "g", "pattern": "full", "layers": [0, 6]}]}})
+    layers = R.pipeline.distinct_layers(spec)
+    keys = {spec.layer_key(l) for l in range(12)}
+    assert len(layers) == len(keys) and {spec.layer_key(l) for l in layers} == keys and 6 in layers

@@ -17,7 +17,6 @@ import torch
 
 from ..knobs import FLEX_BITS_BUDGET, FLEX_BLOCK
 from ..program import compile_program
-from ..segments import layer_key
 from ..tiled import TiledMask
 
 ATTN_NAME = "maskstudio"
@@ -27,7 +26,7 @@ ATTN_NAME = "maskstudio"
 class MaskContext:
     """One forward's masks: travels to `masked_attention` through `model(..., maskstudio=ctx)`.
 
-    Masks are built on first use per distinct layer mask (layers with the same `layer_key` share
+    Masks are built on first use per distinct layer mask (layers with the same `Spec.layer_key` share
     one) and kept for the forward; recorded probabilities land in `probs` (layer -> [H, N, N] fp16)."""
 
     spec: object
@@ -38,16 +37,12 @@ class MaskContext:
     _dense: dict = field(default_factory=dict)
     _blocks: dict = field(default_factory=dict)
 
-    def layer_key(self, layer: int) -> tuple:
-        """Layers with the same key share one mask."""
-        return layer_key(self.spec.mask, layer)
-
     def _heads(self) -> range | list[int]:
         return range(self.num_heads) if self.spec.varies_by_head else [0]
 
     def dense(self, layer: int, q_start: int, device) -> torch.Tensor:
         """bool [H or 1, n_q, N] for query rows q_start.. (True = may attend)."""
-        key = (self.layer_key(layer), q_start)
+        key = (self.spec.layer_key(layer), q_start)
         if key not in self._dense:
             program = compile_program(self.spec, layer)
             rows = [TiledMask(self.spec, layer, h, program=program).dense(q_start) for h in self._heads()]
@@ -55,7 +50,7 @@ class MaskContext:
         return self._dense[key]
 
     def block_mask(self, layer: int, device):
-        key = self.layer_key(layer)
+        key = self.spec.layer_key(layer)
         if key not in self._blocks:
             self._blocks[key] = flex_block_mask(self.spec, layer, self.num_heads, device)
         return self._blocks[key]

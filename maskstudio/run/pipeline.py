@@ -18,7 +18,7 @@ import torch
 from ..analysis import kv_cache_compatible
 from ..errors import RunError
 from ..knobs import FLEX_MIN_TOKENS, MAX_CAPTURE
-from ..segments import all_steps, expand_int_list
+from ..segments import all_steps
 from ..spec import Spec
 from .attention import MaskContext, register
 from .inputs import Prepared, TextAdapter, as_spec, decode_tokens
@@ -127,6 +127,16 @@ def _record(attentions: bool, n: int, backend: str, notes: list) -> bool:
     return attentions
 
 
+def distinct_layers(layout: Spec) -> list[int]:
+    """One layer for each distinct per-layer mask (layers with equal `layer_key` share a mask);
+    every layer past the largest listed one has the key of that largest + 1."""
+    top = max((max(ls) for ls in layout.layer_sets() if ls), default=-1)
+    first: dict[tuple, int] = {}
+    for layer in range(top + 2):
+        first.setdefault(layout.layer_key(layer), layer)
+    return sorted(first.values())
+
+
 def kv_ok(layout: Spec, prep: Prepared, num_heads: int) -> tuple[bool, str]:
     """Whether generation may use the KV cache, and why not."""
     if prep.gen is not None and prep.gen != len(layout.segments) - 1:
@@ -137,10 +147,8 @@ def kv_ok(layout: Spec, prep: Prepared, num_heads: int) -> tuple[bool, str]:
             return False, "the mask depends on segment lengths, which change while generating"
     if layout.positions["scheme"] in ("explicit", "branches", "concentric") or layout.positions.get("share"):
         return False, f"positions scheme '{layout.positions['scheme']}' may move earlier tokens"
-    layers = sorted({tuple(expand_int_list(s["layers"]) or []) for _, s in all_steps(layout.mask) if "layers" in s})
-    probe_layers = {0} | {ls[0] for ls in layers if ls} | {max(ls) + 1 for ls in layers if ls}
     heads = range(num_heads) if layout.varies_by_head else [0]
-    for layer in sorted(probe_layers):
+    for layer in distinct_layers(layout):
         for h in heads:
             if not kv_cache_compatible(layout, layer, h):
                 return False, "analysis: an earlier token attends the generation region"
