@@ -11,7 +11,8 @@ import json
 import os
 from pathlib import Path
 
-from .spec import Spec, SpecError, did_you_mean
+from .errors import SpecError, did_you_mean
+from .spec import Spec
 
 GROUPS = ("video", "image-text", "streaming", "parallel/branches", "embeddings/bidirectional",
           "audio", "reasoning", "other")

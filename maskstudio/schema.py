@@ -10,7 +10,8 @@ import json
 import pathlib
 
 from . import patterns, positions
-from .spec import MODALITIES, OVERLAY_OPS, PROVENANCE_KEYS, PROVENANCE_SOURCES, SCHEMA_VERSION
+from .segments import MODALITIES, OVERLAY_OPS
+from .spec import PROVENANCE_KEYS, PROVENANCE_SOURCES, SCHEMA_VERSION
 
 SCHEMA_PATH = pathlib.Path(__file__).with_name("schema.json")
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from . import compile, knobs, patterns, positions
 from .errors import MAX_INT, SpecError, check_keys as _check_keys, did_you_mean, is_int as _is_int, require as _require
-from .segments import (GRID_DIMS, MODALITIES, OVERLAY_OPS, all_steps, expand_int_list, layer_key, layer_sets,
+from .segments import (GRID_DIMS, MODALITIES, OVERLAY_OPS, all_steps, layer_key, layer_sets,
                        resolve_selector, segment_size)
 from .tokens import build_table
 

@@ -35,9 +35,8 @@ Modules, in import order (each imports only those before it, never viz/ or studi
 """
 from __future__ import annotations
 
-import sys
-import types
 
+from ..callable_package import make_callable
 from ..errors import RunError
 from . import attention, experiments, inputs, measures, models, pipeline, vision
 from .attention import ATTN_NAME, MaskContext, flex_block_mask, masked_attention
@@ -58,11 +57,4 @@ __all__ = ["run", "load_model", "LoadedModel", "VLModel", "RunError", "RunResult
            "attention", "experiments", "inputs", "measures", "models", "pipeline", "vision"]
 
 
-class _CallableModule(types.ModuleType):
-    """`maskstudio.run(spec, ...)` keeps working (README API) although `run` is a package."""
-
-    def __call__(self, *args, **kwargs) -> RunResult:
-        return run(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
+make_callable(__name__, run)  # `maskstudio.run(spec, ...)` keeps working although run is a package

@@ -23,13 +23,11 @@ LoRA, tiny model, memory estimate and refusal), loop (forward, loop, checkpoints
 from __future__ import annotations
 
 import json
-import sys
-import types
 from pathlib import Path
 
-from ..errors import RunError
+from ..callable_package import make_callable
 from ..evaluate import report, summarize
-from ..spec import Spec
+from ..run.inputs import as_spec
 from .data import (FACT_TASKS, TRAIN_BREAKDOWN, TRAIN_TASKS, batch_indices, bico_item, causal_twin, encode_all, fact_specs,
                    held_out, parent_facts, train_examples)
 from .loop import OBJECTIVES, Fit, dist_info, evaluate_model, fit, item_loss, latest_checkpoint
@@ -38,10 +36,6 @@ from .model import TINY_TEXT, check_memory, estimate_bytes, source_model, tiny_l
 __all__ = ["train", "compare", "Fit", "causal_twin", "batch_indices", "bico_item", "tiny_lm", "TINY_TEXT",
            "estimate_bytes", "check_memory", "item_loss", "latest_checkpoint", "OBJECTIVES", "prepare_training",
            "fact_specs", "parent_facts", "held_out", "TRAIN_TASKS", "FACT_TASKS"]
-
-
-def _as_spec(spec) -> Spec:
-    return spec if isinstance(spec, Spec) else Spec.load(spec)
 
 
 def _check(steps, lr, batch, n_train):
@@ -55,7 +49,7 @@ def _check(steps, lr, batch, n_train):
 def prepare_training(spec, model=None, task: str | None = "kv_retrieval", data: str | None = None,
                      n_train: int = 256, seed: int = 0, loss_on=None, device=None):
     """(spec, source LoadedModel, examples, items): the examples tokenized under `spec`."""
-    spec = _as_spec(spec)
+    spec = as_spec(spec)
     src = source_model(model, device)
     examples = train_examples(task, data, n_train, seed)
     return spec, src, examples, encode_all(spec, examples, src, loss_on)
@@ -85,7 +79,7 @@ def train(spec, model=None, task: str | None = "kv_retrieval", data: str | None 
               "save_every": save_every, "resumed_from": str(latest_checkpoint(resume)) if resume else None}
     return fit(spec, lm, module, items, steps=steps, lr=lr, seed=seed, batch=batch, objective=objective,
                warmup=warmup, eval_every=eval_every, eval_examples=eval_examples,
-               eval_spec=_as_spec(eval_spec) if eval_spec is not None else None,
+               eval_spec=as_spec(eval_spec) if eval_spec is not None else None,
                breakdown=None if data else TRAIN_BREAKDOWN.get(task),
                out_dir=out_dir, save_every=save_every, resume=resume, backend=backend, max_memory=max_memory,
                progress=progress, config=config, desc=f"training {spec.name}", on_step=on_step)
@@ -99,9 +93,9 @@ def compare(spec, model=None, task: str | None = "kv_retrieval", data: str | Non
     lr; the baseline's objective is next-token), both evaluated before and after training on the
     same held-out examples. Returns {"summary": {"before", "after"}, "text": one table, "fits"}
     (None on torchrun ranks other than 0)."""
-    spec = _as_spec(spec)
-    base = _as_spec(baseline) if baseline is not None else causal_twin(spec, "causal baseline")
-    design_eval = _as_spec(eval_spec) if eval_spec is not None else spec
+    spec = as_spec(spec)
+    base = as_spec(baseline) if baseline is not None else causal_twin(spec, "causal baseline")
+    design_eval = as_spec(eval_spec) if eval_spec is not None else spec
     base_eval = causal_twin(design_eval, "causal baseline") if eval_spec is not None else base
     src = source_model(model, kwargs.get("device"))
     examples = train_examples(task, data, n_train, seed)
@@ -142,11 +136,4 @@ def compare(spec, model=None, task: str | None = "kv_retrieval", data: str | Non
     return result
 
 
-class _CallableModule(types.ModuleType):
-    """`maskstudio.train(spec, ...)` calls `train` (as `maskstudio.run(...)` calls run)."""
-
-    def __call__(self, *args, **kwargs) -> Fit:
-        return train(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
+make_callable(__name__, train)  # `maskstudio.train(spec, ...)` keeps working although train is a package
