@@ -2,6 +2,7 @@
 import json
 import os
 import pathlib
+import shutil
 import socket
 import subprocess
 import sys
@@ -32,6 +33,21 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def run_maskstudio(args: list, processes: int = 1) -> subprocess.CompletedProcess:
+    """`python -m maskstudio ARGS`, under torchrun with `processes` > 1 (gloo, a free port, one
+    thread each); fails the test when it fails."""
+    cmd = [sys.executable, "-m", "maskstudio", *args]
+    if processes > 1:
+        torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
+        if torchrun is None:
+            pytest.fail("torchrun is not installed next to this Python")
+        cmd = [torchrun, f"--nproc_per_node={processes}", f"--master_port={free_port()}", "-m", "maskstudio", *args]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    return res
 
 
 def launch_app(timeout: float = 120):

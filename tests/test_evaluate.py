@@ -1,11 +1,9 @@
 """Evaluation: deterministic tasks, statistics, data validation, sharding and resuming."""
 import json
 import os
-import shutil
-import subprocess
-import sys
 
 import pytest
+from conftest import run_maskstudio
 
 from maskstudio import Spec, SpecError
 from maskstudio.evaluate import (TASKS, bootstrap_ci, evaluate, fill, load_jsonl, make_examples, paired_test,
@@ -97,27 +95,20 @@ def test_evaluate_real_model_sharded_equals_single_and_resumes(smollm, tmp_path)
 @pytest.mark.model
 @pytest.mark.slow
 def test_torchrun_two_processes_match_single_process(tmp_path):
-    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
-    if torchrun is None:
-        pytest.fail("torchrun is not installed next to this Python")
     out = tmp_path / "dist.json"
-    args = ["-m", "maskstudio", "eval", "--specs", CAUSAL, ISOLATED, "--task", "kv_retrieval", "-n", "4"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    res = subprocess.run([torchrun, "--nproc_per_node=2", "--master_port=29533", *args, "--out", str(out)], capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
-    assert res.returncode == 0, res.stderr[-2000:]
+    args = ["eval", "--specs", CAUSAL, ISOLATED, "--task", "kv_retrieval", "-n", "4"]
+    run_maskstudio([*args, "--out", str(out)], processes=2)
     dist = json.loads(out.read_text())
     single_out = tmp_path / "single.json"
-    res = subprocess.run([sys.executable, *args, "--out", str(single_out)], capture_output=True, text=True,
-                         timeout=600, cwd=ROOT)
-    assert res.returncode == 0, res.stderr[-2000:]
+    run_maskstudio([*args, "--out", str(single_out)])
     single = json.loads(single_out.read_text())
     assert dist["world_size"] == 2 and single["world_size"] == 1
     for a, b in zip(dist["specs"], single["specs"]):
         assert a["nll"] == pytest.approx(b["nll"], abs=1e-5)
         assert a["accuracy"] == b["accuracy"]
     # a rerun finds every shard done and skips the model work
-    res = subprocess.run([torchrun, "--nproc_per_node=2", "--master_port=29534", *args, "--out", str(out)], capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
-    assert res.returncode == 0 and "Loading weights" not in res.stderr
+    res = run_maskstudio([*args, "--out", str(out)], processes=2)
+    assert "Loading weights" not in res.stderr
 
 
 def test_evaluation_figure_shows_every_spec_and_group():

@@ -1,11 +1,9 @@
 """Training under the mask (maskstudio.train) on a tiny random Llama: CPU, a few steps each."""
 import json
 import os
-import shutil
-import subprocess
-import sys
 
 import pytest
+from conftest import run_maskstudio
 import torch
 
 from maskstudio import RunError, Spec
@@ -227,20 +225,12 @@ def test_cli_trains_writes_a_run_folder_and_resumes(tmp_path, capsys):
 @pytest.mark.slow
 def test_torchrun_two_processes_match_one_process(tmp_path):
     """DDP over gloo: 2 processes x 2 examples == 1 process x 4 examples, step by step."""
-    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
-    if torchrun is None:
-        pytest.fail("torchrun is not installed next to this Python")
     spec_file = tmp_path / "prefix.json"
     spec_file.write_text(prefix_lm().to_json())
-    args = ["-m", "maskstudio", "train", str(spec_file), "--model", "tiny-llama", "--steps", "3", "--batch", "4",
+    args = ["train", str(spec_file), "--model", "tiny-llama", "--steps", "3", "--batch", "4",
             "--n-train", "8", "--lr", "3e-3", "--no-baseline", "-q"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    res = subprocess.run([torchrun, "--nproc_per_node=2", "--master_port=29541", *args, "--out", str(tmp_path / "d")],
-                         capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
-    assert res.returncode == 0, res.stderr[-3000:]
-    res = subprocess.run([sys.executable, *args, "--out", str(tmp_path / "s")], capture_output=True, text=True,
-                         timeout=600, env=env, cwd=ROOT)
-    assert res.returncode == 0, res.stderr[-3000:]
+    run_maskstudio([*args, "--out", str(tmp_path / "d")], processes=2)
+    run_maskstudio([*args, "--out", str(tmp_path / "s")])
     dist = json.loads((tmp_path / "d" / "metrics.json").read_text())["steps"]
     single = json.loads((tmp_path / "s" / "metrics.json").read_text())["steps"]
     assert json.loads((tmp_path / "d" / "config.json").read_text())["world_size"] == 2
