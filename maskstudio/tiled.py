@@ -82,10 +82,13 @@ class TiledMask:
         """bool [N - q_start, N] with the `must` tiles set (a fresh tensor, safe to write into)."""
         sizes = self.sizes
         edge = int(sizes[0])
-        if bool((sizes[:-1] == edge).all()):  # equal tiles: expand a view, one copy
-            tq, tk = self.must.shape
-            grid = self.must[:, None, :, None].expand(tq, edge, tk, edge).reshape(tq * edge, tk * edge)
-            return grid[q_start:self.n, :self.n].contiguous()
+        if bool((sizes[:-1] == edge).all()):  # equal tiles: expand a view of the rows asked for, one copy
+            first = q_start // edge
+            rows = self.must[first:]
+            tq, tk = rows.shape
+            grid = rows[:, None, :, None].expand(tq, edge, tk, edge).reshape(tq * edge, tk * edge)
+            offset = q_start - first * edge
+            return grid[offset:offset + self.n - q_start, :self.n].contiguous()
         owner = torch.repeat_interleave(torch.arange(len(sizes)), sizes)
         return self.must[owner[q_start:]][:, owner]
 
