@@ -7,6 +7,8 @@ The folder can be overridden with the MASKSTUDIO_PRESETS environment variable.
 """
 from __future__ import annotations
 
+import copy
+import functools
 import json
 import os
 from pathlib import Path
@@ -53,16 +55,26 @@ def _read_preset(path: Path) -> dict:
     return data
 
 
+@functools.lru_cache(maxsize=1024)
+def _entry(path: str, stem: str, mtime_ns: int, size: int) -> dict:
+    """A preset's gallery entry, read once per version of its file (the app asks on every edit)."""
+    data = _read_preset(Path(path))
+    prov = data.get("provenance") if isinstance(data.get("provenance"), dict) else None
+    return {"name": stem, "file": path, "group": str(data.get("group", "other")),
+            "citation": str(data.get("citation", "")), "description": str(data.get("description", "")),
+            "provenance": prov, "source": (prov or {}).get("source", "?"), "origin": origin(prov)}
+
+
 def list_presets() -> list[dict]:
     """One dict per preset: name, file, group, citation, description, provenance, source ("code" /
     "paper" / "inferred") and origin (one line), sorted by group, then name."""
     out = []
     for stem, path in _files().items():
-        data = _read_preset(path)
-        prov = data.get("provenance") if isinstance(data.get("provenance"), dict) else None
-        out.append({"name": stem, "file": str(path), "group": str(data.get("group", "other")),
-                    "citation": str(data.get("citation", "")), "description": str(data.get("description", "")),
-                    "provenance": prov, "source": (prov or {}).get("source", "?"), "origin": origin(prov)})
+        try:
+            st = path.stat()
+        except OSError as err:
+            raise SpecError("preset", f"cannot read preset file {path.name}: {err}") from None
+        out.append(copy.deepcopy(_entry(str(path), stem, st.st_mtime_ns, st.st_size)))
     order = {g: i for i, g in enumerate(GROUPS)}
     return sorted(out, key=lambda d: (order.get(d["group"], len(GROUPS)), d["name"]))
 
