@@ -45,7 +45,11 @@ class Tri:
 
 
 def where(cond, a, b):
-    """torch.where that also works on Tri (tile-level) values."""
+    """torch.where that also works on Tri (tile-level) and symbolic (expr.E) values."""
+    for x in (cond, a, b):
+        symbolic = getattr(type(x), "symbolic_where", None)
+        if symbolic is not None:
+            return symbolic(cond, a, b)
     if isinstance(cond, Tri) or isinstance(a, Tri) or isinstance(b, Tri):
         c, x, y = Tri.of(cond), Tri.of(a), Tri.of(b)
         must = (c.must & x.must) | (~c.may & y.must) | (x.must & y.must)

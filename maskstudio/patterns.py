@@ -27,7 +27,8 @@ def value(tok, v):
 def group(tok, by: str, size: int | None = None):
     """Group id of a token: an attribute, or `chunk` = (segment, local // size)."""
     if by == "chunk":
-        return tok.segment * CHUNK_STRIDE + tok.local // size
+        ordinal = getattr(tok, "_chunk_ordinal", None)  # lowered views number chunks without the stride
+        return ordinal(size) if ordinal else tok.segment * CHUNK_STRIDE + tok.local // size
     return getattr(tok, by)
 
 

@@ -1,0 +1,428 @@
+"""The spec compiler: one layer of a spec's mask -> closed-form arithmetic on q_idx and kv_idx.
+
+The pattern functions run once over symbolic token views (`SegTok`): inside a known segment every
+token attribute is closed-form in the index (segment start, grid H and W, frame offset), so the
+program of each (query segment, key segment) pair becomes an `expr.E`. Pairs that tile bounds prove
+all-allowed or none-allowed become constants, equal neighbours merge, and a chain of comparisons
+with the segment starts picks the pair. Sizes live in ONE captured int tensor, so:
+
+  * the FlexAttention mask_mod does no per-token lookups (only `frames` lists and per-token
+    `attrs`, which have no closed form, stay lookups);
+  * a new length or new segment sizes of the same structure reuse the compiled kernel.
+
+When does a new kernel get compiled? When `structure_key` changes: other segments / rules /
+layer, a size change that flips a segment pair between all-, none- and partly-allowed, the int32
+-> int64 switch (products of two sizes), padding on or off, a new batch size.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from functools import cached_property
+
+import numpy as np
+import torch
+
+from . import expr
+from .errors import SpecError
+from .expr import E, param, var
+from .program import classify_tiles, compile_program, evaluate as run_program
+from .segments import GRID_DIMS
+
+INT32_MAX = (1 << 31) - 1
+
+
+# ---------------------------------------------------------------- symbolic token views
+def _shape(seg: dict) -> str:
+    """How a segment's attributes are computed: grid3 / grid2 closed-form, frames by lookup, line."""
+    if "grid" in seg:
+        return "grid3" if len(seg["grid"]) == 3 else "grid2"
+    return "frames" if "frames" in seg else "line"
+
+
+class SegTok:
+    """A token of segment `seg` seen from side `side` ("q" or "kv"): attributes as expressions."""
+
+    def __init__(self, spec, side: str, seg: int, user_attrs: frozenset):
+        self._spec, self._side, self._seg, self._user = spec, side, seg, user_attrs
+
+    def __getattr__(self, name):
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return _attribute(self._spec.segments[self._seg], self._seg, self._side, name, self._user)
+
+    def _in_segments(self, sel) -> bool:
+        return bool(sel[self._seg])
+
+    def _chunk_ordinal(self, size: int) -> E:
+        """Chunks numbered across segments in order (same order as (segment, local // size))."""
+        first = param("chunk0", self._seg, size) if self._seg else 0
+        return first + self.local // size
+
+
+def _attribute(seg: dict, s: int, side: str, name: str, user: frozenset) -> E:  # noqa: C901 - one table
+    idx = var(side)
+    local = idx - param("start", s) if s else idx  # the first segment starts at 0
+    kind = _shape(seg)
+    f0 = param("f0", s) if s else expr.const(0)
+    fixed = {"index": idx, "segment": s, "local": local, "length": param("len", s)}
+    if name in ("modality", "branch"):
+        raise _Table(name)  # constants per segment, but known only to the table: see _constants
+    if name in fixed:
+        return expr.const(fixed[name])
+    if name in user:
+        if "attrs" in seg and name in seg["attrs"]:
+            raise _Table(name)
+        return expr.const(-1)
+    if kind == "grid3" or kind == "grid2":
+        hw = param("hw", s)
+        t = local // hw if kind == "grid3" else expr.const(0)
+        cell = local % hw if kind == "grid3" else local
+        row, col = cell // param("w", s), cell % param("w", s)
+        h, w = param("h", s), param("w", s)
+        ring = expr.minimum(expr.minimum(row, col), expr.minimum(h - 1 - row, w - 1 - col))
+        table = {"t": t, "cell": cell, "row": row, "col": col, "ring": ring, "height": h, "width": w,
+                 "frames": param("frames", s), "frame": t + f0}
+    elif kind == "frames":
+        if name in ("t", "frame"):
+            raise _Table(name)
+        table = {"cell": local, "row": expr.const(0), "col": local, "ring": expr.const(-1),
+                 "height": expr.const(1), "width": param("len", s), "frames": param("frames", s)}
+    else:
+        table = {"t": local, "cell": local, "row": expr.const(0), "col": local, "ring": expr.const(-1),
+                 "height": expr.const(1), "width": param("len", s), "frames": param("len", s),
+                 "frame": local + f0}
+    if name not in table:
+        raise AttributeError(name)
+    return table[name]
+
+
+class _Table(Exception):
+    """An attribute without a closed form here: read it from the token table."""
+
+
+class _Lookup(SegTok):
+    """SegTok that answers table attributes with lookups (and modality / branch with constants)."""
+
+    def __init__(self, spec, side, seg, user_attrs, consts):
+        super().__init__(spec, side, seg, user_attrs)
+        self._consts = consts
+
+    def __getattr__(self, name):
+        if name.startswith("_"):
+            raise AttributeError(name)
+        try:
+            return super().__getattr__(name)
+        except _Table:
+            if name in ("modality", "branch"):
+                return expr.const(self._consts[name][self._seg])
+            return expr.table(name, self._side)
+
+
+# ---------------------------------------------------------------- sizes -> parameter values
+def param_value(table, key: tuple) -> int:
+    """The value of one size parameter for a token table (what the captured tensor holds)."""
+    name, s = key[0], key[1]
+    starts = list(table.starts) + [table.n]
+    if name == "start":
+        return starts[s]
+    if name == "len":
+        return table.sizes[s]
+    grid = table.grids[s]
+    if name in ("h", "w", "hw", "frames") and grid is not None:
+        t, h, w = ([1] + list(grid)) if len(grid) == 2 else grid
+        return {"h": h, "w": w, "hw": h * w, "frames": t}[name]
+    if name == "frames":
+        return int(table.attrs["t"][starts[s + 1] - 1]) + 1
+    if name == "f0":
+        return int(table.attrs["frame"][starts[s]]) - int(table.attrs["t"][starts[s]])
+    if name == "chunk0":
+        size = key[2]
+        return sum(-(-n // size) for n in table.sizes[:s])
+    raise KeyError(key)
+
+
+# ---------------------------------------------------------------- lowering
+FULL, EMPTY, PARTIAL = "full", "empty", "partial"
+
+
+def _heads_of(program) -> list[int]:
+    """The head values that matter: each head a step names, plus one it does not name."""
+    named = sorted({h for st in [program.base] + program.rules + program.overlays for h in (st.heads or ())})
+    return named + [max(named, default=-1) + 1]
+
+
+def pair_decisions(spec, layer: int = 0, program=None) -> list[list[str]]:
+    """Per (query segment, key segment): full / empty over every head, else partial."""
+    program = program or compile_program(spec, layer)
+    table = spec.table
+    cuts = list(table.starts) + [table.n]
+    cuts = np.asarray(cuts, dtype=np.int64)
+    musts, mays = zip(*(classify_tiles(program, table.attrs, cuts, cuts, h) for h in _heads_of(program)))
+    must, may = torch.stack(musts).all(0), torch.stack(mays).any(0)
+    return [[FULL if bool(must[a, b]) else EMPTY if not bool(may[a, b]) else PARTIAL
+             for b in range(must.shape[1])] for a in range(must.shape[0])]
+
+
+def _merge(decisions: list[list[str]], *more: list[list[str]]) -> list[list[str]]:
+    """Decisions that hold for every layout: a pair keeps full/empty only where all agree."""
+    return [[d if all(m[a][b] == d for m in more) else PARTIAL for b, d in enumerate(row)]
+            for a, row in enumerate(decisions)]
+
+
+def _in_range(x: E, lo: int, hi: int, n_segments: int) -> E:
+    """x in segments [lo, hi] (inclusive), as comparisons with the starts (the ends are implied)."""
+    out = expr.const(True)
+    if lo > 0:
+        out = out & (x >= param("start", lo))
+    if hi < n_segments - 1:
+        out = out & (x < param("start", hi + 1))
+    return out
+
+
+def _row(pairs: list[E], n_segments: int) -> E:
+    """One query segment's mask over keys: runs of keys with the same expression share a range."""
+    out, b = expr.const(False), 0
+    while b < n_segments:
+        e = b
+        while e + 1 < n_segments and pairs[e + 1] is pairs[b]:
+            e += 1
+        if not (pairs[b].is_const and pairs[b].value is False):
+            out = out | (_in_range(var("kv"), b, e, n_segments) & pairs[b])
+        b = e + 1
+    return out
+
+
+def _assemble(rows: list[E]) -> E:
+    """where(q < start[1], row0, where(q < start[2], row1, ...)), equal neighbours merged."""
+    groups: list[tuple[int, E]] = []  # (last segment of the run, row)
+    for a, r in enumerate(rows):
+        if groups and groups[-1][1] is r:
+            groups[-1] = (a, r)
+        else:
+            groups.append((a, r))
+    out = groups[-1][1]
+    for last, r in reversed(groups[:-1]):
+        out = E.symbolic_where(var("q") < param("start", last + 1), r, out)
+    return out
+
+
+def _global(program, spec) -> E | None:
+    """The program over plain indices, when it reads nothing but `index` and has no segment
+    selections (causal, windows, sinks ...): no segment dispatch at all."""
+    steps = [program.base] + program.rules + program.overlays
+    if any(st.q_sel is not None or st.k_sel is not None for st in steps):
+        return None
+
+    class IndexOnly:
+        def __init__(self, side):
+            self.index = var(side)
+
+    try:
+        return run_program(program, IndexOnly("q"), IndexOnly("kv"), var("h"))
+    except AttributeError:
+        return None
+
+
+def lower_expression(spec, layer: int = 0, decisions=None) -> E:
+    """The mask of one layer as one expression over q, kv, h and size parameters."""
+    program = compile_program(spec, layer)
+    glob = _global(program, spec)
+    if glob is not None:
+        return glob
+    segs = spec.segments
+    n_seg = len(segs)
+    user = frozenset(k for s in segs for k in s.get("attrs", {}))
+    consts = {"modality": spec.table.attrs["modality"][spec.table.starts].tolist(),
+              "branch": spec.table.attrs["branch"][spec.table.starts].tolist()}
+    decisions = decisions or pair_decisions(spec, layer, program)
+    rows = []
+    for a in range(n_seg):
+        q = _Lookup(spec, "q", a, user, consts)
+        pairs = []
+        for b in range(n_seg):
+            d = decisions[a][b]
+            if d != PARTIAL:
+                pairs.append(expr.const(d == FULL))
+                continue
+            pairs.append(expr.const(run_program(program, q, _Lookup(spec, "kv", b, user, consts), var("h"))))
+        rows.append(_row(pairs, n_seg))
+    return _assemble(rows)
+
+
+def _needs_int64(root: E, n: int) -> bool:
+    big = any(nd.op == "mul" and not any(isinstance(c, E) and c.is_const for c in nd.args)
+              for nd in expr.nodes(root))
+    return big or n > INT32_MAX // 4
+
+
+@dataclass(frozen=True)
+class Lowered:
+    """A lowered layer: the expression, its size parameters and their values per layout.
+
+    `params` is [K] for one layout or [B, K] for a batch (the mask_mod indexes it with b)."""
+
+    spec: object
+    layer: int
+    root: E
+    keys: tuple
+    params: torch.Tensor
+    lengths: tuple
+    padded: bool = False
+    tables: tuple = ()
+
+    # -- what compiles
+    @property
+    def structure_key(self) -> tuple:
+        """Equal keys compile to the same kernel (sizes are not part of it)."""
+        return (id(self.root), self.keys, self.params.dtype, self.params.dim(),
+                self.params.shape[0] if self.params.dim() == 2 else None, self.padded)
+
+    @property
+    def batched(self) -> bool:
+        return self.params.dim() == 2
+
+    @property
+    def slots(self) -> dict:
+        return {k: i for i, k in enumerate(self.keys)}
+
+    @property
+    def n(self) -> int:
+        return max(self.lengths)
+
+    @cached_property
+    def guarded(self) -> E:
+        """The expression with padding masked: keys and queries at or past the layout's end."""
+        if not (self.padded or self.batched):
+            return self.root
+        end = param("start", len(self.spec.segments))
+        return self.root & (var("kv") < end) & (var("q") < end)
+
+    def uses_lookups(self) -> list[str]:
+        return sorted({a for a, _ in expr.leaves(self.guarded, "tab")})
+
+    @cached_property
+    def mask_mod(self):
+        """FlexAttention mask_mod(b, h, q_idx, kv_idx): closed-form, sizes in a captured tensor."""
+        return make_mask_mod(self.guarded, self.params, self.slots, dict(self.tables), self.batched)
+
+    # -- other sizes
+    def on(self, device) -> "Lowered":
+        return replace(self, params=self.params.to(device),
+                       tables=tuple((k, v.to(device)) for k, v in self.tables))
+
+    def padded_to(self, on: bool = True) -> "Lowered":
+        """Mask keys (and queries) past the layout's end, for a kernel run at a bucketed length."""
+        return replace(self, padded=on)
+
+    def for_sizes(self, sizes: dict) -> "Lowered":
+        """The same structure at other segment sizes ({"video": [4, 16, 16], "prompt": 30});
+        re-lowered (a new kernel) only if the sizes change the structure."""
+        return self.for_spec(self.spec.with_sizes(sizes))
+
+    def for_spec(self, other) -> "Lowered":
+        """`other` (same segments and rules, other sizes) on this expression when it fits."""
+        if _signature(other) != _signature(self.spec):
+            raise SpecError("sizes", "a lowered mask takes new sizes of the same segments and rules only; "
+                            "lower the other design with maskstudio.lower.lower(spec)")
+        if not _fits(self, [other]):
+            return lower(other, self.layer, padded=self.padded)
+        return _with_layouts(self, [other], batched=False)
+
+    def batch(self, layouts: list) -> "Lowered":
+        """B layouts of this structure (size dicts or Specs) as one batched mask (params [B, K])."""
+        specs = [x if hasattr(x, "table") else self.spec.with_sizes(x) for x in layouts]
+        for sp in specs:
+            if _signature(sp) != _signature(self.spec):
+                raise SpecError("layouts", "every layout of a batch must have this design's segments and rules")
+        base = self if _fits(self, specs) else _lower_many(specs, self.layer)
+        return _with_layouts(base, specs, batched=True)
+
+    # -- evaluations
+    def dense(self, head: int = 0, b: int = 0, n: int | None = None) -> torch.Tensor:
+        """bool [n, n] by broadcasting the mask_mod (tests compare it with spec.dense_mask)."""
+        n = n or self.lengths[b]
+        idx = torch.arange(n, device=self.params.device)
+        return self.mask_mod(torch.tensor(b), torch.tensor(head), idx[:, None], idx[None, :]).expand(n, n)
+
+    def block_mask(self, block_size: int = 128, device=None, num_heads: int | None = None,
+                   length: int | None = None):
+        """torch BlockMask built on `device` from tile bounds; tokens are touched in partial tiles only."""
+        from .lower_blocks import build_block_mask
+        return build_block_mask(self, block_size, device, num_heads, length)
+
+
+def make_mask_mod(root: E, params: torch.Tensor, slots: dict, tables: dict, batched: bool):
+    """The mask_mod closure (one code object for every lowering: the compiled kernel depends on
+    the expression and the tensors' shapes and dtypes only)."""
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        row = params[b] if batched else params
+        return expr.evaluate(root, {"q": q_idx, "kv": kv_idx, "h": h}, row, slots, tables)
+
+    mask_mod.__doc__ = f"lowered mask_mod: {expr.source(root)[:200]}"
+    return mask_mod
+
+
+def _signature(spec) -> tuple:
+    """What must match for two layouts to share a lowering: everything but sizes."""
+    segs = [(s["name"], s["modality"], _shape(s), len(s.get("grid", ())), s.get("branch"),
+             tuple(sorted(s.get("attrs", {})))) for s in spec.segments]
+    return tuple(segs), repr(spec.mask)
+
+
+def _fits(low: Lowered, specs: list) -> bool:
+    """Does the expression's full / empty pair folding hold for these layouts too?"""
+    if low.root is _global_root(low):
+        return True
+    ref = pair_decisions(low.spec, low.layer)
+    for sp in specs:
+        mine = pair_decisions(sp, low.layer)
+        for a, row in enumerate(ref):
+            for b, d in enumerate(row):
+                if d != PARTIAL and mine[a][b] != d:
+                    return False
+    return not (low.params.dtype == torch.int32 and any(_needs_int64(low.root, sp.table.n) for sp in specs))
+
+
+def _global_root(low: Lowered):
+    return _global(compile_program(low.spec, low.layer), low.spec)
+
+
+def _values(keys, spec, dtype) -> torch.Tensor:
+    return torch.tensor([param_value(spec.table, k) for k in keys], dtype=dtype)
+
+
+def _tables(root: E, specs: list) -> tuple:
+    """Lookup tables (per-token attributes without a closed form), padded to the longest layout."""
+    names = sorted({a for a, _ in expr.leaves(root, "tab")})
+    if not names:
+        return ()
+    if any(sp.to_dict() != specs[0].to_dict() for sp in specs[1:]):
+        raise SpecError("layouts", f"attributes {names} are per-token lookups; a batch needs equal layouts")
+    return tuple((a, specs[0].table.attrs[a]) for a in names)
+
+
+def _with_layouts(base: Lowered, specs: list, batched: bool) -> Lowered:
+    vals = torch.stack([_values(base.keys, sp, base.params.dtype) for sp in specs])
+    return replace(base, params=vals if batched else vals[0], lengths=tuple(sp.table.n for sp in specs),
+                   tables=_tables(base.root, specs), spec=base.spec if batched else specs[0])
+
+
+def _lower_many(specs: list, layer: int) -> Lowered:
+    """One expression valid for every layout (pair folding only where they all agree)."""
+    decisions = _merge(*(pair_decisions(sp, layer) for sp in specs))
+    return _build(specs[0], layer, lower_expression(specs[0], layer, decisions), False, specs)
+
+
+def _build(spec, layer, root, padded, specs) -> Lowered:
+    keys = tuple(dict.fromkeys(expr.leaves(root, "p")))
+    keys = keys + (("start", len(spec.segments)),) if ("start", len(spec.segments)) not in keys else keys
+    dtype = torch.int64 if any(_needs_int64(root, sp.table.n) for sp in specs) else torch.int32
+    return Lowered(spec, layer, root, keys, _values(keys, spec, dtype), (spec.table.n,), padded,
+                   _tables(root, [spec]))
+
+
+def lower(spec, layer: int = 0, padded: bool = False) -> Lowered:
+    """Lower one layer of a sized spec (per-head rules stay in the expression, switched on h)."""
+    spec.require_sized()
+    return _build(spec, layer, lower_expression(spec, layer), padded, [spec])

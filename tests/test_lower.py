@@ -1,0 +1,182 @@
+"""The spec compiler (lower.py): the lowered, lookup-free mask_mod equals the dense mask on every
+preset and on random specs (per-layer and per-head rules, other sizes, batches); its BlockMask
+equals torch's create_block_mask; sizes change tensor values, not the expression."""
+import glob
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from test_properties import FAST, specs
+from torch.nn.attention.flex_attention import create_block_mask, create_mask
+
+from maskstudio import Spec, SpecError, expr
+from maskstudio.lower import lower
+
+PRESETS = sorted(glob.glob("presets/*.json"))
+
+
+def sized(spec):
+    missing = spec.unsized_segments()
+    return spec.with_sizes({name: 5 for name in missing}) if missing else spec
+
+
+def layers_of(spec):
+    return sorted({x for layers in spec.layer_sets() for x in layers} | {0})[:3]
+
+
+def assert_blocks_equal(ours, ref):
+    assert torch.equal(ours.kv_num_blocks, ref.kv_num_blocks)
+    assert torch.equal(ours.full_kv_num_blocks, ref.full_kv_num_blocks)
+    assert torch.equal(ours.to_dense(), ref.to_dense())
+
+
+def scaled(spec, factor):
+    """The preset at other sizes: every segment `factor` times longer (grids: every side).
+    Explicit position ids cannot follow a resize, so those presets get sequential ones."""
+    data = spec.to_dict()
+    if data["positions"].get("scheme") == "explicit":
+        data["positions"] = {"scheme": "sequential"}
+        spec = Spec.load(data)
+    sizes = {}
+    for seg in spec.segments:
+        if "attrs" in seg or "frames" in seg:
+            continue
+        sizes[seg["name"]] = [g * factor for g in seg["grid"]] if "grid" in seg else seg["length"] * factor
+    return spec.with_sizes(sizes)
+
+
+@pytest.mark.parametrize("path", PRESETS, ids=lambda p: p.split("/")[-1][:-5])
+def test_lowered_equals_dense_on_every_preset(path):
+    spec = sized(Spec.load(path))
+    for layer in layers_of(spec):
+        low = lower(spec, layer)
+        for head in (range(3) if spec.varies_by_head else [0]):
+            assert torch.equal(low.dense(head), spec.dense_mask(layer, head)), (layer, head)
+
+
+@pytest.mark.parametrize("path", PRESETS, ids=lambda p: p.split("/")[-1][:-5])
+def test_presets_at_sizes_they_do_not_ship_with(path):
+    """Lowered once at the shipped size, used at 3x: equal to the resized spec's dense mask."""
+    spec = sized(Spec.load(path))
+    big = scaled(spec, 3)
+    low = lower(spec).for_spec(big)
+    assert torch.equal(low.dense(), big.dense_mask())
+    assert low.n == big.n
+
+
+@FAST
+@given(specs(), st.integers(0, 1), st.integers(0, 2))
+def test_lowered_mask_mod_agrees_with_dense_under_vmap(raw, layer, head):
+    spec = Spec.load(raw)
+    n = spec.n
+    ours = create_mask(lower(spec, layer).mask_mod, None, 3, n, n)[0, head]
+    assert torch.equal(ours, spec.dense_mask(layer, head))
+
+
+@FAST
+@given(specs(), st.sampled_from([4, 8]), st.integers(0, 1))
+def test_lowered_block_mask_equals_create_block_mask(raw, block, layer):
+    spec = Spec.load(raw)
+    n = spec.n
+    heads = 3 if spec.varies_by_head else 1
+    low = lower(spec, layer)
+    ours = low.block_mask(block_size=block, num_heads=heads)
+    ref = create_block_mask(spec.mask_mod(layer), None, heads, n, n, device="cpu", BLOCK_SIZE=block)
+    if ours.kv_num_blocks.shape[1] == 1 and heads > 1:  # the rules never switch on h at this layer
+        ref = create_block_mask(spec.mask_mod(layer), None, 1, n, n, device="cpu", BLOCK_SIZE=block)
+    assert_blocks_equal(ours, ref)
+
+
+def grown(raw, extra):
+    """The same structure with other sizes: `extra` tokens more per 1-D segment, one more row."""
+    sizes = {}
+    for seg in raw["segments"]:
+        if "grid" in seg:
+            sizes[seg["name"]] = [g + (1 if i == 0 else 0) for i, g in enumerate(seg["grid"])]
+        else:
+            sizes[seg["name"]] = seg["length"] + extra
+    return sizes
+
+
+@FAST
+@given(specs(), st.integers(0, 5), st.integers(0, 2))
+def test_batches_of_layouts_equal_each_layout(raw, extra, head):
+    """Two size assignments of one spec as ONE batched mask: each row equals its own layout."""
+    spec = Spec.load(raw)
+    other = spec.with_sizes(grown(raw, extra))
+    batch = lower(spec).batch([spec, other])
+    n = batch.n
+    dense = create_mask(batch.mask_mod, 2, 3, n, n)
+    for b, sp in enumerate([spec, other]):
+        m = sp.n
+        assert torch.equal(dense[b, head, :m, :m], sp.dense_mask(0, head))
+        assert not dense[b, head, m:].any() and not dense[b, head, :, m:].any()  # padding masked
+    heads = 3 if spec.varies_by_head else 1
+    ours = batch.block_mask(block_size=4, num_heads=heads)
+    ref = create_block_mask(batch.mask_mod, 2, ours.kv_num_blocks.shape[1], n, n, device="cpu", BLOCK_SIZE=4)
+    assert_blocks_equal(ours, ref)
+
+
+def test_sizes_change_values_not_the_expression():
+    spec = Spec.load("presets/multiverse.json")
+    low = lower(spec)
+    other = low.for_sizes({"path1": 40, "prefix": 3})
+    assert other.root is low.root and other.structure_key == low.structure_key
+    assert not torch.equal(other.params, low.params)
+    video = Spec.load("presets/nfd.json")
+    a, b = lower(video), lower(video).for_sizes({"video": [9, 5, 7]})
+    assert a.structure_key == b.structure_key
+    assert expr.source(a.root) == "((kv // P[('hw', 0)]) <= (q // P[('hw', 0)]))"
+
+
+def test_a_size_that_changes_the_structure_relowers():
+    """prefix_lm with a one-token prefix: the pair folding at the old size no longer holds."""
+    spec = Spec.from_json('{"name": "t", "segments": [{"name": "a", "modality": "text", "length": 4},'
+                          '{"name": "b", "modality": "text", "length": 4}], "mask": {"base": {"pattern":'
+                          ' "causal"}, "rules": [{"q": "b", "k": "a", "pattern": "window", "size": 3,'
+                          ' "causal": false}]}}')
+    low = lower(spec)
+    small = low.for_sizes({"a": 1})  # every b token is within 3 of the one a token: pair now full
+    assert torch.equal(small.dense(), spec.with_sizes({"a": 1}).dense_mask())
+    big = low.for_sizes({"a": 40})
+    assert torch.equal(big.dense(), spec.with_sizes({"a": 40}).dense_mask())
+
+
+def test_no_lookups_for_closed_form_attributes():
+    for path in ["presets/multiverse.json", "presets/cca.json", "presets/nfd.json", "presets/streaming_llm.json",
+                 "presets/tc_llava.json", "presets/vid_gpt.json", "presets/omnitokenizer_window.json"]:
+        assert lower(Spec.load(path)).uses_lookups() == [], path
+    assert lower(Spec.load("presets/ancat.json")).uses_lookups() == ["lookahead"]  # per-token data
+
+
+def test_products_of_sizes_switch_to_int64():
+    low = lower(Spec.load("presets/video_ccam.json"))
+    assert low.params.dtype == torch.int64
+    assert lower(Spec.load("presets/nfd.json")).params.dtype == torch.int32
+
+
+def test_padding_masks_keys_and_queries_past_the_end():
+    spec = Spec.load("presets/prefix_lm.json")
+    low = lower(spec)
+    n = spec.n
+    bm = low.block_mask(block_size=8, length=n + 13)
+    dense = bm.to_dense()
+    assert bm.seq_lengths == (n + 13, n + 13)
+    full = create_mask(low.padded_to().mask_mod, None, 1, n + 13, n + 13)[0, 0]
+    assert torch.equal(full[:n, :n], spec.dense_mask()) and not full[n:].any() and not full[:, n:].any()
+    ref = create_block_mask(low.padded_to().mask_mod, None, 1, n + 13, n + 13, device="cpu", BLOCK_SIZE=8)
+    assert torch.equal(dense, ref.to_dense())
+
+
+def test_other_designs_are_refused_with_a_message():
+    low = lower(Spec.load("presets/multiverse.json"))
+    with pytest.raises(SpecError, match="same segments and rules"):
+        low.for_spec(Spec.load("presets/prefix_lm.json"))
+    with pytest.raises(ValueError, match="shorter"):
+        low.block_mask(block_size=8, length=3)
+
+
+def test_symbolic_values_refuse_python_truth():
+    with pytest.raises(TypeError, match="truth value"):
+        bool(expr.var("q") < 3)
