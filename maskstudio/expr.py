@@ -219,12 +219,20 @@ def _tensor_min(a, b, fn):
         else fn(a, b)
 
 
-def evaluate(root: E, env: dict, params, slots: dict, tables: dict | None = None):
-    """Run the expression on tensors. env: q / kv / h values; params: the captured size tensor
+def tape(root: E) -> tuple:
+    """The expression as a flat tape: (op, args) per node, children referred to by position.
+    Evaluating a tape needs no object identities, so torch.compile traces it without a break."""
+    order = nodes(root)
+    pos = {id(n): i for i, n in enumerate(order)}
+    return tuple((n.op, tuple(pos[id(c)] if isinstance(c, E) else c for c in n.args)
+                  if n.op not in ("c", "var", "p", "tab") else n.args) for n in order)
+
+
+def run_tape(steps: tuple, env: dict, params, slots: dict, tables: dict | None = None):
+    """Run a tape on tensors. env: q / kv / h values; params: the captured size tensor
     (indexed by `slots[key]`); tables: attribute tensors for lookup leaves."""
-    val: dict[int, object] = {}
-    for n in nodes(root):
-        o, args = n.op, n.args
+    val: list = []
+    for o, args in steps:
         if o == "c":
             v = args[0]
         elif o == "var":
@@ -234,17 +242,22 @@ def evaluate(root: E, env: dict, params, slots: dict, tables: dict | None = None
         elif o == "tab":
             v = tables[args[0]][env[args[1]]]
         elif o == "where":
-            v = torch.where(val[id(args[0])], val[id(args[1])], val[id(args[2])])
+            v = torch.where(val[args[0]], val[args[1]], val[args[2]])
         elif o in ("min", "max"):
-            v = _tensor_min(val[id(args[0])], val[id(args[1])], torch.minimum if o == "min" else torch.maximum)
+            v = _tensor_min(val[args[0]], val[args[1]], torch.minimum if o == "min" else torch.maximum)
         else:
-            v = _TENSOR[o](*(val[id(c)] for c in args))
-        val[id(n)] = v
-    out = val[id(root)]
+            v = _TENSOR[o](*(val[a] for a in args))
+        val.append(v)
+    out = val[-1]
     if not isinstance(out, torch.Tensor) or out.dtype != torch.bool:  # a constant mask
         q = env["q"]
         out = (q >= 0) if bool(out) else (q < 0)
     return out
+
+
+def evaluate(root: E, env: dict, params, slots: dict, tables: dict | None = None):
+    """Run the expression on tensors (see run_tape)."""
+    return run_tape(tape(root), env, params, slots, tables)
 
 
 def _interval_op(o, args):

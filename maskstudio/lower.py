@@ -355,9 +355,11 @@ def make_mask_mod(root: E, params: torch.Tensor, slots: dict, tables: dict, batc
     """The mask_mod closure (one code object for every lowering: the compiled kernel depends on
     the expression and the tensors' shapes and dtypes only)."""
 
+    steps = expr.tape(root)
+
     def mask_mod(b, h, q_idx, kv_idx):
         row = params[b] if batched else params
-        return expr.evaluate(root, {"q": q_idx, "kv": kv_idx, "h": h}, row, slots, tables)
+        return expr.run_tape(steps, {"q": q_idx, "kv": kv_idx, "h": h}, row, slots, tables)
 
     mask_mod.__doc__ = f"lowered mask_mod: {expr.source(root)[:200]}"
     return mask_mod
