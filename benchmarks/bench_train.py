@@ -5,6 +5,7 @@
     torchrun --nproc_per_node=2 benchmarks/bench_train.py --part ddp ...               # 2 GPUs, same global batch
     python benchmarks/bench_train.py --part reversal [--facts 64] [--steps 300]        # real SmolLM2 weights
     python benchmarks/bench_train.py --part prefix   [--steps 150]                     # real SmolLM2 weights
+    (reversal and prefix take --pack-tokens N; scripts/reversal_gpu.py runs both, packed, in one go)
 
 speed and ddp use RANDOM weights of the SmolLM2-135M architecture (timing does not depend on the
 weights); reversal and prefix use the embedded SmolLM2-135M-Instruct (or --model).
@@ -156,7 +157,8 @@ def part_reversal(args, out):
     t0 = time.perf_counter()
     r = compare(sp["train_full"], args.model, task="parent_facts", objective="bico", eval_spec=sp["eval_prefix"],
                 n_train=args.facts, eval_n=2 * args.facts, steps=args.steps, lr=args.lr, batch=args.batch,
-                seed=args.seed, out_dir=args.run_dir and os.path.join(args.run_dir, "reversal"), progress=False)
+                seed=args.seed, out_dir=args.run_dir and os.path.join(args.run_dir, "reversal"), progress=False,
+                pack_tokens=args.pack_tokens)
     print(r["text"], flush=True)
     out["reversal"] = {"summary": r["summary"], "text": r["text"], "losses": r["losses"], "facts": args.facts,
                        "steps": args.steps, "lr": args.lr, "batch": args.batch, "seconds": time.perf_counter() - t0}
@@ -172,7 +174,8 @@ def part_prefix(args, out):
     t0 = time.perf_counter()
     r = compare(Spec.load(d), args.model, task="kv_retrieval", n_train=args.n_train, eval_n=args.eval_n,
                 steps=args.steps, lr=args.lr, batch=args.batch, seed=args.seed,
-                out_dir=args.run_dir and os.path.join(args.run_dir, "prefix"), progress=False)
+                out_dir=args.run_dir and os.path.join(args.run_dir, "prefix"), progress=False,
+                pack_tokens=args.pack_tokens)
     print(r["text"], flush=True)
     out["prefix"] = {"summary": r["summary"], "text": r["text"], "losses": r["losses"], "steps": args.steps,
                      "lr": args.lr, "batch": args.batch, "n_train": args.n_train, "seconds": time.perf_counter() - t0}
@@ -190,6 +193,7 @@ def main():
     p.add_argument("--eval-n", type=int, default=128)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--pack-tokens", type=int, default=0, help="reversal/prefix: pack examples into rows of N tokens")
     p.add_argument("--model", default=None, help="reversal/prefix: model (default embedded SmolLM2-135M)")
     p.add_argument("--run-dir", default=None, help="reversal/prefix: keep the run folders here")
     p.add_argument("--out", default=None, help="write the figures as JSON here")

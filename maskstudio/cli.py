@@ -129,7 +129,8 @@ def cmd_train(args) -> int:
     common = dict(model=args.model, task=None if args.data else args.task, data=args.data, steps=args.steps,
                   lr=args.lr, seed=args.seed, batch=args.batch, lora=lora, objective=args.objective,
                   out_dir=args.out, loss_on=args.loss_on, n_train=args.n_train or 256, backend=args.backend,
-                  warmup=args.warmup, save_every=args.save_every, progress=not args.quiet)
+                  warmup=args.warmup, save_every=args.save_every, progress=not args.quiet,
+                  pack_tokens=args.pack_tokens)
     if args.no_baseline or args.resume:
         fitted = train(spec, eval_every=args.eval_every, eval_n=args.eval_n, resume=args.resume,
                        eval_spec=args.eval_spec, **common)
@@ -209,6 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=0, help="linear learning-rate warmup steps")
     p.add_argument("--save-every", type=int, default=0, help="checkpoint every K steps (and at the end)")
     p.add_argument("--backend", choices=("eager", "flex"), default=None, help="default: flex on CUDA, eager on CPU")
+    p.add_argument("--pack-tokens", type=int, default=0,
+                   help="pack each step's examples into rows of at most N tokens (isolated; 0 = one forward each)")
     p.add_argument("--out", help="run folder: config, metrics, checkpoints (safetensors)")
     p.add_argument("--resume", help="a run folder or checkpoint folder to continue from (implies --no-baseline)")
     p.add_argument("--no-baseline", action="store_true", help="train the spec only, no causal baseline or table")

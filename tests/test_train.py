@@ -218,6 +218,10 @@ def test_cli_trains_writes_a_run_folder_and_resumes(tmp_path, capsys):
     assert {p.name for p in out.iterdir()} == {"config.json", "spec.json", "metrics.json", "checkpoints"}
     assert main(args + ["--steps", "3", "--resume", str(out)]) == 0
     assert len(json.loads((out / "metrics.json").read_text())["steps"]) == 3
+    packed = tmp_path / "packed"
+    assert main(args[:-3] + ["--out", str(packed), "-q", "--steps", "1", "--no-baseline", "--pack-tokens", "4096"]) == 0
+    assert json.loads((packed / "config.json").read_text())["pack_tokens"] == 4096
+    assert json.loads((packed / "metrics.json").read_text())["steps"][0]["forwards"] == 1
     assert main(["train", str(spec_file), "--model", "tiny-llama", "--steps", "0"]) == 2
     assert "steps must be a positive integer" in capsys.readouterr().err
 
@@ -237,3 +241,112 @@ def test_torchrun_two_processes_match_one_process(tmp_path):
     assert [s["examples"] for s in dist] == [s["examples"] for s in single]
     for a, b in zip(dist, single):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["tokens"] == b["tokens"]
+    # packed: each process packs its 2 examples into one row; still the one-process numbers
+    run_maskstudio([*args, "--out", str(tmp_path / "p"), "--pack-tokens", "4096"], processes=2)
+    packed = json.loads((tmp_path / "p" / "metrics.json").read_text())["steps"]
+    assert all(s["forwards"] == 1 for s in packed)
+    for a, b in zip(packed, single):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4) and a["tokens"] == b["tokens"]
+
+
+# ---------------------------------------------------------------- packing
+def _row_logits(lm, item: Item) -> torch.Tensor:
+    """All-position logits of one (packed) item through the training attention path."""
+    from maskstudio.run.attention import ATTN_NAME, MaskContext, attn_impl, register
+
+    register()
+    with attn_impl(lm.model, ATTN_NAME), torch.no_grad():
+        ctx = MaskContext(item.layout, lm.num_heads, "eager", record=False)
+        return lm.model(input_ids=item.ids[None], position_ids=item.pos[None], use_cache=False,
+                        **{ATTN_NAME: ctx}).logits[0]
+
+
+def test_packed_rows_give_the_unpacked_loss(tiny, prepared):
+    from maskstudio.run.attention import ATTN_NAME, attn_impl, register
+    from maskstudio.train import PACK_ATTR, pack_rows
+
+    _, _, _, items = prepared
+    register()
+    sizes = [len(it.ids) for it in items]
+    rows = pack_rows(items, 3 * max(sizes))        # 8 examples -> 3 rows of <= 3 examples
+    assert [len(r.members) for r in rows] == [3, 3, 2]
+    assert [m[0] for r in rows for m in r.members] == list(range(8))  # order kept
+    assert torch.equal(torch.cat([r.ids for r in rows]), torch.cat([it.ids for it in items]))
+    # positions restart per example; the packed layout tags every token with its example
+    assert torch.equal(rows[0].pos, torch.cat([it.pos for it in items[:3]]))
+    assert rows[0].layout.table[PACK_ATTR].tolist() == sum(([j] * s for j, s in enumerate(sizes[:3])), [])
+    with attn_impl(tiny.model, ATTN_NAME), torch.no_grad():
+        one = [float(item_loss(tiny.model, it, tiny.num_heads, "eager", tiny.device, False)) for it in items]
+        packed = [float(item_loss(tiny.model, r, tiny.num_heads, "eager", tiny.device, False)) for r in rows]
+    assert sum(packed) == pytest.approx(sum(one), rel=1e-5)
+    assert packed[0] == pytest.approx(sum(one[:3]), rel=1e-5)
+    # the first training step (before any update) has the same loss and target count packed or not
+    a = train(prefix_lm(), tiny, steps=3, _prepared=prepared, **FAST)
+    b = train(prefix_lm(), tiny, steps=3, pack_tokens=4096, _prepared=prepared, **FAST)
+    assert b.steps[0]["loss"] == pytest.approx(a.steps[0]["loss"], rel=1e-5)
+    assert [s["tokens"] for s in a.steps] == [s["tokens"] for s in b.steps]
+    assert [s["forwards"] for s in a.steps] == [2, 2, 2] and [s["forwards"] for s in b.steps] == [1, 1, 1]
+    assert b.losses == pytest.approx(a.losses, rel=1e-4)   # the same gradients, up to float rounding
+
+
+def test_no_attention_or_gradient_crosses_packed_examples(tiny, prepared):
+    from maskstudio.train import pack
+
+    _, _, _, items = prepared
+    row = pack(items[:3])
+    (_, a0, b0), (_, a1, b1), (_, a2, b2) = row.members
+    logits = _row_logits(tiny, row)
+    # each example's logits are its own unpacked logits: positions restart, nothing leaks in
+    for it, (_, a, b) in zip(items[:3], row.members):
+        assert torch.allclose(logits[a:b], _row_logits(tiny, it), atol=1e-5)
+    # perturb example 2's tokens: examples 1 and 3 are bit-for-bit unchanged, example 2 is not
+    ids = row.ids.clone()
+    ids[a1:b1] = (ids[a1:b1] + 7) % tiny.config.vocab_size
+    other = _row_logits(tiny, Item(ids, row.layout, row.pos, row.targets, row.example, row.labels, row.members))
+    assert torch.equal(other[a0:b0], logits[a0:b0]) and torch.equal(other[a2:b2], logits[a2:b2])
+    assert not torch.allclose(other[a1:b1], logits[a1:b1])
+    # the loss of example 1's rows sends exactly zero gradient to examples 2 and 3
+    targets = torch.zeros_like(row.targets)
+    targets[a0 + 1:b0] = True
+    grads = _embedding_grads(tiny, Item(row.ids, row.layout, row.pos, targets, row.example, None, row.members))
+    assert torch.all(grads[a1:] == 0)
+    assert torch.all(grads[a0:b0 - 1] > 0)   # its own tokens do get gradient (the last one is only a label)
+
+
+def test_packed_baseline_and_design_share_data_order_and_resume(tiny, prepared, tmp_path):
+    out = compare(prefix_lm(), tiny, steps=2, eval_n=4, pack_tokens=4096, **FAST)
+    base, design = out["fits"]["baseline"], out["fits"]["design"]
+    assert [s["examples"] for s in base.steps] == [s["examples"] for s in design.steps]
+    assert [s["tokens"] for s in base.steps] == [s["tokens"] for s in design.steps]
+    assert all(s["forwards"] == 1 for s in base.steps + design.steps)
+    # deterministic, and a resumed packed run continues bit-identically (bico: packed denoising rows)
+    kw = dict(FAST, objective="bico", pack_tokens=4096, _prepared=prepared)
+    full = train(prefix_lm(), tiny, steps=4, save_every=2, out_dir=str(tmp_path / "a"), **kw)
+    assert full.losses == train(prefix_lm(), tiny, steps=4, **kw).losses
+    resumed = train(prefix_lm(), tiny, steps=4, resume=str(tmp_path / "a" / "checkpoints" / "step-000002"), **kw)
+    assert resumed.losses == full.losses
+    assert json.loads((tmp_path / "a" / "config.json").read_text())["pack_tokens"] == 4096
+
+
+def test_packed_evaluation_matches_one_run_per_example(tiny):
+    from maskstudio.evaluate import make_examples
+    from maskstudio.train import evaluate_model
+
+    held = make_examples("kv_retrieval", 5, 0)
+    one = evaluate_model(prefix_lm(), tiny, held)
+    packed = evaluate_model(prefix_lm(), tiny, held, pack_tokens=1000)
+    assert [r["id"] for r in packed] == [r["id"] for r in one]
+    assert [r["correct"] for r in packed] == [r["correct"] for r in one]
+    assert [r["nll"] for r in packed] == pytest.approx([r["nll"] for r in one], rel=1e-5)
+
+
+def test_packing_refuses_a_mask_that_reads_absolute_places(tiny, prepared):
+    d = prefix_lm().to_dict()
+    # StreamingLLM: a causal window of 8 plus sinks k.index < 4 (absolute: example 2's sinks would be example 1's)
+    d["mask"] = {"base": {"pattern": "causal"}, "overlays": [{"pattern": "window", "size": 8, "op": "and"},
+                                                             {"pattern": "first", "size": 4, "op": "or"}]}
+    spec = Spec.load(d)
+    with pytest.raises(RunError, match="packing would change this spec's mask"):
+        train(spec, tiny, steps=1, pack_tokens=4096, **FAST)
+    with pytest.raises(RunError, match="pack_tokens must be 0"):
+        train(prefix_lm(), tiny, steps=1, pack_tokens=-1, _prepared=prepared, **FAST)

@@ -12,6 +12,9 @@ baseline trained identically, and evaluate both with maskstudio.evaluate's stati
   (odd): 15% of the non-special tokens become the mask token, are invisible as keys to every
   query (the spec's mask AND NOT flagged_key), and are predicted.
 * lora=True (or a dict of peft.LoraConfig options) trains LoRA adapters through `peft`.
+* pack_tokens=N packs each step's examples into rows of at most N tokens (attention never crosses
+  examples, positions restart per example): one forward per row instead of per example, the
+  same loss, data order and gradient. Evaluation in `compare` packs the same way.
 * Deterministic given `seed`: data order and BICO corruption are pure functions of (seed, step,
   example); a resumed run continues with the very next loss of the uninterrupted one.
 * `out_dir`: config.json, spec.json, metrics.json (per-step loss, evaluations) and
@@ -28,14 +31,15 @@ from pathlib import Path
 from ..callable_package import make_callable
 from ..evaluate import report, summarize
 from ..run.inputs import as_spec
-from .data import (FACT_TASKS, TRAIN_BREAKDOWN, TRAIN_TASKS, batch_indices, bico_item, causal_twin, encode_all, fact_specs,
-                   held_out, parent_facts, train_examples)
-from .loop import OBJECTIVES, Fit, dist_info, evaluate_model, fit, item_loss, latest_checkpoint
+from .data import (FACT_TASKS, PACK_ATTR, TRAIN_BREAKDOWN, TRAIN_TASKS, batch_indices, bico_item, causal_twin, encode_all,
+                   fact_specs, held_out, pack, pack_layout, pack_rows, parent_facts, train_examples)
+from .loop import OBJECTIVES, Fit, dist_info, evaluate_model, fit, item_loss, latest_checkpoint, score_packed
 from .model import TINY_TEXT, check_memory, estimate_bytes, source_model, tiny_lm, trainable_copy
 
 __all__ = ["train", "compare", "Fit", "causal_twin", "batch_indices", "bico_item", "tiny_lm", "TINY_TEXT",
            "estimate_bytes", "check_memory", "item_loss", "latest_checkpoint", "OBJECTIVES", "prepare_training",
-           "fact_specs", "parent_facts", "held_out", "TRAIN_TASKS", "FACT_TASKS"]
+           "fact_specs", "parent_facts", "held_out", "TRAIN_TASKS", "FACT_TASKS", "pack", "pack_layout", "pack_rows",
+           "PACK_ATTR", "evaluate_model", "score_packed"]
 
 
 def _check(steps, lr, batch, n_train):
@@ -60,11 +64,12 @@ def train(spec, model=None, task: str | None = "kv_retrieval", data: str | None 
           eval_every: int = 0, eval_n: int = 32, out_dir: str | None = None, resume=None, loss_on=None,
           n_train: int = 256, eval_spec=None, backend: str | None = None, device=None, warmup: int = 0,
           save_every: int = 0, max_memory: int | None = None, progress: bool = True, on_step=None,
-          _prepared=None) -> Fit:
+          pack_tokens: int = 0, _prepared=None) -> Fit:
     """Fine-tune `model` (LoadedModel, "tiny-llama", hub id, None = embedded SmolLM2-135M) under
     `spec` on a generated `task` (evaluate.TASKS) or your `data` JSONL. The model given is never
     modified: a private copy is trained and returned in `Fit.lm`. `on_step(record)` sees every
-    step's metrics (a live loss curve) and may return True to stop. Raises RunError / ValueError
+    step's metrics (a live loss curve) and may return True to stop. `pack_tokens=N` packs each
+    step's examples into rows of at most N tokens (one forward per row). Raises RunError / ValueError
     with a one-line fix (including the memory refusal with its estimate)."""
     _check(steps, lr, batch, n_train)
     if objective not in OBJECTIVES:
@@ -76,13 +81,15 @@ def train(spec, model=None, task: str | None = "kv_retrieval", data: str | None 
     config = {"spec": spec.name, "model": src.name, "task": None if data else task, "data": data, "steps": steps,
               "lr": lr, "seed": seed, "batch": batch, "lora": lora, "objective": objective, "loss_on": loss_on,
               "n_train": len(examples), "eval_every": eval_every, "eval_n": eval_n, "warmup": warmup,
-              "save_every": save_every, "resumed_from": str(latest_checkpoint(resume)) if resume else None}
+              "save_every": save_every, "pack_tokens": pack_tokens,
+              "resumed_from": str(latest_checkpoint(resume)) if resume else None}
     return fit(spec, lm, module, items, steps=steps, lr=lr, seed=seed, batch=batch, objective=objective,
                warmup=warmup, eval_every=eval_every, eval_examples=eval_examples,
                eval_spec=as_spec(eval_spec) if eval_spec is not None else None,
                breakdown=None if data else TRAIN_BREAKDOWN.get(task),
                out_dir=out_dir, save_every=save_every, resume=resume, backend=backend, max_memory=max_memory,
-               progress=progress, config=config, desc=f"training {spec.name}", on_step=on_step)
+               progress=progress, config=config, desc=f"training {spec.name}", on_step=on_step,
+               pack_tokens=pack_tokens)
 
 
 def compare(spec, model=None, task: str | None = "kv_retrieval", data: str | None = None, eval_data=None,
@@ -120,7 +127,7 @@ def compare(spec, model=None, task: str | None = "kv_retrieval", data: str | Non
     for when in rows:
         for name, s, label in ((names[0], base_eval, "baseline"), (names[1], design_eval, "design")):
             lm = src if when == "before" else fits[label].lm
-            rows[when][name] = evaluate_model(s, lm, held)
+            rows[when][name] = evaluate_model(s, lm, held, kwargs.get("pack_tokens", 0))
     summary = {when: summarize(names, rows[when], breakdown) for when in rows}
     text = "\n".join([f"{'before training':^40}", report(summary["before"]), "",
                       f"{f'after {steps} steps (design objective {objective})':^40}", report(summary["after"])])
@@ -130,7 +137,8 @@ def compare(spec, model=None, task: str | None = "kv_retrieval", data: str | Non
         out.mkdir(parents=True, exist_ok=True)
         (out / "comparison.json").write_text(json.dumps(
             {"summary": summary, "losses": result["losses"], "task": task, "data": data, "steps": steps,
-             "lr": lr, "seed": seed, "batch": batch, "objective": objective, "lora": lora, "eval_n": len(held)},
+             "lr": lr, "seed": seed, "batch": batch, "objective": objective, "lora": lora, "eval_n": len(held),
+             "pack_tokens": kwargs.get("pack_tokens", 0)},
             indent=1, default=str) + "\n")
         (out / "comparison.txt").write_text(text + "\n")
     return result

@@ -11,6 +11,12 @@ gradient does not depend on how the examples are split between processes: under
 `torchrun --nproc_per_node=G` rank r takes examples r, r+G, ... of the step and DistributedDataParallel
 averages the gradients (each rank's loss is scaled by G / total tokens), which equals the
 one-process gradient of the same global batch.
+
+`pack_tokens=N` packs each process's examples of a step, in order, into rows of at most N tokens
+(`data.pack_rows`: a block-diagonal "document" mask over each example's own mask, positions
+restarting per example), one forward per row instead of per example. The loss, the data order
+and the gradient are those of the unpacked step (up to float rounding); only the number of
+forwards changes. Evaluation packs the same way (`evaluate_model(..., pack_tokens=N)`).
 """
 from __future__ import annotations
 
@@ -25,12 +31,13 @@ from pathlib import Path
 import torch
 
 from ..errors import RunError
-from ..evaluate import Example, score, summarize
+from ..evaluate import ANSWER, Example, score, summarize
 from ..run.attention import ATTN_NAME, MaskContext, attn_impl, register
 from ..run.models import LoadedModel
 from ..run.pipeline import choose_backend
 from ..spec import Spec
-from .data import Item, batch_indices, bico_item, causal_twin, mask_token_id, with_layout
+from .data import (Item, batch_indices, bico_item, causal_twin, check_packable, encode, mask_token_id, pack_rows,
+                   packed_span, with_layout)
 from .model import check_memory, trainable_parameters
 
 OBJECTIVES = ("next_token", "bico")
@@ -153,14 +160,44 @@ def load_checkpoint(path: Path, opt, params: dict, device) -> dict:
 
 
 # ---------------------------------------------------------------- evaluation during / after training
-def evaluate_model(spec: Spec, lm: LoadedModel, examples: list[Example]) -> list[dict]:
-    """evaluate.score for every example (target NLL and exact match), the model in eval mode."""
+def evaluate_model(spec: Spec, lm: LoadedModel, examples: list[Example], pack_tokens: int = 0) -> list[dict]:
+    """evaluate.score for every example (target NLL and exact match), the model in eval mode;
+    with `pack_tokens` the examples are packed into rows (`score_packed`, the same numbers)."""
     was = lm.model.training
     lm.model.eval()
     try:
+        if pack_tokens:
+            return score_packed(spec, lm, examples, pack_tokens)
         return [score(spec, ex, lm) for ex in examples]
     finally:
         lm.model.train(was)
+
+
+@torch.no_grad()
+def score_packed(spec: Spec, lm: LoadedModel, examples: list[Example], pack_tokens: int) -> list[dict]:
+    """evaluate.score's rows (mean NLL of the answer segment, exact match of its argmax) from
+    packed forwards: each example tokenized like a run, packed in order into rows of at most
+    `pack_tokens` tokens, one forward per row through the registered attention function."""
+    items = [encode(spec, ex, lm, ANSWER, i) for i, ex in enumerate(examples)]
+    register()
+    out = []
+    with attn_impl(lm.model, ATTN_NAME):
+        for row in pack_rows(items, pack_tokens):
+            backend = choose_backend(None, lm, len(row.ids))
+            ctx = MaskContext(row.layout, lm.num_heads, backend, record=False)
+            at = row.targets.nonzero().flatten()
+            pos = row.pos[..., None, :] if row.pos.dim() == 2 else row.pos[None]
+            logits = lm.model(input_ids=row.ids[None].to(lm.device), position_ids=pos.to(lm.device),
+                              use_cache=False, logits_to_keep=(at - 1).to(lm.device),
+                              **{ATTN_NAME: ctx}).logits[0].float().cpu()
+            labels = row.ids[at]
+            nll = torch.nn.functional.cross_entropy(logits, labels, reduction="none")
+            hit = logits.argmax(-1) == labels
+            for ex, a, b in row.members or ((row.example, 0, len(row.ids)),):
+                sel = (at >= a) & (at < b)
+                out.append({"id": examples[ex].id, "nll": float(nll[sel].mean()), "correct": bool(hit[sel].all()),
+                            "meta": examples[ex].meta})
+    return out
 
 
 def eval_entry(step: int, rows: list[dict], breakdown: str | None) -> dict:
@@ -181,19 +218,22 @@ def fit(spec: Spec, lm: LoadedModel, module, items: list[Item], *, steps: int, l
         eval_every: int = 0, eval_examples: list[Example] | None = None, eval_spec: Spec | None = None,
         breakdown: str | None = None, out_dir: str | None = None, save_every: int = 0, resume=None,
         backend: str | None = None, max_memory: int | None = None, progress: bool = True,
-        config: dict | None = None, desc: str = "training", on_step=None) -> Fit:
+        config: dict | None = None, desc: str = "training", on_step=None, pack_tokens: int = 0) -> Fit:
     """Train `lm.model` (a private trainable copy) on `items` (encoded under `spec`).
 
     `on_step(record)` is called on rank 0 after every step with the step's metrics dict (and the
     latest evaluation under "eval" when one ran), e.g. to draw a live loss curve; returning True
-    stops after this step (a checkpoint is written when out_dir is set)."""
+    stops after this step (a checkpoint is written when out_dir is set). `pack_tokens`: pack each
+    step's examples into rows of at most that many tokens (see the module docstring)."""
     if objective not in OBJECTIVES:
         raise RunError(f"unknown objective '{objective}'; use one of {', '.join(OBJECTIVES)}")
     rank, world = dist_info()
     if batch % world:
         raise RunError(f"batch {batch} does not split over {world} processes; use a multiple of {world}")
     device = lm.device
-    longest = max(len(it.ids) for it in items)
+    if not isinstance(pack_tokens, int) or isinstance(pack_tokens, bool) or pack_tokens < 0:
+        raise RunError(f"pack_tokens must be 0 (no packing) or a positive number of tokens, got {pack_tokens!r}")
+    longest = packed_span(items, batch // world, pack_tokens)
     backend = choose_backend(backend, lm, longest)
     if backend == "flex" and device.type != "cuda":
         raise RunError("FlexAttention has no backward pass on CPU; train with backend='eager' (the default "
@@ -210,6 +250,8 @@ def fit(spec: Spec, lm: LoadedModel, module, items: list[Item], *, steps: int, l
             key = it.layout.to_json()
             twins.setdefault(key, causal_twin(it.layout))
             causal.append(with_layout(it, twins[key], lm))
+    if pack_tokens:
+        check_packable(items, lm.num_heads)
     mask_id = mask_token_id(lm.tokenizer)
     fitted = Fit(lm, module, spec, out_dir=out_dir, memory=memory)
     start = 0
@@ -251,6 +293,7 @@ def fit(spec: Spec, lm: LoadedModel, module, items: list[Item], *, steps: int, l
                 mine = [bico_item(items[i], step, seed, mask_id) for i in idx]
             else:
                 mine = [items[i] for i in idx]
+            mine = pack_rows(mine, pack_tokens)  # unchanged without packing
             local = torch.tensor([float(sum(it.n_targets for it in mine))], device=device)
             total = float(_all_sum(local, world))
             for g in opt.param_groups:
@@ -258,11 +301,12 @@ def fit(spec: Spec, lm: LoadedModel, module, items: list[Item], *, steps: int, l
             loss_sum = torch.zeros((), device=device)
             for j, it in enumerate(mine):
                 sync = net.no_sync() if world > 1 and j < len(mine) - 1 else contextlib.nullcontext()
-                ctx = None
+                # kept per example; not for packed rows (their examples meet only in this step) nor
+                # denoising layouts (they change every step)
                 key = (kind, it.example)
-                if key in contexts:
-                    ctx = contexts[key]
-                elif kind != "denoise" and len(contexts) < CONTEXTS_KEPT:  # denoising layouts change every step
+                keep = not it.members and kind != "denoise"
+                ctx = contexts.get(key) if keep else None
+                if keep and ctx is None and len(contexts) < CONTEXTS_KEPT:
                     ctx = contexts[key] = MaskContext(it.layout, heads, backend, record=False)
                 with sync:
                     loss = item_loss(net, it, heads, backend, device, autocast, ctx)
@@ -276,13 +320,14 @@ def fit(spec: Spec, lm: LoadedModel, module, items: list[Item], *, steps: int, l
             if not math.isfinite(mean):
                 raise RunError(f"the loss became {mean} at step {step + 1}; lower the learning rate (lr={lr})")
             fitted.steps.append({"step": step + 1, "loss": mean, "tokens": int(total), "kind": kind, "examples": order,
-                                 "lr": opt.param_groups[0]["lr"], "seconds": time.perf_counter() - t0})
+                                 "lr": opt.param_groups[0]["lr"], "seconds": time.perf_counter() - t0,
+                                 "forwards": len(mine)})
             bar.set_postfix(loss=f"{mean:.4f}")
             bar.update(1)
             done = step + 1
             if eval_every and eval_examples and (done % eval_every == 0 or done == steps):
                 if rank == 0:
-                    rows = evaluate_model(eval_spec or spec, lm, eval_examples)
+                    rows = evaluate_model(eval_spec or spec, lm, eval_examples, pack_tokens)
                     fitted.evals.append(eval_entry(done, rows, breakdown))
                     bar.write(f"step {done}: eval NLL {fitted.evals[-1]['nll']:.4f}, "
                               f"accuracy {fitted.evals[-1]['accuracy']:.3f}")
