@@ -301,14 +301,31 @@ class Lowered:
         return sorted({a for a, _ in expr.leaves(self.guarded, "tab")})
 
     @cached_property
+    def steps(self) -> tuple:
+        """The guarded expression as a flat tape (expr.tape)."""
+        return expr.tape(self.guarded)
+
+    @cached_property
+    def uses_head(self) -> bool:
+        return any(o == "var" and a == ("h",) for o, a in self.steps)
+
+    @cached_property
     def mask_mod(self):
         """FlexAttention mask_mod(b, h, q_idx, kv_idx): closed-form, sizes in a captured tensor."""
-        return make_mask_mod(self.guarded, self.params, self.slots, dict(self.tables), self.batched)
+        return make_mask_mod(self.steps, self.params, self.slots, dict(self.tables), self.batched,
+                             expr.source(self.guarded))
 
     # -- other sizes
     def on(self, device) -> "Lowered":
+        device = torch.device(device)
+        if self.params.device == device:
+            return self
         return replace(self, params=self.params.to(device),
                        tables=tuple((k, v.to(device)) for k, v in self.tables))
+
+    def with_window(self, window: int) -> "Lowered":
+        """Also q - kv < window (a model's own sliding window, so its blocks are skipped too)."""
+        return replace(self, root=self.root & ((var("q") - var("kv")) < window))
 
     def padded_to(self, on: bool = True) -> "Lowered":
         """Mask keys (and queries) past the layout's end, for a kernel run at a bucketed length."""
@@ -345,23 +362,22 @@ class Lowered:
         return self.mask_mod(torch.tensor(b), torch.tensor(head), idx[:, None], idx[None, :]).expand(n, n)
 
     def block_mask(self, block_size: int = 128, device=None, num_heads: int | None = None,
-                   length: int | None = None):
-        """torch BlockMask built on `device` from tile bounds; tokens are touched in partial tiles only."""
+                   length: int | None = None, compiled: bool | None = None):
+        """torch BlockMask built on `device` from tile bounds; tokens are touched in partial tiles only
+        (compiled: fuse the token stage with torch.compile; default on CUDA)."""
         from .lower_blocks import build_block_mask
-        return build_block_mask(self, block_size, device, num_heads, length)
+        return build_block_mask(self, block_size, device, num_heads, length, compiled)
 
 
-def make_mask_mod(root: E, params: torch.Tensor, slots: dict, tables: dict, batched: bool):
+def make_mask_mod(steps: tuple, params: torch.Tensor, slots: dict, tables: dict, batched: bool, text: str = ""):
     """The mask_mod closure (one code object for every lowering: the compiled kernel depends on
     the expression and the tensors' shapes and dtypes only)."""
-
-    steps = expr.tape(root)
 
     def mask_mod(b, h, q_idx, kv_idx):
         row = params[b] if batched else params
         return expr.run_tape(steps, {"q": q_idx, "kv": kv_idx, "h": h}, row, slots, tables)
 
-    mask_mod.__doc__ = f"lowered mask_mod: {expr.source(root)[:200]}"
+    mask_mod.__doc__ = f"lowered mask_mod: {text[:200]}"
     return mask_mod
 
 

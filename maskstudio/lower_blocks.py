@@ -56,38 +56,63 @@ def classify(low, block: int, length: int, head: int, device):
     return must, may
 
 
-def block_states(low, block: int, length: int, head: int, device):
+def _tile_tokens(steps, slots, batched, block, params, tables, bij, length, h):
+    """(any, all) allowed per listed tile [U], evaluating its block x block tokens."""
+    offs = torch.arange(block, device=bij.device)
+    q_idx = (bij[:, 1:2] * block + offs)[:, :, None]
+    k_idx = (bij[:, 2:3] * block + offs)[:, None, :]
+    valid = (q_idx < length) & (k_idx < length)
+    env = {"q": torch.minimum(q_idx, length - 1), "kv": torch.minimum(k_idx, length - 1), "h": h}
+    vals = expr.run_tape(steps, env, _per_layout(params, batched, bij[:, 0]), slots, tables) & valid
+    flat = vals.flatten(1)
+    return flat.any(1), flat.all(1)
+
+
+_COMPILED: dict = {}
+
+
+def _token_stage(low, block: int, compiled: bool):
+    """The token stage for this structure: plain, or compiled once per structure, block size and
+    bucket of tile counts (the tile list is padded to a power of two, so few shapes appear)."""
+    if not compiled:
+        return lambda *args: _tile_tokens(low.steps, low.slots, low.batched, block, *args)
+    key = (low.steps, tuple(sorted(low.slots.items())), low.batched, block)
+    fn = _COMPILED.get(key)
+    if fn is None:
+        steps, slots, batched = low.steps, low.slots, low.batched
+        fn = torch.compile(lambda *args: _tile_tokens(steps, slots, batched, block, *args), dynamic=False)
+        _COMPILED[key] = fn
+    return fn
+
+
+def block_states(low, block: int, length: int, head: int, device, compiled: bool = False):
     """Exact (full, partial) bool [B, T, T] for one head."""
     must, may = classify(low, block, length, head, device)
     full, partial = must.clone(), torch.zeros_like(must)
     unknown = torch.nonzero(may & ~must)
-    if len(unknown) == 0:
+    count = len(unknown)
+    if count == 0:
         return full, partial
-    offs = torch.arange(block, device=device)
     tables = {name: col.to(device) for name, col in low.tables}
-    step = max(1, CHUNK_ELEMENTS // (block * block))
+    stage = _token_stage(low, block, compiled)
     h = torch.tensor(head, device=device)
-    for c in range(0, len(unknown), step):
+    n = torch.tensor(length, device=device)
+    step = max(1, CHUNK_ELEMENTS // (block * block))
+    for c in range(0, count, step):
         bij = unknown[c:c + step]
-        q_idx = (bij[:, 1:2] * block + offs)[:, :, None]
-        k_idx = (bij[:, 2:3] * block + offs)[:, None, :]
-        valid = (q_idx < length) & (k_idx < length)
-        params = _per_layout(low.params, low.batched, bij[:, 0])
-        env = {"q": q_idx.clamp(max=length - 1), "kv": k_idx.clamp(max=length - 1), "h": h}
-        vals = expr.evaluate(low.guarded, env, params, low.slots, tables) & valid
-        flat = vals.flatten(1)
-        anyv, allv = flat.any(1), flat.all(1)
+        m = len(bij)
+        if compiled:  # pad the list to a power of two (repeats of its last tile, results dropped)
+            bucket = 1 << max(m - 1, 0).bit_length()
+            bij = torch.cat([bij, bij[-1:].expand(bucket - m, 3)]) if bucket > m else bij
+        anyv, allv = stage(low.params, tables, bij, n, h)
+        anyv, allv, bij = anyv[:m], allv[:m], bij[:m]
         full[bij[:, 0], bij[:, 1], bij[:, 2]] = allv
         partial[bij[:, 0], bij[:, 1], bij[:, 2]] = anyv & ~allv
     return full, partial
 
 
-def uses_head(low) -> bool:
-    return any(n.op == "var" and n.value == "h" for n in expr.nodes(low.guarded))
-
-
 def build_block_mask(low, block_size: int = 128, device=None, num_heads: int | None = None,
-                     length: int | None = None):
+                     length: int | None = None, compiled: bool | None = None):
     """torch BlockMask [B, H, T, T] of a lowered layer (H = 1 unless the rules switch on heads)."""
     from torch.nn.attention.flex_attention import BlockMask
 
@@ -99,11 +124,13 @@ def build_block_mask(low, block_size: int = 128, device=None, num_heads: int | N
         low = low.padded_to(True)
     low = low.on(device)
     heads = 1
-    if uses_head(low):
+    if compiled is None:
+        compiled = device.type == "cuda"
+    if low.uses_head:
         if num_heads is None:
             raise ValueError("this spec has per-head rules: pass num_heads=<the model's query heads>")
         heads = num_heads
-    states = [block_states(low, block_size, length, h, device) for h in range(heads)]
+    states = [block_states(low, block_size, length, h, device, compiled) for h in range(heads)]
     full = torch.stack([f for f, _ in states], 1)
     partial = torch.stack([p for _, p in states], 1)
     kv_num, kv_idx = kv_blocks(partial)

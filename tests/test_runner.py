@@ -290,22 +290,37 @@ def test_flex_matches_eager_on_cpu_past_one_block(tiny, arch):
     assert (flex.logits - eager.logits).abs().max() < 1e-4
 
 
-def test_flex_block_mask_matches_dense():
-    """Full blocks + the bit-table mask_mod inside partial blocks reproduce the dense mask, and the
-    mask_mod alone is right at EVERY (q, k), full blocks included (CPU flex evaluates them)."""
+def test_flex_block_masks_match_dense():
+    """The runner's two FlexAttention masks: the lowered one (padded to a length bucket, padded keys
+    masked) and the bit table for many-segment layouts. Full blocks + the mask_mod inside partial
+    blocks reproduce the dense mask, and the mask_mod alone is right at EVERY (q, k)."""
     spec = Spec.load({"segments": [{"name": "a", "length": 150}, {"name": "b", "length": 200}],
                       "mask": {"rules": [{"q": "b", "k": "a", "pattern": "window", "size": 40, "causal": False,
                                           "heads": [1]}]}})
-    bm = R.flex_block_mask(spec, 0, 2, "cpu")
-    q, k = torch.meshgrid(torch.arange(350), torch.arange(350), indexing="ij")
-    up = lambda b: b.repeat_interleave(128, 0).repeat_interleave(128, 1)[:350, :350]  # noqa: E731
-    for h in range(2):
-        full, partial = block_states(spec, 128, 0, h)
-        got = torch.vmap(torch.vmap(lambda a, b: bm.mask_mod(0, torch.tensor(h), a, b)))(q, k)
-        assert torch.equal(up(full) | (up(partial) & got), spec.dense_mask(head=h))
-        assert torch.equal(got, spec.dense_mask(head=h))
-        assert partial.any() and (full.any() or h == 1)  # head 0 has full blocks
+    lowered, length = R.flex_block_mask(spec, 0, 2, "cpu")
+    assert length == 512 and lowered.seq_lengths == (512, 512)
+    bits = R.attention.bit_table_block_mask(spec, 0, 2, "cpu")
+    for bm, size in ((lowered, 512), (bits, 350)):
+        q, k = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+        dense = bm.to_dense()[0]
+        for h in range(2):
+            got = torch.vmap(torch.vmap(lambda a, b: bm.mask_mod(0, torch.tensor(h), a, b)))(q, k)
+            up = dense[h].repeat_interleave(128, 0).repeat_interleave(128, 1)[:size, :size].bool()
+            want = torch.zeros(size, size, dtype=torch.bool)
+            want[:350, :350] = spec.dense_mask(head=h)
+            assert torch.equal(got, want)
+            assert torch.equal(up & got, want)  # the kernel visits every allowed pair
     assert not torch.equal(spec.dense_mask(head=0), spec.dense_mask(head=1))
+
+
+def test_model_window_is_folded_into_the_lowered_mask():
+    spec = Spec.load({"segments": [{"name": "a", "length": 300}], "mask": {"base": {"pattern": "causal"}}})
+    bm, length = R.flex_block_mask(spec, 0, 2, "cpu", window=100)
+    dense = bm.to_dense()[0, 0]
+    assert length == 512 and int(dense[2, 0]) == 0  # query block 2 skips key block 0 (all > 100 back)
+    q, k = torch.meshgrid(torch.arange(300), torch.arange(300), indexing="ij")
+    got = torch.vmap(torch.vmap(lambda a, b: bm.mask_mod(0, torch.tensor(0), a, b)))(q, k)
+    assert torch.equal(got, (k <= q) & (q - k < 100))
 
 
 # ---------------------------------------------------------------- the real model

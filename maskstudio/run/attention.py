@@ -5,8 +5,12 @@ A `MaskContext` travels as the extra forward kwarg `maskstudio=ctx` into its **k
 reads `module.layer_idx`, asks the context for that layer's mask and computes attention itself:
 
   eager  dense bool rows from maskstudio.tiled.TiledMask, float32 softmax, probabilities recorded;
-  flex   FlexAttention with a BlockMask whose mask_mod looks partial blocks up in a bit table, so
-         one compiled kernel serves every spec and length (no N^2 mask, no probabilities).
+  flex   FlexAttention on the spec's lowered, closed-form mask_mod (lower.py) with its BlockMask
+         built on the device; q / k / v are padded to a length bucket (a power of two times the
+         block size, padded keys masked) and the kernel is compiled with static shapes once per
+         (mask structure, bucket): a new prompt of the same design in the same bucket, or the same
+         design at other segment sizes, reuses it. Layouts of more than LOWER_MAX_SEGMENTS segments
+         (packed training rows) use a bit table of the partial blocks instead: one kernel for all.
 """
 from __future__ import annotations
 
@@ -15,7 +19,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..knobs import FLEX_BITS_BUDGET, FLEX_BLOCK
+from ..knobs import FLEX_BITS_BUDGET, FLEX_BLOCK, LOWER_MAX_SEGMENTS
+from ..lower import lower
 from ..program import compile_program
 from ..tiled import TiledMask
 
@@ -49,10 +54,11 @@ class MaskContext:
             self._dense[key] = torch.stack(rows).to(device)
         return self._dense[key]
 
-    def block_mask(self, layer: int, device):
-        key = self.spec.layer_key(layer)
+    def block_mask(self, layer: int, device, window: int | None = None):
+        """(BlockMask, padded length) of a layer (a model's own sliding window folded in)."""
+        key = (self.spec.layer_key(layer), window)
         if key not in self._blocks:
-            self._blocks[key] = flex_block_mask(self.spec, layer, self.num_heads, device)
+            self._blocks[key] = flex_block_mask(self.spec, layer, self.num_heads, device, window=window)
         return self._blocks[key]
 
 
@@ -112,20 +118,32 @@ def attn_impl(model, name: str):
 
 
 # ================================================================= FlexAttention
-_FLEX_FN = None
+_FLEX_FNS: dict = {}
 
 
-def flex_fn(device):
+def flex_fn(device, dynamic: bool = False):
     """flex_attention, torch.compile'd once per process on CUDA (plain on CPU, where it is a
-    reference implementation used by the tests)."""
-    global _FLEX_FN
+    reference implementation used by the tests). Static shapes: the lowered masks pad to buckets."""
     from torch.nn.attention.flex_attention import flex_attention
 
     if device.type != "cuda":
         return flex_attention
-    if _FLEX_FN is None:
-        _FLEX_FN = torch.compile(flex_attention, dynamic=True)
-    return _FLEX_FN
+    if dynamic not in _FLEX_FNS:
+        import torch._dynamo
+
+        limit = max(torch._dynamo.config.cache_size_limit, 256)  # one graph per structure and bucket
+        torch._dynamo.config.cache_size_limit = limit
+        if hasattr(torch._dynamo.config, "recompile_limit"):
+            torch._dynamo.config.recompile_limit = limit
+        _FLEX_FNS[dynamic] = torch.compile(flex_attention, dynamic=dynamic)
+    return _FLEX_FNS[dynamic]
+
+
+def bucket(n: int, block: int = FLEX_BLOCK) -> int:
+    """The padded length a kernel is compiled for: block * 2**k >= n (few shapes, few compiles;
+    padded query blocks have no key blocks, so the kernel skips them)."""
+    blocks = -(-n // block)
+    return block * (1 << max(blocks - 1, 0).bit_length())
 
 
 def _bit_table_mask_mod(per_head, shape, num_heads: int, block: int, device):
@@ -151,7 +169,22 @@ def _bit_table_mask_mod(per_head, shape, num_heads: int, block: int, device):
     return mask_mod
 
 
-def flex_block_mask(spec, layer: int, num_heads: int, device, block: int = FLEX_BLOCK):
+def flex_block_mask(spec, layer: int, num_heads: int, device, block: int = FLEX_BLOCK,
+                    window: int | None = None):
+    """(BlockMask, length): the lowered mask padded to `bucket(n)`, or for layouts of many
+    segments the bit-table mask at length n (window: a model's own sliding window, folded in)."""
+    if len(spec.segments) <= LOWER_MAX_SEGMENTS:
+        low = lower(spec, layer).padded_to()
+        if window:
+            low = low.with_window(window)
+        length = bucket(spec.table.n, block)
+        heads = num_heads if low.uses_head else None
+        return low.block_mask(block, device, num_heads=heads, length=length), length
+    return bit_table_block_mask(spec, layer, num_heads, device, block, window), spec.table.n
+
+
+def bit_table_block_mask(spec, layer: int, num_heads: int, device, block: int = FLEX_BLOCK,
+                         window: int | None = None):
     """A BlockMask whose mask_mod looks the partial blocks up in a bit table.
 
     The mask_mod closes over tensors only, so one compiled FlexAttention kernel serves every
@@ -175,21 +208,27 @@ def flex_block_mask(spec, layer: int, num_heads: int, device, block: int = FLEX_
         mask_mod = spec.mask_mod(layer, device)
     else:
         mask_mod = _bit_table_mask_mod(per_head, partial.shape[2:], num_heads, block, device)
+    if window:
+        inner = mask_mod
+
+        def mask_mod(b, h, q, kv):
+            return inner(b, h, q, kv) & (q - kv < window)
     return BlockMask.from_kv_blocks(kv_num.to(device), kv_idx.to(device), full_num.to(device),
                                     full_idx.to(device), BLOCK_SIZE=block, mask_mod=mask_mod,
                                     seq_lengths=(n, n))
 
 
 def _flex_attention(ctx, layer, query, key, value, scaling, window, softcap):
-    block_mask = ctx.block_mask(layer, query.device)
+    n = query.shape[-2]
+    block_mask, length = ctx.block_mask(layer, query.device, window)
+    if length > n:  # pad to the bucket the kernel is compiled for (padded keys are masked)
+        pad = (0, 0, 0, length - n)
+        query, key, value = (torch.nn.functional.pad(x, pad) for x in (query, key, value))
     score_mod = None
-    if window or softcap is not None:
+    if softcap is not None:
         def score_mod(score, b, h, q, kv):
-            if softcap is not None:
-                score = torch.tanh(score / softcap) * softcap
-            if window:
-                score = torch.where(q - kv < window, score, -float("inf"))
-            return score
-    out = flex_fn(query.device)(query, key, value, score_mod=score_mod, block_mask=block_mask,
-                                scale=scaling, enable_gqa=query.shape[1] != key.shape[1])
-    return out.transpose(1, 2).contiguous(), None
+            return torch.tanh(score / softcap) * softcap
+    dynamic = length == n and len(ctx.spec.segments) > LOWER_MAX_SEGMENTS
+    out = flex_fn(query.device, dynamic)(query, key, value, score_mod=score_mod, block_mask=block_mask,
+                                         scale=scaling, enable_gqa=query.shape[1] != key.shape[1])
+    return out[:, :, :n].transpose(1, 2).contiguous(), None
