@@ -21,9 +21,7 @@ import gradio as gr
 os.environ.setdefault("MASKSTUDIO_RENDER_PROCESSES", str(min(2, os.cpu_count() or 1)))  # before studio draws
 
 from maskstudio import knobs, studio
-from maskstudio.patterns import PATTERNS
 from maskstudio.positions import SCHEMES
-from maskstudio.segments import MODALITIES, OVERLAY_OPS
 
 if importlib.util.find_spec("spaces") is not None:  # Hugging Face ZeroGPU
     import spaces
@@ -52,14 +50,18 @@ def _error_md(error: str) -> str:
     return f"⚠ {error}" if error else ""
 
 
-def _view_opts(layer, head, reach_layers, reach_token, query, flow_level) -> dict:
-    return {"layer": layer, "head": head, "reach_layers": reach_layers, "reach_token": reach_token,
-            "query": query, "flow_level": flow_level}
+def _said(out: dict, *keys) -> list:
+    """A studio answer as outputs: its error line first, then `keys`."""
+    return [_error_md(out["error"])] + [out[k] for k in keys]
+
+
+def _view_opts(*values) -> dict:  # the values of ui.view_opts, in order
+    return dict(zip(("layer", "head", "reach_layers", "reach_token", "query", "flow_level"), values))
 
 
 def _pictures(state, opts) -> list:
     """The picture outputs: five views, checks, density, layer/head pickers, query, knockout
-    pickers, note, the messages next to the reach token box and the query dropdown."""
+    pickers, note, the messages next to the reach token box, the query dropdown and the flow level."""
     out = studio.design_views(studio.current(state), opts)
     o = out["options"]
     warn = o["warnings"]
@@ -69,16 +71,16 @@ def _pictures(state, opts) -> list:
             gr.update(visible=out["varies_by_head"], maximum=out["head_max"], value=o["head"]),
             gr.update(choices=out["segments"], value=o["query"]),
             gr.update(choices=["*"] + out["segments"]), gr.update(choices=out["segments"]),
-            out["note"], _error_md(warn.get("reach_token", "")), _error_md(warn.get("query", ""))]
+            out["note"], _error_md(warn.get("reach_token", "")), _error_md(warn.get("query", "")),
+            _error_md(warn.get("flow_level", ""))]
 
 
-N_PICTURE_OUTPUTS = 15
+N_PICTURE_OUTPUTS = 16
 NOTE = 12  # the note's place among the picture outputs
 
 
 def _failed(state, box, error) -> list:  # what the user typed stays in the editor and the tables
-    """An edit that failed: the last good design stays, the error goes next to the control that
-    caused it, the pictures keep showing the last good design, marked as such."""
+    """A failed edit: the last good design stays (its pictures marked), the error goes next to its control."""
     pics = [gr.skip()] * N_PICTURE_OUTPUTS
     pics[NOTE] = STALE
     return [state, gr.skip()] + [gr.skip()] * 5 + [_error_md(error)] + pics + \
@@ -86,8 +88,7 @@ def _failed(state, box, error) -> list:  # what the user typed stays in the edit
 
 
 def _design(state, error, opts, box, keep_tables=False, old=None) -> list:
-    """The outputs after an edit: state, editor, 5 table parts, this edit's error, pictures, card,
-    preset dropdown, download, the other error boxes (cleared)."""
+    """After an edit: state, editor, 5 table parts, its error, pictures, card, preset, download, other errors."""
     if error:
         return _failed(state, box, error)
     spec = studio.current(state)
@@ -117,8 +118,8 @@ def edit_handler(edit, n_inputs: int, box: str, keep_tables=False):
 
 
 def wire_edit(ui, triggers, edit, inputs: list, api_name: str, box: str, keep_tables=False,
-              extra_outputs=(), **kw):
-    """Wire one edit of the design to the shared design outputs, its error to `box`."""
+              extra_outputs=(), after=None, **kw):
+    """Wire one edit to the design outputs, its error to `box` (on `triggers`, or `after` an event); blocks follow."""
     others = [ui.errors[b] for b in ERROR_BOXES if b != box]
     outputs = ui.design_head + [ui.errors[box]] + ui.pictures + [ui.card, ui.preset, ui.download] + others
     handler = edit_handler(edit, len(inputs), box, keep_tables)
@@ -128,8 +129,10 @@ def wire_edit(ui, triggers, edit, inputs: list, api_name: str, box: str, keep_ta
         def handler(state, *args):  # noqa: F811 -- the upload box: cleared when the upload was refused
             out = base(state, *args)
             return out + [None if out[7] else gr.skip()]
-    gr.on(triggers, handler, [ui.state] + inputs + ui.view_opts, outputs + list(extra_outputs),
-          api_name=api_name, **kw)
+    args = (handler, [ui.state] + inputs + ui.view_opts, outputs + list(extra_outputs))
+    dep = after.then(*args, api_name=api_name, **kw) if after is not None else gr.on(triggers, *args,
+                                                                                      api_name=api_name, **kw)
+    dep.then(functools.partial(on_blocks, live=False), *ui.blocks_io, api_name=False)
 
 
 # ---------------------------------------------------------------- handlers (thin calls into studio)
@@ -151,12 +154,7 @@ def total(n_outputs: int, error_at: int | None):
     return wrap
 
 
-def on_reach(state, *opts):
-    """The reach options changed: draw reachability now, whatever the design's size."""
-    return on_view_options(state, *opts, reach_now=True)
-
-
-def on_view_options(state, *opts, reach_now=False):
+def on_view_options(state, *opts, reach_now=False):  # reach_now: the reach options changed, draw it at any size
     try:
         return _pictures(state, dict(_view_opts(*opts), reach_now=reach_now))
     except Exception as err:  # noqa: BLE001 -- keep the pictures, say what went wrong
@@ -173,20 +171,44 @@ def on_export(state, fmt, layer, head):
 
 
 @gpu
-@total(13, 1)
+@total(17, 1)
 def on_run(state, model_id, max_new_tokens, images=None, progress=gr.Progress()):
     state, out = studio.run_model(state, model_id, max_new_tokens, progress=progress, images=images)
     if out["error"]:
-        return [state, _error_md(out["error"])] + [gr.skip()] * 11
+        return [state, _error_md(out["error"])] + [gr.skip()] * 15
     return [state, "", out["summary"], out["tokens"], out["top_k"], out["continuation"], out["nll"],
             out["attention"], out["mass"], out["curves"], out["rollout"],
             gr.update(maximum=max(out["layers"] - 1, 1), value=max(out["layers"] - 1, 0)),
-            gr.update(choices=["mean"] + [str(h) for h in range(out["heads"])], value="mean")]
+            gr.update(choices=["mean"] + [str(h) for h in range(out["heads"])], value="mean"),
+            gr.update(choices=out["token_choices"], value=out["token"]), out["focus"], out["grid"], ""]
 
 
-@total(1, None)
-def on_attention(state, layer, head):
-    return studio.attention_for_state(state, layer, head)
+@total(5, 4)
+def on_attention(state, layer, head, token=None):  # the map, the token's top-k bars, the grid, the rollout
+    out = studio.focus_for_state(state, layer, head, token)
+    return _said(out, "attention", "focus", "grid", "rollout")[1:] + [_error_md(out["error"])]
+
+
+@total(2, 1)
+def on_run_download(state):
+    files, message = studio.run_download(state)
+    return files, (f"<small>{message}</small>" if message and files else _error_md(message))
+
+
+@total(2, 1)
+def on_blocks(state, block_size, layer, head, live=True):  # live=False (after an edit): a large design waits
+    path, message = studio.block_view(studio.current(state), block_size, layer, head, live=live)
+    return path, _error_md(message)
+
+
+def on_gallery_pick(evt: gr.SelectData):  # a row of the presets table: its preset into the dropdown
+    return studio.gallery_pick(evt.row_value) or gr.skip()
+
+
+def show_filled(*values):
+    """Show the picture boxes that hold a picture, hide the empty ones (chained after a handler)."""
+    out = [gr.update(visible=v is not None) for v in values]
+    return out if len(out) > 1 else out[0]
 
 
 @total(3, 2)
@@ -198,8 +220,8 @@ def on_overlay(state, layer, head, query, segment):
 @gpu
 @total(3, 0)
 def on_knockout(state, q, k, window, model_id, target="", progress=gr.Progress()):
-    out = studio.knockout_sweep(state, q, k, window, model_id, progress=progress, target=target)
-    return _error_md(out["error"]), out["summary"], out["curve"]
+    return _said(studio.knockout_sweep(state, q, k, window, model_id, progress=progress, target=target),
+                 "summary", "curve")
 
 
 @total(2, 1)
@@ -209,36 +231,38 @@ def on_snapshot(state):
 
 
 @total(3, 0)
-def on_compare(state, choice):
-    out = studio.compare_static(state, choice)
-    return _error_md(out["error"]), out["summary"], out["diff"]
+def on_compare(state, choice, more=()):
+    return _said(studio.compare_static(state, choice, more), "summary", "diff")
 
 
 @gpu
 @total(4, 0)
 def on_compare_run(state, choice, model_id, max_new_tokens, progress=gr.Progress()):
-    out = studio.compare_runs(state, choice, model_id, max_new_tokens, progress=progress)
-    return _error_md(out["error"]), out["summary"], out["kl"], out["mass_diff"]
+    return _said(studio.compare_runs(state, choice, model_id, max_new_tokens, progress=progress),
+                 "summary", "kl", "mass_diff")
 
 
 @gpu
 @total(3, 0)
 def on_evaluate(state, task, n, baseline, model_id, progress=gr.Progress()):
-    out = studio.evaluate_for_state(state, task, n, baseline, model_id, progress=progress)
-    return _error_md(out["error"]), out["text"], out["figure"]
+    return _said(studio.evaluate_for_state(state, task, n, baseline, model_id, progress=progress), "text", "figure")
 
 
 @gpu
 @total(3, 0)
 def on_train(state, task, steps, lr, lora, objective, baseline, model_id, progress=gr.Progress()):
-    out = studio.train_design(state, task, steps, lr, lora, objective, model_id, baseline, progress=progress)
-    return _error_md(out["error"]), out["summary"], out["curve"]
+    return _said(studio.train_design(state, task, steps, lr, lora, objective, model_id, baseline, progress=progress),
+                 "summary", "curve")
 
 
 # ---------------------------------------------------------------- layout: design (left)
 def _message(elem_id: str) -> gr.Markdown:
     """An error line placed next to the control whose input it is about."""
     return gr.Markdown("", elem_id=elem_id, elem_classes=["error-line"])
+
+
+def _img(label, elem_id=None, visible=True, **kw) -> gr.Image:
+    return gr.Image(type="filepath", label=label, elem_id=elem_id, visible=visible, **kw)
 
 
 def _table(value, headers, elem_id, label, widths):
@@ -248,34 +272,30 @@ def _table(value, headers, elem_id, label, widths):
 
 
 def _tables_tab(ui, tables):
-    gr.Markdown(f"<small>**Segments**: modality {' / '.join(MODALITIES)}; size `12`, `24x24`, "
-                f"`8x16x16` or `4+4+4` (frames); roles `a, b`. **Rules**: one `base` row, "
-                f"then rules (last match wins). **Overlays**: op {' / '.join(OVERLAY_OPS)}. "
-                f"Edit a cell and press Enter.</small>")
+    gr.Markdown(studio.TABLES_HELP[0])
     steps = ["10%", "14%", "14%", "18%", "24%", "10%", "10%"]
-    ui.segs = _table(tables["segments"], studio.SEGMENT_COLUMNS, "segments", "Segments",
-                     ["16%", "13%", "13%", "10%", "14%", "34%"])
+    ui.segs = _table(tables["segments"], studio.SEGMENT_COLUMNS, "segments", "Segments", ["16%", "13%", "13%", "10%", "14%", "34%"])
     ui.rules = _table(tables["rules"], studio.RULE_COLUMNS, "rules", "Rules", steps)
     ui.overlays = _table(tables["overlays"], studio.OVERLAY_COLUMNS, "overlays", "Overlays", steps)
     with gr.Row():
         ui.scheme = gr.Dropdown(list(SCHEMES), value=tables["scheme"], label="Position scheme", elem_id="scheme")
         ui.pos_params = gr.Textbox(tables["position_params"], label="Scheme parameters",
                                    placeholder="align=start, span=longest", elem_id="pos-params")
-    gr.Markdown(f"<small>patterns: {', '.join(PATTERNS)}. Parameters as `size=4, "
-                f"causal=false`; layers/heads as `0, 1` or `0:12:2`.</small>")
+    gr.Markdown(studio.TABLES_HELP[1])
 
 
 def _design_column(ui, init, presets):
-    preset_names = [v for _, v in presets]
-    first = init["spec"].name if init["spec"].name in preset_names else None
+    first = next((v for _, v in presets if v == init["spec"].name), None)
     with gr.Row():
         ui.preset = gr.Dropdown(presets, value=first, label="Preset gallery (group · name)", scale=4, elem_id="preset")
-        ui.blank = gr.Button("New from scratch", scale=1, elem_id="blank")
-        ui.undo = gr.Button("Undo", scale=1, elem_id="undo")
+        ui.blank = gr.Button("New from scratch", scale=0, min_width=110, elem_id="blank")  # the names get the width
+        ui.undo = gr.Button("Undo", scale=0, min_width=70, elem_id="undo")
     ui.errors = {"preset": _message("design-error")}
     ui.card = gr.Markdown(studio.design_card(init["spec"]), elem_id="preset-card")
-    with gr.Accordion("All presets (what each does, citation)", open=False):
-        gr.Markdown(studio.gallery_markdown())
+    with gr.Accordion("All presets (click a row to load it)", open=False):
+        ui.gallery = gr.Dataframe(studio.gallery_rows(), headers=studio.GALLERY_COLUMNS, interactive=False,
+                                  wrap=True, max_height=360, elem_id="gallery", show_search="search",
+                                  column_widths=["18%", "10%", "50%", "22%"])
     with gr.Tabs():
         with gr.Tab("Tables", id="tables"):
             _tables_tab(ui, studio.spec_to_tables(init["spec"]))
@@ -295,16 +315,17 @@ def _see_column(ui):
             with gr.Row():
                 ui.layer = gr.Slider(0, 31, value=0, step=1, label="layer", visible=False, elem_id="layer")
                 ui.head = gr.Slider(0, 15, value=0, step=1, label="head", visible=False, elem_id="head")
-            ui.mask_img = gr.Image(type="filepath", label="mask", elem_id="mask-img", format="png", show_label=False)
+            ui.mask_img = _img("mask", "mask-img", format="png", show_label=False)
         with gr.Tab("Positions", id="see-positions"):
-            ui.pos_img = gr.Image(type="filepath", label="position ids", elem_id="positions-img", show_label=False)
+            ui.pos_img = _img("position ids", "positions-img", show_label=False)
             ui.query = gr.Dropdown([], label="RoPE distance from query segment", elem_id="query",
                                    allow_custom_value=True)  # a stale name is answered, never refused
             ui.query_msg = _message("query-error")
-            ui.dist_img = gr.Image(type="filepath", label="RoPE distance", elem_id="distance-img", show_label=False)
+            ui.dist_img = _img("RoPE distance", "distance-img", show_label=False)
         with gr.Tab("Flow", id="see-flow"):
-            ui.flow_level = gr.Radio(["segment", "frame", "token"], value="segment", label="level")
-            ui.flow_img = gr.Image(type="filepath", label="flow graph", elem_id="flow-img", show_label=False)
+            ui.flow_level = gr.Radio(["segment", "frame", "token"], value="segment", label="level", elem_id="flow-level")
+            ui.flow_msg = _message("flow-error")
+            ui.flow_img = _img("flow graph", "flow-img", show_label=False)
             ui.density = gr.Dataframe(label="segment density (rows: query, cols: key)", interactive=False,
                                       elem_id="density", wrap=True)
         with gr.Tab("Reachability", id="see-reach"):
@@ -313,7 +334,13 @@ def _see_column(ui):
                 ui.reach_token = gr.Textbox("", label="token (index, segment or segment[i])", placeholder="last token",
                                             elem_id="reach-token")
             ui.reach_msg = _message("reach-error")
-            ui.reach_img = gr.Image(type="filepath", label="reachability", elem_id="reach-img", show_label=False)
+            ui.reach_img = _img("reachability", "reach-img", show_label=False)
+        with gr.Tab("Blocks", id="see-blocks") as ui.blocks_tab:
+            ui.block_size = gr.Radio(list(studio.BLOCK_SIZES), value=knobs.BLOCK, elem_id="block-size",
+                                     label="BlockMask block size (tokens): full / partial / empty blocks, what "
+                                           "a FlexAttention kernel skips")
+            ui.blocks_msg = _message("blocks-error")
+            ui.blocks_img = _img("block grid", "blocks-img", show_label=False)
         with gr.Tab("Checks", id="see-checks"):
             ui.checks = gr.Textbox(label="checks", lines=24, max_lines=60, elem_id="checks")
 
@@ -321,51 +348,53 @@ def _see_column(ui):
 # ---------------------------------------------------------------- layout: run / compare / evaluate / export
 def _run_controls(ui):
     with gr.Row():
-        ui.model_id = gr.Textbox("", label="model (empty: the embedded SmolLM2-135M-Instruct; or a hub id; "
-                                 "vision-language: HuggingFaceTB/SmolVLM-256M-Instruct, "
-                                 "Qwen/Qwen2-VL-2B-Instruct; tiny-qwen2-vl / tiny-idefics3 are random-weight "
-                                 "test models: they check the wiring, their outputs mean nothing)",
-                                 placeholder="HuggingFaceTB/SmolLM2-135M-Instruct", scale=3, elem_id="model-id")
+        ui.model_id = gr.Textbox("", label=studio.HELP["model"], placeholder="HuggingFaceTB/SmolLM2-135M-Instruct",
+                                 scale=3, elem_id="model-id")
         ui.max_new = gr.Slider(0, 64, value=16, step=1, label="new tokens (0 = one forward pass)", scale=2,
                                elem_id="max-new")
         ui.run_btn = gr.Button("Run / Generate", variant="primary", scale=1, elem_id="run-btn")
     ui.run_error = gr.Markdown("", elem_classes=["error-line"], elem_id="run-error")  # and the run's progress
-    gr.Markdown("<small>Texts come from the segments table's `text` column; a text segment without "
-                "text runs with an example of its size (the run's notes say so).</small>")
-    ui.run_images = gr.File(file_count="multiple", file_types=["image"], elem_id="run-images",
-                            label="images and frames for image/video segments (VLM runs): a file named "
-                                  "after a segment (img.png, clip_01.png) goes there; the rest in order, "
-                                  "one per image segment, then frames shared by video segments")
+    gr.Markdown(studio.HELP["texts"])
+    ui.run_images = gr.File(file_count="multiple", file_types=["image"], elem_id="run-images", label=studio.HELP["images"])
 
 
 def _run_results(ui):
-    with gr.Row():
-        ui.continuation = gr.Textbox(label="continuation", elem_id="continuation", scale=3)
-        ui.nll = gr.Textbox(label="target NLL", scale=2)
-    with gr.Row():
-        ui.tokens = gr.Dataframe(headers=["segment", "tokens", "text"], label="tokens per segment",
-                                 interactive=False, wrap=True)
-        ui.top_k = gr.Dataframe(headers=["token", "p"], label="top-k at the last position", interactive=False)
-    with gr.Row():
-        ui.att_layer = gr.Slider(0, 29, value=29, step=1, label="attention layer")
-        ui.att_head = gr.Dropdown(["mean"], value="mean", label="head", allow_custom_value=True)
-    with gr.Row():
-        ui.att_img = gr.Image(type="filepath", label="attention map")
-        ui.mass_img = gr.Image(type="filepath", label="segment mass (last layer)")
-    with gr.Row():
-        ui.curves_img = gr.Image(type="filepath", label="segment mass per layer")
-        ui.rollout_img = gr.Image(type="filepath", label="rollout")
-    with gr.Row():
-        ui.ov_query = gr.Textbox("", label="overlay query token (index, segment or segment[i])",
-                                 placeholder="last token", elem_id="overlay-query")
-        ui.ov_segment = gr.Textbox("", label="image/video segment", placeholder="the first one",
-                                   elem_id="overlay-segment")
-    ui.ov_error = gr.Markdown("", elem_classes=["error-line"])
-    with gr.Row():
-        ui.ov_img = gr.Image(type="filepath", label="attention over the image (VLM runs)", elem_id="overlay-img")
-        ui.share_img = gr.Image(type="filepath", label="share of attention to visual tokens per layer",
-                                elem_id="share-img")
-    ui.run_summary = gr.Textbox(label="run summary", lines=12, elem_id="run-summary")
+    ui.run_hint = gr.Markdown(studio.HELP["run_hint"], elem_id="run-hint")
+    with gr.Column(visible=False) as ui.run_out:  # shown once there is a run
+        with gr.Row():
+            ui.continuation = gr.Textbox(label="continuation", elem_id="continuation", scale=3)
+            ui.nll = gr.Textbox(label="target NLL", scale=2)
+        with gr.Row():
+            ui.tokens = gr.Dataframe(headers=["segment", "tokens", "text"], label="tokens per segment",
+                                     interactive=False, wrap=True)
+            ui.top_k = gr.Dataframe(headers=["token", "p"], label="top-k at the last position", interactive=False)
+        with gr.Row():
+            ui.att_layer = gr.Slider(0, 29, value=29, step=1, label="attention layer", elem_id="att-layer")
+            ui.att_head = gr.Dropdown(["mean"], value="mean", label="head", allow_custom_value=True)
+            ui.att_token = gr.Dropdown([], label="focus token (pick, or type an index / segment / segment[i])",
+                                       allow_custom_value=True, elem_id="att-token")
+        ui.focus_msg = _message("focus-error")
+        with gr.Row():
+            ui.att_img, ui.rollout_img = _img("attention map", "att-img"), _img("rollout from the focus token", "rollout-img")
+        ui.focus_img = _img("what the focus token attends to / what attends to it", "focus-img")
+        ui.grid_img = _img("every layer × head", "grid-img")
+        with gr.Row():
+            ui.mass_img, ui.curves_img = _img("segment mass (last layer)"), _img("segment mass per layer")
+        with gr.Row():
+            ui.ov_query = gr.Textbox("", label="overlay query token (index, segment or segment[i])",
+                                     placeholder="last token", elem_id="overlay-query")
+            ui.ov_segment = gr.Textbox("", label="image/video segment", placeholder="the first one",
+                                       elem_id="overlay-segment")
+        ui.ov_error = gr.Markdown("", elem_classes=["error-line"])
+        with gr.Row():  # VLM runs only
+            ui.ov_img = _img("attention over the image (VLM runs)", "overlay-img", False)
+            ui.share_img = _img("share of attention to visual tokens per layer", "share-img", False)
+        ui.run_summary = gr.Textbox(label="run summary", lines=12, elem_id="run-summary")
+        with gr.Row():
+            ui.run_dl_btn = gr.Button("Download the run: attention .npz (float16 [layers, heads, N, N]) + run .json",
+                                      elem_id="run-download-btn")
+            ui.run_files = gr.File(label="run data", file_count="multiple", elem_id="run-files")
+        ui.run_dl_msg = gr.Markdown("", elem_id="run-download-message")
 
 
 def _knockout_panel(ui):
@@ -378,31 +407,30 @@ def _knockout_panel(ui):
                                       placeholder='e.g. " Rome"')
             ui.ko_btn = gr.Button("Sweep")
         ui.ko_error = gr.Markdown("", elem_classes=["error-line"])
-        ui.ko_img = gr.Image(type="filepath", label="knockout")
+        ui.ko_img = _img("knockout", visible=False)
         ui.ko_text = gr.Textbox(label="knockout summary", lines=8)
 
 
-def _compare_tab(ui, presets):
+def _compare_tab(ui):
+    designs = [("the snapshot", "snapshot")] + ui.presets
     with gr.Row():
         ui.snap_btn = gr.Button("Keep snapshot as B", elem_id="snapshot")
-        ui.b_choice = gr.Dropdown([("the snapshot", "snapshot")] + presets, value="snapshot", label="B",
-                                  elem_id="b-choice")
+        ui.b_choice = gr.Dropdown(designs, value="snapshot", label="B", elem_id="b-choice")
+        ui.more_choice = gr.Dropdown(designs, value=[], multiselect=True, label="C, D, … (masks only)",
+                                     elem_id="more-choice")
         ui.cmp_btn = gr.Button("Compare masks", elem_id="compare-btn")
-        ui.cmp_run_btn = gr.Button("Compare on the model", variant="primary")
+        ui.cmp_run_btn = gr.Button("Compare A and B on the model", variant="primary")
     ui.snap_md = gr.Markdown("")
     ui.cmp_error = gr.Markdown("", elem_classes=["error-line"])
-    ui.cmp_text = gr.Textbox(label="A vs B", lines=18, elem_id="compare-text")
+    ui.cmp_text = gr.Textbox(label="A (the design) vs B, C, …: ≠ marks the lines that differ", lines=18,
+                             elem_id="compare-text")
+    ui.diff_img = _img("masks side by side, cells that differ coloured", "diff-img", False)
     with gr.Row():
-        ui.diff_img = gr.Image(type="filepath", label="mask difference")
-        ui.kl_img = gr.Image(type="filepath", label="KL per position")
-        ui.mdiff_img = gr.Image(type="filepath", label="segment mass difference")
+        ui.kl_img, ui.mdiff_img = _img("KL per position", visible=False), _img("segment mass difference", visible=False)
 
 
 def _evaluate_tab(ui):
-    gr.Markdown("Score the design against a baseline on generated examples (the same examples for "
-                "both): target NLL and exact match with bootstrap 95% intervals, a paired test, and "
-                "accuracy by the gold document's position / passkey depth / direction. Segment names "
-                "must be the task's parts — start from the task's template.")
+    gr.Markdown(studio.HELP["evaluate"])
     with gr.Row():
         ui.ev_task = gr.Dropdown(["kv_retrieval", "passkey", "multihop", "reversal"], value="kv_retrieval",
                                  label="task", elem_id="eval-task")
@@ -415,16 +443,11 @@ def _evaluate_tab(ui):
     ui.errors["template"] = _message("template-error")
     ui.ev_error = gr.Markdown("", elem_classes=["error-line"])
     ui.ev_text = gr.Textbox(label="results", lines=10, elem_id="eval-text")
-    ui.ev_img = gr.Image(type="filepath", label="accuracy and NLL with 95% intervals")
+    ui.ev_img = _img("accuracy and NLL with 95% intervals", visible=False)
 
 
 def _train_tab(ui):
-    gr.Markdown(f"Fine-tune the model (the Run tab's model box; `tiny-llama` is a random-weight test model) "
-                f"under the design's mask on generated task examples, {studio.TRAIN_BATCH} per step. With the "
-                f"baseline, the design's causal twin is trained identically and both are scored before and "
-                f"after on the same held-out examples. A private copy is trained: the loaded model is untouched. "
-                f"Segment names must be the task's parts — start from the task's template. The embedded "
-                f"SmolLM2 is slow on CPU: start with few steps.")
+    gr.Markdown(studio.TRAIN_HELP)
     with gr.Row():
         ui.tr_task = gr.Dropdown(list(studio.TRAIN_TASKS), value="kv_retrieval", label="task", elem_id="train-task")
         ui.tr_steps = gr.Slider(1, 200, value=20, step=1, label="steps", elem_id="train-steps")
@@ -438,15 +461,15 @@ def _train_tab(ui):
         ui.tr_btn = gr.Button("Train", variant="primary", elem_id="train-btn")
     ui.errors["train_template"] = _message("train-template-error")
     ui.tr_error = gr.Markdown("", elem_classes=["error-line"], elem_id="train-error")  # and the step / loss
-    ui.tr_img = gr.Image(type="filepath", label="training loss", elem_id="train-curve")
+    ui.tr_img = _img("training loss", "train-curve", False)
     ui.tr_text = gr.Textbox(label="results", lines=14, elem_id="train-text")
 
 
 def _export_tab(ui):
     with gr.Row():
-        ui.fmt = gr.Radio([("JSON spec (canonical)", "json"), ("FlexAttention .py", "flex"),
-                           ("mask .npy", "npy"), ("positions .npy", "positions"),
-                           ("pictures (PNG zip)", "png")], value="json", label="format", elem_id="fmt")
+        ui.fmt = gr.Radio([("JSON spec (canonical)", "json"), ("FlexAttention .py", "flex"), ("mask .npy", "npy"),
+                           ("positions .npy", "positions"), ("pictures (PNG zip)", "png")], value="json", label="format",
+                          elem_id="fmt")
         ui.export_btn = gr.Button("Export", variant="primary", elem_id="export-btn")
     ui.export_error = gr.Markdown("", elem_id="export-message")
     ui.download = gr.File(label="download", elem_id="download")
@@ -454,20 +477,14 @@ def _export_tab(ui):
     ui.errors["upload"] = _message("upload-error")
 
 
-def _lower_tabs(ui, presets):
+def _lower_tabs(ui):
+    parts = {"Run": (_run_controls, _run_results, _knockout_panel), "Compare": (_compare_tab,),
+             "Evaluate": (_evaluate_tab,), "Train": (_train_tab,), "Export / Import": (_export_tab,)}
     with gr.Tabs():
-        with gr.Tab("Run", id="run"):
-            _run_controls(ui)
-            _run_results(ui)
-            _knockout_panel(ui)
-        with gr.Tab("Compare", id="compare"):
-            _compare_tab(ui, presets)
-        with gr.Tab("Evaluate", id="evaluate"):
-            _evaluate_tab(ui)
-        with gr.Tab("Train", id="train"):
-            _train_tab(ui)
-        with gr.Tab("Export / Import", id="export"):
-            _export_tab(ui)
+        for title, fns in parts.items():
+            with gr.Tab(title, id=title.split()[0].lower()):
+                for fn in fns:
+                    fn(ui)
 
 
 # ---------------------------------------------------------------- events
@@ -475,9 +492,12 @@ def _wire_design(ui):
     """Every edit of the design, and the picture options."""
     ui.view_opts = [ui.layer, ui.head, ui.reach_layers, ui.reach_token, ui.query, ui.flow_level]
     ui.pictures = [ui.mask_img, ui.pos_img, ui.dist_img, ui.flow_img, ui.reach_img, ui.checks, ui.density,
-                   ui.layer, ui.head, ui.query, ui.ko_q, ui.ko_k, ui.note, ui.reach_msg, ui.query_msg]
+                   ui.layer, ui.head, ui.query, ui.ko_q, ui.ko_k, ui.note, ui.reach_msg, ui.query_msg, ui.flow_msg]
+    ui.blocks_io = ([ui.state, ui.block_size, ui.layer, ui.head], [ui.blocks_img, ui.blocks_msg])
     ui.design_head = [ui.state, ui.code, ui.segs, ui.rules, ui.overlays, ui.scheme, ui.pos_params]
     wire_edit(ui, [ui.preset.input], studio.load_preset_into_state, [ui.preset], "load_preset", "preset")
+    wire_edit(ui, None, studio.load_preset_into_state, [ui.preset], False, "preset",
+              after=ui.gallery.select(on_gallery_pick, None, ui.preset, api_name=False))
     wire_edit(ui, [ui.blank.click], studio.load_blank, [], "new_blank", "preset")
     wire_edit(ui, [ui.undo.click], studio.undo, [], "undo", "preset")
     wire_edit(ui, [ui.segs.input, ui.rules.input, ui.overlays.input, ui.scheme.input, ui.pos_params.submit],
@@ -492,9 +512,12 @@ def _wire_design(ui):
               "train_template")
     # .input: a drag, the arrow keys and the number box alike (release misses the last two)
     gr.on([ui.layer.input, ui.head.input, ui.query.input, ui.flow_level.input], on_view_options,
-          [ui.state] + ui.view_opts, ui.pictures, api_name="render", trigger_mode="always_last")
-    gr.on([ui.reach_layers.release, ui.reach_token.submit], on_reach, [ui.state] + ui.view_opts, ui.pictures,
-          api_name="reach", trigger_mode="always_last")
+          [ui.state] + ui.view_opts, ui.pictures, api_name="render", trigger_mode="always_last") \
+        .then(on_blocks, *ui.blocks_io, api_name=False)
+    gr.on([ui.block_size.input, ui.blocks_tab.select], on_blocks, *ui.blocks_io, api_name="block_grid",
+          trigger_mode="always_last")
+    gr.on([ui.reach_layers.release, ui.reach_token.submit], functools.partial(on_view_options, reach_now=True),
+          [ui.state] + ui.view_opts, ui.pictures, api_name="reach", trigger_mode="always_last")
 
 
 def _wire_run(ui):
@@ -502,29 +525,39 @@ def _wire_run(ui):
                   [ui.ov_img, ui.share_img, ui.ov_error])
     ui.run_btn.click(on_run, [ui.state, ui.model_id, ui.max_new, ui.run_images],
                      [ui.state, ui.run_error, ui.run_summary, ui.tokens, ui.top_k, ui.continuation, ui.nll,
-                      ui.att_img, ui.mass_img, ui.curves_img, ui.rollout_img, ui.att_layer, ui.att_head],
+                      ui.att_img, ui.mass_img, ui.curves_img, ui.rollout_img, ui.att_layer, ui.att_head,
+                      ui.att_token, ui.focus_img, ui.grid_img, ui.focus_msg],
                      api_name="run_model", show_progress_on=[ui.run_error], **MODEL) \
-        .then(on_overlay, *overlay_io, api_name=False)
+        .then(lambda s: show_filled(studio.get_run(s), None if studio.get_run(s) else 1), ui.state,
+              [ui.run_out, ui.run_hint], api_name=False).then(on_overlay, *overlay_io, api_name=False) \
+        .then(show_filled, overlay_io[1][:2], overlay_io[1][:2], api_name=False)
     gr.on([ui.att_layer.input, ui.att_head.input, ui.ov_query.submit, ui.ov_segment.submit], on_overlay,
           *overlay_io, api_name="image_overlay", trigger_mode="always_last")
-    gr.on([ui.att_layer.input, ui.att_head.input], on_attention, [ui.state, ui.att_layer, ui.att_head],
-          ui.att_img, api_name="attention_map", trigger_mode="always_last")
+    gr.on([ui.att_layer.input, ui.att_head.input, ui.att_token.input], on_attention,
+          [ui.state, ui.att_layer, ui.att_head, ui.att_token],
+          [ui.att_img, ui.focus_img, ui.grid_img, ui.rollout_img, ui.focus_msg], api_name="attention_map",
+          trigger_mode="always_last")
+    ui.run_dl_btn.click(on_run_download, [ui.state], [ui.run_files, ui.run_dl_msg], api_name="download_run")
     ui.ko_btn.click(on_knockout, [ui.state, ui.ko_q, ui.ko_k, ui.ko_window, ui.model_id, ui.ko_target],
-                    [ui.ko_error, ui.ko_text, ui.ko_img], api_name="knockout", show_progress_on=[ui.ko_error], **MODEL)
+                    [ui.ko_error, ui.ko_text, ui.ko_img], api_name="knockout", show_progress_on=[ui.ko_error], **MODEL) \
+        .then(show_filled, ui.ko_img, ui.ko_img, api_name=False)
 
 
 def _wire_compare_evaluate_export(ui):
     ui.snap_btn.click(on_snapshot, [ui.state], [ui.state, ui.snap_md], api_name="keep_snapshot")
-    ui.cmp_btn.click(on_compare, [ui.state, ui.b_choice], [ui.cmp_error, ui.cmp_text, ui.diff_img],
-                     api_name="compare_masks")
+    ui.cmp_btn.click(on_compare, [ui.state, ui.b_choice, ui.more_choice], [ui.cmp_error, ui.cmp_text, ui.diff_img],
+                     api_name="compare_masks").then(show_filled, ui.diff_img, ui.diff_img, api_name=False)
     ui.cmp_run_btn.click(on_compare_run, [ui.state, ui.b_choice, ui.model_id, ui.max_new],
                          [ui.cmp_error, ui.cmp_text, ui.kl_img, ui.mdiff_img], api_name="compare_runs",
-                         show_progress_on=[ui.cmp_error], **MODEL)
+                         show_progress_on=[ui.cmp_error], **MODEL) \
+        .then(show_filled, [ui.kl_img, ui.mdiff_img], [ui.kl_img, ui.mdiff_img], api_name=False)
     ui.ev_btn.click(on_evaluate, [ui.state, ui.ev_task, ui.ev_n, ui.ev_base, ui.model_id],
-                    [ui.ev_error, ui.ev_text, ui.ev_img], api_name="evaluate", show_progress_on=[ui.ev_error], **MODEL)
+                    [ui.ev_error, ui.ev_text, ui.ev_img], api_name="evaluate", show_progress_on=[ui.ev_error], **MODEL) \
+        .then(show_filled, ui.ev_img, ui.ev_img, api_name=False)
     ui.tr_btn.click(on_train, [ui.state, ui.tr_task, ui.tr_steps, ui.tr_lr, ui.tr_lora, ui.tr_objective,
                                ui.tr_baseline, ui.model_id],
-                    [ui.tr_error, ui.tr_text, ui.tr_img], api_name="train", show_progress_on=[ui.tr_error], **MODEL)
+                    [ui.tr_error, ui.tr_text, ui.tr_img], api_name="train", show_progress_on=[ui.tr_error], **MODEL) \
+        .then(show_filled, ui.tr_img, ui.tr_img, api_name=False)
     ui.export_btn.click(on_export, [ui.state, ui.fmt, ui.layer, ui.head], [ui.download, ui.export_error],
                         api_name="export")
 
@@ -532,22 +565,22 @@ def _wire_compare_evaluate_export(ui):
 def build() -> gr.Blocks:
     init = studio.new_state()
     presets = studio.preset_choices()
-    ui = SimpleNamespace()
+    ui = SimpleNamespace(presets=presets)
     with gr.Blocks(title="Mask Studio", delete_cache=(600, 1800)) as demo:  # Gradio's copies go too
         ui.state = gr.State(init)
-        gr.Markdown("# Mask Studio\nDesign an attention mask from modality segments, **see** it, "
-                    "**check** it, **run** it on a real model and **export** it (JSON spec or "
-                    "FlexAttention code).")
+        gr.Markdown("# Mask Studio\nDesign an attention mask from modality segments, **see** it, **check** it, "
+                    "**run** it on a real model and **export** it (JSON spec or FlexAttention code).")
         with gr.Row(equal_height=False):
             with gr.Column(scale=5):
                 _design_column(ui, init, presets)
             with gr.Column(scale=6):
                 _see_column(ui)
-        _lower_tabs(ui, presets)
+        _lower_tabs(ui)
         _wire_design(ui)
         _wire_run(ui)
         _wire_compare_evaluate_export(ui)
-        demo.load(on_view_options, [ui.state] + ui.view_opts, ui.pictures, api_name=False)
+        demo.load(on_view_options, [ui.state] + ui.view_opts, ui.pictures, api_name=False) \
+            .then(on_blocks, *ui.blocks_io, api_name=False)
     demo.queue(default_concurrency_limit=RENDER_CONCURRENCY)
     return demo
 
@@ -561,8 +594,7 @@ if __name__ == "__main__":
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # run atexit: render workers shut down too
     studio.warm_up()
-    # Gradio's own GRADIO_SERVER_NAME / GRADIO_SERVER_PORT win; HOST / PORT are the fallbacks
-    host = os.environ.get("GRADIO_SERVER_NAME") or os.environ.get("HOST", "0.0.0.0")
-    port = int(os.environ.get("GRADIO_SERVER_PORT") or os.environ.get("PORT", "7860"))
-    demo.launch(server_name=host, server_port=port, css=CSS, footer_links=["api", "gradio"],
+    env = os.environ.get  # Gradio's own GRADIO_SERVER_NAME / GRADIO_SERVER_PORT win; HOST / PORT are the fallbacks
+    demo.launch(server_name=env("GRADIO_SERVER_NAME") or env("HOST", "0.0.0.0"), css=CSS,
+                server_port=int(env("GRADIO_SERVER_PORT") or env("PORT", "7860")), footer_links=["api", "gradio"],
                 max_file_size=f"{knobs.MAX_SPEC_BYTES >> 20}mb")

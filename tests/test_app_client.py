@@ -14,7 +14,8 @@ OPTS = (0, 0, 4, "", None, "segment")  # layer, head, reach layers, reach token,
 PICS = slice(7, 12)                     # mask, positions, distance, flow, reach in a design response
 ENDPOINTS = {"/load_preset", "/new_blank", "/undo", "/edit_tables", "/edit_json", "/import_spec", "/render", "/reach",
              "/export", "/run_model", "/attention_map", "/knockout", "/keep_snapshot", "/compare_masks",
-             "/compare_runs", "/eval_template", "/evaluate", "/image_overlay", "/train_template", "/train"}
+             "/compare_runs", "/eval_template", "/evaluate", "/image_overlay", "/train_template", "/train",
+             "/block_grid", "/download_run"}
 
 pytestmark = pytest.mark.slow
 
@@ -38,14 +39,14 @@ def test_preset_edit_undo_and_error_keeps_pictures(client):
     out = client.predict("prefix_lm", *OPTS, api_name="/load_preset")
     assert spec_json(out)["name"] == "prefix_lm" and out[6] == ""
     assert all(os.path.exists(p) for p in out[PICS])
-    assert "Raffel" in out[22]                          # the card (after 15 picture outputs)
+    assert "Raffel" in out[23]                          # the card (after 16 picture outputs)
     pics = out[PICS]
     segs, rules, overlays = out[1], out[2], out[3]
     rules["data"][1][3] = "none"                       # the rule '* -> prefix: full' becomes 'none'
     edited = client.predict(segs, rules, overlays, out[4], out[5], *OPTS, api_name="/edit_tables")
     assert spec_json(edited)["mask"]["rules"][0]["pattern"] == "none" and edited[6] == ""
     assert spec_json(edited)["name"] == "prefix_lm-edited"          # the name and the gallery follow the edit
-    assert (edited[23] or {}).get("value") is None and (out[23] or {}).get("value") == "prefix_lm"
+    assert (edited[24] or {}).get("value") is None and (out[24] or {}).get("value") == "prefix_lm"
     assert edited[PICS][0] != pics[0]                  # a new mask picture
     bad = json.loads(edited[0])
     bad["mask"]["rules"][0]["k"] = "prefx"
@@ -89,12 +90,18 @@ def test_import_and_compare(client, tmp_path):
     f.write_text(json.dumps(spec))
     out = client.predict(handle_file(str(f)), *OPTS, api_name="/import_spec")
     assert spec_json(out)["name"] == "uploaded"
-    error, text, diff = client.predict("snapshot", api_name="/compare_masks")
+    error, text, diff = client.predict("snapshot", [], api_name="/compare_masks")
     assert error == "" and "A: uploaded" in text and os.path.exists(diff)
+    error, text, diff = client.predict("snapshot", ["prefix_lm", "causal2vec"], api_name="/compare_masks")
+    assert error == "" and "C: prefix_lm" in text and "D: causal2vec" in text and os.path.exists(diff)
+    path, msg = client.predict(16, 0, 0, api_name="/block_grid")
+    assert os.path.exists(path) and msg == ""
+    files, msg = client.predict(api_name="/download_run")
+    assert not files and "run the design first" in msg
     f.write_text("{oops")
     out = client.predict(handle_file(str(f)), *OPTS, api_name="/import_spec")
     assert out[6].startswith("⚠ invalid JSON")
-    assert client.predict(4, "mean", api_name="/attention_map") is None   # no run yet
+    assert client.predict(4, "mean", "", api_name="/attention_map")[0] is None   # no run yet
 
 
 def test_eight_sessions_edit_different_specs_at_once(app_url):
@@ -138,7 +145,10 @@ def test_run_knockout_and_compare_on_the_model(client):
     assert error == "" and continuation and "SmolLM2" in summary
     assert tokens["data"][0][0] == "context"
     assert os.path.exists(out[6]) and os.path.exists(out[9])
-    assert os.path.exists(client.predict(2, "0", api_name="/attention_map"))
+    att, focus, grid, rollout, msg = client.predict(2, "0", "question[1]", api_name="/attention_map")
+    assert all(os.path.exists(p) for p in (att, focus, grid, rollout)) and msg == ""
+    files, _ = client.predict(api_name="/download_run")
+    assert sorted(Path(f["path"] if isinstance(f, dict) else f).suffix for f in files) == [".json", ".npz"]
     error, text, curve = client.predict("question", "context", 28, "", "", api_name="/knockout")
     assert error == "" and "knockout" in text and os.path.exists(curve)
     error, text, _ = client.predict("question", "context", 28, "", " Rome", api_name="/knockout")

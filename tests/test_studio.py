@@ -281,7 +281,8 @@ def test_compare_static():
     out = studio.compare_static(state, "snapshot")
     assert out["error"] == "" and os.path.exists(out["diff"]) and "A: vid" in out["summary"]
     other = studio.compare_static(state, "prefix_lm")
-    assert other["error"] == "" and other["diff"] is None  # different token counts
+    assert other["error"] == "" and os.path.exists(other["diff"])   # different token counts: side by side
+    assert "B: another token count" in other["summary"]
 
 
 # ---------------------------------------------------------------- the model
@@ -664,3 +665,101 @@ def test_train_design_says_the_design_is_not_the_task():
     state, _ = studio.load_preset_into_state(studio.new_state(), "multiverse")
     out = studio.train_design(state, "kv_retrieval", 2, 1e-3, False, "next_token", "tiny-llama", False)
     assert "not parts of the task" in out["error"] and "template" in out["error"] and "\n" not in out["error"]
+
+
+# ---------------------------------------------------------------- issue 15: reading a run, blocks, A/B/C, gallery
+def _fake_result():
+    """A real RunResult from random attention (no model): what the run views and downloads read."""
+    from maskstudio.run.measures import rollout, segment_mass
+    from maskstudio.run.pipeline import RunResult
+
+    layout = Spec.load({"name": "fake run", "segments": [{"name": "ctx", "length": 5}, {"name": "q", "length": 3}],
+                        "mask": {"base": {"pattern": "causal"}}})
+    causal = torch.triu(torch.full((8, 8), float("-inf")), 1)
+    att = torch.softmax(torch.randn(3, 2, 8, 8, generator=torch.Generator().manual_seed(1)) + causal, -1)
+    return RunResult(layout=layout, input_ids=torch.arange(8), logits=torch.zeros(8, 10), top_k=[("x", 0.5)],
+                     tokens={"ctx": ["A", " b", " c", " d", " e"], "q": [" f", " g", "?"]}, text="", target_nll={},
+                     attentions=att, segment_mass=segment_mass(att, layout), rollout=rollout(att), model="fake")
+
+
+def test_focus_token_pictures_and_run_download(tmp_path):
+    result = _fake_result()
+    state = dict(studio.new_state(), run_id=studio.actions._keep_run(result))
+    out = studio.focus_for_state(state, 1, "0", "ctx[2]")
+    assert out["error"] == "" and out["token"] == 2
+    assert all(os.path.exists(out[k]) for k in ("attention", "focus", "grid", "rollout"))
+    typo = studio.focus_for_state(state, 99, "7", "nope[1]")        # every value stale or wrong: answered
+    assert typo["token"] == 7 and "no segment named 'nope'" in typo["error"] and os.path.exists(typo["attention"])
+    assert studio.focus_for_state(studio.new_state(), 0, "mean", "3")["attention"] is None   # no run yet
+    choices = studio.token_choices(result)
+    assert len(choices) == 8 and choices[5][1] == 5 and "q[0]" in choices[5][0]
+    files, note = studio.run_download(state)
+    npz = np.load(next(f for f in files if f.endswith(".npz")))
+    assert npz["attentions"].dtype == np.float16 and npz["attentions"].shape == (3, 2, 8, 8)
+    assert np.allclose(npz["attentions"], result.attentions.numpy(), atol=1e-3)
+    assert npz["layers"].tolist() == [0, 1, 2] and npz["heads"].tolist() == [0, 1] and npz["tokens"][1] == " b"
+    run = json.loads(open(next(f for f in files if f.endswith(".json"))).read())
+    assert run["spec"]["segments"][0]["name"] == "ctx" and run["input_tokens"][6]["segment"] == "q[1]"
+    assert run["attention_file"]["shape"] == [3, 2, 8, 8] and run["top_k"][0]["token"] == "x"
+    none, why = studio.run_download(studio.new_state())
+    assert none is None and "run the design first" in why
+
+
+def test_block_view_snaps_sizes_and_says_so():
+    spec = Spec.load({"segments": [{"name": "a", "length": 300}], "mask": {"base": {"pattern": "causal"}}})
+    path, msg = studio.block_view(spec, 64)
+    assert os.path.exists(path) and msg == ""
+    assert studio.block_view(spec, 64)[0] == path                      # cached
+    path2, msg = studio.block_view(spec, "100")
+    assert os.path.exists(path2) and "showing 128" in msg
+    _, msg = studio.block_view(spec, "oops")
+    assert msg == ""                                                    # unreadable: the default size
+    big = Spec.load({"segments": [{"name": "a", "length": 20000}], "mask": {"base": {"pattern": "causal"}}})
+    path, msg = studio.block_view(big, 16)
+    assert os.path.exists(path) and "showing 64-token blocks" in msg    # 20000 / 64 <= 512 blocks a side
+    assert studio.block_view(big, 16, live=False) == (None, studio.block_view(big, 16, live=False)[1])
+    assert "pick a block size" in studio.block_view(big, 16, live=False)[1]
+
+
+def test_compare_three_designs_marks_differences():
+    state = studio.set_snapshot(studio.new_state(small_video()))
+    data = small_video()
+    data["mask"]["base"] = {"pattern": "full"}
+    state, _ = studio.apply_json_edit(state, json.dumps(data))
+    out = studio.compare_static(state, "snapshot", ["prefix_lm", "snapshot"])
+    assert out["error"] == "" and os.path.exists(out["diff"])
+    head = out["summary"].splitlines()[0]
+    assert "A: vid" in head and "B: vid" in head and "C: prefix_lm" in head and "D: vid" in head
+    assert any(line.startswith("≠") and "density" in line for line in out["summary"].splitlines())
+    assert "C: another token count" in out["summary"]
+    bad = studio.compare_static(state, "snapshot", ["no_such_preset"])
+    assert bad["error"] and bad["diff"] is None
+
+
+def test_token_flow_graph_past_readable_size_falls_back_with_a_message():
+    spec = Spec.load({"segments": [{"name": "a", "length": 40}]})
+    o = studio.view_options(spec, {"flow_level": "token"})
+    assert o["flow_level"] == "segment" and "readable up to 32 tokens" in o["warnings"]["flow_level"]
+    small = Spec.load({"segments": [{"name": "a", "length": 12}]})
+    assert studio.view_options(small, {"flow_level": "token"})["flow_level"] == "token"
+
+
+def test_gallery_rows_are_compact_and_a_row_names_its_preset():
+    rows = studio.gallery_rows()
+    assert len(rows) == len(list_presets()) and all(len(r[2]) <= 140 for r in rows)
+    assert studio.gallery_pick(rows[0]) == rows[0][0]
+    assert studio.gallery_pick(["not a preset", "x"]) is None and studio.gallery_pick(None) is None
+
+
+def test_app_run_handlers_are_total_before_and_after_a_run(app_module):
+    app = app_module
+    state = studio.new_state()
+    att, focus, grid, roll, msg = app.on_attention(state, 3, "mean", "q")
+    assert att is None and msg == ""                                   # no run: nothing, no error badge
+    files, msg = app.on_run_download(state)
+    assert files is None and msg.startswith("⚠")
+    run_state = dict(state, run_id=studio.actions._keep_run(_fake_result()))
+    att, focus, grid, roll, msg = app.on_attention(run_state, "x", None, "zz[0]")
+    assert os.path.exists(att) and msg.startswith("⚠")
+    path, msg = app.on_blocks(state, 48, 0, 0)
+    assert os.path.exists(path) and "showing 32" in msg or "showing 64" in msg

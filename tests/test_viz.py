@@ -250,3 +250,98 @@ def test_names_with_math_markup_are_drawn_as_typed(tmp_path):
     for view in ("mask", "positions", "distance", "flow", "reach", "all"):
         viz.save(viz.render(spec, view), tmp_path / f"{view}.png")
         assert (tmp_path / f"{view}.png").stat().st_size > 1000
+
+
+# ---------------------------------------------------------------- issue 15: attention you can read, blocks, compare
+def _fake_run(L=3, H=2):
+    from types import SimpleNamespace
+
+    from maskstudio import Spec
+    from maskstudio.run.measures import rollout
+
+    layout = Spec.load({"name": "fake", "segments": [{"name": "ctx", "length": 6}, {"name": "q", "length": 4}],
+                        "mask": {"base": {"pattern": "causal"}}})
+    causal = torch.triu(torch.full((10, 10), float("-inf")), 1)
+    att = torch.softmax(torch.randn(L, H, 10, 10, generator=torch.Generator().manual_seed(0)) + causal, -1)
+    toks = {"ctx": ["The", " cap", "ital", " of", " France", " is"], "q": [" Paris", ".", " Q", ":"]}
+    return SimpleNamespace(attentions=att, layout=layout, model="m", tokens=toks, rollout=rollout(att))
+
+
+def test_block_view_shows_full_partial_empty_blocks_and_kv_num_blocks():
+    spec = Spec.load({"segments": [{"name": "a", "length": 64}], "mask": {"base": {"pattern": "causal"}}})
+    fig = viz.render(spec, "blocks", block_size=16)
+    facts = fig.maskstudio["blocks"]
+    assert int(facts["full"].sum()) == 6 and int(facts["partial"].sum()) == 4   # below / on the diagonal
+    assert facts["kv_num_blocks"].tolist() == [1, 2, 3, 4]
+    assert abs(facts["skipped"] - 6 / 16) < 1e-9
+    assert "kernel skips 37.5%" in facts["axes"].get_title()
+    assert viz.render(spec, "blocks", block_size=64).maskstudio["blocks"]["partial"].tolist() == [[True]]
+
+
+def test_attention_map_outlines_the_focus_token_and_bars_name_its_top_tokens():
+    from matplotlib.patches import Rectangle
+
+    r = _fake_run()
+    fig = viz.attention_figure(r, 1, None, token=7)
+    boxes = [p for p in fig.axes[0].patches if isinstance(p, Rectangle)]
+    assert {(b.get_width(), b.get_height()) for b in boxes} == {(10, 1), (1, 10)}    # row and column
+    assert "token 7" in fig.axes[0].get_title()
+    focus = viz.token_focus_figure(r, 1, None, 7, k=3)
+    row = r.attentions[1].float().mean(0)[7]
+    best = int(row.argmax())
+    assert focus.axes[0].get_yticklabels()[0].get_text().startswith(f"{best}:")
+    col = r.attentions[1].float().mean(0)[:, 7]
+    assert focus.axes[1].get_yticklabels()[0].get_text().startswith(f"{int(col.argmax())}:")
+    assert len(focus.axes[1].get_yticklabels()) == 3     # only tokens at or after 7 attend to it (causal)
+
+
+def test_layers_by_heads_grid_has_one_thumbnail_per_layer_and_head():
+    r = _fake_run(L=4, H=3)
+    fig = viz.attention_grid_figure(r, layer=2, head=1)
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["0", "1", "2", "3"]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["0", "1", "2"]
+    assert len(ax.patches) == 1                            # the map shown large, outlined
+    assert viz.attention_grid_figure(type("R", (), {"attentions": None})()) is None
+
+
+def test_rollout_reads_from_one_token_with_segment_shares_and_a_caption():
+    r = _fake_run()
+    fig = viz.rollout_figure(r)
+    facts = fig.maskstudio["rollout"]
+    assert facts["token"] == 9                              # the last token by default
+    assert abs(sum(facts["share"].values()) - 1) < 1e-4
+    assert abs(facts["share"]["ctx"] - float(r.rollout[9, :6].sum())) < 1e-5
+    texts = " ".join(t.get_text() for ax in fig.axes for t in ax.texts)
+    assert "Abnar & Zuidema" in texts
+    assert viz.rollout_figure(r, 3).maskstudio["rollout"]["token"] == 3
+    assert viz.rollout_figure(r, 99).maskstudio["rollout"]["token"] == 9   # out of range: the last
+
+
+def test_many_designs_side_by_side_mark_the_cells_that_differ():
+    base = {"segments": [{"name": "p", "length": 4}, {"name": "t", "length": 4}]}
+    causal = Spec.load({**base, "name": "causal", "mask": {"base": {"pattern": "causal"}}})
+    full = Spec.load({**base, "name": "full", "mask": {"base": {"pattern": "full"}}})
+    prefix = Spec.load({**base, "name": "prefix", "mask": {"base": {"pattern": "causal"},
+                                                           "rules": [{"q": "p", "k": "p", "pattern": "full"}]}})
+    other = Spec.load({"name": "other", "segments": [{"name": "x", "length": 5}]})
+    fig = viz.masks_compare_figure([causal, full, prefix, other], ["causal", "full", "prefix", "other"])
+    facts = fig.maskstudio["compare"]
+    assert facts["differ"] == [0, 28, 6, None]
+    titles = [ax.get_title() for ax in fig.axes]
+    assert any("28 pairs differ from A" in t for t in titles)
+    assert any("disagree (orange: 28 pairs)" in t for t in titles)
+    assert any("not compared" in t for t in titles)
+
+
+def test_mask_legend_sits_outside_the_cells_and_segment_flow_text_is_large():
+    spec = Spec.load({"segments": [{"name": "t", "length": 8}, {"name": "img", "modality": "image", "grid": [2, 2]}],
+                      "mask": {"base": {"pattern": "full"}}})
+    fig = viz.render(spec, "mask")
+    ax = fig.maskstudio["mask"]["axes"]
+    fig.canvas.draw()
+    legend, cells = ax.get_legend().get_window_extent(), ax.get_window_extent()
+    assert legend.x1 <= cells.x0 + 1 or legend.y0 >= cells.y1 - 1    # never over the cells
+    flow = viz.render(spec, "flow")
+    node_labels = [t for t in flow.axes[0].texts if "tok" in t.get_text()]
+    assert node_labels and min(t.get_fontsize() for t in node_labels) >= 9

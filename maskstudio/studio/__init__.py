@@ -5,26 +5,28 @@ widgets and wires events; tests/test_studio.py drives these without a browser).
   tables    the table codec: spec <-> segments / rules / overlays rows, cell parsers, table edits
   pictures  the design's pictures as cached PNG files, the checks, the render workers, `Cache`
   examples  example inputs for designs without text; what a model can take, said before loading it
-  actions   run / compare / knockout / overlay / evaluate / export handlers
+  actions   run / compare (A, B, C...) / knockout / overlay / evaluate / export handlers; a run's
+            attention read token by token (focus_for_state) and downloaded as data (run_download)
   training  the Train tab: fine-tune the design (and its causal baseline), loss curves
 
 Every name below is importable as `maskstudio.studio.<name>`.
 """
 from ..errors import SpecError
-from .actions import (EXPORT_FORMATS, assign_images, attention_for_state, attention_picture, compare_runs,
+from .actions import (EXPORT_FORMATS, HELP, assign_images, attention_for_state, attention_picture, compare_runs,
                       app_message, compare_static, evaluate_for_state, export_file, export_for_state, export_spec, get_run, knockout_sweep,
-                      model_name, overlay_for_state, overlay_pictures, run_model, run_outputs, spec_b)
+                      focus_for_state, focus_pictures, model_name, overlay_for_state, overlay_pictures, run_download,
+                      run_files, run_model, run_outputs, spec_b, token_choices)
 from .examples import example_text, examples_note, needs_examples, run_blocker, with_examples
-from .pictures import (DPI, VIEWS, Cache, analysis_for, check_text, controls, density_rows, design_views, figure_png,
+from .pictures import (BLOCK_SIZES, DPI, TOKEN_FLOW_READABLE, VIEWS, Cache, block_view, analysis_for, check_text, controls, density_rows, design_views, figure_png,
                        size_warning,
                        picture_spec, render_processes, render_views, tokenizer_at_hand, view_options, warm_up)
 from .state import (BLANK, DEFAULT_PRESET, apply_json_edit, attempt, current, design_card, edited_name,
-                    gallery_markdown, import_file, preset_names, preset_of,
+                    GALLERY_COLUMNS, gallery_markdown, gallery_pick, gallery_rows, import_file, preset_names, preset_of,
                     load_blank, load_preset_into_state, load_task_template, new_state, one_line, preset_card,
                     preset_choices, set_snapshot, snapshot, undo)
-from .tables import (OVERLAY_COLUMNS, RULE_COLUMNS, SEGMENT_COLUMNS, apply_table_edit, apply_tables, format_ints,
+from .tables import (OVERLAY_COLUMNS, RULE_COLUMNS, SEGMENT_COLUMNS, TABLES_HELP, apply_table_edit, apply_tables, format_ints,
                      format_params, format_selector, format_size, format_text, parse_ints, parse_params,
                      parse_selector, parse_size, parse_text, parse_token, rows_of, spec_to_tables, tables_need_refresh,
                      where_in_tables,
                      tables_to_spec_dict)
-from .training import TRAIN_BATCH, TRAIN_MAX_STEPS, TRAIN_TASKS, train_design
+from .training import TRAIN_BATCH, TRAIN_HELP, TRAIN_MAX_STEPS, TRAIN_TASKS, train_design

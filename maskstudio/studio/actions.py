@@ -28,6 +28,21 @@ from .tables import parse_token
 
 EXPORT_FORMATS = {"json": ".json", "flex": "_flex.py", "npy": "_mask.npy", "positions": "_positions.npy",
                   "png": "_pictures.zip"}
+HELP = {  # the app's help texts next to the controls they explain
+    "model": "model (empty: the embedded SmolLM2-135M-Instruct; or a hub id; vision-language: "
+             "HuggingFaceTB/SmolVLM-256M-Instruct, Qwen/Qwen2-VL-2B-Instruct; tiny-qwen2-vl / tiny-idefics3 are "
+             "random-weight test models: they check the wiring, their outputs mean nothing)",
+    "texts": "<small>Texts come from the segments table's `text` column; a text segment without text runs with "
+             "an example of its size (the run's notes say so).</small>",
+    "images": "images and frames for image/video segments (VLM runs): a file named after a segment (img.png, "
+              "clip_01.png) goes there; the rest in order, one per image segment, then frames shared by video segments",
+    "run_hint": "*Run the design to see what the model does with it here: the continuation, attention maps with "
+                "token labels (pick a focus token: what it attends to, what attends to it), every layer × head, "
+                "rollout, and the run as data (.npz + .json).*",
+    "evaluate": "Score the design against a baseline on generated examples (the same examples for both): target NLL "
+                "and exact match with bootstrap 95% intervals, a paired test, and accuracy by the gold document's "
+                "position / passkey depth / direction. Segment names must be the task's parts — start from the "
+                "task's template."}
 RUN_ERRORS = (ValueError, OSError)  # SpecError and RunError are ValueErrors; OSError: files, downloads
 _RUNS = Cache(RUNS_KEPT)
 
@@ -87,11 +102,17 @@ def _png(fig) -> str | None:
 
 
 def _layer_head(result, layer, head) -> tuple[int, int | None]:
-    """The picker values as indices: layer ''/None -> the last; head ''/None/'mean' -> None (mean);
-    out-of-range values are clamped."""
+    """The picker values as indices: layer ''/None/unreadable -> the last; head ''/None/'mean'/unreadable
+    -> None (mean); out-of-range values are clamped."""
     L, H = result.attentions.shape[:2]
-    lay = L - 1 if layer in (None, "") else min(max(int(layer), 0), L - 1)
-    hd = None if head in (None, "", "mean") else min(max(int(head), 0), H - 1)
+
+    def index(value, default):
+        try:
+            return int(float(value))
+        except (TypeError, ValueError, OverflowError):  # a stale or typed value: the default
+            return default
+    lay = min(max(index(layer, L - 1), 0), L - 1)
+    hd = None if head in (None, "", "mean") or index(head, None) is None else min(max(index(head, 0), 0), H - 1)
     return lay, hd
 
 
@@ -257,11 +278,109 @@ def run_outputs(result, layer=None, head="mean") -> dict:
                     f"{math.exp(t['mean']):.2f})" for name, t in result.target_nll.items()) \
         or "no segment has role 'target'"
     att = result.attentions
+    focus = focus_pictures(result, layer, head, None)
     return {"error": "", "summary": result.summary(), "tokens": tokens, "top_k": top,
             "continuation": result.text, "nll": nll, "notes": "\n".join(result.notes),
             "layers": int(att.shape[0]) if att is not None else 0, "heads": int(att.shape[1]) if att is not None else 0,
-            "attention": attention_picture(result, layer, head), "mass": _png(segment_mass_figure(result)),
-            "curves": _png(mass_curves_figure(result)), "rollout": _png(rollout_figure(result))}
+            "attention": focus["attention"], "focus": focus["focus"], "grid": focus["grid"],
+            "token_choices": token_choices(result), "token": focus["token"],
+            "mass": _png(segment_mass_figure(result)), "curves": _png(mass_curves_figure(result)),
+            "rollout": focus["rollout"]}
+
+
+def token_choices(result) -> list[tuple[str, int]]:
+    """(label, index) per prompt token, for the focus token picker."""
+    from ..viz import run_token_labels
+
+    t = result.layout.table
+    return [(f"{i}: {lab}  ({t.label(i)})", i) for i, lab in enumerate(run_token_labels(result))]
+
+
+def focus_pictures(result, layer=None, head="mean", token=None) -> dict:
+    """The attention map with one token's row and column outlined, its top attended / attending
+    tokens, the layers x heads grid and the rollout read from that token: {"attention", "focus",
+    "grid", "rollout" (PNG paths or None), "token" (index), "error" (a line: an unknown token)}.
+    Total: a token the run does not have is replaced by the last one, and the error says so."""
+    from ..viz import attention_figure, attention_grid_figure, rollout_figure, token_focus_figure
+
+    out = {"attention": None, "focus": None, "grid": None, "rollout": None, "token": None, "error": ""}
+    if result is None or result.attentions is None:
+        return out
+    try:
+        q = parse_token(result.layout, token)
+    except ValueError as err:
+        q, out["error"] = result.layout.n - 1, f"{one_line(err)}; showing the last token"
+    q = min(q, result.attentions.shape[-1] - 1)
+    lay, hd = _layer_head(result, layer, head)
+    out.update(token=q, attention=_png(attention_figure(result, lay, hd, token=q)),
+               focus=_png(token_focus_figure(result, lay, hd, q)), grid=_png(attention_grid_figure(result, lay, hd)),
+               rollout=_png(rollout_figure(result, q)))
+    return out
+
+
+def focus_for_state(state: dict, layer=None, head="mean", token=None) -> dict:
+    """`focus_pictures` of the session's last run (all None before a run)."""
+    return focus_pictures(get_run(state), layer, head, token)
+
+
+RUN_TENSOR_MAX_BYTES = 256 << 20  # past this the attention download holds the head mean of each layer
+
+
+def run_files(result, design: Spec | None = None) -> tuple[list[str], str]:
+    """The run as data: `<name>_attention.npz` (attentions float16 [layers, heads, N, N] of the
+    recorded layers / heads, with `layers`, `heads`, `tokens`, `input_ids`) and `<name>_run.json`
+    (the spec the model ran, the design, input tokens, outputs). Returns (paths, note)."""
+    import numpy as np
+
+    from ..viz import run_token_labels
+
+    stem = re.sub(r"[^\w.-]+", "_", result.layout.name)[:80] or "run"
+    sweep_workdir()
+    folder = os.path.join(WORKDIR, "run", uuid.uuid4().hex[:12])
+    os.makedirs(folder, exist_ok=True)
+    labels = run_token_labels(result)
+    data = result.to_dict()
+    data.update(spec=result.layout.to_dict(), design=design.to_dict() if design is not None else None,
+                input_tokens=[{"index": i, "segment": result.layout.table.label(i), "token": tok}
+                              for i, tok in enumerate(labels)])
+    paths, note = [], ""
+    if result.attentions is not None:
+        att = result.attentions.to(dtype=torch_float16())
+        L, H = att.shape[:2]
+        heads = np.arange(H)
+        if att.numel() * 2 > RUN_TENSOR_MAX_BYTES:
+            att, heads = att.float().mean(1, keepdim=True).half(), np.array([-1])
+            note = (f"{L} x {H} maps of {att.shape[-1]} tokens are too large to download whole: the file "
+                    f"holds the mean over heads of each layer (heads = [-1])")
+        path = os.path.join(folder, f"{stem}_attention.npz")
+        np.savez(path, attentions=att.numpy(), layers=np.arange(L), heads=heads, tokens=np.array(labels),
+                 input_ids=result.input_ids.numpy())
+        paths.append(path)
+        data["attention_file"] = {"name": os.path.basename(path), "shape": list(att.shape), "dtype": "float16",
+                                  "heads": heads.tolist(), "note": note}
+    path = os.path.join(folder, f"{stem}_run.json")
+    with open(path, "w", encoding="utf-8") as fh:
+        json.dump(data, fh, ensure_ascii=False, indent=1)
+    paths.append(path)
+    return paths, note
+
+
+def torch_float16():
+    import torch
+
+    return torch.float16
+
+
+def run_download(state: dict) -> tuple[list[str] | None, str]:
+    """(files of the session's last run, note) or (None, why not)."""
+    result = get_run(state)
+    if result is None:
+        return None, "run the design first (Run / Generate): then its attention and outputs can be downloaded"
+    design = current(state) if state.get("run_of") == digest(current(state).to_dict()) else None
+    try:
+        return run_files(result, design)
+    except OSError as err:  # a full disk
+        return None, one_line(err)
 
 
 def attention_for_state(state: dict, layer=None, head="mean") -> str | None:
@@ -319,35 +438,50 @@ def spec_b(state: dict, choice: str) -> Spec:
     return load_preset(choice)
 
 
-def _side_by_side(a: Spec, b: Spec) -> list[str]:
-    ta, tb = analysis_for(a).summary().splitlines(), analysis_for(b).summary().splitlines()
-    width = max(len(x) for x in ta) + 2
-    na, nb = (a.name, b.name) if a.name != b.name else (f"{a.name} (the design)", f"{b.name} (B)")
-    width = max(width, len(na) + 5)
-    lines = [f"{'A: ' + na:<{width}}| B: {nb}", "-" * (width + 20)]
-    for i in range(max(len(ta), len(tb))):
-        la = ta[i] if i < len(ta) else ""
-        lb = tb[i] if i < len(tb) else ""
-        lines.append(f"{la:<{width}}| {lb}")
-    return lines
+def _side_by_side(specs: list[Spec]) -> list[str]:
+    """The check reports in columns A | B | C ...; a line whose columns differ is marked `≠`."""
+    names = [sp.name for sp in specs]
+    if len(set(names)) < len(names):  # the same preset twice, or the design against its own snapshot
+        names = [f"{n} (the design)" if i == 0 else f"{n} ({chr(65 + i)})" for i, n in enumerate(names)]
+    cols = [analysis_for(sp).summary().splitlines() for sp in specs]
+    cap = 58 if len(specs) > 2 else 90
+    heads = [f"{chr(65 + i)}: {n}" for i, n in enumerate(names)]
+    widths = [min(cap, max([len(h) for h in [heads[i]]] + [len(x) for x in c])) + 1 for i, c in enumerate(cols)]
+
+    def cell(text, w):
+        return (text if len(text) <= w else text[:w - 1] + "…").ljust(w)
+    lines = ["  " + "| ".join(cell(h, w) for h, w in zip(heads, widths)), "-" * (sum(widths) + 2 * len(widths) + 2)]
+    for i in range(max(len(c) for c in cols)):
+        row = [c[i] if i < len(c) else "" for c in cols]
+        mark = "≠ " if len(set(row)) > 1 else "  "
+        lines.append(mark + "| ".join(cell(x, w) for x, w in zip(row, widths)))
+    return lines + ["", "≠ marks the lines where the designs differ"]
 
 
-def compare_static(state: dict, choice: str = "snapshot") -> dict:
-    """No model: both check reports and a picture of where the masks differ (same token count)."""
-    from ..viz import mask_diff_figure
+def compare_static(state: dict, choice: str = "snapshot", more=()) -> dict:
+    """No model: the check reports side by side (A = the design, B = `choice`, C, D, ... = `more`:
+    preset names or "snapshot") with the differing lines marked, and the masks side by side with
+    the cells that differ from A coloured (and, from three designs, where they disagree)."""
+    from ..viz import mask_diff_figure, masks_compare_figure
 
     try:
-        a, b = current(state), spec_b(state, choice)
-        a, _ = picture_spec(a)
-        b, _ = picture_spec(b)
+        specs = [current(state), spec_b(state, choice)] + [spec_b(state, c) for c in (more or []) if c]
+        specs = [picture_spec(sp)[0] for sp in specs]
     except SpecError as err:
         return {"error": one_line(err), "summary": "", "diff": None}
-    lines = _side_by_side(a, b)
-    diff = None
-    if a.n == b.n and a.n <= PICTURE_DENSE_MAX:
-        diff = figure_png(mask_diff_figure(a, b))
+    lines = _side_by_side(specs)
+    a = specs[0]
+    big = [chr(65 + i) for i, sp in enumerate(specs) if sp.n > PICTURE_DENSE_MAX]
+    if big:
+        lines.append(f"\n(no mask picture: {', '.join(big)} past {PICTURE_DENSE_MAX} tokens)")
+        return {"error": "", "summary": "\n".join(lines), "diff": None}
+    if len(specs) == 2 and a.n == specs[1].n:
+        diff = figure_png(mask_diff_figure(a, specs[1]))
     else:
-        lines.append(f"\n(no mask difference picture: A has {a.n} tokens, B has {b.n})")
+        diff = figure_png(masks_compare_figure(specs, [sp.name for sp in specs]))
+        other = [chr(65 + i) for i, sp in enumerate(specs) if sp.n != a.n]
+        if other:
+            lines.append(f"\n({', '.join(other)}: another token count than A ({a.n}): drawn, not compared cell by cell)")
     return {"error": "", "summary": "\n".join(lines), "diff": diff}
 
 

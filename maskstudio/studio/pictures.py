@@ -27,7 +27,7 @@ from concurrent.futures.process import BrokenProcessPool
 from typing import Any, Callable
 
 from ..errors import RunError, SpecError
-from ..knobs import (ANALYSIS_DENSE_MAX, PICKER_HEADS, PICKER_LAYERS, PICTURE_CACHE, REACH_LIVE_MAX, TOKEN_GRAPH_MAX,
+from ..knobs import (ANALYSIS_DENSE_MAX, PICKER_HEADS, PICTURE_DENSE_MAX, PICKER_LAYERS, PICTURE_CACHE, REACH_LIVE_MAX, TOKEN_GRAPH_MAX,
                      TOKEN_LABEL_MAX, WORKDIR_MAX_AGE_S)
 from ..segments import all_steps, expand_int_list, segment_size
 from ..spec import Spec
@@ -39,6 +39,9 @@ DPI = 80
 WORKDIR = tempfile.mkdtemp(prefix="maskstudio-app-")
 atexit.register(shutil.rmtree, WORKDIR, ignore_errors=True)
 _MISSING = object()
+TOKEN_FLOW_READABLE = 32  # tokens: past this the token-level flow graph is a tangle; frames / segments instead
+BLOCK_SIZES = (16, 32, 64, 128, 256, 512, 1024)  # the block view's choices
+BLOCK_GRID_MAX = 512  # query blocks a side in the block view: a larger block size is used past it
 
 
 def remove_if_ours(value) -> None:
@@ -207,9 +210,10 @@ def view_options(spec: Spec, options: dict | None = None) -> dict:
         query = names[default_query(spec)]
     o["query"] = query
     o["flow_level"] = o.get("flow_level") if o.get("flow_level") in ("segment", "frame", "token") else "segment"
-    if o["flow_level"] == "token" and spec.n > TOKEN_GRAPH_MAX:
-        o["flow_level"] = "segment"
-        warnings["flow_level"] = f"the token graph is drawn up to {TOKEN_GRAPH_MAX} tokens; showing segments"
+    if o["flow_level"] == "token" and spec.n > min(TOKEN_GRAPH_MAX, TOKEN_FLOW_READABLE):
+        o["flow_level"] = "frame" if any(s["modality"] == "video" for s in spec.segments) else "segment"
+        warnings["flow_level"] = (f"a token graph is readable up to {TOKEN_FLOW_READABLE} tokens and this design "
+                                  f"has {spec.n:,}: showing {o['flow_level']}s (the Mask tab shows every token pair)")
     small_text = spec.n <= TOKEN_LABEL_MAX and any("text" in seg for seg in spec.segments)
     tok = tokenizer_at_hand() if small_text else None
     o["token_labels"] = token_labels(spec, tok) if tok is not None else None
@@ -434,3 +438,33 @@ def design_views(spec: Spec, options: dict | None = None) -> dict:
                varies_by_head=ctl["varies_by_head"], layer_max=ctl["layer_max"],
                head_max=ctl["head_max"], note="  \n".join(f"<small>{n}</small>" for n in notes))
     return out
+
+
+def block_view(spec: Spec, block_size=128, layer=0, head=0, live: bool = True) -> tuple[str | None, str]:
+    """The BlockMask grid picture at `block_size` (viz view "blocks"), cached: (PNG path, message).
+    Total: a block size outside 16..1024 or a grid past BLOCK_GRID_MAX blocks a side is replaced by
+    the nearest size that works, and the message says so (for the line next to the control).
+    live=False (after an edit): past PICTURE_DENSE_MAX tokens nothing is drawn until asked."""
+    spec, _ = picture_spec(spec)
+    if not live and spec.n > PICTURE_DENSE_MAX:
+        return None, f"{spec.n:,} tokens: pick a block size to draw the block grid (seconds at this size)"
+    asked = _int(block_size, 128)
+    size = min(BLOCK_SIZES, key=lambda b: abs(b - asked))
+    message = "" if size == asked else f"block sizes are {', '.join(map(str, BLOCK_SIZES))}; showing {size}"
+    while -(-spec.n // size) > BLOCK_GRID_MAX and size < BLOCK_SIZES[-1]:
+        size *= 2
+        message = (f"{spec.n:,} tokens at {asked}-token blocks is more than {BLOCK_GRID_MAX} blocks a side; "
+                   f"showing {size}-token blocks")
+    ctl = controls(spec)
+    lay = min(max(0, _int(layer, 0)), ctl["layer_max"]) if ctl["varies_by_layer"] else 0
+    hd = min(max(0, _int(head, 0)), ctl["head_max"]) if ctl["varies_by_head"] else 0
+    key = "png:" + digest("blocks", spec.to_dict(), size, lay, hd)
+
+    def draw():
+        from ..viz import render
+
+        return figure_png(render(spec, "blocks", block_size=size, layer=lay, head=hd),
+                          os.path.join(WORKDIR, f"blocks-{key[4:]}.png"))
+    hit = _CACHE.get(key)
+    path = hit if hit is not None and os.path.exists(hit) else _CACHE.put(key, draw())
+    return path, message

@@ -221,3 +221,19 @@ def gallery_markdown() -> str:
             lines += ["", f"#### {group}", "", "| preset | what it does | citation |", "|---|---|---|"]
         lines.append(f"| `{p['name']}` | {_md(_first_sentence(p['description']))} | {_md(p['citation'])} |")
     return "\n".join(lines).strip()
+
+
+GALLERY_COLUMNS = ["preset", "group", "what it does", "from"]
+
+
+def gallery_rows() -> list[list[str]]:
+    """One compact row per preset for the gallery table (a row click loads it)."""
+    from ..presets import list_presets
+
+    return [[p["name"], p["group"], _first_sentence(p["description"])[:140], p["origin"][:60]] for p in list_presets()]
+
+
+def gallery_pick(row_value) -> str | None:
+    """The preset named by a clicked gallery row (the row's values, whatever the table's sorting)."""
+    name = str(row_value[0]).strip() if isinstance(row_value, (list, tuple)) and row_value else ""
+    return name if name in preset_names() else None

@@ -16,8 +16,16 @@ import math
 import re
 
 from ..errors import SpecError, did_you_mean
+from ..patterns import PATTERNS
+from ..segments import MODALITIES, OVERLAY_OPS
 from ..spec import Spec
 from .state import attempt, edited_name
+
+TABLES_HELP = (f"<small>**Segments**: modality {' / '.join(MODALITIES)}; size `12`, `24x24`, `8x16x16` or `4+4+4` "
+               f"(frames); roles `a, b`. **Rules**: one `base` row, then rules (last match wins). **Overlays**: op "
+               f"{' / '.join(OVERLAY_OPS)}. Edit a cell and press Enter.</small>",
+               f"<small>patterns: {', '.join(PATTERNS)}. Parameters as `size=4, causal=false`; layers/heads as "
+               f"`0, 1` or `0:12:2`.</small>")
 
 SEGMENT_COLUMNS = ["name", "modality", "size", "branch", "roles", "text"]
 TEXT_COLUMN = SEGMENT_COLUMNS.index("text")

@@ -23,6 +23,12 @@ from .state import current
 TRAIN_TASKS = tuple(TASKS)   # tasks whose parts are the design's segments (the Evaluate tab's templates)
 TRAIN_MAX_STEPS = 1000       # the app's limit; the CLI has none
 TRAIN_BATCH = 4              # examples per optimizer step in the app
+TRAIN_HELP = (f"Fine-tune the model (the Run tab's model box; `tiny-llama` is a random-weight test model) under the "
+              f"design's mask on generated task examples, {TRAIN_BATCH} per step. With the baseline, the design's "
+              f"causal twin is trained identically and both are scored before and after on the same held-out "
+              f"examples. A private copy is trained: the loaded model is untouched. Segment names must be the "
+              f"task's parts — start from the task's template. The embedded SmolLM2 is slow on CPU: start with "
+              f"few steps.")
 TRAIN_EVAL_N = 16            # held-out examples scored before and after (baseline on)
 
 

@@ -25,6 +25,8 @@ Spec views:
              width = density, dashed = partial, arcs above = reading the past, below = the future.
   reach      receptive field of a token after 1..L layers (residual stream counted, per-layer rules
              honoured) and the table "layers until every token of A sees B".
+  blocks     the BlockMask grid at block_size (16..1024): full / partial / empty blocks from
+             compile.block_states and kv_num_blocks per query block (what the kernel skips).
   summary    Analysis.summary() and the reach table as a monospace text block (summary_text()
              returns the same text without a picture).
   all        ONE figure holding every view above (render(spec, "all"), same as render_all(spec)).
@@ -37,13 +39,15 @@ Options (all views): layer=0, head=0, title=None, figsize=None. Per view:
   mask / reach / summary: masks (a flow.LayerMasks of the same head, shared between views)
 """
 from .figures import MODALITY_COLORS, message_figure, new_figure, save, segment_colors, write_png
-from .run_views import (attention_figure, evaluation_figure, image_overlay, kl_figure, knockout_figure,
-                        loss_curve_figure, mask_diff_figure, mass_curves_figure, mass_diff_figure, rollout_figure,
-                        segment_mass_figure, visual_share_figure)
+from .run_views import (ROLLOUT_CAPTION, attention_figure, attention_grid_figure, evaluation_figure, image_overlay,
+                        kl_figure, knockout_figure, loss_curve_figure, mask_diff_figure, masks_compare_figure,
+                        mass_curves_figure, mass_diff_figure, rollout_figure, run_token_labels, segment_mass_figure,
+                        token_focus_figure, visual_share_figure)
 from .spec_views import FIGSIZES, VIEW_FUNCTIONS, VIEWS, pool_factor, pool_fraction, render, render_all, summary_text
 
 __all__ = ["MODALITY_COLORS", "message_figure", "VIEWS", "VIEW_FUNCTIONS", "FIGSIZES", "new_figure", "save", "write_png",
            "segment_colors", "render", "render_all", "summary_text", "pool_factor", "pool_fraction",
            "attention_figure", "segment_mass_figure", "mass_curves_figure", "rollout_figure", "mask_diff_figure",
            "kl_figure", "mass_diff_figure", "knockout_figure", "image_overlay", "visual_share_figure",
-           "evaluation_figure", "loss_curve_figure"]
+           "evaluation_figure", "loss_curve_figure", "attention_grid_figure", "token_focus_figure",
+           "masks_compare_figure", "run_token_labels", "ROLLOUT_CAPTION"]

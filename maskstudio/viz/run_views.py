@@ -12,42 +12,153 @@ from __future__ import annotations
 import numpy as np
 from matplotlib.figure import Figure
 
-from .figures import ALLOWED_COLOR, PALETTE, heatmap, new_figure, segment_colors, segment_ticks, tight
+from .figures import (ALLOWED_COLOR, MASKED_COLOR, PALETTE, heatmap, info, new_figure, plain_text, segment_colors,
+                      segment_ticks, tight)
 
 
 # ---------------------------------------------------------------- one run
-def _token_labels(result, n: int) -> list[str] | None:
-    """The run's tokens in layout order, one label each, when there are few enough to read."""
+def run_token_labels(result) -> list[str]:
+    """Every prompt token of a run in layout order, as shown on axes ('\\n' for a newline); a
+    segment without recorded tokens is named `segment[i]`."""
+    t = result.layout.table
+    out = []
+    for s, seg in enumerate(result.layout.segments):
+        toks = list(result.tokens.get(seg["name"], []))
+        for i in range(t.sizes[s]):
+            tok = toks[i] if i < len(toks) else None
+            out.append(f"{seg['name']}[{i}]" if tok is None else
+                       (repr(tok)[1:-1][:12] if tok.strip() else repr(tok)))
+    return out
+
+
+def _label_ticks(result, n: int) -> tuple[list[int], list[str]]:
+    """Token ticks: every token up to TOKEN_LABEL_MAX, past that about 48 evenly spaced ones."""
     from ..knobs import TOKEN_LABEL_MAX
 
-    toks = [t for s in result.layout.segments for t in result.tokens.get(s["name"], [])]
-    if n > TOKEN_LABEL_MAX or len(toks) < n:
-        return None
-    return [repr(t)[1:-1][:12] if t.strip() else repr(t) for t in toks[:n]]
+    labels = run_token_labels(result)[:n]
+    step = 1 if n <= TOKEN_LABEL_MAX else max(1, -(-n // 48))
+    ticks = list(range(0, len(labels), step))
+    return ticks, [f"{i}:{labels[i]}" if step > 1 else labels[i] for i in ticks]
 
 
-def attention_figure(result, layer: int, head: int | None) -> Figure | None:
-    """Attention probabilities of one layer for one head (None: the head mean), sqrt colour scale."""
+def _focus_box(ax, token: int, n: int) -> None:
+    """Outline the focus token's row (what it attends to) and column (what attends to it)."""
+    from matplotlib.patches import Rectangle
+
+    for xy, w, h, col in (((-0.5, token - 0.5), n, 1, "#2ec4d6"), ((token - 0.5, -0.5), 1, n, "#7fff7f")):
+        ax.add_patch(Rectangle(xy, w, h, fill=False, edgecolor=col, lw=1.4))
+
+
+def attention_figure(result, layer: int, head: int | None, token: int | None = None) -> Figure | None:
+    """Attention probabilities of one layer for one head (None: the head mean), sqrt colour scale;
+    `token`: its row (cyan: what it attends to) and column (green: what attends to it) outlined."""
     if result.attentions is None:
         return None
     att = result.attentions
     m = att[layer].float().mean(0) if head is None else att[layer, head].float()
     which = "mean over heads" if head is None else f"head {head}"
+    n = m.shape[0]
     fig = new_figure((7.5, 6.5))
     ax = fig.add_subplot(111)
     img = ax.imshow(m.numpy() ** 0.5, cmap="magma", interpolation="nearest", vmin=0, vmax=1)
     segment_ticks(ax, result.layout)
-    labels = _token_labels(result, m.shape[0])
-    if labels is not None:  # small runs: every token named on both axes, like the mask picture
-        ticks = list(range(len(labels)))
-        ax.set_xticks(ticks, labels, rotation=90, fontsize=6, family="monospace")
-        ax.set_yticks(ticks, labels, fontsize=6, family="monospace")
-    ax.set_xlabel("key token", fontsize=8)
-    ax.set_ylabel("query token", fontsize=8)
-    ax.set_title(f"{result.model}: attention, layer {layer}, {which} (sqrt scale)", fontsize=9)
+    ticks, labels = _label_ticks(result, n)
+    fs = 6 if len(ticks) <= 64 else 5
+    ax.set_xticks(ticks, labels, rotation=90, fontsize=fs, family="monospace")
+    ax.set_yticks(ticks, labels, fontsize=fs, family="monospace")
+    ax.set_xlabel("key token (attended)", fontsize=8)
+    ax.set_ylabel("query token (attending)", fontsize=8)
+    focus = ""
+    if token is not None and 0 <= token < n:
+        _focus_box(ax, token, n)
+        focus = f"\ntoken {token} {run_token_labels(result)[token]}: row (cyan) = what it attends to, " \
+                f"column (green) = what attends to it"
+    ax.set_title(f"{result.model}: attention, layer {layer}, {which} (sqrt scale){focus}", fontsize=9)
     fig.colorbar(img, ax=ax, fraction=0.046, pad=0.04)
     tight(fig)
     return fig
+
+
+def token_focus_figure(result, layer: int, head: int | None, token: int, k: int = 10) -> Figure | None:
+    """Two bar charts for one token at one layer: the k tokens it attends to most (its row) and the
+    k tokens that attend to it most (its column), coloured by segment."""
+    if result.attentions is None:
+        return None
+    att = result.attentions
+    m = (att[layer].float().mean(0) if head is None else att[layer, head].float()).numpy()
+    labels = run_token_labels(result)
+    seg = result.layout.table["segment"].tolist()
+    colors = segment_colors(result.layout)
+    fig = new_figure((9, 3.6))
+    for i, (vals, what) in enumerate(((m[token, :], f"what {token}:{labels[token]} attends to"),
+                                      (m[:, token], f"what attends to {token}:{labels[token]}"))):
+        ax = fig.add_subplot(1, 2, i + 1)
+        top = [j for j in np.argsort(-vals, kind="stable")[:k] if vals[j] > 0]
+        ax.barh(range(len(top)), [vals[j] for j in top], color=[colors[seg[j]] for j in top])
+        ax.set_yticks(range(len(top)), [f"{j}:{labels[j]}" for j in top], fontsize=7, family="monospace")
+        for y, j in enumerate(top):
+            ax.text(vals[j], y, f" {vals[j]:.3f}", va="center", fontsize=7)
+        ax.invert_yaxis()
+        ax.set_xlim(0, max([vals[j] for j in top], default=1) * 1.3)
+        ax.set_title(what, fontsize=9)
+        ax.tick_params(axis="x", labelsize=7)
+        ax.set_xlabel("attention probability", fontsize=8)
+    fig.suptitle(f"layer {layer}, {'mean over heads' if head is None else f'head {head}'}: top {k}", fontsize=9)
+    tight(fig)
+    return fig
+
+
+def _pooled(m: np.ndarray, cells: int) -> np.ndarray:
+    """Max-pool an [N, N] map to at most `cells` a side (thin diagonals stay visible)."""
+    n = m.shape[0]
+    f = max(1, -(-n // cells))
+    t = -(-n // f)
+    pad = np.zeros((t * f, t * f), m.dtype)
+    pad[:n, :n] = m
+    return pad.reshape(t, f, t, f).max((1, 3))
+
+
+def attention_grid_figure(result, layer: int | None = None, head: int | None = None, cells: int = 48) -> Figure | None:
+    """Thumbnails of every recorded layer (columns) x head (rows), sqrt scale (max-pooled to `cells`
+    a side); the map shown large (layer, head) is outlined."""
+    if result.attentions is None:
+        return None
+    att = result.attentions.float()
+    L, H = att.shape[:2]
+    thumbs = [[_pooled(att[lay, h].numpy(), cells) for lay in range(L)] for h in range(H)]
+    c = thumbs[0][0].shape[0]
+    gap = max(1, c // 8)
+    mosaic = np.full((H * (c + gap) - gap, L * (c + gap) - gap), np.nan)
+    for h in range(H):
+        for lay in range(L):
+            mosaic[h * (c + gap):h * (c + gap) + c, lay * (c + gap):lay * (c + gap) + c] = thumbs[h][lay] ** 0.5
+    fig = new_figure((min(max(0.42 * L + 1.4, 5), 16), max(0.42 * H + 1.3, 2.6)))
+    ax = fig.add_subplot(111)
+    cmap = matplotlib_cmap("magma").with_extremes(bad="white")
+    ax.imshow(mosaic, cmap=cmap, vmin=0, vmax=1, interpolation="nearest", aspect="equal")
+    mids = [i * (c + gap) + (c - 1) / 2 for i in range(max(L, H))]
+    ax.set_xticks(mids[:L], [str(i) for i in range(L)], fontsize=7)
+    ax.set_yticks(mids[:H], [str(i) for i in range(H)], fontsize=7)
+    ax.set_xlabel("layer", fontsize=8)
+    ax.set_ylabel("head", fontsize=8)
+    ax.tick_params(length=0)
+    if layer is not None:
+        from matplotlib.patches import Rectangle
+
+        rows = range(H) if head is None else [head]
+        for h in rows:
+            ax.add_patch(Rectangle((layer * (c + gap) - 0.5 - gap / 2, h * (c + gap) - 0.5 - gap / 2), c + gap,
+                                   c + gap, fill=False, edgecolor="#2ec4d6", lw=1.5))
+    ax.set_title(f"{result.model}: attention of every layer x head ({L} x {H}, sqrt scale); outlined: the map "
+                 f"shown above", fontsize=9)
+    tight(fig)
+    return fig
+
+
+def matplotlib_cmap(name: str):
+    from matplotlib import colormaps
+
+    return colormaps[name].copy()
 
 
 def segment_mass_figure(result, layer: int | None = None) -> Figure | None:
@@ -82,22 +193,60 @@ def mass_curves_figure(result) -> Figure | None:
     return fig
 
 
-def rollout_figure(result) -> Figure | None:
-    """Attention rollout through all layers, colour clipped at the 99th percentile."""
+ROLLOUT_CAPTION = ("Rollout (Abnar & Zuidema 2020): how much of this token's last-layer state traces back to each "
+                   "input token, multiplying\n(1/2 I + 1/2 mean-of-heads attention) up through every layer (residual "
+                   "counted). Large on the first token = an attention sink.\nA flow estimate, not a causal effect "
+                   "(Knockout measures that).")
+
+
+def rollout_figure(result, token: int | None = None) -> Figure | None:
+    """Attention rollout read from one token (default: the last, the one that predicts): its row
+    over the input tokens, coloured by segment, and the share each segment gets, with a caption."""
     if result.rollout is None:
         return None
-    fig = new_figure((7.5, 6.5))
-    ax = fig.add_subplot(111)
-    m = result.rollout.numpy()
-    rest = m[:, 1:] if m.shape[1] > 1 else m  # the first token is usually an attention sink
-    vmax = float(np.quantile(rest, 0.99)) if rest.size else 1.0
-    img = ax.imshow(m, cmap="magma", interpolation="nearest", vmin=0, vmax=max(vmax, 1e-6))
-    segment_ticks(ax, result.layout)
-    ax.set_title("attention rollout through all layers (colour clipped at the 99th percentile "
-                 "of non-first tokens)", fontsize=9)
-    fig.colorbar(img, ax=ax, fraction=0.046, pad=0.04)
-    tight(fig)
-    return fig
+    m = result.rollout.float().numpy()
+    n = m.shape[0]
+    token = n - 1 if token is None or not 0 <= int(token) < n else int(token)
+    row = m[token]
+    t = result.layout.table
+    seg = t["segment"].numpy()
+    colors = segment_colors(result.layout)
+    labels = run_token_labels(result)
+    share = np.array([row[seg == s].sum() for s in range(len(t.names))])
+    fig = new_figure((10, 4.4))
+    gs = fig.add_gridspec(2, 2, width_ratios=[2.4, 1], height_ratios=[1, 0.16], wspace=0.25, hspace=0.5,
+                          left=0.07, right=0.97, top=0.86, bottom=0.05)
+    ax, bx, cx = fig.add_subplot(gs[0, 0]), fig.add_subplot(gs[0, 1]), fig.add_subplot(gs[1, :])
+    ax.bar(range(n), row, width=1.0, color=[colors[s] for s in seg])
+    segment_ticks(ax, result.layout, axis="x")
+    ax.set_xlim(-0.5, n - 0.5)
+    ax.set_ylabel("rollout weight", fontsize=8)
+    ax.tick_params(axis="y", labelsize=7)
+    order = np.argsort(-row, kind="stable")
+    second = float(row[order[1]]) if n > 1 else float(row.max())
+    top = second * 1.5 if row.max() > 3 * second > 0 else float(row.max()) * 1.25  # a sink is clipped, said
+    for rank, j in enumerate(order[:3]):  # the three largest named
+        y = min(float(row[j]), top / 1.12)
+        text = f"{j}:{labels[j]}" + (f" = {row[j]:.2f} (clipped)" if row[j] > top else "")
+        ax.annotate(text, (j, y), xytext=(3, 2 + 9 * rank), textcoords="offset points", fontsize=7, ha="left",
+                    va="bottom", family="monospace")
+    ax.set_ylim(0, max(top, 1e-6))
+    y = np.arange(len(t.names))
+    bx.barh(y, share, color=colors)
+    bx.set_yticks(y, t.names, fontsize=7)
+    for yy, v in zip(y, share):
+        bx.text(v, yy, f" {v:.2f}", va="center", fontsize=7)
+    bx.invert_yaxis()
+    bx.set_xlim(0, 1.15)
+    bx.tick_params(axis="x", labelsize=7)
+    bx.set_title("share per segment", fontsize=9)
+    cx.axis("off")
+    cx.text(0, 0.5, ROLLOUT_CAPTION, fontsize=7.5, va="center", ha="left", transform=cx.transAxes)
+    fig.suptitle(f"attention rollout from token {token} {labels[token]} ({t.label(token)}) over the input, "
+                 f"through all {result.attentions.shape[0] if result.attentions is not None else ''} layers",
+                 fontsize=10)
+    info(fig, "rollout", token=token, share=dict(zip(t.names, share.tolist())))
+    return plain_text(fig)
 
 
 # ---------------------------------------------------------------- A vs B
@@ -116,6 +265,62 @@ def mask_diff_figure(a, b) -> Figure:
     ax.set_title(f"A vs B: dark = both, blue = only A, red = only B  ({changed} pairs differ)", fontsize=9)
     tight(fig)
     return fig
+
+
+DIFF_COLORS = {"both": (31, 42, 68), "only_this": (59, 111, 182), "only_a": (200, 66, 74), "split": (240, 160, 30)}
+
+
+def masks_compare_figure(specs: list, names: list[str]) -> Figure:
+    """Designs side by side (A, B, C, ...): A's mask, then each other design against A (dark = both
+    allow, blue = only this design, red = only A); with three or more designs of one token count a
+    last panel marks (orange) every cell where the designs do not all agree. A design of another
+    token count is drawn alone and said so. fig.maskstudio["compare"]: pairs differing from A."""
+    masks = [sp.dense_mask() for sp in specs]
+    a = masks[0]
+    same = [m.shape == a.shape for m in masks]
+    k = len(specs) + (1 if len(specs) >= 3 and sum(same) >= 3 else 0)
+    cols = min(k, 3)
+    rows = -(-k // cols)
+    fig = new_figure((4.3 * cols, 4.3 * rows + 0.4))
+    differ = []
+    for i, (sp, m) in enumerate(zip(specs, masks)):
+        ax = fig.add_subplot(rows, cols, i + 1)
+        rgb = np.full((*m.shape, 3), 255, np.uint8)
+        if i == 0 or not same[i]:
+            rgb[m.numpy()] = DIFF_COLORS["both"]
+            note = "(A)" if i == 0 else f"({sp.n} tokens: not compared with A's {specs[0].n})"
+            differ.append(0 if i == 0 else None)
+        else:
+            rgb[(m & a).numpy()] = DIFF_COLORS["both"]
+            rgb[(m & ~a).numpy()] = DIFF_COLORS["only_this"]
+            rgb[(~m & a).numpy()] = DIFF_COLORS["only_a"]
+            differ.append(int((m ^ a).sum()))
+            note = f"{differ[-1]:,} pairs differ from A"
+        ax.imshow(rgb, interpolation="nearest")
+        segment_ticks(ax, sp)
+        ax.set_title(f"{chr(65 + i) if i < 26 else i}: {names[i][:32]}\n{note}", fontsize=9)
+    if k > len(specs):
+        stack = torch_stack([m for m, ok in zip(masks, same) if ok])
+        allowed = stack.sum(0)
+        split = (allowed > 0) & (allowed < stack.shape[0])
+        rgb = np.full((*a.shape, 3), 255, np.uint8)
+        rgb[(allowed == stack.shape[0]).numpy()] = DIFF_COLORS["both"]
+        rgb[split.numpy()] = DIFF_COLORS["split"]
+        ax = fig.add_subplot(rows, cols, k)
+        ax.imshow(rgb, interpolation="nearest")
+        segment_ticks(ax, specs[0])
+        ax.set_title(f"where the {stack.shape[0]} designs disagree (orange: {int(split.sum()):,} pairs)\n"
+                     f"dark: all allow", fontsize=9)
+    fig.suptitle("designs side by side: dark = allowed in both, blue = only this design, red = only A", fontsize=10)
+    info(fig, "compare", differ=differ, names=list(names))
+    tight(fig)
+    return fig
+
+
+def torch_stack(masks):
+    import torch
+
+    return torch.stack(masks).to(torch.int32)
 
 
 def kl_figure(cmp) -> Figure:

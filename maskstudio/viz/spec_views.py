@@ -14,8 +14,9 @@ import torch
 from matplotlib.cm import ScalarMappable
 from matplotlib.colors import ListedColormap, Normalize, to_rgb
 from matplotlib.figure import Figure
-from matplotlib.patches import Arc, FancyArrowPatch
+from matplotlib.patches import Arc, FancyArrowPatch, Patch
 from matplotlib.path import Path
+from matplotlib.ticker import MaxNLocator
 
 from .. import flow as _flow
 from ..knobs import ANALYSIS_DENSE_MAX, BLOCK, DISPLAY_PIXELS, PICTURE_DENSE_MAX, TOKEN_LABEL_MAX
@@ -24,7 +25,7 @@ from ..tokens import token_labels as default_token_labels
 from .figures import (ALLOWED_COLOR, BOUNDARY_COLOR, MASKED_COLOR, MONO, SHADE, bands, fmt, frame_cuts, info,
                       layer_note, modality_legend, new_figure, segment_colors)
 
-VIEWS = ("mask", "positions", "distance", "flow", "reach", "summary")
+VIEWS = ("mask", "positions", "distance", "flow", "reach", "summary", "blocks")
 
 
 def _layer_masks(spec, head, masks):
@@ -152,7 +153,9 @@ def view_mask(spec, fig, region, layer=0, head=0, token_labels=None, tokenizer=N
     name = title or f"{spec.name}: mask{layer_note(spec, layer, head)}"
     ax.set_title(f"{name}\ndensity {density:.3f}  ({allowed_pairs:,} of {n * n:,} pairs)"
                  + (f"  ·  {block_size}-token blocks" if mode == "block" else ""), fontsize=10, y=1.06)
-    modality_legend(spec, ax, loc="upper right", fontsize=7, framealpha=0.9, title="modality", title_fontsize=7)
+    # in the empty top-left corner, outside the cells (a legend inside hid some of them)
+    modality_legend(spec, ax, loc="lower right", bbox_to_anchor=(-0.005, 1.005), fontsize=7, frameon=False,
+                    title="modality", title_fontsize=7, borderaxespad=0.0, handlelength=1.2)
     info(fig, "mask", mode=mode, n=n, density=density, allowed=allowed_pairs, layer=layer, head=head,
          labels=labels, block_size=block_size if mode == "block" else None, axes=ax)
     return ax
@@ -324,17 +327,17 @@ def view_distance(spec, fig, region, query=None, title=None, max_pairs: int = 2_
 
 
 # ---------------------------------------------------------------- flow
-def _flow_edge(ax, x, k, q, d, col, label_edges: bool) -> None:
+def _flow_edge(ax, x, k, q, d, col, label_edges: bool, fs: int = 6, thin: bool = False) -> None:
     """One edge k -> q: a self loop, or a quadratic Bezier in data coordinates with its apex
     0.175 * |dx| above (reading the past) or below (reading the future) the axis."""
-    width = 0.6 + 4.5 * d["density"]
+    width = (0.3 + 1.2 * d["density"]) if thin else (0.6 + 4.5 * d["density"])
     style = "--" if d["partial"] else "-"
     if k == q:
         loop = Arc((x[k], 0.1), 0.16, 0.12, theta1=-60, theta2=240, color=col, lw=width, ls=style)
         loop.set_gid(f"edge:{k}->{q}")
         ax.add_patch(loop)
         if label_edges:
-            ax.text(x[k], 0.17, f"{d['density']:.2f}", ha="center", va="bottom", fontsize=6, color="#333333")
+            ax.text(x[k], 0.17, f"{d['density']:.2f}", ha="center", va="bottom", fontsize=fs, color="#333333")
         return
     dx = x[q] - x[k]
     sgn = 1 if dx > 0 else -1
@@ -343,11 +346,11 @@ def _flow_edge(ax, x, k, q, d, col, label_edges: bool) -> None:
     end = (x[q] - 0.1 * sgn, 0.05 * sgn)
     path = Path([start, ((x[k] + x[q]) / 2, 2 * apex), end], [Path.MOVETO, Path.CURVE3, Path.CURVE3])
     arrow = FancyArrowPatch(path=path, arrowstyle="-|>", mutation_scale=9 + width * 2, lw=width,
-                            ls=style, color=col, alpha=0.8, zorder=3)
+                            ls=style, color=col, alpha=0.35 if thin else 0.8, zorder=3)
     arrow.set_gid(f"edge:{k}->{q}")
     ax.add_patch(arrow)
     if label_edges:
-        ax.text((x[k] + x[q]) / 2, apex, f"{d['density']:.2f}", ha="center", va="center", fontsize=6,
+        ax.text((x[k] + x[q]) / 2, apex, f"{d['density']:.2f}", ha="center", va="center", fontsize=fs,
                 color="#333333", zorder=4, bbox=dict(boxstyle="round,pad=0.15", fc="white", ec="none", alpha=0.8))
 
 
@@ -361,13 +364,17 @@ def view_flow(spec, fig, region, level="segment", layer=0, head=0, analysis=None
     x = {v: i for i, v in enumerate(nodes)}
     biggest = max(g.nodes[u]["tokens"] for u in nodes)
     label_edges = g.number_of_edges() <= 40
+    few = len(nodes) <= 12  # segment level, mostly: large text (issue 15 item 14)
+    thin = g.number_of_edges() > 120  # a token graph: thin, faint edges so the nodes stay readable
     for k, q, d in g.edges(data=True):
-        _flow_edge(ax, x, k, q, d, seg_color[g.nodes[k]["segment"]], label_edges)
+        _flow_edge(ax, x, k, q, d, seg_color[g.nodes[k]["segment"]], label_edges, 8 if few else 6, thin)
     for v in nodes:
         size = 6 + 16 * math.sqrt(g.nodes[v]["tokens"] / biggest)
         ax.plot([x[v]], [0], "o", ms=size, color=seg_color[g.nodes[v]["segment"]], mec="white", mew=1.5, zorder=5)
-        ax.text(x[v], -0.06, f"{v}\n{g.nodes[v]['tokens']:,} tok", ha="center", va="top",
-                fontsize=7 if len(nodes) <= 12 else 5, zorder=6)
+        label = str(v) if level == "token" else f"{v}\n{g.nodes[v]['tokens']:,} tok"
+        ax.text(x[v], -0.08, label, ha="center", va="top",
+                fontsize=(10 if len(nodes) <= 8 else 9) if few else (6 if len(nodes) <= 32 else 5), zorder=6,
+                rotation=0 if len(nodes) <= 24 else 90)
     up = max([0.175 * (x[q] - x[k]) for k, q in g.edges if x[q] > x[k]], default=0)
     down = max([0.175 * (x[k] - x[q]) for k, q in g.edges if x[q] < x[k]], default=0)
     ax.set_xlim(-0.7, max(1, len(nodes) - 1) + 0.7)
@@ -375,8 +382,8 @@ def view_flow(spec, fig, region, level="segment", layer=0, head=0, analysis=None
     ax.axis("off")
     note = "edge k → q: q may read k · width = density · dashed = partial · above: reads the past, below: the future"
     ax.set_title((title or f"{spec.name}: information flow ({level}s){layer_note(spec, layer, head)}")
-                 + "\n" + note, fontsize=9)
-    modality_legend(spec, ax, loc="upper left", fontsize=7, frameon=False)
+                 + "\n" + note, fontsize=10 if few else 9)
+    modality_legend(spec, ax, loc="upper left", fontsize=8 if few else 7, frameon=False)
     info(fig, "flow", graph=g, axes=ax)
     return ax
 
@@ -435,6 +442,58 @@ def view_reach(spec, fig, region, token=None, layers=None, head=0, title=None, m
     return ax
 
 
+# ---------------------------------------------------------------- blocks (what a FlexAttention kernel skips)
+BLOCK_STATE_COLORS = (MASKED_COLOR, "#e08a2c", ALLOWED_COLOR)  # empty, partial, full
+
+
+def view_blocks(spec, fig, region, block_size=BLOCK, layer=0, head=0, title=None, **_):
+    """The BlockMask grid at `block_size`: every query block x key block full (kernel runs it without
+    a mask_mod), partial (runs it with the mask_mod) or empty (skipped), from compile.block_states,
+    and kv_num_blocks (blocks visited) per query block beside it."""
+    from ..compile import block_states
+
+    full, partial = block_states(spec, int(block_size), layer, head)
+    states = full.to(torch.uint8) * 2 + partial.to(torch.uint8)
+    tq, tk = states.shape
+    kv_num = (full | partial).sum(1)
+    nf, np_, total = int(full.sum()), int(partial.sum()), tq * tk
+    gs = region.subgridspec(1, 2, width_ratios=[1, 0.22], wspace=0.06)
+    ax, bx = fig.add_subplot(gs[0]), fig.add_subplot(gs[1])
+    ax.imshow(states.numpy(), cmap=ListedColormap(BLOCK_STATE_COLORS), vmin=0, vmax=2, interpolation="nearest",
+              extent=(0, tk, tq, 0), aspect="auto")
+    if tq <= 64:  # grid lines between blocks while they can be told apart
+        ax.hlines(range(1, tq), 0, tk, color=BOUNDARY_COLOR, lw=0.3)
+        ax.vlines(range(1, tk), 0, tq, color=BOUNDARY_COLOR, lw=0.3)
+    cuts = [x / block_size for x in spec.table.starts[1:]]  # segment boundaries, in blocks
+    ax.vlines(cuts, 0, tq, color="#c8424a", lw=0.8, ls="--")
+    ax.hlines(cuts, 0, tk, color="#c8424a", lw=0.8, ls="--")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel(f"key block ({block_size} tokens each; dashed: segment boundaries)", fontsize=9)
+    ax.set_ylabel(f"query block ({block_size} tokens each)", fontsize=9)
+    ax.tick_params(labelsize=7)
+    handles = [Patch(facecolor=c, edgecolor=BOUNDARY_COLOR, label=f"{w} ({k:,})") for c, w, k in
+               zip(BLOCK_STATE_COLORS[::-1], ("full", "partial: mask_mod runs", "empty: skipped"),
+                   (nf, np_, total - nf - np_))]
+    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(0, -0.09), ncol=3, fontsize=8, frameon=False)
+    bx.barh(np.arange(tq) + 0.5, kv_num.numpy(), height=1.0, color="#8fa3c7", edgecolor="white", lw=0.3)
+    if tq <= 32:
+        for i, v in enumerate(kv_num.tolist()):
+            bx.text(v, i + 0.5, f" {v}", va="center", fontsize=7)
+    bx.set_ylim(tq, 0)
+    bx.set_xlim(0, max(1, tk) * 1.25)
+    bx.set_yticks([])
+    bx.tick_params(labelsize=7)
+    bx.set_xlabel("kv_num_blocks", fontsize=8)
+    skipped = 1 - (nf + np_) / total
+    name = title or f"{spec.name}: BlockMask at {block_size}-token blocks{layer_note(spec, layer, head)}"
+    ax.set_title(f"{name}\n{tq} x {tk} blocks: {nf:,} full, {np_:,} partial, {total - nf - np_:,} empty "
+                 f"-> the kernel skips {skipped:.1%}", fontsize=10)
+    info(fig, "blocks", block_size=int(block_size), full=full, partial=partial, kv_num_blocks=kv_num,
+         skipped=skipped, axes=ax)
+    return ax
+
+
 # ---------------------------------------------------------------- summary
 def summary_text(spec, layer=0, head=0, layers=None, analysis=None, masks=None) -> str:
     """The check report (Analysis.summary()) plus the reach table, as plain text."""
@@ -457,9 +516,10 @@ def view_summary(spec, fig, region, layer=0, head=0, layers=None, analysis=None,
 
 
 VIEW_FUNCTIONS = {"mask": view_mask, "positions": view_positions, "distance": view_distance,
-                  "flow": view_flow, "reach": view_reach, "summary": view_summary}
+                  "flow": view_flow, "reach": view_reach, "summary": view_summary,
+                  "blocks": view_blocks}
 FIGSIZES = {"mask": (8.5, 8), "positions": (10, 7), "distance": (10, 5), "flow": (11, 5.5),
-            "reach": (10, 7), "summary": (8, 8)}
+            "reach": (10, 7), "summary": (8, 8), "blocks": (9, 7.5)}
 
 
 # ---------------------------------------------------------------- entry points
