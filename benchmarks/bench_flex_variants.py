@@ -1,7 +1,9 @@
 """Which FlexAttention set-up is fastest on a GPU for our BlockMasks? (attention alone)
 
 Variants: the run package's bit-table mask_mod (one kernel for every spec) vs the spec's own mask_mod,
-torch.compile dynamic vs static shapes. Prints ms and the ratio to density x full-attention SDPA.
+torch.compile dynamic vs static shapes. Prints ms (medians of >= 20 single calls after warm-up,
+bench_core.measure via bench_gpu.cuda_time) and the ratio to density x full-attention SDPA.
+The comparison with hand-written FlexAttention and the lowered path is bench_kernels.py.
 """
 import json
 import sys

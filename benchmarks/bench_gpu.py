@@ -3,6 +3,8 @@
     python benchmarks/bench_gpu.py --model-dir DIR [--parts core,kernel,model]
 
 DIR holds a SmolLM2-135M config and tokenizer (weights random: timing does not depend on them).
+Timings: medians of >= 20 single calls after warm-up (bench_core.measure). The kernel comparison
+against hand-written FlexAttention and the lowered path lives in bench_kernels.py.
   core   : spec.block_mask vs create_block_mask on the same mask_mod (identical blocks checked)
   kernel : attention alone at 4k/16k/32k: FlexAttention + maskstudio.run's BlockMask, against
            SDPA with a dense additive mask, SDPA causal (flash) and SDPA full (no mask);
@@ -13,12 +15,12 @@ DIR holds a SmolLM2-135M config and tokenizer (weights random: timing does not d
 import argparse
 import json
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, __file__.rsplit("/benchmarks/", 1)[0])
+from benchmarks.bench_core import REPS, measure, same_blocks  # noqa: E402
 from maskstudio import Spec, analyze  # noqa: E402
 
 H, HKV, D = 9, 3, 64  # SmolLM2-135M attention shape
@@ -43,52 +45,35 @@ def specs(n: int) -> dict:
     }
 
 
-def cuda_time(fn, warmup=3, iters=10) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / iters  # ms
+def cuda_time(fn, warmup=3, iters=REPS) -> float:
+    """Median ms of `iters` single calls after `warmup` calls (bench_core.measure: CUDA events
+    between synchronize(); the first call after a compile is never timed)."""
+    return measure(fn, reps=max(iters, REPS), warmup=warmup, device="cuda")["median_ms"]
 
 
 def part_core(out):
     from torch.nn.attention.flex_attention import create_block_mask
 
+    compiled_cbm = torch.compile(create_block_mask)
     for n in (16384, 131072):
         spec = specs(n)["video_block_causal"]
         n = spec.n
-        spec.block_mask(device="cuda")
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        ours = spec.block_mask(device="cuda")
-        torch.cuda.synchronize()
-        t_ours = time.perf_counter() - t
+        m = measure(lambda: spec.block_mask(device="cuda"), device="cuda")
+        ours = m.pop("out")
         mod = spec.mask_mod(device="cuda")
-        create_block_mask(mod, None, None, 4096, 4096, device="cuda")  # warm the path
-        row = {"part": "core", "n": n, "maskstudio_ms": t_ours * 1e3}
+        row = {"part": "core", "n": n, "maskstudio_ms": m["median_ms"], "maskstudio": m}
         for compiled in (False, True):
             torch.cuda.empty_cache()
-            try:
-                if compiled:  # first call compiles; time the second
-                    create_block_mask(mod, None, None, n, n, device="cuda", _compile=True)
-                torch.cuda.synchronize()
-                t = time.perf_counter()
-                ref = create_block_mask(mod, None, None, n, n, device="cuda", _compile=compiled)
-                torch.cuda.synchronize()
-            except torch.OutOfMemoryError as err:
-                row[f"create_block_mask{'_compiled' if compiled else ''}"] = f"OOM: {str(err)[:60]}"
-                continue
-            t_ref = time.perf_counter() - t
-            same = torch.equal(ours.kv_num_blocks, ref.kv_num_blocks) and torch.equal(
-                ours.full_kv_num_blocks, ref.full_kv_num_blocks)
             key = "create_block_mask_compiled" if compiled else "create_block_mask"
-            row.update({f"{key}_ms": t_ref * 1e3, f"{key}_ratio": t_ref / t_ours, f"{key}_identical": same})
-            del ref
+            fn = compiled_cbm if compiled else create_block_mask
+            try:  # warm-up calls compile; only later calls are timed
+                ref = measure(lambda: fn(mod, None, None, n, n, device="cuda"), warmup=2, device="cuda")
+            except torch.OutOfMemoryError as err:
+                row[key] = f"OOM: {str(err)[:60]}"
+                continue
+            same = same_blocks(ours, ref.pop("out"))
+            row.update({f"{key}_ms": ref["median_ms"], key: ref, f"{key}_ratio": ref["median_ms"] / m["median_ms"],
+                        f"{key}_identical": same})
         out.append(row)
         print(json.dumps(row), flush=True)
 
@@ -109,7 +94,7 @@ def part_kernel(out):
             if n_spec != n:
                 continue
             density = analyze(spec).density
-            bm = flex_block_mask(spec, 0, H, torch.device("cuda"))
+            bm, _ = flex_block_mask(spec, 0, H, torch.device("cuda"))  # n is a bucket: no padding
             t_flex = cuda_time(lambda: flex(q, k, v, block_mask=bm, enable_gqa=True))
             row = {"part": "kernel", "n": n, "spec": name, "density": density, "flex_ms": t_flex,
                    "sdpa_full_ms": t_full, "sdpa_causal_ms": t_causal,
@@ -124,19 +109,22 @@ def part_kernel(out):
             print(json.dumps(row), flush=True)
 
 
-def part_model(out, model_dir):
-    from transformers import AutoConfig, AutoModelForCausalLM
+def part_model(out, model_dir, sizes=(4096, 16384, 32768)):
+    """The runner's prefill (lowered FlexAttention, static compile per bucket) vs the model's own
+    SDPA; SmolLM2-135M's architecture with random weights unless --model-dir has a config."""
+    from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
 
+    from benchmarks.bench_train import SMOLLM2
     from maskstudio.run.attention import ATTN_NAME, MaskContext, attn_impl, register
 
     register()
-    cfg = AutoConfig.from_pretrained(model_dir)
+    cfg = AutoConfig.from_pretrained(model_dir) if model_dir else LlamaConfig(**SMOLLM2)
     model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa", torch_dtype=torch.bfloat16).cuda().eval()
-    for n in (4096, 16384, 32768):
+    for n in sizes:
         ids = torch.randint(0, cfg.vocab_size, (1, n), device="cuda")
         pos = torch.arange(n, device="cuda")[None]
         with torch.no_grad():
-            t_causal = cuda_time(lambda: model(input_ids=ids, position_ids=pos, use_cache=False), 2, 5)
+            t_causal = cuda_time(lambda: model(input_ids=ids, position_ids=pos, use_cache=False), 2)
             for name, spec in specs(n).items():
                 if spec.n != n:
                     continue
@@ -145,14 +133,14 @@ def part_model(out, model_dir):
                 def ours():
                     with attn_impl(model, ATTN_NAME):
                         model(input_ids=ids, position_ids=pos, use_cache=False, **{ATTN_NAME: ctx})
-                t_flex = cuda_time(ours, 2, 5)
+                t_flex = cuda_time(ours, 2)
                 row = {"part": "model", "n": n, "spec": name, "maskstudio_flex_ms": t_flex, "sdpa_causal_ms": t_causal,
                        "flex_over_causal": t_flex / t_causal}
                 if n <= 16384:
                     mask = torch.zeros(1, 1, n, n, device="cuda", dtype=torch.bfloat16)
                     mask.masked_fill_(~spec.dense_mask().cuda(), torch.finfo(torch.bfloat16).min)
                     t_dense = cuda_time(lambda: model(input_ids=ids, position_ids=pos, attention_mask=mask,
-                                                      use_cache=False), 2, 5)
+                                                      use_cache=False), 2)
                     row.update(sdpa_dense_mask_ms=t_dense, dense_over_flex=t_dense / t_flex)
                     del mask
                 out.append(row)
@@ -164,6 +152,7 @@ if __name__ == "__main__":
     ap.add_argument("--model-dir")
     ap.add_argument("--parts", default="core,kernel,model")
     ap.add_argument("--json")
+    ap.add_argument("--sizes", default="4096,16384,32768", help="model part: prompt lengths")
     args = ap.parse_args()
     print(f"torch {torch.__version__} on {torch.cuda.get_device_name()}", flush=True)
     rows: list = []
@@ -173,7 +162,7 @@ if __name__ == "__main__":
     if "kernel" in parts:
         part_kernel(rows)
     if "model" in parts:
-        part_model(rows, args.model_dir)
+        part_model(rows, args.model_dir, [int(x) for x in args.sizes.split(",")])
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(rows, fh, indent=1)
