@@ -2,30 +2,31 @@
 
 The pattern functions run once over symbolic token views (`SegTok`): inside a known segment every
 token attribute is closed-form in the index (segment start, grid H and W, frame offset), so the
-program of each (query segment, key segment) pair becomes an `expr.E`. Pairs that tile bounds prove
-all-allowed or none-allowed become constants, equal neighbours merge, and a chain of comparisons
-with the segment starts picks the pair. Sizes live in ONE captured int tensor, so:
+program of each (query segment, key segment) pair becomes an `expr.E` (rule regions are constants
+per pair). Neighbouring pairs with the same expression share one range test, and a chain of
+comparisons with the segment starts picks the row. Nothing depends on the sizes' values (no pair
+is folded because it happens to be all-allowed at one size), and sizes live in ONE captured int
+tensor, so:
 
   * the FlexAttention mask_mod does no per-token lookups (only `frames` lists and per-token
     `attrs`, which have no closed form, stay lookups);
   * a new length or new segment sizes of the same structure reuse the compiled kernel.
 
 When does a new kernel get compiled? When `structure_key` changes: other segments / rules /
-layer, a size change that flips a segment pair between all-, none- and partly-allowed, the int32
--> int64 switch (products of two sizes), padding on or off, a new batch size.
+layer, the int32 -> int64 switch (products of two sizes past int32), padding on or off, a new
+batch size; and, under a static-shape compile, a new sequence length.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from functools import cached_property
 
-import numpy as np
 import torch
 
 from . import expr
 from .errors import SpecError
 from .expr import E, param, var
-from .program import classify_tiles, compile_program, evaluate as run_program
+from .program import compile_program, evaluate as run_program
 from .segments import GRID_DIMS
 
 INT32_MAX = (1 << 31) - 1
@@ -142,33 +143,6 @@ def param_value(table, key: tuple) -> int:
 
 
 # ---------------------------------------------------------------- lowering
-FULL, EMPTY, PARTIAL = "full", "empty", "partial"
-
-
-def _heads_of(program) -> list[int]:
-    """The head values that matter: each head a step names, plus one it does not name."""
-    named = sorted({h for st in [program.base] + program.rules + program.overlays for h in (st.heads or ())})
-    return named + [max(named, default=-1) + 1]
-
-
-def pair_decisions(spec, layer: int = 0, program=None) -> list[list[str]]:
-    """Per (query segment, key segment): full / empty over every head, else partial."""
-    program = program or compile_program(spec, layer)
-    table = spec.table
-    cuts = list(table.starts) + [table.n]
-    cuts = np.asarray(cuts, dtype=np.int64)
-    musts, mays = zip(*(classify_tiles(program, table.attrs, cuts, cuts, h) for h in _heads_of(program)))
-    must, may = torch.stack(musts).all(0), torch.stack(mays).any(0)
-    return [[FULL if bool(must[a, b]) else EMPTY if not bool(may[a, b]) else PARTIAL
-             for b in range(must.shape[1])] for a in range(must.shape[0])]
-
-
-def _merge(decisions: list[list[str]], *more: list[list[str]]) -> list[list[str]]:
-    """Decisions that hold for every layout: a pair keeps full/empty only where all agree."""
-    return [[d if all(m[a][b] == d for m in more) else PARTIAL for b, d in enumerate(row)]
-            for a, row in enumerate(decisions)]
-
-
 def _in_range(x: E, lo: int, hi: int, n_segments: int) -> E:
     """x in segments [lo, hi] (inclusive), as comparisons with the starts (the ends are implied)."""
     out = expr.const(True)
@@ -223,7 +197,7 @@ def _global(program, spec) -> E | None:
         return None
 
 
-def lower_expression(spec, layer: int = 0, decisions=None) -> E:
+def lower_expression(spec, layer: int = 0) -> E:
     """The mask of one layer as one expression over q, kv, h and size parameters."""
     program = compile_program(spec, layer)
     glob = _global(program, spec)
@@ -234,16 +208,11 @@ def lower_expression(spec, layer: int = 0, decisions=None) -> E:
     user = frozenset(k for s in segs for k in s.get("attrs", {}))
     consts = {"modality": spec.table.attrs["modality"][spec.table.starts].tolist(),
               "branch": spec.table.attrs["branch"][spec.table.starts].tolist()}
-    decisions = decisions or pair_decisions(spec, layer, program)
     rows = []
     for a in range(n_seg):
         q = _Lookup(spec, "q", a, user, consts)
         pairs = []
         for b in range(n_seg):
-            d = decisions[a][b]
-            if d != PARTIAL:
-                pairs.append(expr.const(d == FULL))
-                continue
             pairs.append(expr.const(run_program(program, q, _Lookup(spec, "kv", b, user, consts), var("h"))))
         rows.append(_row(pairs, n_seg))
     return _assemble(rows)
@@ -341,7 +310,7 @@ class Lowered:
         if _signature(other) != _signature(self.spec):
             raise SpecError("sizes", "a lowered mask takes new sizes of the same segments and rules only; "
                             "lower the other design with maskstudio.lower.lower(spec)")
-        if not _fits(self, [other]):
+        if not _fits(self, [other]):  # past int32: the int64 kernel
             return lower(other, self.layer, padded=self.padded)
         return _with_layouts(self, [other], batched=False)
 
@@ -351,7 +320,7 @@ class Lowered:
         for sp in specs:
             if _signature(sp) != _signature(self.spec):
                 raise SpecError("layouts", "every layout of a batch must have this design's segments and rules")
-        base = self if _fits(self, specs) else _lower_many(specs, self.layer)
+        base = self if _fits(self, specs) else _build(specs[0], self.layer, self.root, self.padded, specs)
         return _with_layouts(base, specs, batched=True)
 
     # -- evaluations
@@ -389,21 +358,8 @@ def _signature(spec) -> tuple:
 
 
 def _fits(low: Lowered, specs: list) -> bool:
-    """Does the expression's full / empty pair folding hold for these layouts too?"""
-    if low.root is _global_root(low):
-        return True
-    ref = pair_decisions(low.spec, low.layer)
-    for sp in specs:
-        mine = pair_decisions(sp, low.layer)
-        for a, row in enumerate(ref):
-            for b, d in enumerate(row):
-                if d != PARTIAL and mine[a][b] != d:
-                    return False
+    """Do these layouts fit this lowering's integer width?"""
     return not (low.params.dtype == torch.int32 and any(_needs_int64(low.root, sp.table.n) for sp in specs))
-
-
-def _global_root(low: Lowered):
-    return _global(compile_program(low.spec, low.layer), low.spec)
 
 
 def _values(keys, spec, dtype) -> torch.Tensor:
@@ -424,12 +380,6 @@ def _with_layouts(base: Lowered, specs: list, batched: bool) -> Lowered:
     vals = torch.stack([_values(base.keys, sp, base.params.dtype) for sp in specs])
     return replace(base, params=vals if batched else vals[0], lengths=tuple(sp.table.n for sp in specs),
                    tables=_tables(base.root, specs), spec=base.spec if batched else specs[0])
-
-
-def _lower_many(specs: list, layer: int) -> Lowered:
-    """One expression valid for every layout (pair folding only where they all agree)."""
-    decisions = _merge(*(pair_decisions(sp, layer) for sp in specs))
-    return _build(specs[0], layer, lower_expression(specs[0], layer, decisions), False, specs)
 
 
 def _build(spec, layer, root, padded, specs) -> Lowered:

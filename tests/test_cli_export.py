@@ -10,7 +10,7 @@ import torch
 
 from maskstudio import Spec, SpecError
 from maskstudio.cli import main
-from maskstudio.export import affine_runs, flex_code
+from maskstudio.export import flex_code
 from maskstudio.schema import SCHEMA_PATH, build_schema
 
 SPEC = {
@@ -95,7 +95,7 @@ def test_flex_export_reproduces_every_layer_and_head(spec_file, tmp_path):
     assert main(["export", str(spec_file), "--format", "flex", "-o", str(path)]) == 0
     code = path.read_text()
     imports = [l for l in code.splitlines() if l.startswith(("import", "from"))]
-    assert imports == ["import torch"]
+    assert imports == ["import itertools", "from dataclasses import dataclass, field", "import torch"]
     check = f"""
 import functools, json, sys, torch
 sys.path.insert(0, {str(tmp_path)!r})
@@ -116,13 +116,6 @@ print(json.dumps({{"masks": out, "pos": my_mask.position_ids().tolist()}}))
                                spec.dense_mask(layer=layer, head=head))
     assert got["pos"] == spec.position_ids().tolist()
     assert not torch.equal(spec.dense_mask(layer=1, head=0), spec.dense_mask(layer=0, head=0))
-
-
-def test_affine_runs_round_trip():
-    values = [0, 1, 2, 3, 7, 7, 7, 1, 3, 5, 9]
-    runs = affine_runs(values)
-    decoded = [s + d * i for s, d, c in runs for i in range(c)]
-    assert decoded == values and len(runs) < len(values)
 
 
 def test_preset_flag_and_missing_spec(capsys):
@@ -205,3 +198,62 @@ def test_flex_export_of_every_preset_reproduces_it(tmp_path):
             for head in range(2):
                 assert torch.equal(dense[head], spec.dense_mask(layer=layer, head=head)), (p["name"], layer, head)
         assert torch.equal(ns["position_ids"](), spec.position_ids()), p["name"]
+
+
+def _scaled_sizes(spec, factor):
+    """Every segment that can be resized, `factor` times longer (grids: every side)."""
+    return {s["name"]: ([g * factor for g in s["grid"]] if "grid" in s else s["length"] * factor)
+            for s in spec.segments if "attrs" not in s and "frames" not in s}
+
+
+def test_flex_export_takes_any_sizes_of_every_preset(tmp_path):
+    """mask_mod_for / position_ids_for / block_mask_for at sizes the preset does not ship with
+    equal the resized spec (explicit position ids cannot be resized: those presets keep theirs)."""
+    import runpy
+
+    from torch.nn.attention.flex_attention import create_block_mask, create_mask
+
+    from maskstudio.presets import list_presets, load_preset
+
+    for p in list_presets():
+        spec = load_preset(p["name"])
+        ns = runpy.run_path(str(_write(tmp_path, p["name"], flex_code(spec))))
+        sizes = _scaled_sizes(spec, 2)
+        if spec.positions["scheme"] == "explicit":
+            sizes = {}
+        big = spec.with_sizes(sizes) if sizes else spec
+        n = big.n
+        heads = 2 if spec.varies_by_head else 1
+        dense = create_mask(ns["mask_mod_for"](sizes), None, heads, n, n)[0]
+        for head in range(heads):
+            assert torch.equal(dense[head], big.dense_mask(0, head)), p["name"]
+        assert torch.equal(ns["position_ids_for"](sizes), big.position_ids()), p["name"]
+        ours = ns["block_mask_for"](sizes, num_heads=heads, block_size=16)
+        ref = create_block_mask(big.mask_mod(), None, ours.kv_num_blocks.shape[1], n, n, device="cpu", BLOCK_SIZE=16)
+        assert torch.equal(ours.to_dense(), ref.to_dense()), p["name"]
+
+
+def _write(folder, name, code):
+    path = folder / f"{name}.py"
+    path.write_text(code)
+    return path
+
+
+def test_flex_export_batches_layouts_of_one_design(tmp_path):
+    import runpy
+
+    from torch.nn.attention.flex_attention import create_mask
+
+    spec = Spec.load("presets/tc_llava.json")
+    ns = runpy.run_path(str(_write(tmp_path, "tc", flex_code(spec))))
+    layouts = [None, _scaled_sizes(spec, 2)]
+    bm = ns["block_mask_for"](layouts, block_size=16)
+    specs = [spec, spec.with_sizes(layouts[1])]
+    n = max(s.n for s in specs)
+    assert bm.shape[0] == 2 and bm.seq_lengths == (n, n)
+    dense = create_mask(bm.mask_mod, 2, 1, n, n)
+    for b, sp in enumerate(specs):
+        assert torch.equal(dense[b, 0, :sp.n, :sp.n], sp.dense_mask())
+        assert not dense[b, 0, sp.n:].any() and not dense[b, 0, :, sp.n:].any()
+    with pytest.raises(KeyError, match="no segment named"):
+        ns["mask_mod_for"]({"nope": 3})
