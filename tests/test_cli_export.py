@@ -257,3 +257,30 @@ def test_flex_export_batches_layouts_of_one_design(tmp_path):
         assert not dense[b, 0, sp.n:].any() and not dense[b, 0, :, sp.n:].any()
     with pytest.raises(KeyError, match="no segment named"):
         ns["mask_mod_for"]({"nope": 3})
+
+
+def test_flex_export_drives_a_transformers_model(tmp_path):
+    """The export's own usage note: attn_implementation="flex_attention" with the exported BlockMask
+    as attention_mask gives the logits of the eager model under the spec's additive mask."""
+    import runpy
+
+    import transformers as tf
+
+    spec = Spec.load("presets/prefix_lm.json")
+    ns = runpy.run_path(str(_write(tmp_path, "plm", flex_code(spec))))
+    sizes = {spec.segments[0]["name"]: 40, spec.segments[1]["name"]: 30}
+    big = spec.with_sizes(sizes)
+    torch.manual_seed(0)
+    model = tf.LlamaForCausalLM(tf.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                               num_attention_heads=4, num_key_value_heads=2, vocab_size=100)).eval()
+    ids = torch.randint(0, 100, (1, big.n))
+    pos = ns["position_ids_for"](sizes)[None]
+    model.set_attn_implementation("flex_attention")
+    with torch.no_grad():
+        flex = model(ids, attention_mask=ns["block_mask_for"](sizes, block_size=16), position_ids=pos).logits
+    additive = torch.zeros(1, 1, big.n, big.n).masked_fill(~big.dense_mask(), torch.finfo(torch.float32).min)
+    model.set_attn_implementation("eager")
+    with torch.no_grad():
+        eager = model(ids, attention_mask=additive, position_ids=pos).logits
+    assert (flex - eager).abs().max() < 1e-4
+    assert not torch.equal(big.dense_mask(), torch.ones(big.n, big.n, dtype=torch.bool).tril())  # not just causal

@@ -181,3 +181,63 @@ def test_other_designs_are_refused_with_a_message():
 def test_symbolic_values_refuse_python_truth():
     with pytest.raises(TypeError, match="truth value"):
         bool(expr.var("q") < 3)
+
+
+class _Layer:
+    def __init__(self, idx):
+        self.layer_idx = idx
+
+
+@FAST
+@given(specs(), st.integers(0, 1))
+def test_runner_eager_and_flex_attention_agree_on_random_specs(raw, layer):
+    """The runner's two attention paths on one random spec (per-layer / per-head rules; flex pads to
+    a bucket and runs the lowered mask): equal outputs, rows that see nothing give zeros."""
+    from maskstudio.run.attention import MaskContext, masked_attention
+
+    spec = Spec.load(raw)
+    n, heads = spec.n, 3
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, heads, n, 16) for _ in range(3))
+    outs = {}
+    for backend in ("eager", "flex"):
+        ctx = MaskContext(spec, heads, backend, record=False)
+        outs[backend], _ = masked_attention(_Layer(layer), q, k, v, None, maskstudio=ctx)
+    assert torch.allclose(outs["eager"], outs["flex"], atol=1e-5)
+
+
+@pytest.mark.slow
+def test_compiled_kernel_is_reused_for_new_sizes_and_recompiled_for_a_new_length():
+    """torch.compile(flex_attention, dynamic=False) on the lowered mask: other segment sizes at the
+    same (padded) length reuse the kernel (0 new graphs); a new length compiles once more."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+    from torch.nn.attention.flex_attention import flex_attention
+
+    torch._dynamo.reset()
+    flex = torch.compile(flex_attention, dynamic=False, fullgraph=True)
+    spec = Spec.load("presets/multiverse.json").with_sizes({"path1": 300, "conclusion": 100})
+    low = lower(spec).padded_to()
+
+    def graphs_after(sizes, length):
+        other = low.for_sizes(sizes)
+        q = torch.randn(1, 2, length, 16)
+        out = flex(q, q, q, block_mask=other.block_mask(128, length=length))
+        assert out.shape == q.shape
+        return counters["stats"]["unique_graphs"]
+
+    first = graphs_after({"path1": 200}, 512)
+    assert graphs_after({"path1": 250, "prefix": 40}, 512) == first  # new sizes, same length: reused
+    assert graphs_after({"conclusion": 7}, 512) == first
+    assert graphs_after({"path1": 600}, 1024) == first + 1  # a new length: one new kernel
+    assert low.for_sizes({"path1": 600}).structure_key == low.structure_key
+
+
+@pytest.mark.slow
+def test_compiled_block_builder_equals_create_block_mask():
+    for path in ["presets/multiverse.json", "presets/cca.json", "presets/ancat.json"]:
+        spec = Spec.load(path)
+        low = lower(spec)
+        ours = low.block_mask(8, compiled=True)
+        ref = create_block_mask(spec.mask_mod(), None, 1, spec.n, spec.n, device="cpu", BLOCK_SIZE=8)
+        assert_blocks_equal(ours, ref)
