@@ -516,7 +516,7 @@ def _wire_design(ui):
         .then(on_blocks, *ui.blocks_io, api_name=False)
     gr.on([ui.block_size.input, ui.blocks_tab.select], on_blocks, *ui.blocks_io, api_name="block_grid",
           trigger_mode="always_last")
-    gr.on([ui.reach_layers.release, ui.reach_token.submit], functools.partial(on_view_options, reach_now=True),
+    gr.on([ui.reach_layers.input, ui.reach_token.submit], functools.partial(on_view_options, reach_now=True),
           [ui.state] + ui.view_opts, ui.pictures, api_name="reach", trigger_mode="always_last")
 
 

@@ -501,13 +501,31 @@ class Spec:
         """Layers with equal keys share one mask."""
         return layer_key(self.mask, layer)
 
+    def lowered(self, layer: int = 0):
+        """The layer lowered to closed-form arithmetic (lower.py): sizes in a captured tensor."""
+        from .lower import lower
+        return lower(self, layer)
+
+    def _lowerable(self) -> bool:
+        return len(self.segments) <= knobs.LOWER_MAX_SEGMENTS
+
     def mask_mod(self, layer: int = 0, device=None):
+        """FlexAttention mask_mod(b, h, q_idx, kv_idx): the lowered, lookup-free one (the
+        table-driven `compile.mask_mod` past knobs.LOWER_MAX_SEGMENTS segments)."""
+        if self._lowerable():
+            return self.lowered(layer).on(device or "cpu").mask_mod
         return compile.mask_mod(self, layer=layer, device=device)
 
     def dense_mask(self, layer: int = 0, head: int = 0):
         return compile.dense_mask(self, layer=layer, head=head)
 
     def block_mask(self, block_size: int = 128, device="cpu", layer: int = 0, num_heads: int | None = None):
+        """BlockMask built on `device` from tile bounds (lower_blocks.py); heads: num_heads when the
+        layer's rules switch on heads, else 1."""
+        if self.varies_by_head and num_heads is None:
+            raise ValueError("this spec has per-head rules: pass num_heads=<the model's query heads>")
+        if self._lowerable():
+            return self.lowered(layer).block_mask(block_size, device, num_heads=num_heads)
         return compile.block_mask(self, block_size=block_size, device=device, layer=layer, num_heads=num_heads)
 
     def position_ids(self):

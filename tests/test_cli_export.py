@@ -10,6 +10,7 @@ import torch
 
 from maskstudio import Spec, SpecError
 from maskstudio.cli import main
+from maskstudio.compile import mask_mod as comp_mask_mod
 from maskstudio.export import flex_code
 from maskstudio.schema import SCHEMA_PATH, build_schema
 
@@ -229,7 +230,7 @@ def test_flex_export_takes_any_sizes_of_every_preset(tmp_path):
             assert torch.equal(dense[head], big.dense_mask(0, head)), p["name"]
         assert torch.equal(ns["position_ids_for"](sizes), big.position_ids()), p["name"]
         ours = ns["block_mask_for"](sizes, num_heads=heads, block_size=16)
-        ref = create_block_mask(big.mask_mod(), None, ours.kv_num_blocks.shape[1], n, n, device="cpu", BLOCK_SIZE=16)
+        ref = create_block_mask(comp_mask_mod(big), None, ours.kv_num_blocks.shape[1], n, n, device="cpu", BLOCK_SIZE=16)
         assert torch.equal(ours.to_dense(), ref.to_dense()), p["name"]
 
 

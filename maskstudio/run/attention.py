@@ -21,6 +21,7 @@ import torch
 
 from ..knobs import FLEX_BITS_BUDGET, FLEX_BLOCK, LOWER_MAX_SEGMENTS
 from ..lower import lower
+from ..compile import mask_mod as compile_mask_mod
 from ..program import compile_program
 from ..tiled import TiledMask
 
@@ -205,7 +206,7 @@ def bit_table_block_mask(spec, layer: int, num_heads: int, device, block: int = 
     n = spec.table.n
     n_bits = sum(b.shape[0] for _, _, b in per_head)
     if n_bits * block * block > FLEX_BITS_BUDGET:
-        mask_mod = spec.mask_mod(layer, device)
+        mask_mod = compile_mask_mod(spec, layer, device)
     else:
         mask_mod = _bit_table_mask_mod(per_head, partial.shape[2:], num_heads, block, device)
     if window:
