@@ -228,9 +228,8 @@ def tape(root: E) -> tuple:
                   if n.op not in ("c", "var", "p", "tab") else n.args) for n in order)
 
 
-def run_tape(steps: tuple, env: dict, params, slots: dict, tables: dict | None = None):
-    """Run a tape on tensors. env: q / kv / h values; params: the captured size tensor
-    (indexed by `slots[key]`); tables: attribute tensors for lookup leaves."""
+def _run(steps: tuple, env: dict, params, slots: dict, lookup, apply):
+    """Walk a tape: leaves from env / params / lookup, inner nodes through apply(op, values)."""
     val: list = []
     for o, args in steps:
         if o == "c":
@@ -240,15 +239,25 @@ def run_tape(steps: tuple, env: dict, params, slots: dict, tables: dict | None =
         elif o == "p":
             v = params[slots[args]]
         elif o == "tab":
-            v = tables[args[0]][env[args[1]]]
-        elif o == "where":
-            v = torch.where(val[args[0]], val[args[1]], val[args[2]])
-        elif o in ("min", "max"):
-            v = _tensor_min(val[args[0]], val[args[1]], torch.minimum if o == "min" else torch.maximum)
+            v = lookup(args)
         else:
-            v = _TENSOR[o](*(val[a] for a in args))
+            v = apply(o, [val[a] for a in args])
         val.append(v)
-    out = val[-1]
+    return val[-1]
+
+
+def _tensor_op(o, args):
+    if o == "where":
+        return torch.where(*args)
+    if o in ("min", "max"):
+        return _tensor_min(args[0], args[1], torch.minimum if o == "min" else torch.maximum)
+    return _TENSOR[o](*args)
+
+
+def run_tape(steps: tuple, env: dict, params, slots: dict, tables: dict | None = None):
+    """Run a tape on tensors. env: q / kv / h values; params: the captured size tensor
+    (indexed by `slots[key]`); tables: attribute tensors for lookup leaves."""
+    out = _run(steps, env, params, slots, lambda a: tables[a[0]][env[a[1]]], _tensor_op)
     if not isinstance(out, torch.Tensor) or out.dtype != torch.bool:  # a constant mask
         q = env["q"]
         out = (q >= 0) if bool(out) else (q < 0)
@@ -287,26 +296,14 @@ def _interval_op(o, args):
     return _TENSOR[o](Interval.of(x), args[1])
 
 
+def _interval_apply(o, args):
+    return tri_where(Tri.of(args[0]), *args[1:]) if o == "where" else _interval_op(o, args)
+
+
 def evaluate_tiles(root: E, env: dict, params, slots: dict, tables: dict | None = None) -> Tri:
     """Run the expression on tiles: env holds `Interval`s for q / kv (per tile min and max),
     tables hold (lo, hi) per tile and side. Returns Tri(must, may) per tile pair."""
-    val: dict[int, object] = {}
-    for n in nodes(root):
-        o, args = n.op, n.args
-        if o == "c":
-            v = args[0]
-        elif o == "var":
-            v = env[args[0]]
-        elif o == "p":
-            v = params[slots[args]]
-        elif o == "tab":
-            v = tables[args]
-        elif o == "where":
-            v = tri_where(Tri.of(val[id(args[0])]), *(val[id(c)] for c in args[1:]))
-        else:
-            v = _interval_op(o, [val[id(c)] for c in args])
-        val[id(n)] = v
-    return Tri.of(val[id(root)])
+    return Tri.of(_run(tape(root), env, params, slots, lambda a: tables[a], _interval_apply))
 
 
 # ---------------------------------------------------------------- source
