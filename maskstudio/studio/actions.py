@@ -276,7 +276,7 @@ def run_outputs(result, layer=None, head="mean") -> dict:
     top = [[json.dumps(t, ensure_ascii=False), round(p, 4)] for t, p in result.top_k]
     nll = "\n".join(f"{name}: {t['mean']:.4f} nats/token over {t['tokens']} tokens (perplexity "
                     f"{math.exp(t['mean']):.2f})" for name, t in result.target_nll.items()) \
-        or "no segment has role 'target'"
+        or "no target: give any text segment the role 'target' (roles column of the Segments table) to score it here"
     att = result.attentions
     focus = focus_pictures(result, layer, head, None)
     return {"error": "", "summary": result.summary(), "tokens": tokens, "top_k": top,
