@@ -20,7 +20,8 @@ import torch
 from .bounds import Interval, Tri, where as tri_where
 
 _FOLD = {
-    "add": operator.add, "sub": operator.sub, "mul": operator.mul, "floordiv": operator.floordiv,
+    "add": operator.add, "sub": operator.sub, "mul": operator.mul, "bmul": operator.mul,
+    "floordiv": operator.floordiv,
     "mod": operator.mod, "lt": operator.lt, "le": operator.le, "gt": operator.gt, "ge": operator.ge,
     "eq": operator.eq, "ne": operator.ne, "and": lambda a, b: bool(a) and bool(b),
     "or": lambda a, b: bool(a) or bool(b), "min": min, "max": max,
@@ -120,6 +121,12 @@ def minimum(a, b) -> E:
     return op("min", a, b)
 
 
+def bounded_mul(a, b) -> E:
+    """a * b where the product is known to stay within the layout (e.g. row * W <= cell): it never
+    calls for 64-bit integers, unlike a product of two free sizes."""
+    return op("bmul", a, b)
+
+
 def _nonneg(x: E) -> bool:
     return x.op == "var" and x.value in _NONNEG
 
@@ -205,7 +212,7 @@ def leaves(root: E, kind: str) -> list[tuple]:
 
 # ---------------------------------------------------------------- evaluation
 _TENSOR = {
-    "add": operator.add, "sub": operator.sub, "mul": operator.mul, "floordiv": operator.floordiv,
+    "add": operator.add, "sub": operator.sub, "mul": operator.mul, "bmul": operator.mul, "floordiv": operator.floordiv,
     "mod": operator.mod, "lt": operator.lt, "le": operator.le, "gt": operator.gt, "ge": operator.ge,
     "eq": operator.eq, "ne": operator.ne, "and": operator.and_, "or": operator.or_,
     "not": operator.invert, "neg": operator.neg, "abs": abs,
@@ -307,7 +314,7 @@ def evaluate_tiles(root: E, env: dict, params, slots: dict, tables: dict | None 
 
 
 # ---------------------------------------------------------------- source
-_SYMBOL = {"add": "+", "sub": "-", "mul": "*", "floordiv": "//", "mod": "%", "lt": "<", "le": "<=",
+_SYMBOL = {"add": "+", "sub": "-", "mul": "*", "bmul": "*", "floordiv": "//", "mod": "%", "lt": "<", "le": "<=",
            "gt": ">", "ge": ">=", "eq": "==", "ne": "!=", "and": "&", "or": "|"}
 
 

@@ -75,11 +75,13 @@ def _attribute(seg: dict, s: int, side: str, name: str, user: frozenset) -> E:  
             raise _Table(name)
         return expr.const(-1)
     if kind == "grid3" or kind == "grid2":
-        hw = param("hw", s)
+        hw, h, w = param("hw", s), param("h", s), param("w", s)
         t = local // hw if kind == "grid3" else expr.const(0)
-        cell = local % hw if kind == "grid3" else local
-        row, col = cell // param("w", s), cell % param("w", s)
-        h, w = param("h", s), param("w", s)
+        # one division per coordinate, not two: a division by a runtime size is the costly
+        # instruction on the GPU (t * hw <= local and row * w <= cell: no 64-bit products)
+        cell = local - expr.bounded_mul(t, hw) if kind == "grid3" else local
+        row = cell // w
+        col = cell - expr.bounded_mul(row, w)
         ring = expr.minimum(expr.minimum(row, col), expr.minimum(h - 1 - row, w - 1 - col))
         table = {"t": t, "cell": cell, "row": row, "col": col, "ring": ring, "height": h, "width": w,
                  "frames": param("frames", s), "frame": t + f0}

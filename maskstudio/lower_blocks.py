@@ -135,5 +135,10 @@ def build_block_mask(low, block_size: int = 128, device=None, num_heads: int | N
     partial = torch.stack([p for _, p in states], 1)
     kv_num, kv_idx = kv_blocks(partial)
     full_num, full_idx = kv_blocks(full)
-    return BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=block_size,
-                                    mask_mod=low.mask_mod, seq_lengths=(length, length))
+    bm = BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=block_size,
+                                  mask_mod=low.mask_mod, seq_lengths=(length, length), compute_q_blocks=False)
+    # the backward's q-direction indices straight from the block states (torch derives them
+    # through a vmap over the kv indices: most of a small build's time)
+    bm.q_num_blocks, bm.q_indices = kv_blocks(partial.transpose(-1, -2))
+    bm.full_q_num_blocks, bm.full_q_indices = kv_blocks(full.transpose(-1, -2))
+    return bm

@@ -29,6 +29,8 @@ def layers_of(spec):
 def assert_blocks_equal(ours, ref):
     assert torch.equal(ours.kv_num_blocks, ref.kv_num_blocks)
     assert torch.equal(ours.full_kv_num_blocks, ref.full_kv_num_blocks)
+    for name in ("kv_indices", "full_kv_indices", "q_num_blocks", "q_indices", "full_q_num_blocks", "full_q_indices"):
+        assert torch.equal(getattr(ours, name), getattr(ref, name)), name  # the backward's too
     assert torch.equal(ours.to_dense(), ref.to_dense())
 
 
