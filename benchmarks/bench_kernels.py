@@ -214,6 +214,25 @@ def lowered_block_mask(low, device):
     return low.block_mask(block_size=BLOCK, device=device)
 
 
+def exported_block_mask(spec, device):
+    """The `export --format flex` file of the spec, run as a module: its block_mask_for(None)."""
+    import importlib.util
+    import tempfile
+
+    from maskstudio.export import flex_code
+
+    folder = tempfile.mkdtemp()
+    path = os.path.join(folder, "exported_mask.py")
+    with open(path, "w") as fh:
+        fh.write(flex_code(spec))
+    # imported as a real module, as a user would (torch.compile re-imports the mask_mod's module)
+    mod_spec = importlib.util.spec_from_file_location(f"exported_mask_{abs(hash(path))}", path)
+    module = importlib.util.module_from_spec(mod_spec)
+    sys.modules[mod_spec.name] = module
+    mod_spec.loader.exec_module(module)
+    return module.block_mask_for(None, device=device, block_size=BLOCK)
+
+
 def err_text(err: BaseException) -> str:
     return f"error: {type(err).__name__}: {str(err).strip().splitlines()[0][:200] if str(err).strip() else ''}"
 
@@ -426,7 +445,17 @@ def part_attention(args, device, n, designs, lower, flex_c, cbm_c, dtype, log, s
 
         # attention forward: one static-shape compiled flex_attention for all three
         ref_out = None
-        for path, bm in (("hand", bm_hand), ("spec", bm_spec), ("lowered", bm_low)):
+        bm_export = None
+        if args.export:
+            try:
+                bm_export = exported_block_mask(spec, device)
+                same["export"] = same_blocks(bm_export, bm_hand)
+            except Exception as err:  # noqa: BLE001
+                attention["export"] = err_text(err)
+        for path, bm in (("hand", bm_hand), ("spec", bm_spec), ("lowered", bm_low), ("export", bm_export)):
+            if path == "export" and bm is None:
+                attention.setdefault("export", "not run (--export)")
+                continue
             if bm is None:
                 attention[path] = builds["lowered_block_mask"] if path == "lowered" else builds["spec_block_mask"]
                 continue
@@ -452,11 +481,12 @@ def part_attention(args, device, n, designs, lower, flex_c, cbm_c, dtype, log, s
         save(part)
         med = lambda x: f"{x['median_ms']:.3f}" if isinstance(x, dict) else str(x)[:60]  # noqa: E731
         log(f"N={n} {name:19s} density {row['density']:.3f} | attention ms: hand {med(attention['hand'])} "
-            f"spec {med(attention['spec'])} lowered {med(attention['lowered'])} | BlockMask ms: compiled cbm "
+            f"spec {med(attention['spec'])} lowered {med(attention['lowered'])} export "
+            f"{med(attention.get('export', '-'))} | BlockMask ms: compiled cbm "
             f"{med(builds['create_block_mask_compiled'])} plain {med(builds['create_block_mask'])} spec "
             f"{med(builds['spec_block_mask'])} lowered {med(builds['lowered_block_mask'])} | same blocks {same} "
             f"| max|diff| {diffs}")
-        del bm_hand, bm_spec, bm_low
+        del bm_hand, bm_spec, bm_low, bm_export
         if str(device).startswith("cuda"):
             torch.cuda.empty_cache()
     return part
@@ -611,6 +641,7 @@ def main(argv=None):
     ap.add_argument("--sizes", default="16k,64k,128k", help="comma list of 16k, 32k, 64k, 128k or token counts")
     ap.add_argument("--designs", default=",".join(DESIGNS))
     ap.add_argument("--skip-spec", action="store_true", help="leave out the table-driven spec.mask_mod path (saves compiles)")
+    ap.add_argument("--export", action="store_true", help="also time the `export --format flex` file's mask")
     ap.add_argument("--parts", default="attention,batch,recompiles")
     ap.add_argument("--tiny", action="store_true", help="CPU smoke run at toy sizes (N=1024, batch at 2048)")
     ap.add_argument("--check", action="store_true", help="only check hand-written == spec (and lowered) masks, on the CPU")
