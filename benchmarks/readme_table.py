@@ -239,6 +239,8 @@ def main(argv=None):
     args = ap.parse_args(argv)
     paths = args.files or sorted(glob.glob(os.path.join(args.results_dir, "kernels-*.json")))
     runs = load(paths, named=bool(args.files))
+    if not args.files:  # the README's tables are the GPU runs; CPU runs stay in their JSON
+        runs = [r for r in runs if r["env"].get("gpu")]
     if not runs:
         raise SystemExit(f"no kernel results in {paths or args.results_dir}")
     text = wrap(block(runs))
