@@ -40,16 +40,23 @@ def _shape(seg: dict) -> str:
     return "frames" if "frames" in seg else "line"
 
 
-class SegTok:
-    """A token of segment `seg` seen from side `side` ("q" or "kv"): attributes as expressions."""
+LOOKUP = object()  # an attribute without a closed form: read from the token table
 
-    def __init__(self, spec, side: str, seg: int, user_attrs: frozenset):
-        self._spec, self._side, self._seg, self._user = spec, side, seg, user_attrs
+
+class SegTok:
+    """A token of segment `seg` seen from side `side` ("q" or "kv"): attributes as expressions.
+    consts: per-segment modality and branch ids (numbered by the token table)."""
+
+    def __init__(self, spec, side: str, seg: int, user_attrs: frozenset, consts: dict):
+        self._spec, self._side, self._seg, self._user, self._consts = spec, side, seg, user_attrs, consts
 
     def __getattr__(self, name):
         if name.startswith("_"):
             raise AttributeError(name)
-        return _attribute(self._spec.segments[self._seg], self._seg, self._side, name, self._user)
+        if name in self._consts:
+            return expr.const(self._consts[name][self._seg])
+        value = _attribute(self._spec.segments[self._seg], self._seg, self._side, name, self._user)
+        return expr.table(name, self._side) if value is LOOKUP else value
 
     def _in_segments(self, sel) -> bool:
         return bool(sel[self._seg])
@@ -60,20 +67,17 @@ class SegTok:
         return first + self.local // size
 
 
-def _attribute(seg: dict, s: int, side: str, name: str, user: frozenset) -> E:  # noqa: C901 - one table
+def _attribute(seg: dict, s: int, side: str, name: str, user: frozenset):  # noqa: C901 - one table
+    """The attribute `name` of a token of segment s (index variable `side`), or LOOKUP."""
     idx = var(side)
     local = idx - param("start", s) if s else idx  # the first segment starts at 0
     kind = _shape(seg)
     f0 = param("f0", s) if s else expr.const(0)
     fixed = {"index": idx, "segment": s, "local": local, "length": param("len", s)}
-    if name in ("modality", "branch"):
-        raise _Table(name)  # constants per segment, but known only to the table: see _constants
     if name in fixed:
         return expr.const(fixed[name])
     if name in user:
-        if "attrs" in seg and name in seg["attrs"]:
-            raise _Table(name)
-        return expr.const(-1)
+        return LOOKUP if name in seg.get("attrs", {}) else expr.const(-1)
     if kind == "grid3" or kind == "grid2":
         hw, h, w = param("hw", s), param("h", s), param("w", s)
         t = local // hw if kind == "grid3" else expr.const(0)
@@ -86,10 +90,9 @@ def _attribute(seg: dict, s: int, side: str, name: str, user: frozenset) -> E:  
         table = {"t": t, "cell": cell, "row": row, "col": col, "ring": ring, "height": h, "width": w,
                  "frames": param("frames", s), "frame": t + f0}
     elif kind == "frames":
-        if name in ("t", "frame"):
-            raise _Table(name)
-        table = {"cell": local, "row": expr.const(0), "col": local, "ring": expr.const(-1),
-                 "height": expr.const(1), "width": param("len", s), "frames": param("frames", s)}
+        table = {"t": LOOKUP, "frame": LOOKUP, "cell": local, "row": expr.const(0), "col": local,
+                 "ring": expr.const(-1), "height": expr.const(1), "width": param("len", s),
+                 "frames": param("frames", s)}
     else:
         table = {"t": local, "cell": local, "row": expr.const(0), "col": local, "ring": expr.const(-1),
                  "height": expr.const(1), "width": param("len", s), "frames": param("len", s),
@@ -97,28 +100,6 @@ def _attribute(seg: dict, s: int, side: str, name: str, user: frozenset) -> E:  
     if name not in table:
         raise AttributeError(name)
     return table[name]
-
-
-class _Table(Exception):
-    """An attribute without a closed form here: read it from the token table."""
-
-
-class _Lookup(SegTok):
-    """SegTok that answers table attributes with lookups (and modality / branch with constants)."""
-
-    def __init__(self, spec, side, seg, user_attrs, consts):
-        super().__init__(spec, side, seg, user_attrs)
-        self._consts = consts
-
-    def __getattr__(self, name):
-        if name.startswith("_"):
-            raise AttributeError(name)
-        try:
-            return super().__getattr__(name)
-        except _Table:
-            if name in ("modality", "branch"):
-                return expr.const(self._consts[name][self._seg])
-            return expr.table(name, self._side)
 
 
 # ---------------------------------------------------------------- sizes -> parameter values
@@ -212,10 +193,10 @@ def lower_expression(spec, layer: int = 0) -> E:
               "branch": spec.table.attrs["branch"][spec.table.starts].tolist()}
     rows = []
     for a in range(n_seg):
-        q = _Lookup(spec, "q", a, user, consts)
+        q = SegTok(spec, "q", a, user, consts)
         pairs = []
         for b in range(n_seg):
-            pairs.append(expr.const(run_program(program, q, _Lookup(spec, "kv", b, user, consts), var("h"))))
+            pairs.append(expr.const(run_program(program, q, SegTok(spec, "kv", b, user, consts), var("h"))))
         rows.append(_row(pairs, n_seg))
     return _assemble(rows)
 
