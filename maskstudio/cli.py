@@ -1,4 +1,4 @@
-"""`maskstudio check|export|render|run|presets|eval|train` over the same library functions.
+"""`maskstudio check|export|lower|render|run|presets|eval|train` over the same library functions.
 
 Exit codes: 0 ok, 1 the check found errors (e.g. empty rows, leaks), 2 bad input (invalid spec,
 unknown preset, missing model) with a one-line message naming the field and the fix.
@@ -48,6 +48,14 @@ def cmd_export(args) -> int:
 
     spec = _load(args)
     _write(args.output, export_bytes(spec, args.format, layer=args.layer, head=args.head))
+    return 0
+
+
+def cmd_lower(args) -> int:
+    """Print what the FlexAttention kernel computes for one layer: the lowered expression."""
+    from .export_flex import lowered_source
+
+    print(lowered_source(_load(args), args.layer))
     return 0
 
 
@@ -172,6 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("export", cmd_export, "write json | npy (dense mask) | positions | flex (Python)")
     p.add_argument("--format", choices=("json", "npy", "positions", "flex"), default="json")
     p.add_argument("-o", "--output", help="output file (default stdout)")
+    add("lower", cmd_lower, "print the layer's lowered mask_mod (closed-form arithmetic, sizes in P)")
     p = add("render", cmd_render, "draw a view to PNG")
     p.add_argument("-o", "--output", required=True, help="PNG file, or - for stdout")
     p.add_argument("--view", default="mask", choices=("mask", "positions", "distance", "flow", "reach", "all"))

@@ -43,6 +43,17 @@ def _function(name: str, root: expr.E, slots: dict) -> str:
     return f"def {name}(P, T, h, q_idx, kv_idx):\n{unpack}{body}    return {final}\n"
 
 
+def lowered_source(spec, layer: int = 0) -> str:
+    """One layer's lowered mask as the Python the export writes, with what P holds."""
+    low = lower.lower(spec, layer)
+    slots = {k: i for i, k in enumerate(low.keys)}
+    sizes = ", ".join(f"{_param_name(k)}={int(v)}" for k, v in zip(low.keys, low.params.tolist()))
+    lookups = low.uses_lookups()
+    note = f"# per-token tables read: {', '.join(lookups)}\n" if lookups else ""
+    return (f"# {spec.name!r}, layer {layer}: {spec.n} tokens; P holds {sizes}\n{note}"
+            + _function(f"mask_layer_{layer}", low.root, slots))
+
+
 def _sources(spec) -> str:
     """The library functions the file needs, copied from their one definition."""
     scheme = positions.SCHEME_FUNCTIONS[spec.positions["scheme"]]

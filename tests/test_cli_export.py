@@ -285,3 +285,11 @@ def test_flex_export_drives_a_transformers_model(tmp_path):
         eager = model(ids, attention_mask=additive, position_ids=pos).logits
     assert (flex - eager).abs().max() < 1e-4
     assert not torch.equal(big.dense_mask(), torch.ones(big.n, big.n, dtype=torch.bool).tril())  # not just causal
+
+
+def test_cli_lower_prints_the_kernels_arithmetic(capsys):
+    assert main(["lower", "--preset", "nfd"]) == 0
+    out = capsys.readouterr().out
+    assert "hw_0=9" in out and "return ((kv_idx // hw_0) <= (q_idx // hw_0))" in out
+    assert main(["lower", "presets/ancat.json"]) == 0
+    assert "per-token tables read: lookahead" in capsys.readouterr().out
