@@ -32,7 +32,8 @@ DISPLAY_PIXELS = 800      # dense mask pictures are pooled to <= this many cells
 MAX_CAPTURE = 2048          # past this many tokens attention maps are not recorded
 FLEX_BLOCK = BLOCK          # FlexAttention block size
 FLEX_MIN_TOKENS = 1024      # on CUDA: eager (dense) below this many tokens, flex above
-LOWER_MAX_SEGMENTS = 64    # segments: more (packed training rows) -> the bit-table mask, one kernel for all
+LOWER_MAX_SEGMENTS = 32    # segments: more (packed training rows) -> the data-driven masks, one kernel for all
+LOWER_MAX_NODES = 512      # a lowered expression larger than this costs more per score than two lookups
 FLEX_BITS_BUDGET = 1 << 30  # bytes of partial-block bits before falling back to the spec's mask_mod
 
 # the app

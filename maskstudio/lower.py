@@ -23,7 +23,7 @@ from functools import cached_property
 
 import torch
 
-from . import expr
+from . import expr, knobs
 from .errors import SpecError
 from .expr import E, param, var
 from .program import compile_program, evaluate as run_program
@@ -257,6 +257,11 @@ class Lowered:
         """The guarded expression as a flat tape (expr.tape)."""
         return expr.tape(self.guarded)
 
+    @property
+    def too_big(self) -> bool:
+        """Past knobs.LOWER_MAX_NODES the data-driven mask (two lookups per score) is cheaper."""
+        return len(self.steps) > knobs.LOWER_MAX_NODES
+
     @cached_property
     def uses_head(self) -> bool:
         return any(o == "var" and a == ("h",) for o, a in self.steps)
@@ -330,6 +335,7 @@ def make_mask_mod(steps: tuple, params: torch.Tensor, slots: dict, tables: dict,
         return expr.run_tape(steps, {"q": q_idx, "kv": kv_idx, "h": h}, row, slots, tables)
 
     mask_mod.__doc__ = f"lowered mask_mod: {text[:200]}"
+    mask_mod.lowered = True  # the runner compiles these with static shapes
     return mask_mod
 
 

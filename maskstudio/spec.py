@@ -506,14 +506,19 @@ class Spec:
         from .lower import lower
         return lower(self, layer)
 
-    def _lowerable(self) -> bool:
-        return len(self.segments) <= knobs.LOWER_MAX_SEGMENTS
+    def _lowered_if_small(self, layer: int):
+        """The lowered layer, or None past knobs.LOWER_MAX_SEGMENTS segments / LOWER_MAX_NODES nodes."""
+        if len(self.segments) > knobs.LOWER_MAX_SEGMENTS:
+            return None
+        low = self.lowered(layer)
+        return None if low.too_big else low
 
     def mask_mod(self, layer: int = 0, device=None):
         """FlexAttention mask_mod(b, h, q_idx, kv_idx): the lowered, lookup-free one (the
-        table-driven `compile.mask_mod` past knobs.LOWER_MAX_SEGMENTS segments)."""
-        if self._lowerable():
-            return self.lowered(layer).on(device or "cpu").mask_mod
+        table-driven `compile.mask_mod` for layouts too large to lower, see knobs)."""
+        low = self._lowered_if_small(layer)
+        if low is not None:
+            return low.on(device or "cpu").mask_mod
         return compile.mask_mod(self, layer=layer, device=device)
 
     def dense_mask(self, layer: int = 0, head: int = 0):
@@ -524,8 +529,9 @@ class Spec:
         layer's rules switch on heads, else 1."""
         if self.varies_by_head and num_heads is None:
             raise ValueError("this spec has per-head rules: pass num_heads=<the model's query heads>")
-        if self._lowerable():
-            return self.lowered(layer).block_mask(block_size, device, num_heads=num_heads)
+        low = self._lowered_if_small(layer)
+        if low is not None:
+            return low.block_mask(block_size, device, num_heads=num_heads)
         return compile.block_mask(self, block_size=block_size, device=device, layer=layer, num_heads=num_heads)
 
     def position_ids(self):

@@ -244,3 +244,26 @@ def test_compiled_block_builder_equals_create_block_mask():
         ours = low.block_mask(8, compiled=True)
         ref = create_block_mask(table_mask_mod(spec), None, 1, spec.n, spec.n, device="cpu", BLOCK_SIZE=8)
         assert_blocks_equal(ours, ref)
+
+
+def test_layouts_too_large_to_lower_use_the_data_driven_masks():
+    """64 mixed segments with per-head rules: the lowered expression would cost thousands of
+    operations per score, so Spec.mask_mod and the runner take the table-driven masks; equal."""
+    from maskstudio import knobs
+    from maskstudio.run.attention import flex_block_mask
+
+    segs = [{"name": f"s{i}", "modality": "image", "grid": [2, 3]} if i % 2 else
+            {"name": f"s{i}", "modality": "text", "length": 3, "branch": f"b{i % 3}"} for i in range(40)]
+    spec = Spec.load({"segments": segs, "mask": {"base": {"pattern": "causal"}, "rules": [
+        {"q": "modality:image", "k": "modality:image", "pattern": "block_causal", "by": "ring", "heads": [1]}],
+        "overlays": [{"op": "and", "pattern": "branch_isolated"}]}})
+    assert len(spec.segments) > knobs.LOWER_MAX_SEGMENTS
+    n = spec.n
+    assert torch.equal(create_mask(spec.mask_mod(), None, 2, n, n)[0, 1], spec.dense_mask(0, 1))
+    bm, length = flex_block_mask(spec, 0, 2, "cpu")
+    assert length == n and not getattr(bm.mask_mod, "lowered", False)
+    small = lower(Spec.load("presets/multiverse.json"))
+    assert not small.too_big and getattr(small.mask_mod, "lowered", False)
+    mid = Spec.load({"segments": segs[:30], "mask": spec.mask})  # few enough segments, too many nodes
+    assert lower(mid).too_big and not getattr(mid.mask_mod(), "lowered", False)
+    assert torch.equal(create_mask(mid.mask_mod(), None, 2, mid.n, mid.n)[0, 1], mid.dense_mask(0, 1))

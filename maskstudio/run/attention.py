@@ -9,8 +9,9 @@ reads `module.layer_idx`, asks the context for that layer's mask and computes at
          built on the device; q / k / v are padded to a length bucket (a power of two times the
          block size, padded keys masked) and the kernel is compiled with static shapes once per
          (mask structure, bucket): a new prompt of the same design in the same bucket, or the same
-         design at other segment sizes, reuses it. Layouts of more than LOWER_MAX_SEGMENTS segments
-         (packed training rows) use a bit table of the partial blocks instead: one kernel for all.
+         design at other segment sizes, reuses it. Layouts too large to lower (knobs.LOWER_MAX_SEGMENTS
+         segments, LOWER_MAX_NODES nodes: packed training rows) use a bit table of the partial
+         blocks instead, compiled once with dynamic shapes: one kernel for all.
 """
 from __future__ import annotations
 
@@ -174,8 +175,8 @@ def flex_block_mask(spec, layer: int, num_heads: int, device, block: int = FLEX_
                     window: int | None = None):
     """(BlockMask, length): the lowered mask padded to `bucket(n)`, or for layouts of many
     segments the bit-table mask at length n (window: a model's own sliding window, folded in)."""
-    if len(spec.segments) <= LOWER_MAX_SEGMENTS:
-        low = lower(spec, layer).padded_to()
+    low = lower(spec, layer).padded_to() if len(spec.segments) <= LOWER_MAX_SEGMENTS else None
+    if low is not None and not low.too_big:
         if window:
             low = low.with_window(window)
         length = bucket(spec.table.n, block)
@@ -229,7 +230,7 @@ def _flex_attention(ctx, layer, query, key, value, scaling, window, softcap):
     if softcap is not None:
         def score_mod(score, b, h, q, kv):
             return torch.tanh(score / softcap) * softcap
-    dynamic = length == n and len(ctx.spec.segments) > LOWER_MAX_SEGMENTS
+    dynamic = not getattr(block_mask.mask_mod, "lowered", False)  # the bit table: one kernel for all lengths
     out = flex_fn(query.device, dynamic)(query, key, value, score_mod=score_mod, block_mask=block_mask,
                                          scale=scaling, enable_gqa=query.shape[1] != key.shape[1])
     return out[:, :, :n].transpose(1, 2).contiguous(), None
