@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import inspect
 
-from . import expr, lower, positions, segments, tokens
+from . import expr, knobs, lower, positions, segments, tokens
+from .errors import SpecError
 from .segments import expand_int_list, layer_sets
 
 _LAYOUT_KEYS = ("name", "modality", "length", "grid", "frames", "branch", "attrs")
@@ -65,6 +66,10 @@ def _sources(spec) -> str:
 def flex_code(spec) -> str:
     """The generated file's text (see the module docstring and the file's own docstring)."""
     spec.require_sized()
+    if len(spec.segments) > knobs.EXPORT_MAX_SEGMENTS:
+        raise SpecError("segments", f"{len(spec.segments):,} segments: the FlexAttention export lowers every "
+                        f"segment pair and stops at {knobs.EXPORT_MAX_SEGMENTS:,}; use Spec.mask_mod() / "
+                        "Spec.block_mask() from Python, or merge segments")
     variants = _variants(spec)
     lowered = [(key, lower.lower(spec, layer)) for key, layer in variants]
     keys = tuple(sorted(dict.fromkeys(k for _, low in lowered for k in low.keys), key=lambda k: (k[0] != "start", k)))

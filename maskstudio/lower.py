@@ -26,7 +26,7 @@ import torch
 from . import expr, knobs
 from .errors import SpecError
 from .expr import E, param, var
-from .program import compile_program, evaluate as run_program
+from .program import Program, compile_program, evaluate as run_program
 from .segments import GRID_DIMS
 
 INT32_MAX = (1 << 31) - 1
@@ -180,6 +180,10 @@ def _global(program, spec) -> E | None:
         return None
 
 
+def _touches(step, a: int, b: int) -> bool:
+    return (step.q_sel is None or bool(step.q_sel[a])) and (step.k_sel is None or bool(step.k_sel[b]))
+
+
 def lower_expression(spec, layer: int = 0) -> E:
     """The mask of one layer as one expression over q, kv, h and size parameters."""
     program = compile_program(spec, layer)
@@ -191,11 +195,21 @@ def lower_expression(spec, layer: int = 0) -> E:
     user = frozenset(k for s in segs for k in s.get("attrs", {}))
     consts = {"modality": spec.table.attrs["modality"][spec.table.starts].tolist(),
               "branch": spec.table.attrs["branch"][spec.table.starts].tolist()}
+    # pairs that no segment-restricted step touches run the unrestricted steps only: when those
+    # read nothing but `index`, one shared expression serves them all (many segments stay cheap)
+    selected = [st for st in program.rules + program.overlays if st.q_sel is not None or st.k_sel is not None]
+    chosen = {id(st) for st in selected}
+    free = Program(program.base, [st for st in program.rules if id(st) not in chosen],
+                   [st for st in program.overlays if id(st) not in chosen])
+    default = _global(free, spec) if selected else None
     rows = []
     for a in range(n_seg):
         q = SegTok(spec, "q", a, user, consts)
         pairs = []
         for b in range(n_seg):
+            if default is not None and not any(_touches(st, a, b) for st in selected):
+                pairs.append(default)
+                continue
             pairs.append(expr.const(run_program(program, q, SegTok(spec, "kv", b, user, consts), var("h"))))
         rows.append(_row(pairs, n_seg))
     return _assemble(rows)

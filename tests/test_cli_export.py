@@ -293,3 +293,20 @@ def test_cli_lower_prints_the_kernels_arithmetic(capsys):
     assert "hw_0=9" in out and "return ((kv_idx // hw_0) <= (q_idx // hw_0))" in out
     assert main(["lower", "presets/ancat.json"]) == 0
     assert "per-token tables read: lookahead" in capsys.readouterr().out
+
+
+def test_flex_export_of_many_segments_is_quick_or_refused():
+    """Pairs no restricted rule touches share one expression, so 600 segments lower in moments;
+    past knobs.EXPORT_MAX_SEGMENTS the export says what to use instead."""
+    import time
+
+    from maskstudio import SpecError, knobs
+
+    def spec_of(count):
+        return Spec.load({"segments": [{"name": f"s{i}", "length": 2} for i in range(count)],
+                          "mask": {"base": {"pattern": "causal"}, "rules": [{"q": "s1", "k": "s0", "pattern": "full"}]}})
+    t0 = time.perf_counter()
+    code = flex_code(spec_of(600))
+    assert time.perf_counter() - t0 < 30 and len(code) < 200_000
+    with pytest.raises(SpecError, match="stops at"):
+        flex_code(spec_of(knobs.EXPORT_MAX_SEGMENTS + 1))
