@@ -267,3 +267,41 @@ def test_layouts_too_large_to_lower_use_the_data_driven_masks():
     mid = Spec.load({"segments": segs[:30], "mask": spec.mask})  # few enough segments, too many nodes
     assert lower(mid).too_big and not getattr(mid.mask_mod(), "lowered", False)
     assert torch.equal(create_mask(mid.mask_mod(), None, 2, mid.n, mid.n)[0, 1], mid.dense_mask(0, 1))
+
+
+@FAST
+@given(specs(), st.integers(0, 5), st.integers(0, 7), st.integers(0, 2))
+def test_packed_layouts_are_a_document_mask(raw, extra, pad, head):
+    """Two layouts of one random design packed into one row (+ padding): each document's block
+    equals its own dense mask, nothing crosses documents or reaches the padding, and the device
+    BlockMask equals create_block_mask's on the packed mask_mod."""
+    from maskstudio.lower_packed import pack
+
+    spec = Spec.load(raw)
+    if any("attrs" in s for s in raw["segments"]):
+        return
+    layouts = [spec, spec.with_sizes(grown(raw, extra))]
+    packed = pack(lower(spec), layouts, length=sum(s.n for s in layouts) + pad)
+    n = len(packed.doc)
+    dense = create_mask(packed.mask_mod, None, 3, n, n)[0, head].clone()
+    start = 0
+    for sp in layouts:
+        end = start + sp.n
+        assert torch.equal(dense[start:end, start:end], sp.dense_mask(0, head))
+        dense[start:end, start:end] = False
+        start = end
+    assert not dense.any()
+    heads = 3 if spec.varies_by_head else None
+    ours = packed.block_mask(4, num_heads=heads)
+    ref = create_block_mask(packed.mask_mod, None, ours.kv_num_blocks.shape[1], n, n, device="cpu", BLOCK_SIZE=4)
+    assert_blocks_equal(ours, ref)
+
+
+def test_packing_refuses_other_designs_and_overflow():
+    from maskstudio.lower_packed import pack
+
+    low = lower(Spec.load("presets/multiverse.json"))
+    with pytest.raises(SpecError, match="same|design"):
+        pack(low, [Spec.load("presets/prefix_lm.json")])
+    with pytest.raises(SpecError, match="do not fit"):
+        pack(low, [{}, {}], length=10)

@@ -1,0 +1,157 @@
+"""Several layouts of one design packed into ONE row: the lowered "document mask".
+
+What FlexAttention users write by hand for variable-length samples (attention-gym's
+`generate_doc_mask_mod`), for any design: token i belongs to document doc[i]; a pair may attend
+iff both are in the same document and the design's lowered expression allows it at the tokens'
+places inside that document, with that document's sizes (one row of P per document). One lookup
+per side (doc[i]), the rest closed-form; the kernel is shared by every packing with the same
+number of documents at the same padded length.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+import torch
+
+from . import expr
+from .bounds import Interval, Tri
+from .compile import kv_blocks
+from .errors import SpecError
+from .lower import _fits, _signature, _values
+from .lower_blocks import CHUNK_ELEMENTS
+
+
+class _Columns:
+    """Size parameter `slot` of each token's document: rows[..., slot] (rows: params[doc])."""
+
+    def __init__(self, rows):
+        self.rows = rows
+
+    def __getitem__(self, slot):
+        return self.rows[..., slot]
+
+
+@dataclass(frozen=True)
+class Packed:
+    """D layouts of one lowered design, one after another in a row of `length` tokens."""
+
+    low: object          # the Lowered design (its expression and parameter slots)
+    params: torch.Tensor  # [D + 1, K]: a row per document, then one for the padding
+    offsets: torch.Tensor  # [D + 1]: where each document starts, then the packed length
+    doc: torch.Tensor     # [length]: the document of every token (D past the end: padding)
+
+    @property
+    def documents(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def n(self) -> int:
+        return int(self.offsets[-1])
+
+    @cached_property
+    def mask_mod(self):
+        steps, slots, tables = expr.tape(self.low.root), self.low.slots, dict(self.low.tables)
+        params, offsets, doc, docs = self.params, self.offsets, self.doc, self.documents
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            dq, dk = doc[q_idx], doc[kv_idx]
+            off = offsets[dq]
+            inner = expr.run_tape(steps, {"q": q_idx - off, "kv": kv_idx - off, "h": h}, _Columns(params[dq]),
+                                  slots, tables)
+            return (dq == dk) & (dq < docs) & inner
+        mask_mod.lowered = True
+        return mask_mod
+
+    def on(self, device) -> "Packed":
+        return Packed(self.low.on(device), self.params.to(device), self.offsets.to(device), self.doc.to(device))
+
+    def dense(self, head: int = 0) -> torch.Tensor:
+        idx = torch.arange(len(self.doc), device=self.doc.device)
+        return self.mask_mod(torch.tensor(0), torch.tensor(head), idx[:, None], idx[None, :])
+
+    def block_mask(self, block_size: int = 128, device=None, num_heads: int | None = None):
+        """BlockMask [1, H, T, T]: tiles inside one document decided from that document's sizes
+        by tile bounds, tiles across documents empty, the rest evaluated token by token."""
+        from torch.nn.attention.flex_attention import BlockMask
+
+        packed = self.on(device or self.params.device)
+        heads = num_heads if packed.low.uses_head else 1
+        if packed.low.uses_head and num_heads is None:
+            raise ValueError("this spec has per-head rules: pass num_heads=<the model's query heads>")
+        length = len(packed.doc)
+        states = [_states(packed, block_size, length, h, CHUNK_ELEMENTS) for h in range(heads)]
+        full = torch.stack([f for f, _ in states])[None]
+        partial = torch.stack([p for _, p in states])[None]
+        kv_num, kv_idx = kv_blocks(partial)
+        full_num, full_idx = kv_blocks(full)
+        bm = BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=block_size,
+                                      mask_mod=packed.mask_mod, seq_lengths=(length, length), compute_q_blocks=False)
+        bm.q_num_blocks, bm.q_indices = kv_blocks(partial.transpose(-1, -2))
+        bm.full_q_num_blocks, bm.full_q_indices = kv_blocks(full.transpose(-1, -2))
+        return bm
+
+
+def _states(packed: Packed, block: int, length: int, head: int, chunk_elements: int):
+    """(full, partial) bool [T, T] of one head."""
+    device = packed.doc.device
+    t = -(-length // block)
+    lo = torch.arange(t, device=device) * block
+    hi = torch.clamp(lo + block - 1, max=length - 1)
+    d_lo, d_hi = packed.doc[lo], packed.doc[hi]
+    one_doc = d_lo == d_hi  # tiles inside one document (or inside the padding)
+    same = one_doc[:, None] & one_doc[None, :] & (d_lo[:, None] == d_lo[None, :]) & (d_lo[:, None] < packed.documents)
+    apart = (d_hi[:, None] < d_lo[None, :]) | (d_lo[:, None] > d_hi[None, :])  # no common document
+    d = torch.where(same, d_lo[:, None].expand(t, t), 0)
+    off = packed.offsets[d]
+    per_tile = packed.params[d]  # [T, T, K]: each tile's document sizes
+    params = [per_tile[..., i] for i in range(per_tile.shape[-1])]
+    env = {"q": Interval(lo[:, None] - off, hi[:, None] - off), "kv": Interval(lo[None, :] - off, hi[None, :] - off),
+           "h": torch.tensor(head, device=device)}
+    if packed.low.tables:
+        raise SpecError("layouts", "packing reads per-token tables: not supported for this design")
+    res = Tri.of(expr.evaluate_tiles(packed.low.root, env, params, packed.low.slots, {}))
+    must = torch.broadcast_to(res.must, (t, t)) & same
+    may = (torch.broadcast_to(res.may, (t, t)) | ~same) & ~apart
+    if length % block:
+        must[-1, :] = False
+        must[:, -1] = False
+    full, partial = must.clone(), torch.zeros_like(must)
+    unknown = torch.nonzero(may & ~must)
+    offs = torch.arange(block, device=device)
+    step = max(1, chunk_elements // (block * block))
+    h = torch.tensor(head, device=device)
+    for c in range(0, len(unknown), step):
+        ij = unknown[c:c + step]
+        q_idx = (ij[:, 0:1] * block + offs)[:, :, None]
+        k_idx = (ij[:, 1:2] * block + offs)[:, None, :]
+        valid = (q_idx < length) & (k_idx < length)
+        vals = packed.mask_mod(0, h, q_idx.clamp(max=length - 1), k_idx.clamp(max=length - 1)) & valid
+        flat = vals.flatten(1)
+        anyv, allv = flat.any(1), flat.all(1)
+        full[ij[:, 0], ij[:, 1]] = allv
+        partial[ij[:, 0], ij[:, 1]] = anyv & ~allv
+    return full, partial
+
+
+def pack(low, layouts: list, length: int | None = None) -> Packed:
+    """Pack layouts (size dicts or Specs) of `low`'s design into one row (padded to `length`)."""
+    specs = [x if hasattr(x, "table") else low.spec.with_sizes(x) for x in layouts]
+    if not specs:
+        raise SpecError("layouts", "give at least one layout to pack")
+    for sp in specs:
+        if _signature(sp) != _signature(low.spec):
+            raise SpecError("layouts", "every packed layout must have this design's segments and rules")
+    if not _fits(low, specs):
+        raise SpecError("layouts", "these sizes need 64-bit arithmetic; lower one of them first")
+    sizes = [sp.table.n for sp in specs]
+    total = sum(sizes)
+    length = length or total
+    if length < total:
+        raise SpecError("length", f"{total:,} packed tokens do not fit in {length:,}")
+    rows = [_values(low.keys, sp, low.params.dtype) for sp in specs]
+    params = torch.stack(rows + [rows[-1]])  # padding reads the last document's sizes (then masked)
+    offsets = torch.tensor([0, *torch.tensor(sizes).cumsum(0).tolist()], dtype=low.params.dtype)
+    doc = torch.repeat_interleave(torch.arange(len(specs) + 1, dtype=low.params.dtype),
+                                  torch.tensor(sizes + [length - total]))
+    return Packed(low, params, offsets, doc)
