@@ -432,6 +432,8 @@ def part_attention(args, device, n, designs, lower, flex_c, cbm_c, dtype, log, s
         else:
             try:
                 t, low = timed_once(lambda: lower(spec), device)
+                if args.constant_grids:
+                    low = low.with_constant_grids()
                 row["lower_s"] = t
                 m = try_measure(lambda: lowered_block_mask(low, device), device, args.reps, budget_s=args.budget_s)
                 bm_low = m.pop("out") if isinstance(m, dict) else None
@@ -642,6 +644,7 @@ def main(argv=None):
     ap.add_argument("--designs", default=",".join(DESIGNS))
     ap.add_argument("--skip-spec", action="store_true", help="leave out the table-driven spec.mask_mod path (saves compiles)")
     ap.add_argument("--export", action="store_true", help="also time the `export --format flex` file's mask")
+    ap.add_argument("--constant-grids", action="store_true", help="lowered path with grid sides compiled in (CCA)")
     ap.add_argument("--parts", default="attention,batch,recompiles")
     ap.add_argument("--tiny", action="store_true", help="CPU smoke run at toy sizes (N=1024, batch at 2048)")
     ap.add_argument("--check", action="store_true", help="only check hand-written == spec (and lowered) masks, on the CPU")

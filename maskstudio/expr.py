@@ -205,6 +205,19 @@ def nodes(root: E) -> list[E]:
     return order
 
 
+def substitute(root: E, values: dict) -> E:
+    """The expression with some size parameters replaced by constants (folded again)."""
+    out: dict[int, E] = {}
+    for n in nodes(root):
+        if n.op == "p" and n.args in values:
+            out[id(n)] = const(values[n.args])
+        elif n.op in ("c", "var", "p", "tab"):
+            out[id(n)] = n
+        else:
+            out[id(n)] = op(n.op, *(out[id(c)] if isinstance(c, E) else c for c in n.args))
+    return out[id(root)]
+
+
 def leaves(root: E, kind: str) -> list[tuple]:
     """Payloads of the leaves of one kind ("p", "tab", "var"), in first-use order."""
     return [n.args for n in nodes(root) if n.op == kind]

@@ -235,13 +235,14 @@ class Lowered:
     lengths: tuple
     padded: bool = False
     tables: tuple = ()
+    baked: tuple = ()  # ((param key, value), ...) compiled in as constants (with_constant_grids)
 
     # -- what compiles
     @property
     def structure_key(self) -> tuple:
         """Equal keys compile to the same kernel (sizes are not part of it)."""
         return (id(self.root), self.keys, self.params.dtype, self.params.dim(),
-                self.params.shape[0] if self.params.dim() == 2 else None, self.padded)
+                self.params.shape[0] if self.params.dim() == 2 else None, self.padded, self.baked)
 
     @property
     def batched(self) -> bool:
@@ -298,6 +299,18 @@ class Lowered:
         """Also q - kv < window (a model's own sliding window, so its blocks are skipped too)."""
         return replace(self, root=self.root & ((var("q") - var("kv")) < window))
 
+    def with_constant_grids(self) -> "Lowered":
+        """Grid sides (H, W, H*W, frames) compiled in as constants: a division by a constant is a
+        multiply and a shift, by a size in P a long division per score; worth it for designs whose
+        partial blocks are mostly inside grids (CCA rings). A new grid size then compiles a new
+        kernel (text lengths still do not)."""
+        grid_keys = [k for k in self.keys if k[0] in ("h", "w", "hw", "frames") and
+                     self.spec.segments[k[1]].get("grid") is not None]
+        values = {k: param_value(self.spec.table, k) for k in grid_keys}
+        root = expr.substitute(self.root, values)
+        out = _build(self.spec, self.layer, root, self.padded, [self.spec])
+        return replace(out, baked=tuple(sorted(values.items())))
+
     def padded_to(self, on: bool = True) -> "Lowered":
         """Mask keys (and queries) past the layout's end, for a kernel run at a bucketed length."""
         return replace(self, padded=on)
@@ -312,8 +325,10 @@ class Lowered:
         if _signature(other) != _signature(self.spec):
             raise SpecError("sizes", "a lowered mask takes new sizes of the same segments and rules only; "
                             "lower the other design with maskstudio.lower.lower(spec)")
-        if not _fits(self, [other]):  # past int32: the int64 kernel
-            return lower(other, self.layer, padded=self.padded)
+        baked_differ = any(param_value(other.table, k) != v for k, v in self.baked)
+        if baked_differ or not _fits(self, [other]):  # other grid constants, or past int32: a new kernel
+            fresh = lower(other, self.layer, padded=self.padded)
+            return fresh.with_constant_grids() if self.baked else fresh
         return _with_layouts(self, [other], batched=False)
 
     def batch(self, layouts: list) -> "Lowered":
@@ -322,8 +337,9 @@ class Lowered:
         for sp in specs:
             if _signature(sp) != _signature(self.spec):
                 raise SpecError("layouts", "every layout of a batch must have this design's segments and rules")
+        _require_baked(self, specs)
         base = self if _fits(self, specs) else _build(specs[0], self.layer, self.root, self.padded, specs)
-        return _with_layouts(base, specs, batched=True)
+        return _with_layouts(replace(base, baked=self.baked), specs, batched=True)
 
     # -- evaluations
     def dense(self, head: int = 0, b: int = 0, n: int | None = None) -> torch.Tensor:
@@ -358,6 +374,14 @@ def _signature(spec) -> tuple:
     segs = [(s["name"], s["modality"], _shape(s), len(s.get("grid", ())), s.get("branch"),
              tuple(sorted(s.get("attrs", {})))) for s in spec.segments]
     return tuple(segs), repr(spec.mask)
+
+
+def _require_baked(low: Lowered, specs: list) -> None:
+    """Layouts sharing a kernel with constant grid sides must have those sides."""
+    for sp in specs:
+        if any(param_value(sp.table, k) != v for k, v in low.baked):
+            raise SpecError("layouts", "this mask has its grid sides compiled in (with_constant_grids); "
+                            "every layout must keep them, or lower without constant grids")
 
 
 def _fits(low: Lowered, specs: list) -> bool:

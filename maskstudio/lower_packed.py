@@ -18,7 +18,7 @@ from . import expr
 from .bounds import Interval, Tri
 from .compile import kv_blocks
 from .errors import SpecError
-from .lower import _fits, _signature, _values
+from .lower import _fits, _require_baked, _signature, _values
 from .lower_blocks import CHUNK_ELEMENTS
 
 
@@ -142,6 +142,7 @@ def pack(low, layouts: list, length: int | None = None) -> Packed:
     for sp in specs:
         if _signature(sp) != _signature(low.spec):
             raise SpecError("layouts", "every packed layout must have this design's segments and rules")
+    _require_baked(low, specs)
     if not _fits(low, specs):
         raise SpecError("layouts", "these sizes need 64-bit arithmetic; lower one of them first")
     sizes = [sp.table.n for sp in specs]

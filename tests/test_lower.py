@@ -305,3 +305,21 @@ def test_packing_refuses_other_designs_and_overflow():
         pack(low, [Spec.load("presets/prefix_lm.json")])
     with pytest.raises(SpecError, match="do not fit"):
         pack(low, [{}, {}], length=10)
+
+
+def test_constant_grids_fold_the_sides_and_stay_exact():
+    """CCA with its image sides compiled in: no division by a size from P, equal to the dense mask;
+    other text lengths reuse it, another image size lowers afresh, batches must keep the sides."""
+    spec = Spec.load("presets/cca.json")
+    low = lower(spec).with_constant_grids()
+    assert ("w", 1) not in low.keys and low.baked
+    text = expr.source(low.root)
+    assert "P[('w', 1)]" not in text and "// 8" in text
+    assert torch.equal(low.dense(), spec.dense_mask())
+    longer = low.for_sizes({"suffix": 30})
+    assert longer.structure_key == low.structure_key and torch.equal(longer.dense(), spec.with_sizes({"suffix": 30}).dense_mask())
+    other = low.for_sizes({"image": [5, 7]})
+    assert other.structure_key != low.structure_key and torch.equal(other.dense(), spec.with_sizes({"image": [5, 7]}).dense_mask())
+    with pytest.raises(SpecError, match="grid sides compiled in"):
+        low.batch([{}, {"image": [5, 7]}])
+    assert low.batch([{}, {"suffix": 9}]).block_mask(8).shape[0] == 2
