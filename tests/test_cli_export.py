@@ -260,6 +260,7 @@ def test_flex_export_batches_layouts_of_one_design(tmp_path):
         ns["mask_mod_for"]({"nope": 3})
 
 
+@pytest.mark.slow
 def test_flex_export_drives_a_transformers_model(tmp_path):
     """The export's own usage note: attn_implementation="flex_attention" with the exported BlockMask
     as attention_mask gives the logits of the eager model under the spec's additive mask."""
