@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import inspect
 
+import torch
+
 from . import expr, knobs, lower, positions, segments, tokens
 from .errors import SpecError
 from .segments import expand_int_list, layer_sets
@@ -33,11 +35,13 @@ def _param_name(key: tuple) -> str:
     return "_".join(str(k) for k in key)
 
 
-def _function(name: str, root: expr.E, slots: dict) -> str:
+def _function(name: str, root: expr.E, slots: dict, wide: bool = False) -> str:
     lines, final = expr.source_lines(root, {"q": "q_idx", "kv": "kv_idx"}, param_ref=_param_name,
                                      table_ref=lambda attr, side: f"T[{attr!r}][{side}]")
     used = sorted(set(expr.leaves(root, "p")), key=lambda k: slots[k])
     unpack = "".join(f"    {_param_name(k)} = P[{slots[k]}]\n" for k in used)
+    if wide:  # FlexAttention's indices are int32: widen before any arithmetic
+        unpack = "    q_idx, kv_idx = q_idx.to(torch.int64), kv_idx.to(torch.int64)\n" + unpack
     body = "".join(f"    {line}\n" for line in lines)
     if root.is_const:  # every pair allowed (or none): still a tensor, as FlexAttention needs
         final = "(q_idx >= 0)" if root.value else "(q_idx < 0)"
@@ -52,7 +56,7 @@ def lowered_source(spec, layer: int = 0) -> str:
     lookups = low.uses_lookups()
     note = f"# per-token tables read: {', '.join(lookups)}\n" if lookups else ""
     return (f"# {spec.name!r}, layer {layer}: {spec.n} tokens; P holds {sizes}\n{note}"
-            + _function(f"mask_layer_{layer}", low.root, slots))
+            + _function(f"mask_layer_{layer}", low.root, slots, low.params.dtype == torch.int64))
 
 
 def _sources(spec) -> str:
@@ -75,7 +79,8 @@ def flex_code(spec) -> str:
     keys = tuple(sorted(dict.fromkeys(k for _, low in lowered for k in low.keys), key=lambda k: (k[0] != "start", k)))
     slots = {k: i for i, k in enumerate(keys)}
     wide = any(low.params.dtype.itemsize == 8 for _, low in lowered)
-    functions = "\n\n".join(_function(f"_layer_variant_{i}", low.root, slots) for i, (_, low) in enumerate(lowered))
+    functions = "\n\n".join(_function(f"_layer_variant_{i}", low.root, slots, wide)
+                              for i, (_, low) in enumerate(lowered))
     table = ", ".join(f"{key!r}: (_layer_variant_{i}, {low.uses_head})" for i, (key, low) in enumerate(lowered))
     lookups = sorted({a for _, low in lowered for a in low.uses_lookups()})
     layout = [{k: s[k] for k in _LAYOUT_KEYS if k in s} for s in spec.segments]

@@ -216,9 +216,14 @@ def lower_expression(spec, layer: int = 0) -> E:
 
 
 def _needs_int64(root: E, n: int) -> bool:
-    big = any(nd.op == "mul" and not any(isinstance(c, E) and c.is_const for c in nd.args)
-              for nd in expr.nodes(root))
-    return big or n > INT32_MAX // 4
+    """int32 arithmetic could overflow: a product of two sizes, a constant near the int32 range
+    (a window of 2**31 - 1 added to an index), or a huge layout. FlexAttention hands int32 indices."""
+    for nd in expr.nodes(root):
+        if nd.op == "mul" and not any(isinstance(c, E) and c.is_const for c in nd.args):
+            return True
+        if nd.is_const and not isinstance(nd.value, bool) and abs(nd.value) > INT32_MAX // 4:
+            return True
+    return n > INT32_MAX // 4
 
 
 @dataclass(frozen=True)
@@ -360,8 +365,12 @@ def make_mask_mod(steps: tuple, params: torch.Tensor, slots: dict, tables: dict,
     """The mask_mod closure (one code object for every lowering: the compiled kernel depends on
     the expression and the tensors' shapes and dtypes only)."""
 
+    wide = params.dtype == torch.int64
+
     def mask_mod(b, h, q_idx, kv_idx):
         row = params[b] if batched else params
+        if wide:  # FlexAttention's indices are int32: widen before any arithmetic
+            q_idx, kv_idx = q_idx.to(torch.int64), kv_idx.to(torch.int64)
         return expr.run_tape(steps, {"q": q_idx, "kv": kv_idx, "h": h}, row, slots, tables)
 
     mask_mod.__doc__ = f"lowered mask_mod: {text[:200]}"

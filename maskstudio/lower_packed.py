@@ -54,7 +54,11 @@ class Packed:
         steps, slots, tables = expr.tape(self.low.root), self.low.slots, dict(self.low.tables)
         params, offsets, doc, docs = self.params, self.offsets, self.doc, self.documents
 
+        wide = params.dtype == torch.int64
+
         def mask_mod(b, h, q_idx, kv_idx):
+            if wide:  # FlexAttention's indices are int32: widen before any arithmetic
+                q_idx, kv_idx = q_idx.to(torch.int64), kv_idx.to(torch.int64)
             dq, dk = doc[q_idx], doc[kv_idx]
             off = offsets[dq]
             inner = expr.run_tape(steps, {"q": q_idx - off, "kv": kv_idx - off, "h": h}, _Columns(params[dq]),

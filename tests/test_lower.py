@@ -5,7 +5,7 @@ import glob
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_properties import FAST, specs
 from torch.nn.attention.flex_attention import create_block_mask, create_mask
@@ -191,14 +191,14 @@ class _Layer:
         self.layer_idx = idx
 
 
-@FAST
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(specs(), st.integers(0, 1))
 def test_runner_eager_and_flex_attention_agree_on_random_specs(raw, layer):
     """The runner's two attention paths on one random spec (per-layer / per-head rules; flex pads to
     a bucket and runs the lowered mask): equal outputs, rows that see nothing give zeros."""
     from maskstudio.run.attention import MaskContext, masked_attention
 
-    spec = Spec.load(raw)
+    spec = Spec.load(raw)  # (12 examples: CPU FlexAttention traces each new mask_mod, ~0.7 s)
     n, heads = spec.n, 3
     torch.manual_seed(0)
     q, k, v = (torch.randn(1, heads, n, 16) for _ in range(3))
@@ -323,3 +323,43 @@ def test_constant_grids_fold_the_sides_and_stay_exact():
     with pytest.raises(SpecError, match="grid sides compiled in"):
         low.batch([{}, {"image": [5, 7]}])
     assert low.batch([{}, {"suffix": 9}]).block_mask(8).shape[0] == 2
+
+
+def int32_dense(mask_mod, n, head=0):
+    """The mask_mod on int32 index grids, as FlexAttention's GPU kernel hands them."""
+    idx = torch.arange(n, dtype=torch.int32)
+    zero = torch.tensor(0, dtype=torch.int32)
+    return mask_mod(zero, torch.tensor(head, dtype=torch.int32), idx[:, None], idx[None, :]).expand(n, n)
+
+
+@FAST
+@given(specs(), st.integers(0, 2))
+def test_lowered_mask_mod_is_exact_on_int32_indices(raw, head):
+    spec = Spec.load(raw)
+    assert torch.equal(int32_dense(lower(spec).mask_mod, spec.n, head), spec.dense_mask(0, head))
+
+
+@pytest.mark.parametrize("step", [{"pattern": "lookahead", "size": 2 ** 31 - 1},
+                                  {"pattern": "window", "size": 2 ** 31 - 1, "causal": False},
+                                  {"pattern": "chunked", "chunk": 2 ** 31 - 1, "lookahead": 2 ** 31 - 1},
+                                  {"pattern": "first", "size": -(2 ** 31 - 1)}])
+def test_huge_numbers_never_overflow_int32_indices(step, tmp_path):
+    """Constants near the int32 range switch the kernel to int64 (indices widened first): the
+    lowered, packed and exported masks stay exact on int32 indices."""
+    import runpy
+
+    from maskstudio.export import flex_code
+    from maskstudio.lower_packed import pack
+
+    spec = Spec.load({"segments": [{"name": "a", "length": 20}, {"name": "b", "modality": "image", "grid": [3, 3]}],
+                      "mask": {"base": step}})
+    low = lower(spec)
+    assert low.params.dtype == torch.int64 or low.root.is_const  # (first < -huge folds to False)
+    assert torch.equal(int32_dense(low.mask_mod, spec.n), spec.dense_mask())
+    packed = pack(low, [spec, spec])
+    both = torch.block_diag(spec.dense_mask(), spec.dense_mask())
+    assert torch.equal(int32_dense(packed.mask_mod, 2 * spec.n), both)
+    path = tmp_path / "huge.py"
+    path.write_text(flex_code(spec))
+    ns = runpy.run_path(str(path))
+    assert torch.equal(int32_dense(ns["mask_mod_for"](None), spec.n), spec.dense_mask())
