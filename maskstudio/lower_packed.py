@@ -16,10 +16,9 @@ import torch
 
 from . import expr
 from .bounds import Interval, Tri
-from .compile import kv_blocks
 from .errors import SpecError
 from .lower import _fits, _require_baked, _signature, _values
-from .lower_blocks import CHUNK_ELEMENTS
+from .lower_blocks import any_all, decide, padding_never_full, tile_edges, tile_grid, to_block_mask
 
 
 class _Columns:
@@ -77,65 +76,42 @@ class Packed:
     def block_mask(self, block_size: int = 128, device=None, num_heads: int | None = None):
         """BlockMask [1, H, T, T]: tiles inside one document decided from that document's sizes
         by tile bounds, tiles across documents empty, the rest evaluated token by token."""
-        from torch.nn.attention.flex_attention import BlockMask
-
         packed = self.on(device or self.params.device)
         heads = num_heads if packed.low.uses_head else 1
         if packed.low.uses_head and num_heads is None:
             raise ValueError("this spec has per-head rules: pass num_heads=<the model's query heads>")
         length = len(packed.doc)
-        states = [_states(packed, block_size, length, h, CHUNK_ELEMENTS) for h in range(heads)]
+        states = [_states(packed, block_size, length, h) for h in range(heads)]
         full = torch.stack([f for f, _ in states])[None]
         partial = torch.stack([p for _, p in states])[None]
-        kv_num, kv_idx = kv_blocks(partial)
-        full_num, full_idx = kv_blocks(full)
-        bm = BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=block_size,
-                                      mask_mod=packed.mask_mod, seq_lengths=(length, length), compute_q_blocks=False)
-        bm.q_num_blocks, bm.q_indices = kv_blocks(partial.transpose(-1, -2))
-        bm.full_q_num_blocks, bm.full_q_indices = kv_blocks(full.transpose(-1, -2))
-        return bm
+        return to_block_mask(full, partial, block_size, packed.mask_mod, length)
 
 
-def _states(packed: Packed, block: int, length: int, head: int, chunk_elements: int):
+def _states(packed: Packed, block: int, length: int, head: int):
     """(full, partial) bool [T, T] of one head."""
+    if packed.low.tables:
+        raise SpecError("layouts", "packing reads per-token tables: not supported for this design")
     device = packed.doc.device
-    t = -(-length // block)
-    lo = torch.arange(t, device=device) * block
-    hi = torch.clamp(lo + block - 1, max=length - 1)
+    lo, hi = tile_edges(length, block, device)
+    t = len(lo)
     d_lo, d_hi = packed.doc[lo], packed.doc[hi]
     one_doc = d_lo == d_hi  # tiles inside one document (or inside the padding)
     same = one_doc[:, None] & one_doc[None, :] & (d_lo[:, None] == d_lo[None, :]) & (d_lo[:, None] < packed.documents)
     apart = (d_hi[:, None] < d_lo[None, :]) | (d_lo[:, None] > d_hi[None, :])  # no common document
     d = torch.where(same, d_lo[:, None].expand(t, t), 0)
     off = packed.offsets[d]
-    per_tile = packed.params[d]  # [T, T, K]: each tile's document sizes
-    params = [per_tile[..., i] for i in range(per_tile.shape[-1])]
-    env = {"q": Interval(lo[:, None] - off, hi[:, None] - off), "kv": Interval(lo[None, :] - off, hi[None, :] - off),
-           "h": torch.tensor(head, device=device)}
-    if packed.low.tables:
-        raise SpecError("layouts", "packing reads per-token tables: not supported for this design")
-    res = Tri.of(expr.evaluate_tiles(packed.low.root, env, params, packed.low.slots, {}))
-    must = torch.broadcast_to(res.must, (t, t)) & same
-    may = (torch.broadcast_to(res.may, (t, t)) | ~same) & ~apart
-    if length % block:
-        must[-1, :] = False
-        must[:, -1] = False
-    full, partial = must.clone(), torch.zeros_like(must)
-    unknown = torch.nonzero(may & ~must)
-    offs = torch.arange(block, device=device)
-    step = max(1, chunk_elements // (block * block))
     h = torch.tensor(head, device=device)
-    for c in range(0, len(unknown), step):
-        ij = unknown[c:c + step]
-        q_idx = (ij[:, 0:1] * block + offs)[:, :, None]
-        k_idx = (ij[:, 1:2] * block + offs)[:, None, :]
-        valid = (q_idx < length) & (k_idx < length)
-        vals = packed.mask_mod(0, h, q_idx.clamp(max=length - 1), k_idx.clamp(max=length - 1)) & valid
-        flat = vals.flatten(1)
-        anyv, allv = flat.any(1), flat.all(1)
-        full[ij[:, 0], ij[:, 1]] = allv
-        partial[ij[:, 0], ij[:, 1]] = anyv & ~allv
-    return full, partial
+    env = {"q": Interval(lo[:, None] - off, hi[:, None] - off), "kv": Interval(lo[None, :] - off, hi[None, :] - off),
+           "h": h}
+    # each tile's document sizes: parameter `slot` of tile (i, j) is params[d[i, j], slot]
+    res = Tri.of(expr.evaluate_tiles(packed.low.root, env, _Columns(packed.params[d]), packed.low.slots, {}))
+    must = padding_never_full(torch.broadcast_to(res.must, (t, t)) & same, length, block)
+    may = (torch.broadcast_to(res.may, (t, t)) | ~same) & ~apart
+
+    def tokens(ij):
+        q_idx, k_idx, valid = tile_grid(ij[:, 0], ij[:, 1], block, length)
+        return any_all(packed.mask_mod(0, h, q_idx, k_idx) & valid)
+    return decide(must, may, block, tokens)
 
 
 def pack(low, layouts: list, length: int | None = None) -> Packed:
