@@ -27,7 +27,6 @@ from . import expr, knobs
 from .errors import SpecError
 from .expr import E, param, var
 from .program import Program, compile_program, evaluate as run_program
-from .segments import GRID_DIMS
 
 INT32_MAX = (1 << 31) - 1
 
@@ -163,7 +162,7 @@ def _assemble(rows: list[E]) -> E:
     return out
 
 
-def _global(program, spec) -> E | None:
+def _global(program) -> E | None:
     """The program over plain indices, when it reads nothing but `index` and has no segment
     selections (causal, windows, sinks ...): no segment dispatch at all."""
     steps = [program.base] + program.rules + program.overlays
@@ -187,7 +186,7 @@ def _touches(step, a: int, b: int) -> bool:
 def lower_expression(spec, layer: int = 0) -> E:
     """The mask of one layer as one expression over q, kv, h and size parameters."""
     program = compile_program(spec, layer)
-    glob = _global(program, spec)
+    glob = _global(program)
     if glob is not None:
         return glob
     segs = spec.segments
@@ -201,7 +200,7 @@ def lower_expression(spec, layer: int = 0) -> E:
     chosen = {id(st) for st in selected}
     free = Program(program.base, [st for st in program.rules if id(st) not in chosen],
                    [st for st in program.overlays if id(st) not in chosen])
-    default = _global(free, spec) if selected else None
+    default = _global(free) if selected else None
     rows = []
     for a in range(n_seg):
         q = SegTok(spec, "q", a, user, consts)
