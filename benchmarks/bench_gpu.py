@@ -26,29 +26,29 @@ from maskstudio import Spec, analyze  # noqa: E402
 H, HKV, D = 9, 3, 64  # SmolLM2-135M attention shape
 
 
-def specs(n: int) -> dict:
-    """Three designs at about n tokens: causal, block-causal video (+ text), sliding window + sinks."""
-    frames = max(1, (n - 512) // 1024)
-    text = n - frames * 1024
-    return {
-        "causal": Spec.load({"segments": [{"name": "x", "length": n}]}),
-        "video_block_causal": Spec.load({
-            "segments": [{"name": "sys", "length": text // 2},
-                         {"name": "video", "modality": "video", "grid": [frames, 32, 32]},
-                         {"name": "q", "length": text - text // 2}],
-            "mask": {"rules": [{"q": "video", "k": "video", "pattern": "block_causal", "by": "frame"}]}}),
-        "window_sinks": Spec.load({
-            "segments": [{"name": "x", "length": n}],
-            "mask": {"base": {"pattern": "window", "size": 1024},
-                     "overlays": [{"op": "or", "pattern": "first", "size": 4},
-                                  {"op": "and", "pattern": "causal"}]}}),
-    }
+def specs(n: int, designs=None) -> dict:
+    """bench_kernels' designs at n tokens (one definition): causal, video block-causal, window +
+    sinks, Multiverse branches, CCA."""
+    from benchmarks.bench_kernels import DESIGNS, params, spec_of
+    return {name: spec_of(name, params(name, n)) for name in (designs or DESIGNS)}
 
 
-def cuda_time(fn, warmup=3, iters=REPS) -> float:
+def cuda_time(fn, warmup=3, iters=None) -> float:
     """Median ms of `iters` single calls after `warmup` calls (bench_core.measure: CUDA events
     between synchronize(); the first call after a compile is never timed)."""
-    return measure(fn, reps=max(iters, REPS), warmup=warmup, device="cuda")["median_ms"]
+    return measure(fn, reps=iters or ARGS_REPS[0], warmup=warmup, device="cuda")["median_ms"]
+
+
+ARGS_REPS = [REPS]  # --reps
+JSON_PATH = [None]  # --json: rewritten after every row (a run cut short keeps what it measured)
+
+
+def emit(out: list, row: dict) -> None:
+    out.append(row)
+    print(json.dumps(row), flush=True)
+    if JSON_PATH[0]:
+        with open(JSON_PATH[0], "w") as fh:
+            json.dump(out, fh, indent=1)
 
 
 def part_core(out):
@@ -74,8 +74,7 @@ def part_core(out):
             same = same_blocks(ours, ref.pop("out"))
             row.update({f"{key}_ms": ref["median_ms"], key: ref, f"{key}_ratio": ref["median_ms"] / m["median_ms"],
                         f"{key}_identical": same})
-        out.append(row)
-        print(json.dumps(row), flush=True)
+        emit(out, row)
 
 
 def part_kernel(out):
@@ -105,11 +104,10 @@ def part_kernel(out):
                 t_dense = cuda_time(lambda: F.scaled_dot_product_attention(q, kr, vr, attn_mask=dense[None, None]))
                 row.update(sdpa_dense_mask_ms=t_dense, dense_over_flex=t_dense / t_flex)
                 del dense
-            out.append(row)
-            print(json.dumps(row), flush=True)
+            emit(out, row)
 
 
-def part_model(out, model_dir, sizes=(4096, 16384, 32768)):
+def part_model(out, model_dir, sizes=(4096, 16384, 32768), designs=None):
     """The runner's prefill (lowered FlexAttention, static compile per bucket) vs the model's own
     SDPA; SmolLM2-135M's architecture with random weights unless --model-dir has a config."""
     from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
@@ -121,11 +119,12 @@ def part_model(out, model_dir, sizes=(4096, 16384, 32768)):
     cfg = AutoConfig.from_pretrained(model_dir) if model_dir else LlamaConfig(**SMOLLM2)
     model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa", torch_dtype=torch.bfloat16).cuda().eval()
     for n in sizes:
+        torch.cuda.empty_cache()
         ids = torch.randint(0, cfg.vocab_size, (1, n), device="cuda")
         pos = torch.arange(n, device="cuda")[None]
         with torch.no_grad():
             t_causal = cuda_time(lambda: model(input_ids=ids, position_ids=pos, use_cache=False), 2)
-            for name, spec in specs(n).items():
+            for name, spec in specs(n, designs).items():
                 if spec.n != n:
                     continue
                 ctx = MaskContext(spec, cfg.num_attention_heads, "flex", record=False)
@@ -135,7 +134,7 @@ def part_model(out, model_dir, sizes=(4096, 16384, 32768)):
                         model(input_ids=ids, position_ids=pos, use_cache=False, **{ATTN_NAME: ctx})
                 t_flex = cuda_time(ours, 2)
                 row = {"part": "model", "n": n, "spec": name, "maskstudio_flex_ms": t_flex, "sdpa_causal_ms": t_causal,
-                       "flex_over_causal": t_flex / t_causal}
+                       "flex_over_causal": t_flex / t_causal, "reps": ARGS_REPS[0]}
                 if n <= 16384:
                     mask = torch.zeros(1, 1, n, n, device="cuda", dtype=torch.bfloat16)
                     mask.masked_fill_(~spec.dense_mask().cuda(), torch.finfo(torch.bfloat16).min)
@@ -143,8 +142,7 @@ def part_model(out, model_dir, sizes=(4096, 16384, 32768)):
                                                       use_cache=False), 2)
                     row.update(sdpa_dense_mask_ms=t_dense, dense_over_flex=t_dense / t_flex)
                     del mask
-                out.append(row)
-                print(json.dumps(row), flush=True)
+                emit(out, row)
 
 
 if __name__ == "__main__":
@@ -153,7 +151,10 @@ if __name__ == "__main__":
     ap.add_argument("--parts", default="core,kernel,model")
     ap.add_argument("--json")
     ap.add_argument("--sizes", default="4096,16384,32768", help="model part: prompt lengths")
+    ap.add_argument("--designs", default=None, help="model part: comma list of bench_kernels designs")
+    ap.add_argument("--reps", type=int, default=REPS, help="timed calls per median (default 20)")
     args = ap.parse_args()
+    ARGS_REPS[0], JSON_PATH[0] = args.reps, args.json
     print(f"torch {torch.__version__} on {torch.cuda.get_device_name()}", flush=True)
     rows: list = []
     parts = args.parts.split(",")
@@ -162,7 +163,8 @@ if __name__ == "__main__":
     if "kernel" in parts:
         part_kernel(rows)
     if "model" in parts:
-        part_model(rows, args.model_dir, [int(x) for x in args.sizes.split(",")])
+        part_model(rows, args.model_dir, [int(x) for x in args.sizes.split(",")],
+                   args.designs.split(",") if args.designs else None)
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(rows, fh, indent=1)

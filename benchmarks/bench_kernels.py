@@ -233,6 +233,22 @@ def exported_block_mask(spec, device):
     return module.block_mask_for(None, device=device, block_size=BLOCK)
 
 
+def division_variants(spec, lower, device) -> dict:
+    """The lowered mask with exact integer division by sizes ('lowered_exact_div', the kernel before
+    float-quotient division) and with grid sides compiled in ('lowered_const_grids'), for designs
+    that divide by a size (their BlockMasks; attention timed beside the others)."""
+    from dataclasses import replace
+
+    from maskstudio import expr
+
+    low = lower(spec)
+    if not any(nd.op in ("fdiv", "floordiv") and nd.args[1].op == "p" for nd in expr.nodes(low.root)):
+        return {}
+    exact = replace(low, root=expr.with_fast_divisions(low.root, set()))
+    return {"lowered_exact_div": lowered_block_mask(exact, device),
+            "lowered_const_grids": lowered_block_mask(low.with_constant_grids(), device)}
+
+
 def err_text(err: BaseException) -> str:
     return f"error: {type(err).__name__}: {str(err).strip().splitlines()[0][:200] if str(err).strip() else ''}"
 
@@ -454,7 +470,9 @@ def part_attention(args, device, n, designs, lower, flex_c, cbm_c, dtype, log, s
                 same["export"] = same_blocks(bm_export, bm_hand)
             except Exception as err:  # noqa: BLE001
                 attention["export"] = err_text(err)
-        for path, bm in (("hand", bm_hand), ("spec", bm_spec), ("lowered", bm_low), ("export", bm_export)):
+        variants = division_variants(spec, lower, device) if args.variants and lower is not None else {}
+        for path, bm in (("hand", bm_hand), ("spec", bm_spec), ("lowered", bm_low), ("export", bm_export),
+                         *variants.items()):
             if path == "export" and bm is None:
                 attention.setdefault("export", "not run (--export)")
                 continue
@@ -484,7 +502,7 @@ def part_attention(args, device, n, designs, lower, flex_c, cbm_c, dtype, log, s
         med = lambda x: f"{x['median_ms']:.3f}" if isinstance(x, dict) else str(x)[:60]  # noqa: E731
         log(f"N={n} {name:19s} density {row['density']:.3f} | attention ms: hand {med(attention['hand'])} "
             f"spec {med(attention['spec'])} lowered {med(attention['lowered'])} export "
-            f"{med(attention.get('export', '-'))} | BlockMask ms: compiled cbm "
+            f"{med(attention.get('export', '-'))} {' '.join(f'{k} {med(attention[k])}' for k in variants)} | BlockMask ms: compiled cbm "
             f"{med(builds['create_block_mask_compiled'])} plain {med(builds['create_block_mask'])} spec "
             f"{med(builds['spec_block_mask'])} lowered {med(builds['lowered_block_mask'])} | same blocks {same} "
             f"| max|diff| {diffs}")
@@ -645,6 +663,8 @@ def main(argv=None):
     ap.add_argument("--skip-spec", action="store_true", help="leave out the table-driven spec.mask_mod path (saves compiles)")
     ap.add_argument("--export", action="store_true", help="also time the `export --format flex` file's mask")
     ap.add_argument("--constant-grids", action="store_true", help="lowered path with grid sides compiled in (CCA)")
+    ap.add_argument("--variants", action="store_true",
+                    help="also time the lowered mask with exact division and with constant grid sides")
     ap.add_argument("--parts", default="attention,batch,recompiles")
     ap.add_argument("--tiny", action="store_true", help="CPU smoke run at toy sizes (N=1024, batch at 2048)")
     ap.add_argument("--check", action="store_true", help="only check hand-written == spec (and lowered) masks, on the CPU")
@@ -659,6 +679,8 @@ def main(argv=None):
     ap.add_argument("--recompile-n", type=int, default=None, help="N of the recompile part (default the smallest size)")
     ap.add_argument("--recompile-designs", default="causal,video_block_causal,multiverse,cca")
     ap.add_argument("--out-dir", default=os.path.join(ROOT, "benchmarks", "results"))
+    ap.add_argument("--watchdog", type=float, default=0,
+                    help="print every thread's stack every S seconds (finds a stall; 0 = off)")
     ap.add_argument("--out", default=None, help="exact output path (default <out-dir>/kernels-<host>-<date>.json)")
     args = ap.parse_args(argv)
     args.designs = [d for d in args.designs.split(",") if d]
@@ -668,6 +690,9 @@ def main(argv=None):
             ap.error(f"unknown design {d}; choose from {', '.join(DESIGNS)}")
     lower, missing = load_lower()
     args.lower_missing = missing
+    if args.watchdog:
+        import faulthandler
+        faulthandler.dump_traceback_later(args.watchdog, repeat=True, file=sys.stderr)
     t_start = time.perf_counter()
     log = lambda s: print(f"[{time.perf_counter() - t_start:7.1f} s] {s}", flush=True)  # noqa: E731
 

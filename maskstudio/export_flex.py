@@ -36,6 +36,7 @@ def _param_name(key: tuple) -> str:
 
 
 def _function(name: str, root: expr.E, slots: dict, wide: bool = False) -> str:
+    root = expr.with_fast_divisions(root, set())  # exact `//`: the file serves sizes of any range
     lines, final = expr.source_lines(root, {"q": "q_idx", "kv": "kv_idx"}, param_ref=_param_name,
                                      table_ref=lambda attr, side: f"T[{attr!r}][{side}]")
     used = sorted(set(expr.leaves(root, "p")), key=lambda k: slots[k])

@@ -21,7 +21,7 @@ from .bounds import Interval, Tri, where as tri_where
 
 _FOLD = {
     "add": operator.add, "sub": operator.sub, "mul": operator.mul, "bmul": operator.mul,
-    "floordiv": operator.floordiv,
+    "floordiv": operator.floordiv, "fdiv": operator.floordiv,
     "mod": operator.mod, "lt": operator.lt, "le": operator.le, "gt": operator.gt, "ge": operator.ge,
     "eq": operator.eq, "ne": operator.ne, "and": lambda a, b: bool(a) and bool(b),
     "or": lambda a, b: bool(a) or bool(b), "min": min, "max": max,
@@ -205,17 +205,72 @@ def nodes(root: E) -> list[E]:
     return order
 
 
-def substitute(root: E, values: dict) -> E:
-    """The expression with some size parameters replaced by constants (folded again)."""
+def _rebuild(root: E, leaf, inner) -> E:
+    """Bottom-up copy: leaf(n) for leaves, inner(n, new args) for the rest (folded again)."""
     out: dict[int, E] = {}
     for n in nodes(root):
-        if n.op == "p" and n.args in values:
-            out[id(n)] = const(values[n.args])
-        elif n.op in ("c", "var", "p", "tab"):
-            out[id(n)] = n
+        if n.op in ("c", "var", "p", "tab"):
+            out[id(n)] = leaf(n)
         else:
-            out[id(n)] = op(n.op, *(out[id(c)] if isinstance(c, E) else c for c in n.args))
+            out[id(n)] = inner(n, [out[id(c)] if isinstance(c, E) else c for c in n.args])
     return out[id(root)]
+
+
+def substitute(root: E, values: dict) -> E:
+    """The expression with some size parameters replaced by constants (folded again)."""
+    return _rebuild(root, lambda n: const(values[n.args]) if n.op == "p" and n.args in values else n,
+                    lambda n, args: op(n.op, *args))
+
+
+# ---------------------------------------------------------------- divisions by sizes
+FAST_DIVIDEND = 1 << 21  # |dividend| below this: a float32 quotient is off by at most one
+
+
+def floordiv_by_size(a, d):
+    """a // d for a size d >= 1 and |a| < FAST_DIVIDEND: a float32 quotient, then one correction.
+    GPUs have no integer divider: dividing by a value known only at run time (a size in P) is a long
+    software sequence per score, this is a few instructions (a Python constant is already a
+    multiply and shift)."""
+    q = torch.floor(a.to(torch.float32) / d.to(torch.float32)).to(a.dtype)
+    r = a - q * d
+    return q - (r < 0).to(a.dtype) + (r >= d).to(a.dtype)
+
+
+def division_bounds(root: E, env: dict, params, slots: dict, tables=None) -> dict:
+    """{floordiv node dividing by a size parameter: largest |dividend|} over interval inputs
+    (env: Intervals for q / kv / h; params[slot] and tables[attr] give Intervals)."""
+    order, steps = nodes(root), tape(root)
+    found: dict = {}
+    val: list = []
+    for i, (o, args) in enumerate(steps):
+        if o == "c":
+            v = args[0]
+        elif o == "var":
+            v = env[args[0]]
+        elif o == "p":
+            v = params[slots[args]]
+        elif o == "tab":
+            v = tables[args]
+        else:
+            vals = [val[a] for a in args]
+            if o in ("floordiv", "fdiv") and steps[args[1]][0] == "p":
+                iv = Interval.of(vals[0])
+                found[order[i]] = int(torch.maximum(iv.lo.abs().max(), iv.hi.abs().max()))
+            v = _interval_apply(o, vals)
+        val.append(v)
+    return found
+
+
+def with_fast_divisions(root: E, safe: set) -> E:
+    """floordiv nodes in `safe` (divisions by a size whose dividends stay below FAST_DIVIDEND)
+    become `fdiv`: the same value, computed through a float32 quotient on tensors. Others that are
+    fdiv but no longer safe turn back into exact divisions."""
+    def inner(n, args):
+        if n.op in ("floordiv", "fdiv"):
+            return E("fdiv" if n in safe else "floordiv", *args) if not all(a.is_const for a in args) \
+                else op("floordiv", *args)
+        return op(n.op, *args)
+    return _rebuild(root, lambda n: n, inner)
 
 
 def leaves(root: E, kind: str) -> list[tuple]:
@@ -235,8 +290,9 @@ _TENSOR = {
 def _tensor_min(a, b, fn):
     if not isinstance(a, torch.Tensor):
         a, b = b, a
-    return fn(a, torch.as_tensor(b, dtype=a.dtype, device=a.device)) if not isinstance(b, torch.Tensor) \
-        else fn(a, b)
+    if isinstance(b, torch.Tensor):
+        return fn(a, b)
+    return a.clamp(max=b) if fn is torch.minimum else a.clamp(min=b)  # no scalar copied to the device
 
 
 def tape(root: E) -> tuple:
@@ -267,6 +323,8 @@ def _run(steps: tuple, env: dict, params, slots: dict, lookup, apply):
 
 
 def _tensor_op(o, args):
+    if o == "fdiv":
+        return floordiv_by_size(*args) if isinstance(args[1], torch.Tensor) else args[0] // args[1]
     if o == "where":
         return torch.where(*args)
     if o in ("min", "max"):
@@ -297,11 +355,11 @@ def _interval_op(o, args):
         if o == "not":
             return ~Tri.of(x)
         return (Tri.of(x) & args[1]) if o == "and" else (Tri.of(x) | args[1])
-    if o in ("floordiv", "mod"):  # divisors are sizes (> 0) or constants
+    if o in ("floordiv", "fdiv", "mod"):  # divisors are sizes (> 0) or constants
         iv, d = Interval.of(x), args[1]
         if isinstance(d, Interval):
             d = d.lo
-        if o == "floordiv":
+        if o != "mod":
             return Interval(iv.lo // d, iv.hi // d)
         same = (iv.lo // d) == (iv.hi // d)
         return Interval(torch.where(same, iv.lo % d, 0), torch.where(same, iv.hi % d, d - 1))
@@ -372,6 +430,8 @@ def source_lines(root: E, names: dict, param_ref=None, table_ref=None, share: bo
                 s = f"{t[0]}.abs()"
             elif o in ("min", "max"):
                 s = f"torch.{o}imum({t[0]}, {t[1]})"
+            elif o == "fdiv":
+                s = f"_div({t[0]}, {t[1]})"
             else:
                 s = f"torch.where({t[0]}, {t[1]}, {t[2]})"
             if share and uses.get(id(n), 0) > 1 and n is not root:

@@ -25,6 +25,7 @@ import torch
 
 from . import expr, knobs
 from .errors import SpecError
+from .bounds import Interval
 from .expr import E, param, var
 from .program import Program, compile_program, evaluate as run_program
 
@@ -353,11 +354,12 @@ class Lowered:
         return self.mask_mod(torch.tensor(b), torch.tensor(head), idx[:, None], idx[None, :]).expand(n, n)
 
     def block_mask(self, block_size: int = 128, device=None, num_heads: int | None = None,
-                   length: int | None = None, compiled: bool | None = None):
+                   length: int | None = None, compiled: bool | None = None, graph: bool | None = None):
         """torch BlockMask built on `device` from tile bounds; tokens are touched in partial tiles only
-        (compiled: fuse the token stage with torch.compile; default on CUDA)."""
+        (compiled: fuse the token stage with torch.compile; graph: replay the whole build as a CUDA
+        graph captured once per structure and length; both default on CUDA)."""
         from .lower_blocks import build_block_mask
-        return build_block_mask(self, block_size, device, num_heads, length, compiled)
+        return build_block_mask(self, block_size, device, num_heads, length, compiled, graph)
 
 
 def make_mask_mod(steps: tuple, params: torch.Tensor, slots: dict, tables: dict, batched: bool, text: str = ""):
@@ -393,8 +395,44 @@ def _require_baked(low: Lowered, specs: list) -> None:
 
 
 def _fits(low: Lowered, specs: list) -> bool:
-    """Do these layouts fit this lowering's integer width?"""
-    return not (low.params.dtype == torch.int32 and any(_needs_int64(low.root, sp.table.n) for sp in specs))
+    """Do these layouts fit this lowering: its integer width, and its float-quotient divisions?"""
+    if low.params.dtype == torch.int32 and any(_needs_int64(low.root, sp.table.n) for sp in specs):
+        return False
+    fast = [nd for nd in expr.nodes(low.root) if nd.op == "fdiv"]
+    return not fast or all(_division_bounds(low.root, low.keys, specs).get(nd, 0) < expr.FAST_DIVIDEND
+                           for nd in fast)
+
+
+class _ColumnBounds:
+    """params[slot] as an Interval: the smallest and largest value over layouts."""
+
+    def __init__(self, values: torch.Tensor):
+        self.lo, self.hi = values.amin(0), values.amax(0)
+
+    def __getitem__(self, slot):
+        return Interval(self.lo[slot], self.hi[slot])
+
+
+def _division_bounds(root: E, keys: tuple, specs: list) -> dict:
+    """Largest |dividend| of each division by a size, over every token pair of these layouts."""
+    values = torch.stack([_values(keys, sp, torch.int64) for sp in specs])
+    n = max(sp.table.n for sp in specs)
+    index = Interval(torch.tensor(0), torch.tensor(n - 1))
+    tables = {}
+    for attr, side in expr.leaves(root, "tab"):
+        cols = [sp.table.attrs[attr] for sp in specs]
+        tables[(attr, side)] = Interval(min(int(c.min()) for c in cols), max(int(c.max()) for c in cols))
+    env = {"q": index, "kv": index, "h": Interval(torch.tensor(0), torch.tensor(1 << 16))}
+    return expr.division_bounds(root, env, _ColumnBounds(values), {k: i for i, k in enumerate(keys)}, tables)
+
+
+def _fast_divisions(root: E, keys: tuple, specs: list, wide: bool) -> E:
+    """Divisions by a size whose dividends stay small in every layout run through a float32
+    quotient (expr.floordiv_by_size); 64-bit kernels keep exact division."""
+    if wide or not any(nd.op in ("floordiv", "fdiv") for nd in expr.nodes(root)):
+        return expr.with_fast_divisions(root, set())
+    bounds = _division_bounds(root, keys, specs)
+    return expr.with_fast_divisions(root, {nd for nd, b in bounds.items() if b < expr.FAST_DIVIDEND})
 
 
 def _values(keys, spec, dtype) -> torch.Tensor:
@@ -421,6 +459,7 @@ def _build(spec, layer, root, padded, specs) -> Lowered:
     keys = tuple(dict.fromkeys(expr.leaves(root, "p")))
     keys = keys + (("start", len(spec.segments)),) if ("start", len(spec.segments)) not in keys else keys
     dtype = torch.int64 if any(_needs_int64(root, sp.table.n) for sp in specs) else torch.int32
+    root = _fast_divisions(root, keys, specs, dtype == torch.int64)
     return Lowered(spec, layer, root, keys, _values(keys, spec, dtype), (spec.table.n,), padded,
                    _tables(root, [spec]))
 

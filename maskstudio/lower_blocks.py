@@ -1,11 +1,19 @@
 """BlockMask from a lowered expression, on the device: tile bounds first, tokens in partial tiles only.
 
-The lowered expression runs once over tile intervals for every (batch, query tile, key tile) at
-once (vectorised; sizes broadcast per layout), which decides full and empty blocks; only the
-undecided tiles are evaluated token by token, in chunks. Blocks past a layout's end count as
-masked, as in `create_block_mask`, so the kv and full indices equal torch's.
+The lowered expression runs once over tile intervals for every (batch, head, query tile, key tile)
+at once (vectorised; sizes broadcast per layout), which decides full and empty blocks; only the
+undecided tiles are evaluated token by token. Blocks past a layout's end count as masked, as in
+`create_block_mask`, so the kv and full indices equal torch's.
+
+Every step has static shapes given a capacity for undecided tiles (no host sync), so on CUDA the
+whole build of one structure at one length is captured once as a CUDA graph: a build at new sizes
+copies them in and replays it (a few microseconds of launches instead of hundreds of ops). One
+read of the undecided-tile count after the replay says whether the capacity held; if not, the
+graph is captured again with room for them.
 """
 from __future__ import annotations
+
+from collections import OrderedDict
 
 import torch
 
@@ -14,6 +22,7 @@ from .bounds import Interval
 from .compile import kv_blocks
 
 CHUNK_ELEMENTS = 1 << 24  # tokens evaluated per step in partial tiles
+GRAPH_CACHE = 16           # captured builds kept (least recently used dropped)
 
 
 def _per_layout(params: torch.Tensor, batched: bool, rows=None):
@@ -24,11 +33,10 @@ def _per_layout(params: torch.Tensor, batched: bool, rows=None):
     return p.T.reshape(p.shape[1], p.shape[0], 1, 1)
 
 
-def _tile_tables(low, t: int, block: int, device) -> dict:
+def _tile_tables(tables: dict, t: int, block: int) -> dict:
     """Per-tile (min, max) of each lookup table, as Intervals for the query and key side."""
     out = {}
-    for name, col in low.tables:
-        col = col.to(device)
+    for name, col in tables.items():
         pad = t * block - len(col)
         padded = torch.cat([col, col[-1:].expand(pad)]) if pad > 0 else col[:t * block]
         tiles = padded.view(t, block)
@@ -52,18 +60,17 @@ def padding_never_full(must, length: int, block: int):
     return must
 
 
-def classify(low, block: int, length: int, head: int, device):
-    """(must, may) bool [B, T, T] from tile bounds alone."""
-    lo, hi = tile_edges(length, block, device)
+def classify(low, params, tables: dict, block: int, length: int, h: torch.Tensor):
+    """(must, may) bool [B, T, T] of one head (h: a 0-d tensor) from tile bounds alone."""
+    lo, hi = tile_edges(length, block, params.device)
     t = len(lo)
-    env = {"q": Interval(lo[:, None], hi[:, None]), "kv": Interval(lo[None, :], hi[None, :]),
-           "h": torch.tensor(head, device=device)}
-    params = _per_layout(low.params, low.batched)
-    res = expr.evaluate_tiles(low.guarded, env, params, low.slots, _tile_tables(low, t, block, device))
-    shape = (low.params.shape[0] if low.batched else 1, t, t)
-    must = torch.broadcast_to(res.must, shape).clone()
-    may = torch.broadcast_to(res.may, shape) | must
-    return padding_never_full(must, length, block), may
+    env = {"q": Interval(lo[:, None], hi[:, None]), "kv": Interval(lo[None, :], hi[None, :]), "h": h}
+    res = expr.evaluate_tiles(low.guarded, env, _per_layout(params, low.batched), low.slots,
+                              _tile_tables(tables, t, block))
+    shape = (params.shape[0] if low.batched else 1, t, t)
+    # `|` broadcasts a constant result (a CPU scalar) onto the device without a copy
+    must = torch.zeros(shape, dtype=torch.bool, device=params.device) | res.must
+    return padding_never_full(must, length, block), must | res.may
 
 
 def tile_grid(q_tiles, k_tiles, block: int, length):
@@ -82,48 +89,81 @@ def any_all(vals):
     return flat.any(1), flat.all(1)
 
 
-def decide(must, may, block: int, tokens):
-    """Exact (full, partial) from tile bounds: tiles they leave undecided are evaluated by
-    tokens(index rows [U, dims]) -> (any, all), in chunks of CHUNK_ELEMENTS tokens."""
-    full, partial = must.clone(), torch.zeros_like(must)
-    unknown = torch.nonzero(may & ~must)
-    step = max(1, CHUNK_ELEMENTS // (block * block))
-    for c in range(0, len(unknown), step):
-        rows = unknown[c:c + step]
-        anyv, allv = tokens(rows)
-        at = tuple(rows.T)
-        full[at] = allv
-        partial[at] = anyv & ~allv
-    return full, partial
+def first_true(flags: torch.Tensor, cap: int):
+    """Flat positions of the first `cap` True entries of a 1-d bool tensor, in static shapes (no
+    host sync): (rows [cap] int64, live [cap] bool); slots past the last True hold flags.numel()."""
+    m = flags.numel()
+    pos = torch.cumsum(flags, 0) - 1
+    slot = torch.where(flags & (pos < cap), pos, cap)
+    rows = torch.full((cap + 1,), m, dtype=torch.int64, device=flags.device)
+    rows.scatter_(0, slot, torch.arange(m, device=flags.device))  # everything else lands in slot `cap`
+    rows = rows[:cap]
+    return rows, rows < m
 
 
-def to_block_mask(full, partial, block_size: int, mask_mod, length: int):
-    """BlockMask from block states [B, H, T, T]; the backward's q-direction indices come straight
-    from the states (torch derives them through a vmap over the kv indices: most of a small build)."""
+def _unravel(flat: torch.Tensor, shape) -> torch.Tensor:
+    """Flat positions [U] -> index rows [U, len(shape)]."""
+    cols = []
+    for size in reversed(shape):
+        cols.append(flat % size)
+        flat = flat // size
+    return torch.stack(cols[::-1], 1)
+
+
+def decide(must, may, block: int, tokens, cap: int | None = None):
+    """Exact (full, partial, undecided count) from tile bounds: tiles they leave undecided are
+    evaluated by tokens(index rows [U, dims]) -> (any, all), CHUNK_ELEMENTS tokens per step.
+    cap: room for undecided tiles (None: exactly their count, read with one host sync); the result
+    is exact only when the returned count is <= cap."""
+    undecided = (may & ~must).flatten()
+    count = undecided.sum()
+    if cap is None:
+        cap = int(count)
+    full, partial = must.flatten(), torch.zeros(must.numel() + 1, dtype=torch.bool, device=must.device)
+    full = torch.cat([full, full[:1]])  # one spare slot at the end takes the empty slots' writes
+    if cap:
+        rows, live = first_true(undecided, cap)
+        index = _unravel(torch.where(live, rows, 0), must.shape)
+        dest = torch.where(live, rows, must.numel())
+        step = max(1, CHUNK_ELEMENTS // (block * block))
+        for c in range(0, cap, step):
+            anyv, allv = tokens(index[c:c + step])
+            full.scatter_(0, dest[c:c + step], allv)
+            partial.scatter_(0, dest[c:c + step], anyv & ~allv)
+    return full[:-1].view(must.shape), partial[:-1].view(must.shape), count
+
+
+def block_indices(full, partial) -> tuple:
+    """The eight BlockMask index tensors: kv (partial, full) and q (partial, full) directions; the
+    q direction straight from the states (torch derives it through a vmap over the kv indices)."""
+    return (*kv_blocks(partial), *kv_blocks(full), *kv_blocks(partial.transpose(-1, -2)),
+            *kv_blocks(full.transpose(-1, -2)))
+
+
+def to_block_mask(indices: tuple, block_size: int, mask_mod, length: int):
+    """BlockMask from the eight index tensors of block_indices."""
     from torch.nn.attention.flex_attention import BlockMask
 
-    kv_num, kv_idx = kv_blocks(partial)
-    full_num, full_idx = kv_blocks(full)
+    kv_num, kv_idx, full_num, full_idx, q_num, q_idx, fq_num, fq_idx = indices
     bm = BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=block_size,
                                   mask_mod=mask_mod, seq_lengths=(length, length), compute_q_blocks=False)
-    bm.q_num_blocks, bm.q_indices = kv_blocks(partial.transpose(-1, -2))
-    bm.full_q_num_blocks, bm.full_q_indices = kv_blocks(full.transpose(-1, -2))
+    bm.q_num_blocks, bm.q_indices, bm.full_q_num_blocks, bm.full_q_indices = q_num, q_idx, fq_num, fq_idx
     return bm
 
 
-def _tile_tokens(steps, slots, batched, block, params, tables, bij, length, h):
-    """(any, all) allowed per listed tile [U] (rows: batch, q tile, kv tile)."""
-    q_idx, k_idx, valid = tile_grid(bij[:, 1], bij[:, 2], block, length)
-    env = {"q": q_idx, "kv": k_idx, "h": h}
-    return any_all(expr.run_tape(steps, env, _per_layout(params, batched, bij[:, 0]), slots, tables) & valid)
+def _tile_tokens(steps, slots, batched, block, params, tables, rows, length):
+    """(any, all) allowed per listed tile; rows [U, 4]: batch, head, q tile, kv tile."""
+    q_idx, k_idx, valid = tile_grid(rows[:, 2], rows[:, 3], block, length)
+    env = {"q": q_idx, "kv": k_idx, "h": rows[:, 1, None, None]}
+    return any_all(expr.run_tape(steps, env, _per_layout(params, batched, rows[:, 0]), slots, tables) & valid)
 
 
 _COMPILED: dict = {}
 
 
 def _token_stage(low, block: int, compiled: bool):
-    """The token stage for this structure: plain, or compiled once per structure, block size and
-    bucket of tile counts (the tile list is padded to a power of two, so few shapes appear)."""
+    """The token stage for this structure: plain, or compiled once per structure and block size
+    (called on tile lists padded to a power of two, so few shapes appear)."""
     if not compiled:
         return lambda *args: _tile_tokens(low.steps, low.slots, low.batched, block, *args)
     key = (low.steps, tuple(sorted(low.slots.items())), low.batched, block)
@@ -135,27 +175,101 @@ def _token_stage(low, block: int, compiled: bool):
     return fn
 
 
-def block_states(low, block: int, length: int, head: int, device, compiled: bool = False):
-    """Exact (full, partial) bool [B, T, T] for one head."""
-    must, may = classify(low, block, length, head, device)
-    tables = {name: col.to(device) for name, col in low.tables}
-    stage = _token_stage(low, block, compiled)
-    h = torch.tensor(head, device=device)
-    n = torch.tensor(length, device=device)
+def _pow2(m: int) -> int:
+    return 1 << max(m - 1, 0).bit_length()
 
-    def tokens(bij):
-        m = len(bij)
-        if compiled:  # pad the list to a power of two (repeats of its last tile, results dropped)
-            bucket = 1 << max(m - 1, 0).bit_length()
-            bij = torch.cat([bij, bij[-1:].expand(bucket - m, 3)]) if bucket > m else bij
-        anyv, allv = stage(low.params, tables, bij, n, h)
+
+def block_states(low, params, tables: dict, block: int, length: int, heads: list, stage, cap=None,
+                 pad: bool = False):
+    """(full, partial [B, H, T, T], undecided count) of a lowered layer; heads: 0-d tensors;
+    pad: tile lists padded to a power of two (a compiled stage then sees few shapes)."""
+    states = [classify(low, params, tables, block, length, h) for h in heads]
+    must = torch.stack([m for m, _ in states], 1)
+    may = torch.stack([m for _, m in states], 1)
+    n = torch.full((), length, dtype=torch.int64, device=params.device)
+
+    def tokens(rows):
+        m = len(rows)
+        if pad and m:
+            rows = torch.cat([rows, rows[-1:].expand(_pow2(m) - m, 4)])
+        anyv, allv = stage(params, tables, rows, n)
         return anyv[:m], allv[:m]
-    return decide(must, may, block, tokens)
+    return decide(must, may, block, tokens, cap)
+
+
+class _CapturedBuild:
+    """One structure's build at one length, captured as a CUDA graph with static inputs."""
+
+    def __init__(self, low, block: int, length: int, heads: int, stage, cap: int):
+        device = low.params.device
+        self.root, self.cap = low.guarded, cap  # the root kept alive: the cache key holds its id
+        self.params = low.params.clone()
+        self.tables = {k: v.clone() for k, v in low.tables}
+        hs = [torch.full((), h, dtype=torch.int64, device=device) for h in range(heads)]
+
+        def build():
+            full, partial, count = block_states(low, self.params, self.tables, block, length, hs, stage, cap)
+            idx = block_indices(full, partial)
+            return torch.cat([t.flatten() for t in idx] + [count.to(torch.int32).view(1)]), [t.shape for t in idx]
+
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):  # warm-up: compiles and allocator pools settle outside capture
+            for _ in range(2):
+                build()
+        torch.cuda.current_stream(device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.out, self.shapes = build()
+
+    def run(self, low):
+        """Copy the sizes in, replay; (the eight index tensors, undecided count)."""
+        self.params.copy_(low.params)
+        for name, col in low.tables:
+            self.tables[name].copy_(col)
+        self.graph.replay()
+        flat = self.out.clone()  # the graph's buffers are overwritten by the next replay
+        count = int(flat[-1])
+        parts, at = [], 0
+        for shape in self.shapes:
+            size = shape.numel()
+            parts.append(flat[at:at + size].view(shape))
+            at += size
+        return tuple(parts), count
+
+
+_GRAPHS: "OrderedDict[tuple, _CapturedBuild]" = OrderedDict()
+
+
+def _graph_indices(low, block: int, length: int, heads: int, stage) -> tuple:
+    """block_indices of `low` through a cached CUDA graph (captured again if its capacity overflows)."""
+    key = (id(low.guarded), low.keys, low.batched, tuple(low.params.shape), low.params.dtype,
+           tuple((k, tuple(v.shape)) for k, v in low.tables), block, length, heads, str(low.params.device))
+    entry = _GRAPHS.get(key)
+    if entry is not None:
+        _GRAPHS.move_to_end(key)
+        indices, count = entry.run(low)
+        if count <= entry.cap:
+            return indices
+    else:  # first build: its exact count sizes the capacity
+        _, _, count = block_states(low, low.params, dict(low.tables), block, length,
+                                   [torch.full((), h, device=low.params.device) for h in range(heads)],
+                                   stage, None, pad=True)
+        count = int(count)
+    cap = max(64, _pow2(count))
+    entry = _GRAPHS[key] = _CapturedBuild(low, block, length, heads, stage, cap)
+    while len(_GRAPHS) > GRAPH_CACHE:
+        _GRAPHS.popitem(last=False)
+    indices, count = entry.run(low)
+    assert count <= entry.cap
+    return indices
 
 
 def build_block_mask(low, block_size: int = 128, device=None, num_heads: int | None = None,
-                     length: int | None = None, compiled: bool | None = None):
-    """torch BlockMask [B, H, T, T] of a lowered layer (H = 1 unless the rules switch on heads)."""
+                     length: int | None = None, compiled: bool | None = None, graph: bool | None = None):
+    """torch BlockMask [B, H, T, T] of a lowered layer (H = 1 unless the rules switch on heads).
+    compiled: the token stage through torch.compile; graph: the whole build as a replayed CUDA
+    graph (both default on CUDA)."""
     device = torch.device(device or low.params.device)
     length = length or low.n
     if length < low.n:
@@ -166,11 +280,18 @@ def build_block_mask(low, block_size: int = 128, device=None, num_heads: int | N
     heads = 1
     if compiled is None:
         compiled = device.type == "cuda"
+    if graph is None:
+        graph = compiled and device.type == "cuda"
     if low.uses_head:
         if num_heads is None:
             raise ValueError("this spec has per-head rules: pass num_heads=<the model's query heads>")
         heads = num_heads
-    states = [block_states(low, block_size, length, h, device, compiled) for h in range(heads)]
-    full = torch.stack([f for f, _ in states], 1)
-    partial = torch.stack([p for _, p in states], 1)
-    return to_block_mask(full, partial, block_size, low.mask_mod, length)
+    stage = _token_stage(low, block_size, compiled)
+    if graph:
+        indices = _graph_indices(low, block_size, length, heads, stage)
+    else:
+        hs = [torch.full((), h, device=device) for h in range(heads)]
+        full, partial, _ = block_states(low, low.params, dict(low.tables), block_size, length, hs, stage,
+                                        pad=compiled)
+        indices = block_indices(full, partial)
+    return to_block_mask(indices, block_size, low.mask_mod, length)

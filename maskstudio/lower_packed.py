@@ -18,7 +18,7 @@ from . import expr
 from .bounds import Interval, Tri
 from .errors import SpecError
 from .lower import _fits, _require_baked, _signature, _values
-from .lower_blocks import any_all, decide, padding_never_full, tile_edges, tile_grid, to_block_mask
+from .lower_blocks import any_all, block_indices, decide, padding_never_full, tile_edges, tile_grid, to_block_mask
 
 
 class _Columns:
@@ -84,7 +84,7 @@ class Packed:
         states = [_states(packed, block_size, length, h) for h in range(heads)]
         full = torch.stack([f for f, _ in states])[None]
         partial = torch.stack([p for _, p in states])[None]
-        return to_block_mask(full, partial, block_size, packed.mask_mod, length)
+        return to_block_mask(block_indices(full, partial), block_size, packed.mask_mod, length)
 
 
 def _states(packed: Packed, block: int, length: int, head: int):
@@ -111,7 +111,8 @@ def _states(packed: Packed, block: int, length: int, head: int):
     def tokens(ij):
         q_idx, k_idx, valid = tile_grid(ij[:, 0], ij[:, 1], block, length)
         return any_all(packed.mask_mod(0, h, q_idx, k_idx) & valid)
-    return decide(must, may, block, tokens)
+    full, partial, _ = decide(must, may, block, tokens)
+    return full, partial
 
 
 def pack(low, layouts: list, length: int | None = None) -> Packed:

@@ -121,6 +121,28 @@ def test_batches_of_layouts_equal_each_layout(raw, extra, head):
     assert_blocks_equal(ours, ref)
 
 
+@FAST
+@given(specs(), st.integers(0, 5), st.integers(0, 40), st.sampled_from([4, 8]))
+def test_static_capacity_builds_are_exact_or_say_they_overflowed(raw, extra, cap, block):
+    """The CUDA-graph build runs with a fixed room for undecided tiles (no host sync): with room
+    enough it equals the exact build, bit for bit; short of room its count says so."""
+    from maskstudio.lower_blocks import _token_stage, block_states
+
+    spec = Spec.load(raw)
+    batch = lower(spec).batch([spec, spec.with_sizes(grown(raw, extra))])
+    heads = [torch.tensor(h) for h in range(3 if batch.uses_head else 1)]
+    stage = _token_stage(batch, block, compiled=False)
+    args = (batch, batch.params, dict(batch.tables), block, batch.n, heads, stage)
+    full, partial, count = block_states(*args)
+    s_full, s_partial, s_count = block_states(*args, cap=cap)
+    assert int(s_count) == int(count)
+    if cap >= int(count):
+        assert torch.equal(s_full, full) and torch.equal(s_partial, partial)
+    # fewer undecided tiles than slots, or exactly as many: a tight capacity is exact too
+    t_full, t_partial, _ = block_states(*args, cap=int(count))
+    assert torch.equal(t_full, full) and torch.equal(t_partial, partial)
+
+
 def test_sizes_change_values_not_the_expression():
     spec = Spec.load("presets/multiverse.json")
     low = lower(spec)
@@ -130,7 +152,31 @@ def test_sizes_change_values_not_the_expression():
     video = Spec.load("presets/nfd.json")
     a, b = lower(video), lower(video).for_sizes({"video": [9, 5, 7]})
     assert a.structure_key == b.structure_key
-    assert expr.source(a.root) == "((kv // P[('hw', 0)]) <= (q // P[('hw', 0)]))"
+    assert expr.source(a.root) == "(_div(kv, P[('hw', 0)]) <= _div(q, P[('hw', 0)]))"
+
+
+@FAST
+@given(st.integers(-(1 << 21) + 1, (1 << 21) - 1), st.integers(1, 1 << 22))
+def test_float_quotient_division_is_exact_below_its_bound(a, d):
+    """Divisions by a size run through a float32 quotient and one correction (GPUs have no integer
+    divider); exact for every dividend below FAST_DIVIDEND, negative ones included."""
+    x = torch.tensor([a, -a, a // 2, a - 1], dtype=torch.int32)
+    assert torch.equal(expr.floordiv_by_size(x, torch.tensor(d, dtype=torch.int32)), x // d)
+
+
+def test_large_layouts_keep_exact_division():
+    """Dividends that can reach FAST_DIVIDEND (a 1,500 x 1,500 image) keep `//`; a small lowering
+    asked for those sizes is lowered again rather than reused."""
+    def cca(side):
+        return Spec.load({"segments": [{"name": "t", "length": 7},
+                                       {"name": "img", "modality": "image", "grid": [side, side]}],
+                          "mask": {"rules": [{"q": "img", "k": "img", "pattern": "block_causal", "by": "ring"}]}},
+                         max_tokens=1 << 22)
+    small, big = lower(cca(40)), cca(1500)
+    assert "fdiv" in {nd.op for nd in expr.nodes(small.root)}
+    for low in (lower(big), small.for_spec(big), small.batch([cca(40), big])):
+        ops = {nd.op for nd in expr.nodes(low.root)}
+        assert "floordiv" in ops and "fdiv" not in ops
 
 
 def test_sizes_never_change_the_kernel():
