@@ -178,10 +178,12 @@ def _variant(layer):
     return VARIANTS[tuple(layer in s for s in LAYER_SETS)]
 
 
-def mask_mod_for(sizes=None, layer=0, padded=False):
-    """mask_mod(b, h, q_idx, kv_idx) at these sizes (padded: keys and queries past the end masked)."""
+def mask_mod_for(sizes=None, layer=0, padded=False, device="cpu"):
+    """mask_mod(b, h, q_idx, kv_idx) at these sizes (padded: keys and queries past the end masked);
+    device: where its captured tensors live (the device attention runs on)."""
     P, table = params_for(sizes)
-    T = {{a: table.attrs[a] for a in LOOKUPS}}
+    P = P.to(device)
+    T = {{a: table.attrs[a].to(device) for a in LOOKUPS}}
     fn = _variant(layer)[0]
 
     def mask_mod(b, h, q_idx, kv_idx):
@@ -202,7 +204,7 @@ def block_mask_for(sizes_or_batch=None, device="cpu", layer=0, num_heads=None, b
     if not isinstance(sizes_or_batch, list):
         P, table = params_for(sizes_or_batch)
         n = length or table.n
-        mask_mod = mask_mod_for(sizes_or_batch, layer, padded=n > table.n)
+        mask_mod = mask_mod_for(sizes_or_batch, layer, padded=n > table.n, device=device)
         return create_block_mask(mask_mod, None, heads, n, n, device=device, BLOCK_SIZE=block_size)
     if LOOKUPS:
         raise ValueError(f"attributes {{LOOKUPS}} are per-token tables: build one BlockMask per layout")

@@ -371,7 +371,11 @@ def _interval_op(o, args):
         return abs(Interval.of(x))
     if o == "neg":
         return -Interval.of(x)
-    return _TENSOR[o](Interval.of(x), args[1])
+    # the method, not operator.add(...): torch.compile traces methods of plain Python objects
+    return getattr(Interval.of(x), _DUNDER[o])(args[1])
+
+
+_DUNDER = {"add": "__add__", "sub": "__sub__", "mul": "__mul__", "bmul": "__mul__"}
 
 
 def _interval_apply(o, args):

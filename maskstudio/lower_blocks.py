@@ -198,9 +198,10 @@ def block_states(low, params, tables: dict, block: int, length: int, heads: list
 
 
 class _CapturedBuild:
-    """One structure's build at one length, captured as a CUDA graph with static inputs."""
+    """One structure's build at one length, captured as a CUDA graph with static inputs (off CUDA
+    the same static build runs eagerly: what the CPU tests exercise)."""
 
-    def __init__(self, low, block: int, length: int, heads: int, stage, cap: int):
+    def __init__(self, low, block: int, length: int, heads: int, stage, cap: int, fuse: bool = False):
         device = low.params.device
         self.root, self.cap = low.guarded, cap  # the root kept alive: the cache key holds its id
         self.params = low.params.clone()
@@ -212,22 +213,32 @@ class _CapturedBuild:
             idx = block_indices(full, partial)
             return torch.cat([t.flatten() for t in idx] + [count.to(torch.int32).view(1)]), [t.shape for t in idx]
 
+        self.build, self.graph = build, None
+        if fuse:  # one compiled program: the tile-bound arithmetic fused into a few kernels
+            shapes = build()[1]
+            fused = torch.compile(lambda: build()[0], dynamic=False)
+            self.build = lambda: (fused(), shapes)
+        if device.type != "cuda":
+            return
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):  # warm-up: compiles and allocator pools settle outside capture
             for _ in range(2):
-                build()
+                self.build()
         torch.cuda.current_stream(device).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.out, self.shapes = build()
+            self.out, self.shapes = self.build()
 
     def run(self, low):
         """Copy the sizes in, replay; (the eight index tensors, undecided count)."""
         self.params.copy_(low.params)
         for name, col in low.tables:
             self.tables[name].copy_(col)
-        self.graph.replay()
+        if self.graph is None:
+            self.out, self.shapes = self.build()
+        else:
+            self.graph.replay()
         flat = self.out.clone()  # the graph's buffers are overwritten by the next replay
         count = int(flat[-1])
         parts, at = [], 0
@@ -241,9 +252,9 @@ class _CapturedBuild:
 _GRAPHS: "OrderedDict[tuple, _CapturedBuild]" = OrderedDict()
 
 
-def _graph_indices(low, block: int, length: int, heads: int, stage) -> tuple:
+def _graph_indices(low, block: int, length: int, heads: int, stage, fuse: bool = False) -> tuple:
     """block_indices of `low` through a cached CUDA graph (captured again if its capacity overflows)."""
-    key = (id(low.guarded), low.keys, low.batched, tuple(low.params.shape), low.params.dtype,
+    key = (fuse, id(low.guarded), low.keys, low.batched, tuple(low.params.shape), low.params.dtype,
            tuple((k, tuple(v.shape)) for k, v in low.tables), block, length, heads, str(low.params.device))
     entry = _GRAPHS.get(key)
     if entry is not None:
@@ -257,7 +268,7 @@ def _graph_indices(low, block: int, length: int, heads: int, stage) -> tuple:
                                    stage, None, pad=True)
         count = int(count)
     cap = max(64, _pow2(count))
-    entry = _GRAPHS[key] = _CapturedBuild(low, block, length, heads, stage, cap)
+    entry = _GRAPHS[key] = _CapturedBuild(low, block, length, heads, stage, cap, fuse)
     while len(_GRAPHS) > GRAPH_CACHE:
         _GRAPHS.popitem(last=False)
     indices, count = entry.run(low)
@@ -266,10 +277,12 @@ def _graph_indices(low, block: int, length: int, heads: int, stage) -> tuple:
 
 
 def build_block_mask(low, block_size: int = 128, device=None, num_heads: int | None = None,
-                     length: int | None = None, compiled: bool | None = None, graph: bool | None = None):
+                     length: int | None = None, compiled: bool | None = None, graph: bool | None = None,
+                     fuse: bool = False):
     """torch BlockMask [B, H, T, T] of a lowered layer (H = 1 unless the rules switch on heads).
     compiled: the token stage through torch.compile; graph: the whole build as a replayed CUDA
-    graph (both default on CUDA)."""
+    graph (both default on CUDA); fuse: the whole build compiled before it is captured (fewest
+    kernels per build, for training loops; its first build at a structure and length compiles)."""
     device = torch.device(device or low.params.device)
     length = length or low.n
     if length < low.n:
@@ -281,14 +294,14 @@ def build_block_mask(low, block_size: int = 128, device=None, num_heads: int | N
     if compiled is None:
         compiled = device.type == "cuda"
     if graph is None:
-        graph = compiled and device.type == "cuda"
+        graph = compiled and device.type == "cuda"  # graph off CUDA: the same static build, uncaptured
     if low.uses_head:
         if num_heads is None:
             raise ValueError("this spec has per-head rules: pass num_heads=<the model's query heads>")
         heads = num_heads
     stage = _token_stage(low, block_size, compiled)
     if graph:
-        indices = _graph_indices(low, block_size, length, heads, stage)
+        indices = _graph_indices(low, block_size, length, heads, stage, fuse)
     else:
         hs = [torch.full((), h, device=device) for h in range(heads)]
         full, partial, _ = block_states(low, low.params, dict(low.tables), block_size, length, hs, stage,

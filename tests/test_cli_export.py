@@ -234,6 +234,21 @@ def test_flex_export_takes_any_sizes_of_every_preset(tmp_path):
         assert torch.equal(ours.to_dense(), ref.to_dense()), p["name"]
 
 
+def test_flex_export_mask_mods_capture_tensors_on_their_device(tmp_path):
+    """A compiled kernel cannot read a CPU tensor: mask_mod_for(device=...) keeps P and the lookup
+    tables where attention runs (block_mask_for passes its device)."""
+    import runpy
+
+    for name in ("presets/cca.json", "presets/ancat.json"):
+        spec = Spec.load(name)
+        ns = runpy.run_path(str(_write(tmp_path, "dev", flex_code(spec))))
+        mm = ns["mask_mod_for"](None, device="meta")
+        tensors = [c.cell_contents for c in mm.__closure__ if isinstance(c.cell_contents, torch.Tensor)]
+        tensors += [t for c in mm.__closure__ if isinstance(c.cell_contents, dict)
+                    for t in c.cell_contents.values() if isinstance(t, torch.Tensor)]
+        assert tensors and all(t.device.type == "meta" for t in tensors), name
+
+
 def _write(folder, name, code):
     path = folder / f"{name}.py"
     path.write_text(code)

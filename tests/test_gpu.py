@@ -24,9 +24,11 @@ COMPILED = ("multiverse", "cca", "ancat")  # the rest take the eager token stage
 
 
 def graph_vs_cpu(low, block, heads, compiled=False):
-    """The CUDA build (graph path) equals the CPU build of the same lowering."""
-    ours = low.block_mask(block_size=block, device="cuda", num_heads=heads, compiled=compiled, graph=True)
+    """The CUDA builds (eager, then the graph path) equal the CPU build of the same lowering."""
     ref = low.block_mask(block_size=block, device="cpu", num_heads=heads)
+    eager = low.block_mask(block_size=block, device="cuda", num_heads=heads, compiled=compiled, graph=False)
+    assert_blocks_equal(eager.to("cpu"), ref)
+    ours = low.block_mask(block_size=block, device="cuda", num_heads=heads, compiled=compiled, graph=True)
     assert_blocks_equal(ours.to("cpu"), ref)
     return ours
 
@@ -67,3 +69,25 @@ def test_replays_never_overwrite_an_earlier_mask():
         again = low.for_sizes(sizes).block_mask(4, "cuda", length=96, compiled=False, graph=True)
         assert_blocks_equal(again.to("cpu"), low.for_sizes(sizes).block_mask(4, "cpu", length=96))
     assert_blocks_equal(first.to("cpu"), kept)
+
+
+def test_exported_file_runs_compiled_flex_attention_on_cuda(tmp_path):
+    """The `export --format flex` file on CUDA: its BlockMask and mask_mod drive compiled
+    FlexAttention and give the lowered mask's output (its tensors live on the GPU)."""
+    import runpy
+
+    from torch.nn.attention.flex_attention import flex_attention
+
+    from maskstudio.export import flex_code
+
+    flex = torch.compile(flex_attention, dynamic=False)
+    for name in ("presets/cca.json", "presets/multiverse.json"):
+        spec = Spec.load(name)
+        path = tmp_path / "exported.py"
+        path.write_text(flex_code(spec))
+        ns = runpy.run_path(str(path))
+        bm = ns["block_mask_for"](None, device="cuda", block_size=16)
+        q, k, v = (torch.randn(1, 2, spec.n, 16, device="cuda") for _ in range(3))
+        ours = flex(q, k, v, block_mask=bm)
+        ref = flex(q, k, v, block_mask=lower(spec).block_mask(16, "cuda"))
+        assert (ours - ref).abs().max() < 1e-5, name
