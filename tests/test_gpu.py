@@ -62,12 +62,12 @@ def test_graph_replays_at_new_sizes_stay_exact(raw, extra):
 def test_replays_never_overwrite_an_earlier_mask():
     spec = Spec.load("presets/multiverse.json")
     low = lower(spec).padded_to()
-    first = low.block_mask(4, "cuda", length=96, compiled=False, graph=True)
+    first = low.block_mask(4, "cuda", length=128, compiled=False, graph=True)
     kept = first.to("cpu")
     for extra in (1, 7, 13):  # other sizes at the same padded length: the same graph replays
         sizes = {s["name"]: s["length"] + extra for s in spec.segments}
-        again = low.for_sizes(sizes).block_mask(4, "cuda", length=96, compiled=False, graph=True)
-        assert_blocks_equal(again.to("cpu"), low.for_sizes(sizes).block_mask(4, "cpu", length=96))
+        again = low.for_sizes(sizes).block_mask(4, "cuda", length=128, compiled=False, graph=True)
+        assert_blocks_equal(again.to("cpu"), low.for_sizes(sizes).block_mask(4, "cpu", length=128))
     assert_blocks_equal(first.to("cpu"), kept)
 
 
