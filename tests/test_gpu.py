@@ -86,8 +86,8 @@ def test_exported_file_runs_compiled_flex_attention_on_cuda(tmp_path):
         path = tmp_path / "exported.py"
         path.write_text(flex_code(spec))
         ns = runpy.run_path(str(path))
-        bm = ns["block_mask_for"](None, device="cuda", block_size=16)
+        bm = ns["block_mask_for"](None, device="cuda")  # 128-token blocks: the compiled kernel's tiles
         q, k, v = (torch.randn(1, 2, spec.n, 16, device="cuda") for _ in range(3))
         ours = flex(q, k, v, block_mask=bm)
-        ref = flex(q, k, v, block_mask=lower(spec).block_mask(16, "cuda"))
+        ref = flex(q, k, v, block_mask=lower(spec).block_mask(128, "cuda"))
         assert (ours - ref).abs().max() < 1e-5, name
