@@ -235,8 +235,10 @@ def exported_block_mask(spec, device):
 
 def division_variants(spec, lower, device) -> dict:
     """The lowered mask with exact integer division by sizes ('lowered_exact_div', the kernel before
-    float-quotient division) and with grid sides compiled in ('lowered_const_grids'), for designs
-    that divide by a size (their BlockMasks; attention timed beside the others)."""
+    float-quotient division), with grid sides compiled in ('lowered_const_grids') and with every
+    size a constant ('lowered_const_all': the same expression as hand-written code would hold it,
+    which separates the cost of reading P from the cost of the expression's shape), for designs that
+    divide by a size (their BlockMasks; attention timed beside the others)."""
     from dataclasses import replace
 
     from maskstudio import expr
@@ -245,8 +247,11 @@ def division_variants(spec, lower, device) -> dict:
     if not any(nd.op in ("fdiv", "floordiv") and nd.args[1].op == "p" for nd in expr.nodes(low.root)):
         return {}
     exact = replace(low, root=expr.with_fast_divisions(low.root, set()))
+    values = dict(zip(low.keys, low.params.tolist()))
+    constants = replace(low, root=expr.substitute(low.root, values))  # every size a constant, as by hand
     return {"lowered_exact_div": lowered_block_mask(exact, device),
-            "lowered_const_grids": lowered_block_mask(low.with_constant_grids(), device)}
+            "lowered_const_grids": lowered_block_mask(low.with_constant_grids(), device),
+            "lowered_const_all": lowered_block_mask(constants, device)}
 
 
 def err_text(err: BaseException) -> str:
@@ -370,7 +375,7 @@ def sdpa_ctx(device):
     return contextlib.nullcontext(), "default (cpu)"
 
 
-def try_measure(fn, device, reps, warmup=WARMUP, budget_s=None, min_warmup=1):
+def try_measure(fn, device, reps, warmup=WARMUP, budget_s=None, min_warmup=2):
     """measure(), or the error text (an OOM, a kernel that does not fit, a missing API)."""
     try:
         return measure(fn, reps=reps, warmup=warmup, device=device, budget_s=budget_s, min_warmup=min_warmup)
@@ -454,12 +459,6 @@ def part_attention(args, device, n, designs, lower, flex_c, cbm_c, dtype, log, s
                 m = try_measure(lambda: lowered_block_mask(low, device), device, args.reps, budget_s=args.budget_s)
                 bm_low = m.pop("out") if isinstance(m, dict) else None
                 builds["lowered_block_mask"] = m
-                if device.type == "cuda":  # the whole build compiled, then captured
-                    m = try_measure(lambda: low.block_mask(block_size=BLOCK, device=device, fuse=True), device,
-                                    args.reps, budget_s=args.budget_s)
-                    if isinstance(m, dict):
-                        same["lowered_fused"] = same_blocks(m.pop("out"), bm_hand)
-                    builds["lowered_fused_block_mask"] = m
                 if bm_low is not None:
                     same["lowered"] = same_blocks(bm_low, bm_hand)
                     row["lowered_mask_mod"] = getattr(bm_low.mask_mod, "__qualname__", repr(bm_low.mask_mod))
@@ -510,8 +509,7 @@ def part_attention(args, device, n, designs, lower, flex_c, cbm_c, dtype, log, s
             f"spec {med(attention['spec'])} lowered {med(attention['lowered'])} export "
             f"{med(attention.get('export', '-'))} {' '.join(f'{k} {med(attention[k])}' for k in variants)} | BlockMask ms: compiled cbm "
             f"{med(builds['create_block_mask_compiled'])} plain {med(builds['create_block_mask'])} spec "
-            f"{med(builds['spec_block_mask'])} lowered {med(builds['lowered_block_mask'])} fused "
-            f"{med(builds.get('lowered_fused_block_mask', '-'))} | same blocks {same} "
+            f"{med(builds['spec_block_mask'])} lowered {med(builds['lowered_block_mask'])} | same blocks {same} "
             f"| max|diff| {diffs}")
         del bm_hand, bm_spec, bm_low, bm_export
         if str(device).startswith("cuda"):
@@ -592,20 +590,13 @@ def part_batch(args, device, n, lower, cbm_c, log) -> dict:
             if isinstance(m, dict):
                 res["lowered_identical"] = same_blocks(m.pop("out"), ref)
             res["lowered_batch_block_mask"] = m
-            if device.type == "cuda":
-                m = try_measure(lambda: batched.block_mask(block_size=BLOCK, device=device, fuse=True), device,
-                                args.reps, budget_s=args.budget_s)
-                if isinstance(m, dict):
-                    res["lowered_fused_identical"] = same_blocks(m.pop("out"), ref)
-                res["lowered_fused_batch_block_mask"] = m
         except Exception as err:  # noqa: BLE001
             res["lowered_batch_block_mask"] = err_text(err)
     med = lambda x: f"{x['median_ms']:.3f}" if isinstance(x, dict) else str(x)[:80]  # noqa: E731
     log(f"batch {BATCH} x N={n}: compiled cbm {med(res['create_block_mask_compiled'])} ms, plain "
         f"{med(res['create_block_mask'])}, 8 x spec.block_mask {med(res['spec_block_mask_x8'])} ms "
         f"(identical {res.get('spec_block_mask_x8_identical')}), lowered batch {med(res['lowered_batch_block_mask'])} "
-        f"(+ {med(res.get('lowered_batch_prepare', '-'))} ms to make P from 8 specs) fused "
-        f"{med(res.get('lowered_fused_batch_block_mask', '-'))} "
+        f"(+ {med(res.get('lowered_batch_prepare', '-'))} ms to make P from 8 specs) "
         f"(identical {res.get('lowered_identical')})")
     return res
 

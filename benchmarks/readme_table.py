@@ -139,6 +139,25 @@ def block(runs: list) -> str:
                        f"{row['density']:.3f} | {ms(a.get('hand'))} | {ms(a.get('spec'))} | {ms(a.get('lowered'))} | "
                        f"{ratio(a.get('spec'), a.get('hand'))} | **{ratio(a.get('lowered'), a.get('hand'))}** | "
                        f"{ms(anchors['sdpa_causal'])} | {ms(anchors['sdpa_full'])} | {dens} |")
+    extra_paths = ("export", "lowered_exact_div", "lowered_const_grids", "lowered_const_all")
+    extra_rows = [(n, row) for n in sorted(by_n) for row in by_n[n][0]["rows"]
+                  if any(isinstance(row["attention"].get(k), dict) for k in extra_paths)]
+    if extra_rows:
+        out += [
+            "",
+            "Other kernels of the same designs, same runs, as ratios to hand-written: *export* = the "
+            "`export --format flex` file imported as a module (its `block_mask_for`); *exact division* = "
+            "the lowered mask with `//` by sizes instead of the float-quotient division; *constant grids* = "
+            "`Lowered.with_constant_grids()`; *all constants* = every size a Python constant (the hand-written "
+            "form of the same expression):",
+            "",
+            "| N | design | export / hand | exact division / hand | constant grids / hand | all constants / hand |",
+            "|---|---|---|---|---|---|",
+        ]
+        for n, row in extra_rows:
+            a = row["attention"]
+            cells = [ratio(a.get(k), a.get("hand")) if isinstance(a.get(k), dict) else "—" for k in extra_paths]
+            out.append(f"| {tokens(n)} | {NAMES.get(row['design'], row['design'])} | " + " | ".join(cells) + " |")
     out += [
         "",
         "BlockMask builds on the device (ms, same runs; *speed-up* = compiled `create_block_mask` / lowered; "

@@ -354,14 +354,12 @@ class Lowered:
         return self.mask_mod(torch.tensor(b), torch.tensor(head), idx[:, None], idx[None, :]).expand(n, n)
 
     def block_mask(self, block_size: int = 128, device=None, num_heads: int | None = None,
-                   length: int | None = None, compiled: bool | None = None, graph: bool | None = None,
-                   fuse: bool = False):
+                   length: int | None = None, compiled: bool | None = None, graph: bool | None = None):
         """torch BlockMask built on `device` from tile bounds; tokens are touched in partial tiles only
         (compiled: fuse the token stage with torch.compile; graph: replay the whole build as a CUDA
-        graph captured once per structure and length; both default on CUDA; fuse: compile the whole
-        build before capturing it, fewest kernels per build, a compile per structure and length)."""
+        graph captured once per structure and length; both default on CUDA)."""
         from .lower_blocks import build_block_mask
-        return build_block_mask(self, block_size, device, num_heads, length, compiled, graph, fuse)
+        return build_block_mask(self, block_size, device, num_heads, length, compiled, graph)
 
 
 def make_mask_mod(steps: tuple, params: torch.Tensor, slots: dict, tables: dict, batched: bool, text: str = ""):

@@ -201,7 +201,7 @@ class _CapturedBuild:
     """One structure's build at one length, captured as a CUDA graph with static inputs (off CUDA
     the same static build runs eagerly: what the CPU tests exercise)."""
 
-    def __init__(self, low, block: int, length: int, heads: int, stage, cap: int, fuse: bool = False):
+    def __init__(self, low, block: int, length: int, heads: int, stage, cap: int):
         device = low.params.device
         self.root, self.cap = low.guarded, cap  # the root kept alive: the cache key holds its id
         self.params = low.params.clone()
@@ -214,10 +214,6 @@ class _CapturedBuild:
             return torch.cat([t.flatten() for t in idx] + [count.to(torch.int32).view(1)]), [t.shape for t in idx]
 
         self.build, self.graph = build, None
-        if fuse:  # one compiled program: the tile-bound arithmetic fused into a few kernels
-            shapes = build()[1]
-            fused = torch.compile(lambda: build()[0], dynamic=False)
-            self.build = lambda: (fused(), shapes)
         if device.type != "cuda":
             return
         side = torch.cuda.Stream(device)
@@ -252,9 +248,9 @@ class _CapturedBuild:
 _GRAPHS: "OrderedDict[tuple, _CapturedBuild]" = OrderedDict()
 
 
-def _graph_indices(low, block: int, length: int, heads: int, stage, fuse: bool = False) -> tuple:
+def _graph_indices(low, block: int, length: int, heads: int, stage) -> tuple:
     """block_indices of `low` through a cached CUDA graph (captured again if its capacity overflows)."""
-    key = (fuse, id(low.guarded), low.keys, low.batched, tuple(low.params.shape), low.params.dtype,
+    key = (id(low.guarded), low.keys, low.batched, tuple(low.params.shape), low.params.dtype,
            tuple((k, tuple(v.shape)) for k, v in low.tables), block, length, heads, str(low.params.device))
     entry = _GRAPHS.get(key)
     if entry is not None:
@@ -268,7 +264,7 @@ def _graph_indices(low, block: int, length: int, heads: int, stage, fuse: bool =
                                    stage, None, pad=True)
         count = int(count)
     cap = max(64, _pow2(count))
-    entry = _GRAPHS[key] = _CapturedBuild(low, block, length, heads, stage, cap, fuse)
+    entry = _GRAPHS[key] = _CapturedBuild(low, block, length, heads, stage, cap)
     while len(_GRAPHS) > GRAPH_CACHE:
         _GRAPHS.popitem(last=False)
     indices, count = entry.run(low)
@@ -277,12 +273,10 @@ def _graph_indices(low, block: int, length: int, heads: int, stage, fuse: bool =
 
 
 def build_block_mask(low, block_size: int = 128, device=None, num_heads: int | None = None,
-                     length: int | None = None, compiled: bool | None = None, graph: bool | None = None,
-                     fuse: bool = False):
+                     length: int | None = None, compiled: bool | None = None, graph: bool | None = None):
     """torch BlockMask [B, H, T, T] of a lowered layer (H = 1 unless the rules switch on heads).
     compiled: the token stage through torch.compile; graph: the whole build as a replayed CUDA
-    graph (both default on CUDA); fuse: the whole build compiled before it is captured (fewest
-    kernels per build, for training loops; its first build at a structure and length compiles)."""
+    graph (both default on CUDA)."""
     device = torch.device(device or low.params.device)
     length = length or low.n
     if length < low.n:
@@ -301,7 +295,7 @@ def build_block_mask(low, block_size: int = 128, device=None, num_heads: int | N
         heads = num_heads
     stage = _token_stage(low, block_size, compiled)
     if graph:
-        indices = _graph_indices(low, block_size, length, heads, stage, fuse)
+        indices = _graph_indices(low, block_size, length, heads, stage)
     else:
         hs = [torch.full((), h, device=device) for h in range(heads)]
         full, partial, _ = block_states(low, low.params, dict(low.tables), block_size, length, hs, stage,

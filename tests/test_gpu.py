@@ -47,7 +47,7 @@ def test_graph_build_equals_cpu_build_and_create_block_mask(path):
             assert_blocks_equal(ours.to("cpu"), ref)
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=25, deadline=None, print_blob=True)  # a failure prints its reproduction
 @given(specs(), st.integers(0, 9))
 def test_graph_replays_at_new_sizes_stay_exact(raw, extra):
     spec = Spec.load(raw)
@@ -73,20 +73,25 @@ def test_replays_never_overwrite_an_earlier_mask():
 
 def test_exported_file_runs_compiled_flex_attention_on_cuda(tmp_path):
     """The `export --format flex` file on CUDA: its BlockMask and mask_mod drive compiled
-    FlexAttention and give the lowered mask's output (its tensors live on the GPU)."""
-    import runpy
+    FlexAttention and give the lowered mask's output (its tensors live on the GPU). Imported as a
+    real module, as a user would: torch.compile re-imports a mask_mod's module."""
+    import importlib.util
+    import sys
 
     from torch.nn.attention.flex_attention import flex_attention
 
     from maskstudio.export import flex_code
 
     flex = torch.compile(flex_attention, dynamic=False)
-    for name in ("presets/cca.json", "presets/multiverse.json"):
-        spec = Spec.load(name)
-        path = tmp_path / "exported.py"
+    for name in ("cca", "multiverse"):
+        spec = Spec.load(f"presets/{name}.json")
+        path = tmp_path / f"exported_{name}.py"
         path.write_text(flex_code(spec))
-        ns = runpy.run_path(str(path))
-        bm = ns["block_mask_for"](None, device="cuda")  # 128-token blocks: the compiled kernel's tiles
+        mod_spec = importlib.util.spec_from_file_location(f"exported_{name}", path)
+        module = importlib.util.module_from_spec(mod_spec)
+        sys.modules[mod_spec.name] = module
+        mod_spec.loader.exec_module(module)
+        bm = module.block_mask_for(None, device="cuda")  # 128-token blocks: the compiled kernel's tiles
         q, k, v = (torch.randn(1, 2, spec.n, 16, device="cuda") for _ in range(3))
         ours = flex(q, k, v, block_mask=bm)
         ref = flex(q, k, v, block_mask=lower(spec).block_mask(128, "cuda"))
