@@ -254,6 +254,17 @@ def division_variants(spec, lower, device) -> dict:
             "lowered_const_all": lowered_block_mask(constants, device)}
 
 
+def with_compiled_bounds(fn):
+    """fn() with knobs.COMPILE_TILE_BOUNDS on (the device builder's compiled tile-bound pass)."""
+    from maskstudio import knobs
+
+    knobs.COMPILE_TILE_BOUNDS = True
+    try:
+        return fn()
+    finally:
+        knobs.COMPILE_TILE_BOUNDS = False
+
+
 def err_text(err: BaseException) -> str:
     return f"error: {type(err).__name__}: {str(err).strip().splitlines()[0][:200] if str(err).strip() else ''}"
 
@@ -459,6 +470,12 @@ def part_attention(args, device, n, designs, lower, flex_c, cbm_c, dtype, log, s
                 m = try_measure(lambda: lowered_block_mask(low, device), device, args.reps, budget_s=args.budget_s)
                 bm_low = m.pop("out") if isinstance(m, dict) else None
                 builds["lowered_block_mask"] = m
+                if device.type == "cuda":  # the tile-bound pass compiled before the graph is captured
+                    m = with_compiled_bounds(lambda: try_measure(lambda: lowered_block_mask(low, device), device,
+                                                                 args.reps, budget_s=args.budget_s))
+                    if isinstance(m, dict):
+                        same["lowered_compiled_bounds"] = same_blocks(m.pop("out"), bm_hand)
+                    builds["lowered_compiled_bounds_block_mask"] = m
                 if bm_low is not None:
                     same["lowered"] = same_blocks(bm_low, bm_hand)
                     row["lowered_mask_mod"] = getattr(bm_low.mask_mod, "__qualname__", repr(bm_low.mask_mod))
@@ -509,7 +526,8 @@ def part_attention(args, device, n, designs, lower, flex_c, cbm_c, dtype, log, s
             f"spec {med(attention['spec'])} lowered {med(attention['lowered'])} export "
             f"{med(attention.get('export', '-'))} {' '.join(f'{k} {med(attention[k])}' for k in variants)} | BlockMask ms: compiled cbm "
             f"{med(builds['create_block_mask_compiled'])} plain {med(builds['create_block_mask'])} spec "
-            f"{med(builds['spec_block_mask'])} lowered {med(builds['lowered_block_mask'])} | same blocks {same} "
+            f"{med(builds['spec_block_mask'])} lowered {med(builds['lowered_block_mask'])} compiled bounds "
+            f"{med(builds.get('lowered_compiled_bounds_block_mask', '-'))} | same blocks {same} "
             f"| max|diff| {diffs}")
         del bm_hand, bm_spec, bm_low, bm_export
         if str(device).startswith("cuda"):
@@ -590,6 +608,12 @@ def part_batch(args, device, n, lower, cbm_c, log) -> dict:
             if isinstance(m, dict):
                 res["lowered_identical"] = same_blocks(m.pop("out"), ref)
             res["lowered_batch_block_mask"] = m
+            if device.type == "cuda":
+                m = with_compiled_bounds(lambda: try_measure(lambda: batched.block_mask(block_size=BLOCK, device=device),
+                                                             device, args.reps, budget_s=args.budget_s))
+                if isinstance(m, dict):
+                    res["lowered_compiled_bounds_identical"] = same_blocks(m.pop("out"), ref)
+                res["lowered_compiled_bounds_batch_block_mask"] = m
         except Exception as err:  # noqa: BLE001
             res["lowered_batch_block_mask"] = err_text(err)
     med = lambda x: f"{x['median_ms']:.3f}" if isinstance(x, dict) else str(x)[:80]  # noqa: E731

@@ -35,6 +35,8 @@ FLEX_MIN_TOKENS = 1024      # on CUDA: eager (dense) below this many tokens, fle
 LOWER_MAX_SEGMENTS = 32    # segments: more (packed training rows) -> the data-driven masks, one kernel for all
 EXPORT_MAX_SEGMENTS = 1024  # the flex export lowers every segment pair (quadratic): refused past this
 LOWER_MAX_NODES = 512      # a lowered expression larger than this costs more per score than two lookups
+COMPILE_TILE_BOUNDS = False  # CUDA graph builds: the tile-bound pass through torch.compile first (fewer
+                             # kernels per replay; a compile per structure and length; GPU speed unmeasured)
 FLEX_BITS_BUDGET = 1 << 30  # bytes of partial-block bits before falling back to the spec's mask_mod
 
 # the app

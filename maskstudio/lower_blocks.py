@@ -17,7 +17,7 @@ from collections import OrderedDict
 
 import torch
 
-from . import expr
+from . import expr, knobs
 from .bounds import Interval
 from .compile import kv_blocks
 
@@ -135,9 +135,11 @@ def decide(must, may, block: int, tokens, cap: int | None = None):
 
 def block_indices(full, partial) -> tuple:
     """The eight BlockMask index tensors: kv (partial, full) and q (partial, full) directions; the
-    q direction straight from the states (torch derives it through a vmap over the kv indices)."""
-    return (*kv_blocks(partial), *kv_blocks(full), *kv_blocks(partial.transpose(-1, -2)),
-            *kv_blocks(full.transpose(-1, -2)))
+    q direction straight from the states (torch derives it through a vmap over the kv indices).
+    The four are stacked and counted / sorted in one go (a few kernels instead of twenty)."""
+    states = torch.stack([partial, full, partial.transpose(-1, -2), full.transpose(-1, -2)])
+    num, idx = kv_blocks(states)
+    return tuple(t for i in range(4) for t in (num[i], idx[i]))
 
 
 def to_block_mask(indices: tuple, block_size: int, mask_mod, length: int):
@@ -180,10 +182,12 @@ def _pow2(m: int) -> int:
 
 
 def block_states(low, params, tables: dict, block: int, length: int, heads: list, stage, cap=None,
-                 pad: bool = False):
+                 pad: bool = False, bounds=None):
     """(full, partial [B, H, T, T], undecided count) of a lowered layer; heads: 0-d tensors;
-    pad: tile lists padded to a power of two (a compiled stage then sees few shapes)."""
-    states = [classify(low, params, tables, block, length, h) for h in heads]
+    pad: tile lists padded to a power of two (a compiled stage then sees few shapes); bounds: the
+    tile-bound pass (params, tables, h) -> (must, may), default `classify`."""
+    bounds = bounds or (lambda p, t, h: classify(low, p, t, block, length, h))
+    states = [bounds(params, tables, h) for h in heads]
     must = torch.stack([m for m, _ in states], 1)
     may = torch.stack([m for _, m in states], 1)
     n = torch.full((), length, dtype=torch.int64, device=params.device)
@@ -197,6 +201,20 @@ def block_states(low, params, tables: dict, block: int, length: int, heads: list
     return decide(must, may, block, tokens, cap)
 
 
+def _compiled_bounds(low, block: int, length: int, params, tables: dict, hs: list):
+    """The tile-bound pass through torch.compile (static shapes), or None if it does not compile
+    or differs from the eager pass on these sizes (the build then stays eager)."""
+    fn = torch.compile(lambda p, t, h: classify(low, p, t, block, length, h), dynamic=False)
+    try:
+        for h in hs:
+            ours, ref = fn(params, tables, h), classify(low, params, tables, block, length, h)
+            if not (torch.equal(ours[0], ref[0]) and torch.equal(ours[1], ref[1])):
+                return None
+    except Exception:  # noqa: BLE001 - a compiler failure costs speed, never a build
+        return None
+    return fn
+
+
 class _CapturedBuild:
     """One structure's build at one length, captured as a CUDA graph with static inputs (off CUDA
     the same static build runs eagerly: what the CPU tests exercise)."""
@@ -207,9 +225,13 @@ class _CapturedBuild:
         self.params = low.params.clone()
         self.tables = {k: v.clone() for k, v in low.tables}
         hs = [torch.full((), h, dtype=torch.int64, device=device) for h in range(heads)]
+        bounds = None
+        if knobs.COMPILE_TILE_BOUNDS:
+            bounds = _compiled_bounds(low, block, length, self.params, self.tables, hs)
 
         def build():
-            full, partial, count = block_states(low, self.params, self.tables, block, length, hs, stage, cap)
+            full, partial, count = block_states(low, self.params, self.tables, block, length, hs, stage, cap,
+                                                bounds=bounds)
             idx = block_indices(full, partial)
             return torch.cat([t.flatten() for t in idx] + [count.to(torch.int32).view(1)]), [t.shape for t in idx]
 
@@ -248,9 +270,18 @@ class _CapturedBuild:
 _GRAPHS: "OrderedDict[tuple, _CapturedBuild]" = OrderedDict()
 
 
+def _capacity(count: int, block: int) -> int:
+    """Room for undecided tiles: a power of two up to one chunk, then whole chunks, with 1/8 to
+    spare (every slot is evaluated on each replay, so rounding a 10,430-tile count up to 16,384
+    would evaluate half as much again)."""
+    step = max(1, CHUNK_ELEMENTS // (block * block))
+    want = max(64, count + count // 8)
+    return _pow2(want) if want <= step else -(-want // step) * step
+
+
 def _graph_indices(low, block: int, length: int, heads: int, stage) -> tuple:
     """block_indices of `low` through a cached CUDA graph (captured again if its capacity overflows)."""
-    key = (id(low.guarded), low.keys, low.batched, tuple(low.params.shape), low.params.dtype,
+    key = (knobs.COMPILE_TILE_BOUNDS, id(low.guarded), low.keys, low.batched, tuple(low.params.shape), low.params.dtype,
            tuple((k, tuple(v.shape)) for k, v in low.tables), block, length, heads, str(low.params.device))
     entry = _GRAPHS.get(key)
     if entry is not None:
@@ -263,7 +294,7 @@ def _graph_indices(low, block: int, length: int, heads: int, stage) -> tuple:
                                    [torch.full((), h, device=low.params.device) for h in range(heads)],
                                    stage, None, pad=True)
         count = int(count)
-    cap = max(64, _pow2(count))
+    cap = _capacity(count, block)
     entry = _GRAPHS[key] = _CapturedBuild(low, block, length, heads, stage, cap)
     while len(_GRAPHS) > GRAPH_CACHE:
         _GRAPHS.popitem(last=False)

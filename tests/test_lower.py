@@ -283,6 +283,21 @@ def test_compiled_kernel_is_reused_for_new_sizes_and_recompiled_for_a_new_length
 
 
 @pytest.mark.slow
+def test_compiled_tile_bounds_compile_and_equal_the_eager_pass(monkeypatch):
+    """knobs.COMPILE_TILE_BOUNDS: the tile-bound pass through torch.compile (no graph break, no
+    fallback) and the static build with it equal the exact build."""
+    from maskstudio import knobs
+    from maskstudio.lower_blocks import _compiled_bounds
+
+    monkeypatch.setattr(knobs, "COMPILE_TILE_BOUNDS", True)
+    for path in ["presets/cca.json", "presets/multiverse.json"]:
+        spec = Spec.load(path)
+        low = lower(spec)
+        assert _compiled_bounds(low, 8, spec.n, low.params, dict(low.tables), [torch.tensor(0)]) is not None
+        assert_blocks_equal(low.block_mask(8, "cpu", graph=True), low.block_mask(8, "cpu"))
+
+
+@pytest.mark.slow
 def test_compiled_block_builder_equals_create_block_mask():
     for path in ["presets/multiverse.json", "presets/cca.json", "presets/ancat.json"]:
         spec = Spec.load(path)
