@@ -240,24 +240,12 @@ def division_bounds(root: E, env: dict, params, slots: dict, tables=None) -> dic
     """{floordiv node dividing by a size parameter: largest |dividend|} over interval inputs
     (env: Intervals for q / kv / h; params[slot] and tables[attr] give Intervals)."""
     order, steps = nodes(root), tape(root)
+    val = _run(steps, env, params, slots, lambda a: tables[a], _interval_apply, every=True)
     found: dict = {}
-    val: list = []
     for i, (o, args) in enumerate(steps):
-        if o == "c":
-            v = args[0]
-        elif o == "var":
-            v = env[args[0]]
-        elif o == "p":
-            v = params[slots[args]]
-        elif o == "tab":
-            v = tables[args]
-        else:
-            vals = [val[a] for a in args]
-            if o in ("floordiv", "fdiv") and steps[args[1]][0] == "p":
-                iv = Interval.of(vals[0])
-                found[order[i]] = int(torch.maximum(iv.lo.abs().max(), iv.hi.abs().max()))
-            v = _interval_apply(o, vals)
-        val.append(v)
+        if o in ("floordiv", "fdiv") and steps[args[1]][0] == "p":
+            iv = Interval.of(val[args[0]])
+            found[order[i]] = int(torch.maximum(iv.lo.abs().max(), iv.hi.abs().max()))
     return found
 
 
@@ -304,8 +292,9 @@ def tape(root: E) -> tuple:
                   if n.op not in ("c", "var", "p", "tab") else n.args) for n in order)
 
 
-def _run(steps: tuple, env: dict, params, slots: dict, lookup, apply):
-    """Walk a tape: leaves from env / params / lookup, inner nodes through apply(op, values)."""
+def _run(steps: tuple, env: dict, params, slots: dict, lookup, apply, every: bool = False):
+    """Walk a tape: leaves from env / params / lookup, inner nodes through apply(op, values).
+    Returns the root's value, or every step's value (every=True)."""
     val: list = []
     for o, args in steps:
         if o == "c":
@@ -319,7 +308,7 @@ def _run(steps: tuple, env: dict, params, slots: dict, lookup, apply):
         else:
             v = apply(o, [val[a] for a in args])
         val.append(v)
-    return val[-1]
+    return val if every else val[-1]
 
 
 def _tensor_op(o, args):
