@@ -44,6 +44,23 @@ def wait_src_change(page, old, elem="#mask-img", timeout=30_000):
                            arg=[elem, old], timeout=timeout)
 
 
+def edit_cell(page, cell: str, text: str) -> None:
+    """Double-click a table cell, wait for its editor (a double-click that lands while the table is
+    being redrawn after the last edit only selects the cell: click again, as a user would), replace
+    its text and press Enter."""
+    editor = page.locator(f"{cell} textarea, {cell} input")
+    for _ in range(5):
+        page.locator(cell).dblclick()
+        try:
+            editor.first.wait_for(timeout=3_000)
+            break
+        except Exception:  # noqa: BLE001 - playwright's TimeoutError: try the double-click again
+            continue
+    page.keyboard.press("Control+a")
+    page.keyboard.type(text)
+    page.keyboard.press("Enter")
+
+
 def editor_text(page) -> str:
     page.get_by_role("tab", name="JSON").click()
     text = page.locator("#json-editor .cm-content").inner_text()
@@ -66,10 +83,7 @@ def test_pick_a_preset_and_the_mask_changes(page):
 def test_edit_a_rule_in_the_table_and_the_json_changes(page):
     assert '"pattern": "full", "q": "*", "k": "prefix"' in editor_text(page)
     before = src(page)
-    page.locator("#rules [data-testid='cell-1-3']").dblclick()
-    page.keyboard.press("Control+a")
-    page.keyboard.type("none")
-    page.keyboard.press("Enter")
+    edit_cell(page, "#rules [data-testid='cell-1-3']", "none")
     wait_src_change(page, before)
     assert '"pattern": "none", "q": "*", "k": "prefix"' in editor_text(page)
 
@@ -203,17 +217,15 @@ def test_table_edit_keeps_leading_spaces_and_invalid_edits_mark_the_pictures(pag
     upload(page, f)
     wait_src_change(page, before)
     page.get_by_role("tab", name="Tables").click()
+    page.locator("#segments").get_by_text("question", exact=True).first.wait_for(state="attached")  # upload in tables
+    page.locator("#rules [data-testid='cell-0-3']").get_by_text("causal").wait_for()
     before = src(page)
-    page.locator("#rules [data-testid='cell-0-3']").dblclick()   # base pattern: causal -> full
-    page.keyboard.press("Control+a")
-    page.keyboard.type("full")
-    page.keyboard.press("Enter")
+    edit_cell(page, "#rules [data-testid='cell-0-3']", "full")   # base pattern: causal -> full
     wait_src_change(page, before)
     assert '" Q: What is the capital of France? A:"' in editor_text(page)      # item 3
-    page.locator("#rules [data-testid='cell-0-3']").dblclick()
-    page.keyboard.press("Control+a")
-    page.keyboard.type("causl")
-    page.keyboard.press("Enter")
+    page.locator("#rules [data-testid='cell-0-3']").get_by_text("full").wait_for()  # the edit is drawn back
+    settle(page)  # every update of the last edit has landed (a late table redraw would eat keystrokes)
+    edit_cell(page, "#rules [data-testid='cell-0-3']", "causl")
     page.locator("#tables-error").get_by_text("did you mean 'causal'").wait_for()   # next to the tables
     assert "last valid design" in page.locator("#note").inner_text()             # pictures marked
     page.get_by_role("tab", name="Export / Import").click()
