@@ -13,8 +13,9 @@ tensor, so:
   * a new length or new segment sizes of the same structure reuse the compiled kernel.
 
 When does a new kernel get compiled? When `structure_key` changes: other segments / rules /
-layer, the int32 -> int64 switch (products of two sizes past int32), padding on or off, a new
-batch size; and, under a static-shape compile, a new sequence length.
+layer, the int32 -> int64 switch (products of two sizes past int32), divisions switching between
+the float quotient and exact `//` (dividends past 2**21), padding on or off, a new batch size; and,
+under a static-shape compile, a new sequence length.
 """
 from __future__ import annotations
 

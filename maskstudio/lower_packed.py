@@ -1,11 +1,16 @@
-"""Several layouts of one design packed into ONE row: the lowered "document mask".
+"""Several layouts packed into ONE row: the lowered "document mask".
 
 What FlexAttention users write by hand for variable-length samples (attention-gym's
 `generate_doc_mask_mod`), for any design: token i belongs to document doc[i]; a pair may attend
-iff both are in the same document and the design's lowered expression allows it at the tokens'
-places inside that document, with that document's sizes (one row of P per document). One lookup
-per side (doc[i]), the rest closed-form; the kernel is shared by every packing with the same
-number of documents at the same padded length.
+iff both are in the same document and the document's design allows it at the tokens' places inside
+that document, with that document's sizes (one row of P per document). One lookup per side
+(doc[i]), the rest closed-form; the kernel is shared by every packing of the same designs with the
+same number of documents at the same padded length.
+
+`pack(low, layouts)` packs layouts of one lowered design; `pack_designs(specs)` packs documents of
+different designs: each design's expression reads its own sizes (its parameters renamed apart) and
+a per-document parameter `design` picks the expression, so a row may hold, say, a prefix-LM prompt,
+a block-causal video clip and a Multiverse sample.
 """
 from __future__ import annotations
 
@@ -17,7 +22,8 @@ import torch
 from . import expr
 from .bounds import Interval, Tri
 from .errors import SpecError
-from .lower import _fits, _require_baked, _signature, _values
+from .expr import E, param
+from .lower import _signature, lower
 from .lower_blocks import any_all, block_indices, decide, padding_never_full, tile_edges, tile_grid, to_block_mask
 
 
@@ -115,6 +121,71 @@ def _states(packed: Packed, block: int, length: int, head: int):
     return full, partial
 
 
+@dataclass(frozen=True)
+class Designs:
+    """One or more lowered designs as one expression: parameters of design g are named
+    ("design g", ...) and P[("design",)] of a document picks its design's expression."""
+
+    root: E
+    keys: tuple
+    dtype: torch.dtype
+    tables: tuple = ()
+
+    @property
+    def slots(self) -> dict:
+        return {k: i for i, k in enumerate(self.keys)}
+
+    @cached_property
+    def uses_head(self) -> bool:
+        return any(o == "var" and a == ("h",) for o, a in expr.tape(self.root))
+
+    def on(self, device) -> "Designs":
+        return self
+
+
+def _renamed(root: E, g: int) -> E:
+    """The expression with its size parameters moved to design g's own names."""
+    return expr._rebuild(root, lambda n: param(f"design {g}", *n.args) if n.op == "p" else n,
+                         lambda n, args: expr.op(n.op, *args))
+
+
+def _documents(batches: list, order: list) -> tuple:
+    """(Designs, P rows [D, K]) of lowered batches (one per design; batch g's layout r is the
+    document at order's (g, r) place)."""
+    keys = [("design",)] + [(f"design {g}", *k) for g, b in enumerate(batches) for k in b.keys]
+    root = _renamed(batches[-1].root, len(batches) - 1)
+    for g in range(len(batches) - 2, -1, -1):
+        root = expr.op("where", param("design") == g, _renamed(batches[g].root, g), root)
+    wide = any(b.params.dtype == torch.int64 for b in batches)
+    dtype = torch.int64 if wide else torch.int32
+    slots = {k: i for i, k in enumerate(keys)}
+    # other designs' sizes read 1: their expressions are evaluated too (then not picked), and must
+    # not divide by zero
+    rows = torch.ones(len(order), len(keys), dtype=dtype)
+    for d, (g, r) in enumerate(order):
+        rows[d, 0] = g
+        for k, v in zip(batches[g].keys, batches[g].params[r].tolist()):
+            rows[d, slots[(f"design {g}", *k)]] = v
+    return Designs(root, tuple(keys), dtype), rows
+
+
+def _packed(designs: Designs, rows: torch.Tensor, sizes: list, length: int | None) -> Packed:
+    total = sum(sizes)
+    length = length or total
+    if length < total:
+        raise SpecError("length", f"{total:,} packed tokens do not fit in {length:,}")
+    params = torch.cat([rows, rows[-1:]])  # padding reads the last document's sizes (then masked)
+    offsets = torch.tensor([0, *torch.tensor(sizes).cumsum(0).tolist()], dtype=designs.dtype)
+    doc = torch.repeat_interleave(torch.arange(len(sizes) + 1, dtype=designs.dtype),
+                                  torch.tensor(sizes + [length - total]))
+    return Packed(designs, params, offsets, doc)
+
+
+def _no_lookups(batch) -> None:
+    if batch.tables:
+        raise SpecError("layouts", "packing reads per-token tables: not supported for this design")
+
+
 def pack(low, layouts: list, length: int | None = None) -> Packed:
     """Pack layouts (size dicts or Specs) of `low`'s design into one row (padded to `length`)."""
     specs = [x if hasattr(x, "table") else low.spec.with_sizes(x) for x in layouts]
@@ -122,18 +193,27 @@ def pack(low, layouts: list, length: int | None = None) -> Packed:
         raise SpecError("layouts", "give at least one layout to pack")
     for sp in specs:
         if _signature(sp) != _signature(low.spec):
-            raise SpecError("layouts", "every packed layout must have this design's segments and rules")
-    _require_baked(low, specs)
-    if not _fits(low, specs):
-        raise SpecError("layouts", "these sizes need 64-bit arithmetic; lower one of them first")
-    sizes = [sp.table.n for sp in specs]
-    total = sum(sizes)
-    length = length or total
-    if length < total:
-        raise SpecError("length", f"{total:,} packed tokens do not fit in {length:,}")
-    rows = [_values(low.keys, sp, low.params.dtype) for sp in specs]
-    params = torch.stack(rows + [rows[-1]])  # padding reads the last document's sizes (then masked)
-    offsets = torch.tensor([0, *torch.tensor(sizes).cumsum(0).tolist()], dtype=low.params.dtype)
-    doc = torch.repeat_interleave(torch.arange(len(specs) + 1, dtype=low.params.dtype),
-                                  torch.tensor(sizes + [length - total]))
-    return Packed(low, params, offsets, doc)
+            raise SpecError("layouts", "every packed layout must have this design's segments and rules; "
+                            "pack different designs with pack_designs")
+    batch = low.batch(specs)  # one expression that fits every layout (int width, divisions)
+    _no_lookups(batch)
+    designs, rows = _documents([batch], [(0, r) for r in range(len(specs))])
+    return _packed(designs, rows, [sp.table.n for sp in specs], length)
+
+
+def pack_designs(specs: list, length: int | None = None, layer: int = 0) -> Packed:
+    """Pack documents of any designs (sized Specs, in row order) into one row, padded to `length`;
+    layouts of one design share its expression."""
+    if not specs:
+        raise SpecError("layouts", "give at least one layout to pack")
+    groups: dict = {}
+    order = []
+    for sp in specs:
+        members = groups.setdefault(_signature(sp), [])
+        order.append((list(groups).index(_signature(sp)), len(members)))
+        members.append(sp)
+    batches = [lower(members[0], layer).batch(members) for members in groups.values()]
+    for b in batches:
+        _no_lookups(b)
+    designs, rows = _documents(batches, order)
+    return _packed(designs, rows, [sp.table.n for sp in specs], length)

@@ -358,6 +358,34 @@ def test_packed_layouts_are_a_document_mask(raw, extra, pad, head):
     assert_blocks_equal(ours, ref)
 
 
+@FAST
+@given(specs(), specs(), st.integers(0, 5), st.integers(0, 7), st.integers(0, 2))
+def test_documents_of_different_designs_pack_into_one_row(raw_a, raw_b, extra, pad, head):
+    """Documents of two random designs (and a resized copy of the first) in one row: each
+    document's block equals its own dense mask, nothing crosses documents or reaches the padding,
+    and the device BlockMask equals create_block_mask's on the packed mask_mod."""
+    from maskstudio.lower_packed import pack_designs
+
+    if any("attrs" in s for raw in (raw_a, raw_b) for s in raw["segments"]):
+        return
+    a, b = Spec.load(raw_a), Spec.load(raw_b)
+    docs = [a, b, a.with_sizes(grown(raw_a, extra))]
+    packed = pack_designs(docs, length=sum(s.n for s in docs) + pad)
+    n = len(packed.doc)
+    dense = create_mask(packed.mask_mod, None, 3, n, n)[0, head].clone()
+    start = 0
+    for sp in docs:
+        end = start + sp.n
+        assert torch.equal(dense[start:end, start:end], sp.dense_mask(0, head))
+        dense[start:end, start:end] = False
+        start = end
+    assert not dense.any()
+    heads = 3 if packed.low.uses_head else None
+    ours = packed.block_mask(4, num_heads=heads)
+    ref = create_block_mask(packed.mask_mod, None, ours.kv_num_blocks.shape[1], n, n, device="cpu", BLOCK_SIZE=4)
+    assert_blocks_equal(ours, ref)
+
+
 def test_packing_refuses_other_designs_and_overflow():
     from maskstudio.lower_packed import pack
 
