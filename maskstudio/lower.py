@@ -25,8 +25,8 @@ from functools import cached_property
 import torch
 
 from . import expr, knobs
-from .errors import SpecError
 from .bounds import Interval
+from .errors import SpecError
 from .expr import E, param, var
 from .program import Program, compile_program, evaluate as run_program
 

@@ -330,47 +330,9 @@ def test_layouts_too_large_to_lower_use_the_data_driven_masks():
     assert torch.equal(create_mask(mid.mask_mod(), None, 2, mid.n, mid.n)[0, 1], mid.dense_mask(0, 1))
 
 
-@FAST
-@given(specs(), st.integers(0, 5), st.integers(0, 7), st.integers(0, 2))
-def test_packed_layouts_are_a_document_mask(raw, extra, pad, head):
-    """Two layouts of one random design packed into one row (+ padding): each document's block
-    equals its own dense mask, nothing crosses documents or reaches the padding, and the device
-    BlockMask equals create_block_mask's on the packed mask_mod."""
-    from maskstudio.lower_packed import pack
-
-    spec = Spec.load(raw)
-    if any("attrs" in s for s in raw["segments"]):
-        return
-    layouts = [spec, spec.with_sizes(grown(raw, extra))]
-    packed = pack(lower(spec), layouts, length=sum(s.n for s in layouts) + pad)
-    n = len(packed.doc)
-    dense = create_mask(packed.mask_mod, None, 3, n, n)[0, head].clone()
-    start = 0
-    for sp in layouts:
-        end = start + sp.n
-        assert torch.equal(dense[start:end, start:end], sp.dense_mask(0, head))
-        dense[start:end, start:end] = False
-        start = end
-    assert not dense.any()
-    heads = 3 if spec.varies_by_head else None
-    ours = packed.block_mask(4, num_heads=heads)
-    ref = create_block_mask(packed.mask_mod, None, ours.kv_num_blocks.shape[1], n, n, device="cpu", BLOCK_SIZE=4)
-    assert_blocks_equal(ours, ref)
-
-
-@FAST
-@given(specs(), specs(), st.integers(0, 5), st.integers(0, 7), st.integers(0, 2))
-def test_documents_of_different_designs_pack_into_one_row(raw_a, raw_b, extra, pad, head):
-    """Documents of two random designs (and a resized copy of the first) in one row: each
-    document's block equals its own dense mask, nothing crosses documents or reaches the padding,
-    and the device BlockMask equals create_block_mask's on the packed mask_mod."""
-    from maskstudio.lower_packed import pack_designs
-
-    if any("attrs" in s for raw in (raw_a, raw_b) for s in raw["segments"]):
-        return
-    a, b = Spec.load(raw_a), Spec.load(raw_b)
-    docs = [a, b, a.with_sizes(grown(raw_a, extra))]
-    packed = pack_designs(docs, length=sum(s.n for s in docs) + pad)
+def assert_document_mask(packed, docs, head):
+    """Each document's block of the packed mask equals its own dense mask, nothing crosses
+    documents or reaches the padding, and the device BlockMask equals create_block_mask's."""
     n = len(packed.doc)
     dense = create_mask(packed.mask_mod, None, 3, n, n)[0, head].clone()
     start = 0
@@ -380,10 +342,35 @@ def test_documents_of_different_designs_pack_into_one_row(raw_a, raw_b, extra, p
         dense[start:end, start:end] = False
         start = end
     assert not dense.any()
-    heads = 3 if packed.low.uses_head else None
-    ours = packed.block_mask(4, num_heads=heads)
+    ours = packed.block_mask(4, num_heads=3 if packed.low.uses_head else None)
     ref = create_block_mask(packed.mask_mod, None, ours.kv_num_blocks.shape[1], n, n, device="cpu", BLOCK_SIZE=4)
     assert_blocks_equal(ours, ref)
+
+
+@FAST
+@given(specs(), st.integers(0, 5), st.integers(0, 7), st.integers(0, 2))
+def test_packed_layouts_are_a_document_mask(raw, extra, pad, head):
+    """Two layouts of one random design packed into one row (+ padding)."""
+    from maskstudio.lower_packed import pack
+
+    spec = Spec.load(raw)
+    if any("attrs" in s for s in raw["segments"]):
+        return
+    layouts = [spec, spec.with_sizes(grown(raw, extra))]
+    assert_document_mask(pack(lower(spec), layouts, length=sum(s.n for s in layouts) + pad), layouts, head)
+
+
+@FAST
+@given(specs(), specs(), st.integers(0, 5), st.integers(0, 7), st.integers(0, 2))
+def test_documents_of_different_designs_pack_into_one_row(raw_a, raw_b, extra, pad, head):
+    """Documents of two random designs (and a resized copy of the first) in one row."""
+    from maskstudio.lower_packed import pack_designs
+
+    if any("attrs" in s for raw in (raw_a, raw_b) for s in raw["segments"]):
+        return
+    a, b = Spec.load(raw_a), Spec.load(raw_b)
+    docs = [a, b, a.with_sizes(grown(raw_a, extra))]
+    assert_document_mask(pack_designs(docs, length=sum(s.n for s in docs) + pad), docs, head)
 
 
 def test_packing_refuses_other_designs_and_overflow():
