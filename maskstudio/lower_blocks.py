@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections import OrderedDict
 
 import torch
+import torch.nn.functional as F
 
 from . import expr, knobs
 from .bounds import Interval
@@ -233,7 +234,8 @@ class _CapturedBuild:
             full, partial, count = block_states(low, self.params, self.tables, block, length, hs, stage, cap,
                                                 bounds=bounds)
             idx = block_indices(full, partial)
-            return torch.cat([t.flatten() for t in idx] + [count.to(torch.int32).view(1)]), [t.shape for t in idx]
+            parts = [F.pad(t.flatten(), (0, _aligned(t.numel()) - t.numel())) for t in idx]
+            return torch.cat(parts + [count.to(torch.int32).view(1)]), [t.shape for t in idx]
 
         self.build, self.graph = build, None
         if device.type != "cuda":
@@ -260,14 +262,18 @@ class _CapturedBuild:
         flat = self.out.clone()  # the graph's buffers are overwritten by the next replay
         count = int(flat[-1])
         parts, at = [], 0
-        for shape in self.shapes:
-            size = shape.numel()
-            parts.append(flat[at:at + size].view(shape))
-            at += size
+        for shape in self.shapes:  # views at 16-byte boundaries: compiled kernels expect aligned inputs
+            parts.append(flat[at:at + shape.numel()].view(shape))
+            at += _aligned(shape.numel())
         return tuple(parts), count
 
 
 _GRAPHS: "OrderedDict[tuple, _CapturedBuild]" = OrderedDict()
+
+
+def _aligned(n: int) -> int:
+    """int32 elements rounded up to 16 bytes."""
+    return -(-n // 4) * 4
 
 
 def _capacity(count: int, block: int) -> int:

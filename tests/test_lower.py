@@ -439,3 +439,14 @@ def test_huge_numbers_never_overflow_int32_indices(step, tmp_path):
     path.write_text(flex_code(spec))
     ns = runpy.run_path(str(path))
     assert torch.equal(int32_dense(ns["mask_mod_for"](None), spec.n), spec.dense_mask())
+
+
+def test_static_build_index_tensors_start_at_16_byte_boundaries():
+    """The graph build hands out views of one buffer: each index tensor must start 16-byte aligned
+    (compiled kernels specialise on aligned pointers, and copy or recompile for others)."""
+    spec = Spec.load("presets/multiverse.json")
+    bm = lower(spec).block_mask(4, "cpu", graph=True)
+    for name in ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices", "q_num_blocks",
+                 "q_indices", "full_q_num_blocks", "full_q_indices"):
+        assert getattr(bm, name).data_ptr() % 16 == 0, name
+    assert_blocks_equal(bm, lower(spec).block_mask(4, "cpu"))
