@@ -90,6 +90,7 @@ def test_export_npy_positions_json(spec_file, tmp_path):
     assert Spec.load(out).to_json() == out.read_text()
 
 
+@pytest.mark.slow  # seconds per run: the fast tier keeps a 50 s budget
 def test_flex_export_reproduces_every_layer_and_head(spec_file, tmp_path):
     spec = Spec.load(spec_file)
     path = tmp_path / "my_mask.py"
@@ -162,6 +163,7 @@ def test_presets_and_patterns_commands_list_everything(capsys):
     assert "cca" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # seconds per run: the fast tier keeps a 50 s budget
 def test_run_with_an_image_on_a_tiny_vlm(tmp_path, capsys):
     from PIL import Image
 
@@ -179,6 +181,7 @@ def test_run_with_an_image_on_a_tiny_vlm(tmp_path, capsys):
     assert "SEGMENT=PATH" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # seconds per run: the fast tier keeps a 50 s budget
 def test_flex_export_of_every_preset_reproduces_it(tmp_path):
     """The generated file (run here, it is our own output) equals the spec on every layer/head it varies by."""
     import functools
@@ -207,6 +210,7 @@ def _scaled_sizes(spec, factor):
             for s in spec.segments if "attrs" not in s and "frames" not in s}
 
 
+@pytest.mark.slow  # seconds per run: the fast tier keeps a 50 s budget
 def test_flex_export_takes_any_sizes_of_every_preset(tmp_path):
     """mask_mod_for / position_ids_for / block_mask_for at sizes the preset does not ship with
     equal the resized spec (explicit position ids cannot be resized: those presets keep theirs)."""

@@ -89,6 +89,7 @@ def adversarial(raw: dict, draw) -> dict:
     return raw
 
 
+@pytest.mark.slow  # seconds per run: the fast tier keeps a 50 s budget
 def test_hostile_names_give_a_file_that_compiles_runs_nothing_and_keeps_the_strings(tmp_path):
     cases = []
     for i, name in enumerate(HOSTILE):
@@ -109,6 +110,7 @@ def test_hostile_names_give_a_file_that_compiles_runs_nothing_and_keeps_the_stri
     assert not list(tmp_path.glob("marker*"))
 
 
+@pytest.mark.slow  # seconds per run: the fast tier keeps a 50 s budget
 def test_export_equals_dense_for_every_layer_and_head_of_random_specs(tmp_path):
     """120 random specs (hypothesis, derandomized) with per-layer and per-head steps, user attributes
     and full blocks; every file is then imported and checked in one fresh interpreter."""

@@ -22,6 +22,7 @@ CORPUS = [json.loads(line) for line in
           (Path(__file__).parent / "data" / "hostile_specs.jsonl").read_text(encoding="utf-8").splitlines()]
 
 
+@pytest.mark.slow  # seconds per run: the fast tier keeps a 50 s budget
 def test_corpus_is_large_and_every_case_is_clean():
     assert len(CORPUS) >= 300
     outcomes = {"ok": 0, "refused": 0}
@@ -31,6 +32,7 @@ def test_corpus_is_large_and_every_case_is_clean():
     assert outcomes["refused"] > 0.5 * len(CORPUS) and outcomes["ok"] > 10, outcomes
 
 
+@pytest.mark.slow  # seconds per run: the fast tier keeps a 50 s budget
 def test_corpus_through_the_cli_check(tmp_path, capsys):
     """`maskstudio check FILE` on every corpus case: exit 0/1/2, one line on stderr, no traceback."""
     for i, case in enumerate(CORPUS):

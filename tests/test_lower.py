@@ -77,6 +77,7 @@ def test_lowered_mask_mod_agrees_with_dense_under_vmap(raw, layer, head):
     assert torch.equal(ours, spec.dense_mask(layer, head))
 
 
+@pytest.mark.slow  # seconds per run: the fast tier keeps a 50 s budget
 @FAST
 @given(specs(), st.sampled_from([4, 8]), st.integers(0, 1))
 def test_lowered_block_mask_equals_create_block_mask(raw, block, layer):
@@ -102,6 +103,7 @@ def grown(raw, extra):
     return sizes
 
 
+@pytest.mark.slow  # seconds per run: the fast tier keeps a 50 s budget
 @FAST
 @given(specs(), st.integers(0, 5), st.integers(0, 2))
 def test_batches_of_layouts_equal_each_layout(raw, extra, head):
@@ -237,6 +239,7 @@ class _Layer:
         self.layer_idx = idx
 
 
+@pytest.mark.slow  # seconds per run: the fast tier keeps a 50 s budget
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(specs(), st.integers(0, 1))
 def test_runner_eager_and_flex_attention_agree_on_random_specs(raw, layer):
@@ -347,6 +350,7 @@ def assert_document_mask(packed, docs, head):
     assert_blocks_equal(ours, ref)
 
 
+@pytest.mark.slow  # seconds per run: the fast tier keeps a 50 s budget
 @FAST
 @given(specs(), st.integers(0, 5), st.integers(0, 7), st.integers(0, 2))
 def test_packed_layouts_are_a_document_mask(raw, extra, pad, head):
@@ -360,6 +364,7 @@ def test_packed_layouts_are_a_document_mask(raw, extra, pad, head):
     assert_document_mask(pack(lower(spec), layouts, length=sum(s.n for s in layouts) + pad), layouts, head)
 
 
+@pytest.mark.slow  # seconds per run: the fast tier keeps a 50 s budget
 @FAST
 @given(specs(), specs(), st.integers(0, 5), st.integers(0, 7), st.integers(0, 2))
 def test_documents_of_different_designs_pack_into_one_row(raw_a, raw_b, extra, pad, head):

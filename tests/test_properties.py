@@ -100,6 +100,7 @@ def tiled_dense(spec, layer, head):
         knobs.DENSE_DIRECT_MAX, knobs.TILE = saved
 
 
+@pytest.mark.slow  # seconds per run: the fast tier keeps a 50 s budget
 @FAST
 @given(specs(), st.integers(0, 1), st.integers(0, 2))
 def test_every_backend_agrees(raw, layer, head):
@@ -111,6 +112,7 @@ def test_every_backend_agrees(raw, layer, head):
     assert torch.equal(tiled_dense(spec, layer, head), reference)
 
 
+@pytest.mark.slow  # seconds per run: the fast tier keeps a 50 s budget
 @FAST
 @given(specs(), st.sampled_from([4, 8]))
 def test_block_mask_matches_create_block_mask(raw, block):

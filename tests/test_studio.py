@@ -183,6 +183,7 @@ def test_presets_blank_and_sessions_are_independent():
 
 
 # ---------------------------------------------------------------- pictures and checks
+@pytest.mark.slow  # seconds per run: the fast tier keeps a 50 s budget
 def test_render_views_draws_every_picture_and_caches_by_dependency():
     spec = Spec.load(small_video())
     out = studio.render_views(spec, {"layer": 0})
@@ -201,6 +202,7 @@ def test_render_views_draws_every_picture_and_caches_by_dependency():
     assert layer1["mask"] != out["mask"]                                  # the overlay is off on layer 1
 
 
+@pytest.mark.slow  # seconds per run: the fast tier keeps a 50 s budget
 def test_render_views_in_worker_processes(monkeypatch):
     monkeypatch.setenv("MASKSTUDIO_RENDER_PROCESSES", "2")
     data = small_video()
@@ -554,6 +556,7 @@ def app_module(monkeypatch):
     return app
 
 
+@pytest.mark.slow  # seconds per run: the fast tier keeps a 50 s budget
 def test_app_edit_handlers_are_total(app_module):
     """Item 1 and 2 as the app's handlers see them: the design switches, the message goes next to
     the control, nothing raises; a broken edit keeps the last good design and marks the pictures."""
@@ -627,6 +630,7 @@ def _prefix_lm_kv() -> dict:
     return d
 
 
+@pytest.mark.slow  # seconds per run: the fast tier keeps a 50 s budget
 def test_train_design_on_tiny_llama_draws_the_loss_curve_and_the_table():
     from PIL import Image
 

@@ -242,6 +242,7 @@ def test_attention_map_names_every_token_of_a_small_run():
     assert [t.get_text() for t in ax.get_xticklabels()] == ["The", " cap", "ital", " of", "'\\n'"]
 
 
+@pytest.mark.slow  # seconds per run: the fast tier keeps a 50 s budget
 def test_names_with_math_markup_are_drawn_as_typed(tmp_path):
     """Spec names go into titles, ticks, legends and tables; `$x^$` must not be parsed as math."""
     names = ["$x^$", "a_b$", "\\frac{", "x\ny", "$$", "100%"]
