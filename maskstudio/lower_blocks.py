@@ -102,15 +102,6 @@ def first_true(flags: torch.Tensor, cap: int):
     return rows, rows < m
 
 
-def _unravel(flat: torch.Tensor, shape) -> torch.Tensor:
-    """Flat positions [U] -> index rows [U, len(shape)]."""
-    cols = []
-    for size in reversed(shape):
-        cols.append(flat % size)
-        flat = flat // size
-    return torch.stack(cols[::-1], 1)
-
-
 def decide(must, may, block: int, tokens, cap: int | None = None):
     """Exact (full, partial, undecided count) from tile bounds: tiles they leave undecided are
     evaluated by tokens(index rows [U, dims]) -> (any, all), CHUNK_ELEMENTS tokens per step.
@@ -120,11 +111,11 @@ def decide(must, may, block: int, tokens, cap: int | None = None):
     count = undecided.sum()
     if cap is None:
         cap = int(count)
-    full, partial = must.flatten(), torch.zeros(must.numel() + 1, dtype=torch.bool, device=must.device)
-    full = torch.cat([full, full[:1]])  # one spare slot at the end takes the empty slots' writes
+    full = torch.cat([must.flatten(), must.new_zeros(1)])  # a spare last slot takes the empty slots' writes
+    partial = torch.zeros_like(full)
     if cap:
         rows, live = first_true(undecided, cap)
-        index = _unravel(torch.where(live, rows, 0), must.shape)
+        index = torch.stack(torch.unravel_index(torch.where(live, rows, 0), must.shape), 1)
         dest = torch.where(live, rows, must.numel())
         step = max(1, CHUNK_ELEMENTS // (block * block))
         for c in range(0, cap, step):

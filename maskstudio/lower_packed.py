@@ -39,9 +39,9 @@ class _Columns:
 
 @dataclass(frozen=True)
 class Packed:
-    """D layouts of one lowered design, one after another in a row of `length` tokens."""
+    """D documents, one after another in a row of `length` tokens."""
 
-    low: object          # the Lowered design (its expression and parameter slots)
+    low: "Designs"       # the designs' expression and parameter slots
     params: torch.Tensor  # [D + 1, K]: a row per document, then one for the padding
     offsets: torch.Tensor  # [D + 1]: where each document starts, then the packed length
     doc: torch.Tensor     # [length]: the document of every token (D past the end: padding)
@@ -56,7 +56,7 @@ class Packed:
 
     @cached_property
     def mask_mod(self):
-        steps, slots, tables = expr.tape(self.low.root), self.low.slots, dict(self.low.tables)
+        steps, slots = expr.tape(self.low.root), self.low.slots
         params, offsets, doc, docs = self.params, self.offsets, self.doc, self.documents
 
         wide = params.dtype == torch.int64
@@ -67,13 +67,13 @@ class Packed:
             dq, dk = doc[q_idx], doc[kv_idx]
             off = offsets[dq]
             inner = expr.run_tape(steps, {"q": q_idx - off, "kv": kv_idx - off, "h": h}, _Columns(params[dq]),
-                                  slots, tables)
+                                  slots)
             return (dq == dk) & (dq < docs) & inner
         mask_mod.lowered = True
         return mask_mod
 
     def on(self, device) -> "Packed":
-        return Packed(self.low.on(device), self.params.to(device), self.offsets.to(device), self.doc.to(device))
+        return Packed(self.low, self.params.to(device), self.offsets.to(device), self.doc.to(device))
 
     def dense(self, head: int = 0) -> torch.Tensor:
         idx = torch.arange(len(self.doc), device=self.doc.device)
@@ -95,8 +95,6 @@ class Packed:
 
 def _states(packed: Packed, block: int, length: int, head: int):
     """(full, partial) bool [T, T] of one head."""
-    if packed.low.tables:
-        raise SpecError("layouts", "packing reads per-token tables: not supported for this design")
     device = packed.doc.device
     lo, hi = tile_edges(length, block, device)
     t = len(lo)
@@ -124,12 +122,12 @@ def _states(packed: Packed, block: int, length: int, head: int):
 @dataclass(frozen=True)
 class Designs:
     """One or more lowered designs as one expression: parameters of design g are named
-    ("design g", ...) and P[("design",)] of a document picks its design's expression."""
+    ("design g", ...) and P[("design",)] of a document picks its design's expression (no
+    per-token tables: packing refuses designs that read them)."""
 
     root: E
     keys: tuple
     dtype: torch.dtype
-    tables: tuple = ()
 
     @property
     def slots(self) -> dict:
@@ -138,9 +136,6 @@ class Designs:
     @cached_property
     def uses_head(self) -> bool:
         return any(o == "var" and a == ("h",) for o, a in expr.tape(self.root))
-
-    def on(self, device) -> "Designs":
-        return self
 
 
 def _renamed(root: E, g: int) -> E:

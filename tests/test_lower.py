@@ -386,6 +386,12 @@ def test_packing_refuses_other_designs_and_overflow():
         pack(low, [Spec.load("presets/prefix_lm.json")])
     with pytest.raises(SpecError, match="do not fit"):
         pack(low, [{}, {}], length=10)
+    from maskstudio.lower_packed import pack_designs
+
+    ancat = Spec.load("presets/ancat.json")  # per-token attrs: read from tables, no closed form
+    assert lower(ancat).tables
+    with pytest.raises(SpecError, match="per-token tables"):
+        pack_designs([Spec.load("presets/multiverse.json"), ancat])
 
 
 def test_constant_grids_fold_the_sides_and_stay_exact():
