@@ -506,7 +506,7 @@ class Spec:
         from .lower import lower
         return lower(self, layer)
 
-    def _lowered_if_small(self, layer: int):
+    def lowered_if_small(self, layer: int = 0):
         """The lowered layer, or None past knobs.LOWER_MAX_SEGMENTS segments / LOWER_MAX_NODES nodes."""
         if len(self.segments) > knobs.LOWER_MAX_SEGMENTS:
             return None
@@ -516,7 +516,7 @@ class Spec:
     def mask_mod(self, layer: int = 0, device=None):
         """FlexAttention mask_mod(b, h, q_idx, kv_idx): the lowered, lookup-free one (the
         table-driven `compile.mask_mod` for layouts too large to lower, see knobs)."""
-        low = self._lowered_if_small(layer)
+        low = self.lowered_if_small(layer)
         if low is not None:
             return low.on(device or "cpu").mask_mod
         return compile.mask_mod(self, layer=layer, device=device)
@@ -529,7 +529,7 @@ class Spec:
         layer's rules switch on heads, else 1."""
         if self.varies_by_head and num_heads is None:
             raise ValueError("this spec has per-head rules: pass num_heads=<the model's query heads>")
-        low = self._lowered_if_small(layer)
+        low = self.lowered_if_small(layer)
         if low is not None:
             return low.block_mask(block_size, device, num_heads=num_heads)
         return compile.block_mask(self, block_size=block_size, device=device, layer=layer, num_heads=num_heads)

@@ -20,8 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..knobs import FLEX_BITS_BUDGET, FLEX_BLOCK, LOWER_MAX_SEGMENTS
-from ..lower import lower
+from ..knobs import FLEX_BITS_BUDGET, FLEX_BLOCK
 from ..compile import mask_mod as compile_mask_mod
 from ..program import compile_program
 from ..tiled import TiledMask
@@ -175,8 +174,9 @@ def flex_block_mask(spec, layer: int, num_heads: int, device, block: int = FLEX_
                     window: int | None = None):
     """(BlockMask, length): the lowered mask padded to `bucket(n)`, or for layouts of many
     segments the bit-table mask at length n (window: a model's own sliding window, folded in)."""
-    low = lower(spec, layer).padded_to() if len(spec.segments) <= LOWER_MAX_SEGMENTS else None
-    if low is not None and not low.too_big:
+    low = spec.lowered_if_small(layer)  # the one rule for when a layout is lowered
+    if low is not None:
+        low = low.padded_to()
         if window:
             low = low.with_window(window)
         length = bucket(spec.table.n, block)
