@@ -259,6 +259,7 @@ def _write(folder, name, code):
     return path
 
 
+@pytest.mark.slow  # seconds per run: the fast tier keeps a 50 s budget
 def test_flex_export_batches_layouts_of_one_design(tmp_path):
     import runpy
 

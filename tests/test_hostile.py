@@ -44,6 +44,7 @@ def test_corpus_through_the_cli_check(tmp_path, capsys):
         assert err.count("\n") <= 1 and "\x1b" not in err and "Traceback" not in err, (case["why"], err)
 
 
+@pytest.mark.slow  # seconds per run: the fast tier keeps a 50 s budget
 @pytest.mark.parametrize("n, seed", [(1000, 1)])
 def test_random_mutations_of_presets_are_clean(n, seed):
     rng = random.Random(seed)

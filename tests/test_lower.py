@@ -68,6 +68,7 @@ def test_presets_at_sizes_they_do_not_ship_with(path):
     assert low.n == big.n
 
 
+@pytest.mark.slow  # seconds per run: the fast tier keeps a 50 s budget
 @FAST
 @given(specs(), st.integers(0, 1), st.integers(0, 2))
 def test_lowered_mask_mod_agrees_with_dense_under_vmap(raw, layer, head):
@@ -310,6 +311,7 @@ def test_compiled_block_builder_equals_create_block_mask():
         assert_blocks_equal(ours, ref)
 
 
+@pytest.mark.slow  # seconds per run: the fast tier keeps a 50 s budget
 def test_layouts_too_large_to_lower_use_the_data_driven_masks():
     """64 mixed segments with per-head rules: the lowered expression would cost thousands of
     operations per score, so Spec.mask_mod and the runner take the table-driven masks; equal."""

@@ -69,6 +69,7 @@ def plain_logits(lm, ids):
 
 
 # ---------------------------------------------------------------- equality with the model's own forward
+@pytest.mark.slow  # seconds per run: the fast tier keeps a 50 s budget
 @pytest.mark.parametrize("arch", ARCHS)
 def test_causal_spec_equals_plain_forward(tiny, arch):
     lm = tiny(arch)

@@ -239,6 +239,7 @@ def test_check_text_reports_problems():
 
 
 # ---------------------------------------------------------------- export / import / compare
+@pytest.mark.slow  # seconds per run: the fast tier keeps a 50 s budget
 @pytest.mark.parametrize("fmt", list(studio.EXPORT_FORMATS))
 def test_export_files(fmt, tmp_path):
     spec = Spec.load(small_video())
@@ -347,6 +348,7 @@ def test_uploads_are_assigned_to_image_and_video_segments(tmp_path):
     assert [os.path.basename(p) for p in images["clip"]] == ["f2.png"]
 
 
+@pytest.mark.slow  # seconds per run: the fast tier keeps a 50 s budget
 @pytest.mark.parametrize("model", ["tiny-qwen2-vl", "tiny-idefics3"])
 def test_vlm_run_with_uploads_and_overlay(tmp_path, model):
     state = studio.new_state({"name": "vqa", "segments": [
@@ -686,6 +688,7 @@ def _fake_result():
                      attentions=att, segment_mass=segment_mass(att, layout), rollout=rollout(att), model="fake")
 
 
+@pytest.mark.slow  # seconds per run: the fast tier keeps a 50 s budget
 def test_focus_token_pictures_and_run_download(tmp_path):
     result = _fake_result()
     state = dict(studio.new_state(), run_id=studio.actions._keep_run(result))
@@ -755,6 +758,7 @@ def test_gallery_rows_are_compact_and_a_row_names_its_preset():
     assert studio.gallery_pick(["not a preset", "x"]) is None and studio.gallery_pick(None) is None
 
 
+@pytest.mark.slow  # seconds per run: the fast tier keeps a 50 s budget
 def test_app_run_handlers_are_total_before_and_after_a_run(app_module):
     app = app_module
     state = studio.new_state()

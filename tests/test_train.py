@@ -313,6 +313,7 @@ def test_no_attention_or_gradient_crosses_packed_examples(tiny, prepared):
     assert torch.all(grads[a0:b0 - 1] > 0)   # its own tokens do get gradient (the last one is only a label)
 
 
+@pytest.mark.slow  # seconds per run: the fast tier keeps a 50 s budget
 def test_packed_baseline_and_design_share_data_order_and_resume(tiny, prepared, tmp_path):
     out = compare(prefix_lm(), tiny, steps=2, eval_n=4, pack_tokens=4096, **FAST)
     base, design = out["fits"]["baseline"], out["fits"]["design"]

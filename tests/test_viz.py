@@ -174,6 +174,7 @@ def test_summary_text_reuses_analysis():
     assert fig.maskstudio["summary"]["text"] == text
 
 
+@pytest.mark.slow  # seconds per run: the fast tier keeps a 50 s budget
 def test_render_all_and_save(tmp_path):
     spec = video()
     fig = viz.render(spec, "all")
