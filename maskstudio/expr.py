@@ -174,6 +174,9 @@ def _simplify(name, a):  # noqa: C901 - one table of identities
             return op(name, x.args[0], y.args[0])  # (a + c) < (b + c)  ->  a < b
         if x.op == y.op == "add" and x.args[0] is y.args[0]:
             return op(name, x.args[1], y.args[1])
+        if x.op == "sub" and y.is_const and y.value == 0 and name in ("ge", "gt", "le", "lt"):
+            a, b = x.args  # (a - b) >= 0  ->  b <= a: the causal test a window already shares
+            return op({"ge": "le", "gt": "lt"}[name], b, a) if name in ("ge", "gt") else op(name, a, b)
         if _nonneg(x) and y.is_const and y.value <= 0 and name in ("ge", "lt"):
             return const(name == "ge")  # token indices and heads are >= 0
         return None

@@ -137,30 +137,31 @@ def _in_range(x: E, lo: int, hi: int, n_segments: int) -> E:
     return out
 
 
-def _row(pairs: list[E], n_segments: int) -> E:
-    """One query segment's mask over keys: runs of keys with the same expression share a range."""
-    out, b = expr.const(False), 0
-    while b < n_segments:
-        e = b
-        while e + 1 < n_segments and pairs[e + 1] is pairs[b]:
-            e += 1
-        if not (pairs[b].is_const and pairs[b].value is False):
-            out = out | (_in_range(var("kv"), b, e, n_segments) & pairs[b])
-        b = e + 1
-    return out
-
-
-def _assemble(rows: list[E]) -> E:
-    """where(q < start[1], row0, where(q < start[2], row1, ...)), equal neighbours merged."""
-    groups: list[tuple[int, E]] = []  # (last segment of the run, row)
-    for a, r in enumerate(rows):
-        if groups and groups[-1][1] is r:
-            groups[-1] = (a, r)
+def _runs(items: list[E]) -> list[tuple[int, int, E]]:
+    """(first, last, item) of each run of equal neighbours."""
+    runs: list[tuple[int, int, E]] = []
+    for i, item in enumerate(items):
+        if runs and runs[-1][2] is item:
+            runs[-1] = (runs[-1][0], i, item)
         else:
-            groups.append((a, r))
-    out = groups[-1][1]
-    for last, r in reversed(groups[:-1]):
-        out = E.symbolic_where(var("q") < param("start", last + 1), r, out)
+            runs.append((i, i, item))
+    return runs
+
+
+def _select(x: E, items: list[E], n_segments: int) -> E:
+    """items[segment of x]: the expression of most runs is the default, every other run costs one
+    select per score, where(x in its segments, item, ...); the range tests read x alone (one per
+    row or column of a tile, not per score), so a row of three segments whose outer two agree is
+    one select, not an or of three ands."""
+    runs = _runs(items)
+    counts: dict[int, int] = {}
+    for _, _, item in runs:
+        counts[id(item)] = counts.get(id(item), 0) + 1
+    default = max(runs, key=lambda r: counts[id(r[2])])[2]  # ties: the first
+    out = default
+    for first, last, item in reversed(runs):
+        if item is not default:
+            out = E.symbolic_where(_in_range(x, first, last, n_segments), item, out)
     return out
 
 
@@ -212,8 +213,8 @@ def lower_expression(spec, layer: int = 0) -> E:
                 pairs.append(default)
                 continue
             pairs.append(expr.const(run_program(program, q, SegTok(spec, "kv", b, user, consts), var("h"))))
-        rows.append(_row(pairs, n_seg))
-    return _assemble(rows)
+        rows.append(_select(var("kv"), pairs, n_seg))
+    return _select(var("q"), rows, n_seg)
 
 
 def _needs_int64(root: E, n: int) -> bool:

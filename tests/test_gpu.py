@@ -3,6 +3,7 @@ builder's CUDA-graph path equals the exact CPU build and torch's create_block_ma
 at new sizes (more undecided tiles than a capture had room for included), and masks built one
 after another never share buffers."""
 import glob
+import os
 
 import pytest
 import torch
@@ -47,7 +48,7 @@ def test_graph_build_equals_cpu_build_and_create_block_mask(path):
             assert_blocks_equal(ours.to("cpu"), ref)
 
 
-@settings(max_examples=25, deadline=None, print_blob=True)  # a failure prints its reproduction
+@settings(max_examples=int(os.environ.get("GPU_EXAMPLES", "25")), deadline=None, print_blob=True)  # prints a repro
 @given(specs(), st.integers(0, 9))
 def test_graph_replays_at_new_sizes_stay_exact(raw, extra):
     spec = Spec.load(raw)
