@@ -102,6 +102,15 @@ def first_true(flags: torch.Tensor, cap: int):
     return rows, rows < m
 
 
+def unravel(flat: torch.Tensor, shape) -> torch.Tensor:
+    """[U, len(shape)] coordinates of flat indices, by Python-int strides (torch.unravel_index
+    copies its strides from the host, which a CUDA graph capture refuses)."""
+    strides = [1]
+    for dim in reversed(shape[1:]):
+        strides.insert(0, strides[0] * dim)
+    return torch.stack([flat // st % dim for st, dim in zip(strides, shape)], 1)
+
+
 def decide(must, may, block: int, tokens, cap: int | None = None):
     """Exact (full, partial, undecided count) from tile bounds: tiles they leave undecided are
     evaluated by tokens(index rows [U, dims]) -> (any, all), CHUNK_ELEMENTS tokens per step.
@@ -115,7 +124,7 @@ def decide(must, may, block: int, tokens, cap: int | None = None):
     partial = torch.zeros_like(full)
     if cap:
         rows, live = first_true(undecided, cap)
-        index = torch.stack(torch.unravel_index(torch.where(live, rows, 0), must.shape), 1)
+        index = unravel(torch.where(live, rows, 0), must.shape)
         dest = torch.where(live, rows, must.numel())
         step = max(1, CHUNK_ELEMENTS // (block * block))
         for c in range(0, cap, step):

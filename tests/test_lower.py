@@ -463,3 +463,11 @@ def test_static_build_index_tensors_start_at_16_byte_boundaries():
                  "q_indices", "full_q_num_blocks", "full_q_indices"):
         assert getattr(bm, name).data_ptr() % 16 == 0, name
     assert_blocks_equal(bm, lower(spec).block_mask(4, "cpu"))
+
+
+def test_unravel_equals_torch_unravel_index():
+    """The build's own unravel (CUDA-graph capturable: no strides copied from the host)."""
+    from maskstudio.lower_blocks import unravel
+
+    flat = torch.arange(2 * 3 * 5 * 7)
+    assert torch.equal(unravel(flat, (2, 3, 5, 7)), torch.stack(torch.unravel_index(flat, (2, 3, 5, 7)), 1))
