@@ -94,6 +94,12 @@ def pick(runs: list):
     return by_n, batch, recompiles
 
 
+def in_order(rows: list) -> list:
+    """Rows in the order of NAMES (runs measure designs in whatever order they were asked for)."""
+    order = list(NAMES)
+    return sorted(rows, key=lambda r: order.index(r["design"]) if r["design"] in order else len(order))
+
+
 def env_line(runs: list) -> str:
     envs = {(r["env"].get("gpu") or r["env"].get("device"), r["env"]["torch"]) for r in runs}
     dates = sorted(r["env"].get("date", "")[:10] for r in runs)
@@ -130,7 +136,7 @@ def block(runs: list) -> str:
     for n in sorted(by_n):
         part, _ = by_n[n]
         anchors = part["anchors"]
-        for row in part["rows"]:
+        for row in in_order(part["rows"]):
             a, name = row["attention"], row["design"]
             full = med(anchors["sdpa_full"])
             lo = med(a.get("lowered"))
@@ -140,7 +146,7 @@ def block(runs: list) -> str:
                        f"{ratio(a.get('spec'), a.get('hand'))} | **{ratio(a.get('lowered'), a.get('hand'))}** | "
                        f"{ms(anchors['sdpa_causal'])} | {ms(anchors['sdpa_full'])} | {dens} |")
     extra_paths = ("export", "lowered_exact_div", "lowered_const_grids", "lowered_const_all")
-    extra_rows = [(n, row) for n in sorted(by_n) for row in by_n[n][0]["rows"]
+    extra_rows = [(n, row) for n in sorted(by_n) for row in in_order(by_n[n][0]["rows"])
                   if any(isinstance(row["attention"].get(k), dict) for k in extra_paths)]
     if extra_rows:
         out += [
@@ -168,7 +174,7 @@ def block(runs: list) -> str:
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for n in sorted(by_n):
-        for row in by_n[n][0]["rows"]:
+        for row in in_order(by_n[n][0]["rows"]):
             b, name = row["block_mask"], row["design"]
             same = row.get("identical_blocks", {})
             same_txt = ", ".join(f"{k}: {'yes' if v else '**NO**'}" for k, v in same.items()) or "—"
