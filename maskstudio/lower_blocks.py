@@ -1,15 +1,17 @@
 """BlockMask from a lowered expression, on the device: tile bounds first, tokens in partial tiles only.
 
 The lowered expression runs once over tile intervals for every (batch, head, query tile, key tile)
-at once (vectorised; sizes broadcast per layout), which decides full and empty blocks; only the
-undecided tiles are evaluated token by token. Blocks past a layout's end count as masked, as in
-`create_block_mask`, so the kv and full indices equal torch's.
+at once (vectorised; sizes broadcast per layout), which decides full and empty blocks. A tile the
+bounds leave undecided is probed on a 16 x 16 grid of sampled pairs: if the samples disagree it is
+partial, proven without its other tokens; only tiles whose samples agree are evaluated token by
+token. Blocks past a layout's end count as masked, as in `create_block_mask`, so the kv and full
+indices equal torch's.
 
-Every step has static shapes given a capacity for undecided tiles (no host sync), so on CUDA the
-whole build of one structure at one length is captured once as a CUDA graph: a build at new sizes
-copies them in and replays it (a few microseconds of launches instead of hundreds of ops). One
-read of the undecided-tile count after the replay says whether the capacity held; if not, the
-graph is captured again with room for them.
+Every step has static shapes given rooms for undecided and probed-but-undecided tiles (no host
+sync), so on CUDA the whole build of one structure at one length is captured once as a CUDA graph:
+a build at new sizes copies them in and replays it (a few microseconds of launches instead of
+hundreds of ops). One read of the two counts after the replay says whether the rooms held; if not,
+the graph is captured again with room for them.
 """
 from __future__ import annotations
 
@@ -74,10 +76,13 @@ def classify(low, params, tables: dict, block: int, length: int, h: torch.Tensor
     return padding_never_full(must, length, block), must | res.may
 
 
-def tile_grid(q_tiles, k_tiles, block: int, length):
-    """Token index grids of listed tiles: q [U, B, 1], kv [U, 1, B] (clamped to the layout) and
-    which of those pairs lie inside it (padding past `length` counts as masked)."""
+def tile_grid(q_tiles, k_tiles, block: int, length, side: int | None = None):
+    """Token index grids of listed tiles: q [U, S, 1], kv [U, 1, S] (clamped to the layout) and
+    which of those pairs lie inside it (padding past `length` counts as masked). side: S positions
+    per tile side spread from its first token to its last (a probe), default all `block`."""
     offs = torch.arange(block, device=q_tiles.device)
+    if side is not None and side < block:
+        offs = torch.arange(side, device=q_tiles.device) * (block - 1) // (side - 1)
     q_idx = (q_tiles[:, None] * block + offs)[:, :, None]
     k_idx = (k_tiles[:, None] * block + offs)[:, None, :]
     valid = (q_idx < length) & (k_idx < length)
@@ -111,27 +116,59 @@ def unravel(flat: torch.Tensor, shape) -> torch.Tensor:
     return torch.stack([flat // st % dim for st, dim in zip(strides, shape)], 1)
 
 
-def decide(must, may, block: int, tokens, cap: int | None = None):
-    """Exact (full, partial, undecided count) from tile bounds: tiles they leave undecided are
-    evaluated by tokens(index rows [U, dims]) -> (any, all), CHUNK_ELEMENTS tokens per step.
-    cap: room for undecided tiles (None: exactly their count, read with one host sync); the result
-    is exact only when the returned count is <= cap."""
+PROBE_SIDE = 16  # sampled positions per tile side in the partial-tile probe (256 of 16,384 pairs)
+
+
+def probe_side(block: int) -> int:
+    """Positions per side the probe samples (0: tiles too small to be worth probing)."""
+    side = min(PROBE_SIDE, block // 2)
+    return side if side >= 2 else 0
+
+
+def _in_chunks(tokens, index, side: int):
+    """tokens(index rows, side) over CHUNK_ELEMENTS sampled pairs per step: (any, all) [U]."""
+    step = max(1, CHUNK_ELEMENTS // (side * side))
+    parts = [tokens(index[c:c + step], side) for c in range(0, len(index), step)]
+    if len(parts) == 1:
+        return parts[0]
+    return torch.cat([a for a, _ in parts]), torch.cat([b for _, b in parts])
+
+
+def decide(must, may, block: int, tokens, cap: tuple | None = None):
+    """Exact (full, partial, counts) from tile bounds. Tiles they leave undecided are probed first:
+    tokens(index rows [U, dims], side) -> (any, all) on a side x side grid of sampled pairs, and a
+    tile whose samples disagree is partial without touching its other tokens (most of CCA's ring
+    tiles); only the rest are evaluated in full, tokens(rows, block). cap: (room for undecided
+    tiles, room for tiles the probe leaves), or None for exactly their counts (host syncs); the
+    result is exact when counts [2] (int64: undecided, left by the probe) are within cap."""
+    shape, cells = must.shape, must.numel()
     undecided = (may & ~must).flatten()
-    count = undecided.sum()
-    if cap is None:
-        cap = int(count)
+    count = left_count = undecided.sum()
+    room, room_left = cap if cap is not None else (int(count), None)
     full = torch.cat([must.flatten(), must.new_zeros(1)])  # a spare last slot takes the empty slots' writes
     partial = torch.zeros_like(full)
-    if cap:
-        rows, live = first_true(undecided, cap)
-        index = unravel(torch.where(live, rows, 0), must.shape)
-        dest = torch.where(live, rows, must.numel())
+    side = probe_side(block)
+    if room:
+        rows, live = first_true(undecided, room)
+        index = unravel(torch.where(live, rows, 0), shape)
+        dest = torch.where(live, rows, cells)
+        if side:
+            anyp, allp = _in_chunks(tokens, index, side)
+            mixed = anyp & ~allp
+            partial.scatter_(0, dest, mixed)
+            left = live & ~mixed
+            left_count = left.sum()
+            if room_left is None:
+                room_left = int(left_count)
+            slots, live = first_true(left, room_left)
+            pick = torch.where(live, slots, 0)
+            index, dest = index[pick], torch.where(live, dest[pick], cells)
         step = max(1, CHUNK_ELEMENTS // (block * block))
-        for c in range(0, cap, step):
-            anyv, allv = tokens(index[c:c + step])
+        for c in range(0, len(index), step):
+            anyv, allv = tokens(index[c:c + step], block)
             full.scatter_(0, dest[c:c + step], allv)
             partial.scatter_(0, dest[c:c + step], anyv & ~allv)
-    return full[:-1].view(must.shape), partial[:-1].view(must.shape), count
+    return full[:-1].view(shape), partial[:-1].view(shape), torch.stack([count, left_count])
 
 
 def block_indices(full, partial) -> tuple:
@@ -154,9 +191,10 @@ def to_block_mask(indices: tuple, block_size: int, mask_mod, length: int):
     return bm
 
 
-def _tile_tokens(steps, slots, batched, block, params, tables, rows, length):
-    """(any, all) allowed per listed tile; rows [U, 4]: batch, head, q tile, kv tile."""
-    q_idx, k_idx, valid = tile_grid(rows[:, 2], rows[:, 3], block, length)
+def _tile_tokens(steps, slots, batched, block, params, tables, rows, length, side):
+    """(any, all) allowed per listed tile (side x side sampled pairs, or all when side == block);
+    rows [U, 4]: batch, head, q tile, kv tile."""
+    q_idx, k_idx, valid = tile_grid(rows[:, 2], rows[:, 3], block, length, side)
     env = {"q": q_idx, "kv": k_idx, "h": rows[:, 1, None, None]}
     return any_all(expr.run_tape(steps, env, _per_layout(params, batched, rows[:, 0]), slots, tables) & valid)
 
@@ -184,7 +222,7 @@ def _pow2(m: int) -> int:
 
 def block_states(low, params, tables: dict, block: int, length: int, heads: list, stage, cap=None,
                  pad: bool = False, bounds=None):
-    """(full, partial [B, H, T, T], undecided count) of a lowered layer; heads: 0-d tensors;
+    """(full, partial [B, H, T, T], counts) of a lowered layer (decide); heads: 0-d tensors;
     pad: tile lists padded to a power of two (a compiled stage then sees few shapes); bounds: the
     tile-bound pass (params, tables, h) -> (must, may), default `classify`."""
     bounds = bounds or (lambda p, t, h: classify(low, p, t, block, length, h))
@@ -193,11 +231,11 @@ def block_states(low, params, tables: dict, block: int, length: int, heads: list
     may = torch.stack([m for _, m in states], 1)
     n = torch.full((), length, dtype=torch.int64, device=params.device)
 
-    def tokens(rows):
+    def tokens(rows, side):
         m = len(rows)
         if pad and m:
             rows = torch.cat([rows, rows[-1:].expand(_pow2(m) - m, 4)])
-        anyv, allv = stage(params, tables, rows, n)
+        anyv, allv = stage(params, tables, rows, n, side)
         return anyv[:m], allv[:m]
     return decide(must, may, block, tokens, cap)
 
@@ -220,7 +258,7 @@ class _CapturedBuild:
     """One structure's build at one length, captured as a CUDA graph with static inputs (off CUDA
     the same static build runs eagerly: what the CPU tests exercise)."""
 
-    def __init__(self, low, block: int, length: int, heads: int, stage, cap: int):
+    def __init__(self, low, block: int, length: int, heads: int, stage, cap: tuple):
         device = low.params.device
         self.root, self.cap = low.guarded, cap  # the root kept alive: the cache key holds its id
         self.params = low.params.clone()
@@ -231,11 +269,11 @@ class _CapturedBuild:
             bounds = _compiled_bounds(low, block, length, self.params, self.tables, hs)
 
         def build():
-            full, partial, count = block_states(low, self.params, self.tables, block, length, hs, stage, cap,
-                                                bounds=bounds)
+            full, partial, counts = block_states(low, self.params, self.tables, block, length, hs, stage, cap,
+                                                 bounds=bounds)
             idx = block_indices(full, partial)
             parts = [F.pad(t.flatten(), (0, _aligned(t.numel()) - t.numel())) for t in idx]
-            return torch.cat(parts + [count.to(torch.int32).view(1)]), [t.shape for t in idx]
+            return torch.cat(parts + [counts.to(torch.int32)]), [t.shape for t in idx]
 
         self.build, self.graph = build, None
         if device.type != "cuda":
@@ -251,7 +289,7 @@ class _CapturedBuild:
             self.out, self.shapes = self.build()
 
     def run(self, low):
-        """Copy the sizes in, replay; (the eight index tensors, undecided count)."""
+        """Copy the sizes in, replay; (the eight index tensors, whether the rooms held)."""
         self.params.copy_(low.params)
         for name, col in low.tables:
             self.tables[name].copy_(col)
@@ -260,12 +298,12 @@ class _CapturedBuild:
         else:
             self.graph.replay()
         flat = self.out.clone()  # the graph's buffers are overwritten by the next replay
-        count = int(flat[-1])
+        held = all(c <= room for c, room in zip(flat[-2:].tolist(), self.cap))
         parts, at = [], 0
         for shape in self.shapes:  # views at 16-byte boundaries: compiled kernels expect aligned inputs
             parts.append(flat[at:at + shape.numel()].view(shape))
             at += _aligned(shape.numel())
-        return tuple(parts), count
+        return tuple(parts), held
 
 
 _GRAPHS: "OrderedDict[tuple, _CapturedBuild]" = OrderedDict()
@@ -277,7 +315,7 @@ def _aligned(n: int) -> int:
 
 
 def _capacity(count: int, block: int) -> int:
-    """Room for undecided tiles: a power of two up to one chunk, then whole chunks, with 1/8 to
+    """Room for tiles: a power of two up to one chunk, then whole chunks, with 1/8 to
     spare (every slot is evaluated on each replay, so rounding a 10,430-tile count up to 16,384
     would evaluate half as much again)."""
     step = max(1, CHUNK_ELEMENTS // (block * block))
@@ -292,20 +330,19 @@ def _graph_indices(low, block: int, length: int, heads: int, stage) -> tuple:
     entry = _GRAPHS.get(key)
     if entry is not None:
         _GRAPHS.move_to_end(key)
-        indices, count = entry.run(low)
-        if count <= entry.cap:
+        indices, held = entry.run(low)
+        if held:
             return indices
-    else:  # first build: its exact count sizes the capacity
-        _, _, count = block_states(low, low.params, dict(low.tables), block, length,
-                                   [torch.full((), h, device=low.params.device) for h in range(heads)],
-                                   stage, None, pad=True)
-        count = int(count)
-    cap = _capacity(count, block)
+    # first build, or a room overflowed: an exact build's counts size the rooms
+    _, _, counts = block_states(low, low.params, dict(low.tables), block, length,
+                                [torch.full((), h, device=low.params.device) for h in range(heads)],
+                                stage, None, pad=True)
+    cap = tuple(_capacity(int(c), block) for c in counts)
     entry = _GRAPHS[key] = _CapturedBuild(low, block, length, heads, stage, cap)
     while len(_GRAPHS) > GRAPH_CACHE:
         _GRAPHS.popitem(last=False)
-    indices, count = entry.run(low)
-    assert count <= entry.cap
+    indices, held = entry.run(low)
+    assert held
     return indices
 
 

@@ -112,8 +112,8 @@ def _states(packed: Packed, block: int, length: int, head: int):
     must = padding_never_full(torch.broadcast_to(res.must, (t, t)) & same, length, block)
     may = (torch.broadcast_to(res.may, (t, t)) | ~same) & ~apart
 
-    def tokens(ij):
-        q_idx, k_idx, valid = tile_grid(ij[:, 0], ij[:, 1], block, length)
+    def tokens(ij, side):
+        q_idx, k_idx, valid = tile_grid(ij[:, 0], ij[:, 1], block, length, side)
         return any_all(packed.mask_mod(0, h, q_idx, k_idx) & valid)
     full, partial, _ = decide(must, may, block, tokens)
     return full, partial

@@ -125,10 +125,11 @@ def test_batches_of_layouts_equal_each_layout(raw, extra, head):
 
 
 @FAST
-@given(specs(), st.integers(0, 5), st.integers(0, 40), st.sampled_from([4, 8]))
-def test_static_capacity_builds_are_exact_or_say_they_overflowed(raw, extra, cap, block):
-    """The CUDA-graph build runs with a fixed room for undecided tiles (no host sync): with room
-    enough it equals the exact build, bit for bit; short of room its count says so."""
+@given(specs(), st.integers(0, 5), st.integers(0, 40), st.integers(0, 40), st.sampled_from([4, 8, 16]))
+def test_static_capacity_builds_are_exact_or_say_they_overflowed(raw, extra, cap, cap_left, block):
+    """The CUDA-graph build runs with fixed rooms for undecided tiles and for those the probe
+    leaves (no host sync): with room enough it equals the exact build, bit for bit; short of room
+    its counts say so."""
     from maskstudio.lower_blocks import _token_stage, block_states
 
     spec = Spec.load(raw)
@@ -137,12 +138,14 @@ def test_static_capacity_builds_are_exact_or_say_they_overflowed(raw, extra, cap
     stage = _token_stage(batch, block, compiled=False)
     args = (batch, batch.params, dict(batch.tables), block, batch.n, heads, stage)
     full, partial, count = block_states(*args)
-    s_full, s_partial, s_count = block_states(*args, cap=cap)
-    assert int(s_count) == int(count)
-    if cap >= int(count):
-        assert torch.equal(s_full, full) and torch.equal(s_partial, partial)
-    # fewer undecided tiles than slots, or exactly as many: a tight capacity is exact too
-    t_full, t_partial, _ = block_states(*args, cap=int(count))
+    s_full, s_partial, s_count = block_states(*args, cap=(cap, cap_left))
+    assert int(s_count[0]) == int(count[0])
+    if cap >= int(count[0]):
+        assert int(s_count[1]) == int(count[1])
+        if cap_left >= int(count[1]):
+            assert torch.equal(s_full, full) and torch.equal(s_partial, partial)
+    # fewer tiles than slots, or exactly as many: tight rooms are exact too
+    t_full, t_partial, _ = block_states(*args, cap=tuple(int(c) for c in count))
     assert torch.equal(t_full, full) and torch.equal(t_partial, partial)
 
 
