@@ -35,8 +35,24 @@ def _param_name(key: tuple) -> str:
     return "_".join(str(k) for k in key)
 
 
+def _divisions_by_size(root: expr.E) -> expr.E:
+    """Every division by a size prints as `_div(a, d)`: the file picks exact `//` or the float
+    quotient per layout at run time (`_dividends` bounds them), as it serves sizes of any range."""
+    sized = {nd for nd in expr.nodes(root) if nd.op in ("floordiv", "fdiv") and nd.args[1].op == "p"}
+    return expr.with_fast_divisions(root, sized)
+
+
+def _dividends(name: str, root: expr.E, slots: dict) -> str:
+    """def name(P, n): an upper bound on |dividend| of the mask's divisions by sizes, from the
+    sizes P (a list) and the token count n (indices < n)."""
+    bounds = [expr.magnitude_source(nd.args[0], {"q": "n", "kv": "n", "h": "65536"}, lambda k: f"P[{slots[k]}]")
+              for nd in expr.nodes(_divisions_by_size(root)) if nd.op == "fdiv"]
+    body = "0" if not bounds else "FAST_DIVIDEND" if None in bounds else f"max({', '.join(dict.fromkeys(bounds))}, 0)"
+    return f"def {name}(P, n):\n    return {body}\n"
+
+
 def _function(name: str, root: expr.E, slots: dict, wide: bool = False) -> str:
-    root = expr.with_fast_divisions(root, set())  # exact `//`: the file serves sizes of any range
+    root = _divisions_by_size(root)
     lines, final = expr.source_lines(root, {"q": "q_idx", "kv": "kv_idx"}, param_ref=_param_name,
                                      table_ref=lambda attr, side: f"T[{attr!r}][{side}]")
     used = sorted(set(expr.leaves(root, "p")), key=lambda k: slots[k])
@@ -46,7 +62,7 @@ def _function(name: str, root: expr.E, slots: dict, wide: bool = False) -> str:
     body = "".join(f"    {line}\n" for line in lines)
     if root.is_const:  # every pair allowed (or none): still a tensor, as FlexAttention needs
         final = "(q_idx >= 0)" if root.value else "(q_idx < 0)"
-    return f"def {name}(P, T, h, q_idx, kv_idx):\n{unpack}{body}    return {final}\n"
+    return f"def {name}(P, T, h, q_idx, kv_idx, _div=_exact_div):\n{unpack}{body}    return {final}\n"
 
 
 def lowered_source(spec, layer: int = 0) -> str:
@@ -64,7 +80,7 @@ def _sources(spec) -> str:
     """The library functions the file needs, copied from their one definition."""
     scheme = positions.SCHEME_FUNCTIONS[spec.positions["scheme"]]
     fns = [segments.segment_size, tokens.TokenTable, tokens._segment_columns, tokens.build_table,
-           lower.param_value, scheme]
+           lower.param_value, scheme, expr.floordiv_by_size]
     return "\n\n".join(inspect.getsource(f) for f in fns)
 
 
@@ -80,9 +96,11 @@ def flex_code(spec) -> str:
     keys = tuple(sorted(dict.fromkeys(k for _, low in lowered for k in low.keys), key=lambda k: (k[0] != "start", k)))
     slots = {k: i for i, k in enumerate(keys)}
     wide = any(low.params.dtype.itemsize == 8 for _, low in lowered)
-    functions = "\n\n".join(_function(f"_layer_variant_{i}", low.root, slots, wide)
+    functions = "\n\n".join(_function(f"_layer_variant_{i}", low.root, slots, wide) + "\n\n"
+                              + _dividends(f"_layer_variant_{i}_dividends", low.root, slots)
                               for i, (_, low) in enumerate(lowered))
-    table = ", ".join(f"{key!r}: (_layer_variant_{i}, {low.uses_head})" for i, (key, low) in enumerate(lowered))
+    table = ", ".join(f"{key!r}: (_layer_variant_{i}, {low.uses_head}, _layer_variant_{i}_dividends)"
+                      for i, (key, low) in enumerate(lowered))
     lookups = sorted({a for _, low in lowered for a in low.uses_lookups()})
     layout = [{k: s[k] for k in _LAYOUT_KEYS if k in s} for s in spec.segments]
     pos = dict(spec.positions)
@@ -134,12 +152,17 @@ MODALITIES = {modalities}
 GRID_DIMS = {grid_dims}
 POSITION_PARAMS = {scheme_params}
 POSITION_SHARE = {share}
+FAST_DIVIDEND = 2 ** 21  # |dividend| below this: a float32 quotient and one correction are exact
+
+
+def _exact_div(a, d):
+    return a // d
 
 
 # ---- the lowered mask, one function per distinct layer program
 {functions}
 
-VARIANTS = {{{variants}}}  # layer key -> (function, reads the head)
+VARIANTS = {{{variants}}}  # layer key -> (function, reads the head, dividend bound)
 
 
 # ---- sizes -> token table -> P (copied from Mask Studio: one definition)
@@ -178,16 +201,24 @@ def _variant(layer):
     return VARIANTS[tuple(layer in s for s in LAYER_SETS)]
 
 
+def _division(dividends, layouts):
+    """Division by sizes for these layouts [(P list, tokens)]: a float quotient where every dividend
+    stays below FAST_DIVIDEND (GPUs have no integer divider), else exact `//`."""
+    fast = all(dividends(P, n) < FAST_DIVIDEND for P, n in layouts)
+    return floordiv_by_size if fast else _exact_div
+
+
 def mask_mod_for(sizes=None, layer=0, padded=False, device="cpu"):
     """mask_mod(b, h, q_idx, kv_idx) at these sizes (padded: keys and queries past the end masked);
     device: where its captured tensors live (the device attention runs on)."""
     P, table = params_for(sizes)
+    fn, _, dividends = _variant(layer)
+    div = _division(dividends, [(P.tolist(), table.n)])
     P = P.to(device)
     T = {{a: table.attrs[a].to(device) for a in LOOKUPS}}
-    fn = _variant(layer)[0]
 
     def mask_mod(b, h, q_idx, kv_idx):
-        allow = fn(P, T, h, q_idx, kv_idx)
+        allow = fn(P, T, h, q_idx, kv_idx, div)
         return (allow & (kv_idx < P[END]) & (q_idx < P[END])) if padded else allow
     return mask_mod
 
@@ -197,7 +228,7 @@ def block_mask_for(sizes_or_batch=None, device="cpu", layer=0, num_heads=None, b
     longest or to `length`). num_heads: needed when the layer's rules switch on heads."""
     from torch.nn.attention.flex_attention import create_block_mask
 
-    fn, per_head = _variant(layer)
+    fn, per_head, dividends = _variant(layer)
     heads = num_heads if per_head else None
     if per_head and num_heads is None:
         raise ValueError("this layer has per-head rules: pass num_heads")
@@ -208,12 +239,14 @@ def block_mask_for(sizes_or_batch=None, device="cpu", layer=0, num_heads=None, b
         return create_block_mask(mask_mod, None, heads, n, n, device=device, BLOCK_SIZE=block_size)
     if LOOKUPS:
         raise ValueError(f"attributes {{LOOKUPS}} are per-token tables: build one BlockMask per layout")
-    Ps = torch.stack([params_for(s)[0] for s in sizes_or_batch]).to(device)
+    Ps = torch.stack([params_for(s)[0] for s in sizes_or_batch])
+    div = _division(dividends, [(P, P[END]) for P in Ps.tolist()])
+    Ps = Ps.to(device)
     n = length or int(Ps[:, END].max())
 
     def mask_mod(b, h, q_idx, kv_idx):
         P = Ps[b]
-        return fn(P, {{}}, h, q_idx, kv_idx) & (kv_idx < P[END]) & (q_idx < P[END])
+        return fn(P, {{}}, h, q_idx, kv_idx, div) & (kv_idx < P[END]) & (q_idx < P[END])
     return create_block_mask(mask_mod, len(Ps), heads, n, n, device=device, BLOCK_SIZE=block_size)
 
 

@@ -385,6 +385,34 @@ _SYMBOL = {"add": "+", "sub": "-", "mul": "*", "bmul": "*", "floordiv": "//", "m
            "gt": ">", "ge": ">=", "eq": "==", "ne": "!=", "and": "&", "or": "|"}
 
 
+_MAGNITUDE = {"add": "({0} + {1})", "sub": "({0} + {1})", "mul": "({0} * {1})", "bmul": "({0} * {1})",
+              "floordiv": "{0}", "fdiv": "{0}", "neg": "{0}", "abs": "{0}", "mod": "{1}",
+              "min": "max({0}, {1})", "max": "max({0}, {1})", "where": "max({1}, {2})"}
+
+
+def magnitude_source(root: E, names: dict, param_ref) -> str | None:
+    """Python source of an upper bound on |root| (names: a variable's bound, e.g. {"q": "n"};
+    divisors are sizes >= 1, so |a // d| <= |a| and 0 <= a % d < d), or None when it reads a
+    per-token table. The exported file checks its divisions with it at run time."""
+    text: dict[int, str] = {}
+    for n in nodes(root):
+        o, a = n.op, n.args
+        if o == "tab":
+            return None
+        if o == "c":
+            s = str(abs(int(a[0])))
+        elif o == "var":
+            s = names[a[0]]
+        elif o == "p":
+            s = f"abs({param_ref(a)})"
+        elif o in _MAGNITUDE:
+            s = _MAGNITUDE[o].format(*(text[id(c)] for c in a))
+        else:  # a comparison or a boolean
+            s = "1"
+        text[id(n)] = s
+    return text[id(root)]
+
+
 def source(root: E, names: dict | None = None, param_ref=None, table_ref=None) -> str:
     """The expression as one Python expression (fully parenthesised; for messages and tests)."""
     lines, expr = source_lines(root, names or {}, param_ref, table_ref, share=False)

@@ -253,6 +253,23 @@ def test_flex_export_mask_mods_capture_tensors_on_their_device(tmp_path):
         assert tensors and all(t.device.type == "meta" for t in tensors), name
 
 
+def test_flex_export_divides_by_float_quotient_only_where_exact(tmp_path):
+    """Divisions by sizes take the float quotient (fast on GPUs) when the file's own bound on
+    their dividends allows it, exact `//` otherwise, and the mask is the spec's either way."""
+    import runpy
+
+    from torch.nn.attention.flex_attention import create_mask
+
+    spec = Spec.load("presets/cca.json")
+    ns = runpy.run_path(str(_write(tmp_path, "cca_div", flex_code(spec))))
+    closure = lambda mm: {c.cell_contents for c in mm.__closure__ if callable(c.cell_contents)}  # noqa: E731
+    assert ns["floordiv_by_size"] in closure(ns["mask_mod_for"](None))
+    ns["mask_mod_for"].__globals__["FAST_DIVIDEND"] = 40  # as if these sizes were past 2**21
+    mm = ns["mask_mod_for"](None)
+    assert ns["_exact_div"] in closure(mm) and ns["floordiv_by_size"] not in closure(mm)
+    assert torch.equal(create_mask(mm, None, None, spec.n, spec.n)[0, 0], spec.dense_mask())
+
+
 def _write(folder, name, code):
     path = folder / f"{name}.py"
     path.write_text(code)
@@ -311,7 +328,7 @@ def test_flex_export_drives_a_transformers_model(tmp_path):
 def test_cli_lower_prints_the_kernels_arithmetic(capsys):
     assert main(["lower", "--preset", "nfd"]) == 0
     out = capsys.readouterr().out
-    assert "hw_0=9" in out and "return ((kv_idx // hw_0) <= (q_idx // hw_0))" in out
+    assert "hw_0=9" in out and "return (_div(kv_idx, hw_0) <= _div(q_idx, hw_0))" in out
     assert main(["lower", "presets/ancat.json"]) == 0
     assert "per-token tables read: lookahead" in capsys.readouterr().out
 

@@ -474,3 +474,24 @@ def test_unravel_equals_torch_unravel_index():
 
     flat = torch.arange(2 * 3 * 5 * 7)
     assert torch.equal(unravel(flat, (2, 3, 5, 7)), torch.stack(torch.unravel_index(flat, (2, 3, 5, 7)), 1))
+
+
+@FAST
+@given(specs(), st.integers(0, 9))
+def test_exported_dividend_bound_covers_every_division(tmp_path_factory, raw, extra):
+    """The exported file's bound on |dividend| (plain Python on its P and n, which picks the float
+    quotient) is never below the interval analysis' exact-range bound of any division by a size."""
+    import runpy
+
+    from maskstudio.export import flex_code
+    from maskstudio.lower import _division_bounds
+
+    spec = Spec.load(raw).with_sizes(grown(raw, extra))
+    low = lower(spec)
+    sized = {nd for nd in expr.nodes(low.root) if nd.op in ("floordiv", "fdiv") and nd.args[1].op == "p"}
+    exact = _division_bounds(expr.with_fast_divisions(low.root, sized), low.keys, [spec]).values()
+    path = tmp_path_factory.mktemp("div") / "exported.py"
+    path.write_text(flex_code(spec))
+    ns = runpy.run_path(str(path))
+    bound = ns["_variant"](0)[2](ns["params_for"](None)[0].tolist(), spec.n)
+    assert bound >= max(exact, default=0)
