@@ -495,3 +495,32 @@ def test_exported_dividend_bound_covers_every_division(tmp_path_factory, raw, ex
     ns = runpy.run_path(str(path))
     bound = ns["_variant"](0)[2](ns["params_for"](None)[0].tolist(), spec.n)
     assert bound >= max(exact, default=0)
+
+
+@FAST
+@given(specs(), st.integers(0, 9))
+def test_graph_path_replays_at_new_sizes_stay_exact_on_cpu(raw, extra):
+    """The cached-graph path (off CUDA: the same static build, cached per structure and length,
+    its rooms sized by the first build): replays at new sizes and in batches equal the exact build."""
+    spec = Spec.load(raw)
+    low = lower(spec)
+    heads = 3 if low.uses_head else None
+    for one in (low, low.for_spec(spec.with_sizes(grown(raw, extra))), low.batch([spec, spec.with_sizes(grown(raw, extra))])):
+        assert_blocks_equal(one.block_mask(4, "cpu", num_heads=heads, graph=True),
+                            one.block_mask(4, "cpu", num_heads=heads))
+
+
+def test_graph_path_recaptures_when_a_room_overflows():
+    """At one padded length, a layout with more undecided tiles than the first one's rooms held is
+    rebuilt with bigger rooms (never a silently truncated mask)."""
+    from maskstudio import lower_blocks
+
+    spec = Spec.load("presets/cca.json")
+    low = lower(spec).padded_to()
+    small = low.for_sizes({s["name"]: ([2, 2] if "grid" in s else 2) for s in spec.segments})
+    big = low.for_sizes({s["name"]: ([9, 9] if "grid" in s else 9) for s in spec.segments})
+    assert_blocks_equal(small.block_mask(4, "cpu", length=160, graph=True), small.block_mask(4, "cpu", length=160))
+    rooms = [e.cap for e in lower_blocks._GRAPHS.values()][-1]
+    assert_blocks_equal(big.block_mask(4, "cpu", length=160, graph=True), big.block_mask(4, "cpu", length=160))
+    grown_rooms = [e.cap for e in lower_blocks._GRAPHS.values()][-1]
+    assert grown_rooms[0] > rooms[0]
