@@ -237,21 +237,24 @@ def division_variants(spec, lower, device) -> dict:
     """The lowered mask with exact integer division by sizes ('lowered_exact_div', the kernel before
     float-quotient division), with grid sides compiled in ('lowered_const_grids') and with every
     size a constant ('lowered_const_all': the same expression as hand-written code would hold it,
-    which separates the cost of reading P from the cost of the expression's shape), for designs that
-    divide by a size (their BlockMasks; attention timed beside the others)."""
+    which separates the cost of reading P from the cost of the expression's shape; every design
+    that reads a size), the division variants for designs that divide by a size (their BlockMasks;
+    attention timed beside the others)."""
     from dataclasses import replace
 
     from maskstudio import expr
 
     low = lower(spec)
-    if not any(nd.op in ("fdiv", "floordiv") and nd.args[1].op == "p" for nd in expr.nodes(low.root)):
+    if not expr.leaves(low.root, "p"):
         return {}
-    exact = replace(low, root=expr.with_fast_divisions(low.root, set()))
     values = dict(zip(low.keys, low.params.tolist()))
     constants = replace(low, root=expr.substitute(low.root, values))  # every size a constant, as by hand
-    return {"lowered_exact_div": lowered_block_mask(exact, device),
-            "lowered_const_grids": lowered_block_mask(low.with_constant_grids(), device),
-            "lowered_const_all": lowered_block_mask(constants, device)}
+    out = {"lowered_const_all": lowered_block_mask(constants, device)}
+    if any(nd.op in ("fdiv", "floordiv") and nd.args[1].op == "p" for nd in expr.nodes(low.root)):
+        exact = replace(low, root=expr.with_fast_divisions(low.root, set()))
+        out = {"lowered_exact_div": lowered_block_mask(exact, device),
+               "lowered_const_grids": lowered_block_mask(low.with_constant_grids(), device), **out}
+    return out
 
 
 def with_compiled_bounds(fn):
