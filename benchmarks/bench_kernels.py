@@ -250,7 +250,7 @@ def division_variants(spec, lower, device) -> dict:
     values = dict(zip(low.keys, low.params.tolist()))
     constants = replace(low, root=expr.substitute(low.root, values))  # every size a constant, as by hand
     out = {"lowered_const_all": lowered_block_mask(constants, device)}
-    if any(nd.op in ("fdiv", "floordiv") and nd.args[1].op == "p" for nd in expr.nodes(low.root)):
+    if any(expr.divides_by_size(nd) for nd in expr.nodes(low.root)):
         exact = replace(low, root=expr.with_fast_divisions(low.root, set()))
         out = {"lowered_exact_div": lowered_block_mask(exact, device),
                "lowered_const_grids": lowered_block_mask(low.with_constant_grids(), device), **out}

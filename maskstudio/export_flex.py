@@ -38,15 +38,14 @@ def _param_name(key: tuple) -> str:
 def _divisions_by_size(root: expr.E) -> expr.E:
     """Every division by a size prints as `_div(a, d)`: the file picks exact `//` or the float
     quotient per layout at run time (`_dividends` bounds them), as it serves sizes of any range."""
-    sized = {nd for nd in expr.nodes(root) if nd.op in ("floordiv", "fdiv") and nd.args[1].op == "p"}
-    return expr.with_fast_divisions(root, sized)
+    return expr.with_fast_divisions(root, {nd for nd in expr.nodes(root) if expr.divides_by_size(nd)})
 
 
 def _dividends(name: str, root: expr.E, slots: dict) -> str:
     """def name(P, n): an upper bound on |dividend| of the mask's divisions by sizes, from the
     sizes P (a list) and the token count n (indices < n)."""
     bounds = [expr.magnitude_source(nd.args[0], {"q": "n", "kv": "n", "h": "65536"}, lambda k: f"P[{slots[k]}]")
-              for nd in expr.nodes(_divisions_by_size(root)) if nd.op == "fdiv"]
+              for nd in expr.nodes(root) if expr.divides_by_size(nd)]
     body = "0" if not bounds else "FAST_DIVIDEND" if None in bounds else f"max({', '.join(dict.fromkeys(bounds))}, 0)"
     return f"def {name}(P, n):\n    return {body}\n"
 

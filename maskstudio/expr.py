@@ -252,6 +252,16 @@ def division_bounds(root: E, env: dict, params, slots: dict, tables=None) -> dic
     return found
 
 
+def divides_by_size(node: E) -> bool:
+    """A division whose divisor is a size parameter (what may run as a float quotient)."""
+    return node.op in ("floordiv", "fdiv") and node.args[1].op == "p"
+
+
+def reads_head(root: E) -> bool:
+    """Does the expression switch on the head index (per-head rules)?"""
+    return ("h",) in leaves(root, "var")
+
+
 def with_fast_divisions(root: E, safe: set) -> E:
     """floordiv nodes in `safe` (divisions by a size whose dividends stay below FAST_DIVIDEND)
     become `fdiv`: the same value, computed through a float32 quotient on tensors. Others that are

@@ -286,7 +286,7 @@ class Lowered:
 
     @cached_property
     def uses_head(self) -> bool:
-        return any(o == "var" and a == ("h",) for o, a in self.steps)
+        return expr.reads_head(self.guarded)
 
     @cached_property
     def mask_mod(self):

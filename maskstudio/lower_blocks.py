@@ -216,6 +216,11 @@ def _token_stage(low, block: int, compiled: bool):
     return fn
 
 
+def head_indices(heads: int, device) -> list:
+    """The head index of each head as a 0-d int64 tensor on the device (the `h` of the expression)."""
+    return [torch.full((), h, dtype=torch.int64, device=device) for h in range(heads)]
+
+
 def _pow2(m: int) -> int:
     return 1 << max(m - 1, 0).bit_length()
 
@@ -263,7 +268,7 @@ class _CapturedBuild:
         self.root, self.cap = low.guarded, cap  # the root kept alive: the cache key holds its id
         self.params = low.params.clone()
         self.tables = {k: v.clone() for k, v in low.tables}
-        hs = [torch.full((), h, dtype=torch.int64, device=device) for h in range(heads)]
+        hs = head_indices(heads, device)
         bounds = None
         if knobs.COMPILE_TILE_BOUNDS:
             bounds = _compiled_bounds(low, block, length, self.params, self.tables, hs)
@@ -335,7 +340,7 @@ def _graph_indices(low, block: int, length: int, heads: int, stage) -> tuple:
             return indices
     # first build, or a room overflowed: an exact build's counts size the rooms
     _, _, counts = block_states(low, low.params, dict(low.tables), block, length,
-                                [torch.full((), h, device=low.params.device) for h in range(heads)],
+                                head_indices(heads, low.params.device),
                                 stage, None, pad=True)
     cap = tuple(_capacity(int(c), block) for c in counts)
     entry = _GRAPHS[key] = _CapturedBuild(low, block, length, heads, stage, cap)
@@ -371,7 +376,7 @@ def build_block_mask(low, block_size: int = 128, device=None, num_heads: int | N
     if graph:
         indices = _graph_indices(low, block_size, length, heads, stage)
     else:
-        hs = [torch.full((), h, device=device) for h in range(heads)]
+        hs = head_indices(heads, device)
         full, partial, _ = block_states(low, low.params, dict(low.tables), block_size, length, hs, stage,
                                         pad=compiled)
         indices = block_indices(full, partial)

@@ -135,7 +135,7 @@ class Designs:
 
     @cached_property
     def uses_head(self) -> bool:
-        return any(o == "var" and a == ("h",) for o, a in expr.tape(self.root))
+        return expr.reads_head(self.root)
 
 
 def _renamed(root: E, g: int) -> E:

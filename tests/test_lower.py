@@ -488,7 +488,7 @@ def test_exported_dividend_bound_covers_every_division(tmp_path_factory, raw, ex
 
     spec = Spec.load(raw).with_sizes(grown(raw, extra))
     low = lower(spec)
-    sized = {nd for nd in expr.nodes(low.root) if nd.op in ("floordiv", "fdiv") and nd.args[1].op == "p"}
+    sized = {nd for nd in expr.nodes(low.root) if expr.divides_by_size(nd)}
     exact = _division_bounds(expr.with_fast_divisions(low.root, sized), low.keys, [spec]).values()
     path = tmp_path_factory.mktemp("div") / "exported.py"
     path.write_text(flex_code(spec))
