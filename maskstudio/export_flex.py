@@ -5,7 +5,8 @@ tensor `P`, so one compiled kernel serves any sizes of the design's structure.
 The file holds the spec's data only as repr literals (names, sizes, positions), the lowered
 expression per distinct layer as generated arithmetic, and — so that sizes -> token table ->
 parameters and position ids have one definition — the source of the few library functions that
-compute them (segment sizes, the token table, `lower.param_value`, the position scheme).
+compute them (segment sizes, the token table, `lower.param_value`, the position scheme, the
+float-quotient division).
 """
 from __future__ import annotations
 
