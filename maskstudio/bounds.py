@@ -40,8 +40,11 @@ class Tri:
 
     __ror__ = __or__
 
-    def __invert__(self):
+    def negate(self) -> "Tri":
+        """not: must and may swap (a method, as torch.compile cannot trace `~` on a Python object)."""
         return Tri(~self.may, ~self.must)
+
+    __invert__ = negate
 
 
 def where(cond, a, b):

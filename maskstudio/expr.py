@@ -355,7 +355,7 @@ def _interval_op(o, args):
         if o in _COMPARE:
             return getattr(Interval.of(x), f"__{o}__")(args[1])
         if o == "not":
-            return ~Tri.of(x)
+            return Tri.of(x).negate()
         return (Tri.of(x) & args[1]) if o == "and" else (Tri.of(x) | args[1])
     if o in ("floordiv", "fdiv", "mod"):  # divisors are sizes (> 0) or constants
         iv, d = Interval.of(x), args[1]

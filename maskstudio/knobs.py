@@ -35,8 +35,9 @@ FLEX_MIN_TOKENS = 1024      # on CUDA: eager (dense) below this many tokens, fle
 LOWER_MAX_SEGMENTS = 32    # segments: more (packed training rows) -> the data-driven masks, one kernel for all
 EXPORT_MAX_SEGMENTS = 1024  # the flex export lowers every segment pair (quadratic): refused past this
 LOWER_MAX_NODES = 512      # a lowered expression larger than this costs more per score than two lookups
-COMPILE_TILE_BOUNDS = False  # CUDA graph builds: the tile-bound pass through torch.compile first (fewer
-                             # kernels per replay; a compile per structure and length; GPU speed unmeasured)
+COMPILE_BUILD = False      # CUDA graph builds: the whole static build through torch.compile before capture
+                           # (a few fused kernels per replay instead of ~80-200; one compile per structure,
+                           # length and rooms, ~10-25 s)
 FLEX_BITS_BUDGET = 1 << 30  # bytes of partial-block bits before falling back to the spec's mask_mod
 
 # the app

@@ -289,18 +289,33 @@ class Lowered:
         return expr.reads_head(self.guarded)
 
     @cached_property
+    def text(self) -> str:
+        """The guarded expression as Python source (the mask_mod's docstring)."""
+        return expr.source(self.guarded)
+
+    @cached_property
     def mask_mod(self):
         """FlexAttention mask_mod(b, h, q_idx, kv_idx): closed-form, sizes in a captured tensor."""
-        return make_mask_mod(self.steps, self.params, self.slots, dict(self.tables), self.batched,
-                             expr.source(self.guarded))
+        return make_mask_mod(self.steps, self.params, self.slots, dict(self.tables), self.batched, self.text)
 
     # -- other sizes
     def on(self, device) -> "Lowered":
         device = torch.device(device)
+        if device.type == "cuda" and device.index is None:  # "cuda" is the current device, as in torch
+            device = torch.device("cuda", torch.cuda.current_device())
         if self.params.device == device:
             return self
-        return replace(self, params=self.params.to(device),
-                       tables=tuple((k, v.to(device)) for k, v in self.tables))
+        return self._resized(params=self.params.to(device), tables=tuple((k, v.to(device)) for k, v in self.tables))
+
+    def _resized(self, **changes) -> "Lowered":
+        """replace(self, **changes) keeping what does not depend on sizes (the guarded expression, its
+        tape and text): a build per step of a training loop must not re-walk the expression."""
+        out = replace(self, **changes)
+        if out.root is self.root and out.padded == self.padded and out.batched == self.batched:
+            for name in _SIZE_FREE:
+                if name in self.__dict__:
+                    out.__dict__[name] = self.__dict__[name]
+        return out
 
     def with_window(self, window: int) -> "Lowered":
         """Also q - kv < window (a model's own sliding window, so its blocks are skipped too)."""
@@ -451,9 +466,12 @@ def _tables(root: E, specs: list) -> tuple:
     return tuple((a, specs[0].table.attrs[a]) for a in names)
 
 
+_SIZE_FREE = ("guarded", "steps", "uses_head", "text")  # cached properties that sizes do not change
+
+
 def _with_layouts(base: Lowered, specs: list, batched: bool) -> Lowered:
     vals = torch.stack([_values(base.keys, sp, base.params.dtype) for sp in specs])
-    return replace(base, params=vals if batched else vals[0], lengths=tuple(sp.table.n for sp in specs),
+    return base._resized(params=vals if batched else vals[0], lengths=tuple(sp.table.n for sp in specs),
                    tables=_tables(base.root, specs), spec=base.spec if batched else specs[0])
 
 

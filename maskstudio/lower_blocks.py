@@ -15,6 +15,7 @@ the graph is captured again with room for them.
 """
 from __future__ import annotations
 
+import warnings
 from collections import OrderedDict
 
 import torch
@@ -63,9 +64,11 @@ def padding_never_full(must, length: int, block: int):
     return must
 
 
-def classify(low, params, tables: dict, block: int, length: int, h: torch.Tensor):
-    """(must, may) bool [B, T, T] of one head (h: a 0-d tensor) from tile bounds alone."""
-    lo, hi = tile_edges(length, block, params.device)
+def classify(low, params, tables: dict, block: int, length: int, h: torch.Tensor, edges=None):
+    """(must, may) bool [B, T, T] of one head (h: a 0-d tensor) from tile bounds alone. edges:
+    tile_edges made beforehand (a compiled build takes them as data: inductor's CUDA backend fails
+    on comparisons of the index arithmetic an arange in the graph would give)."""
+    lo, hi = edges if edges is not None else tile_edges(length, block, params.device)
     t = len(lo)
     env = {"q": Interval(lo[:, None], hi[:, None]), "kv": Interval(lo[None, :], hi[None, :]), "h": h}
     res = expr.evaluate_tiles(low.guarded, env, _per_layout(params, low.batched), low.slots,
@@ -226,12 +229,10 @@ def _pow2(m: int) -> int:
 
 
 def block_states(low, params, tables: dict, block: int, length: int, heads: list, stage, cap=None,
-                 pad: bool = False, bounds=None):
+                 pad: bool = False, edges=None):
     """(full, partial [B, H, T, T], counts) of a lowered layer (decide); heads: 0-d tensors;
-    pad: tile lists padded to a power of two (a compiled stage then sees few shapes); bounds: the
-    tile-bound pass (params, tables, h) -> (must, may), default `classify`."""
-    bounds = bounds or (lambda p, t, h: classify(low, p, t, block, length, h))
-    states = [bounds(params, tables, h) for h in heads]
+    pad: tile lists padded to a power of two (a compiled stage then sees few shapes)."""
+    states = [classify(low, params, tables, block, length, h, edges) for h in heads]
     must = torch.stack([m for m, _ in states], 1)
     may = torch.stack([m for _, m in states], 1)
     n = torch.full((), length, dtype=torch.int64, device=params.device)
@@ -245,18 +246,20 @@ def block_states(low, params, tables: dict, block: int, length: int, heads: list
     return decide(must, may, block, tokens, cap)
 
 
-def _compiled_bounds(low, block: int, length: int, params, tables: dict, hs: list):
-    """The tile-bound pass through torch.compile (static shapes), or None if it does not compile
-    or differs from the eager pass on these sizes (the build then stays eager)."""
-    fn = torch.compile(lambda p, t, h: classify(low, p, t, block, length, h), dynamic=False)
+def _compiled_build(build):
+    """The static build through torch.compile (static shapes: its ~100-200 small kernels fuse into a
+    few dozen), or the eager build, with a warning saying why, if it does not compile or differs
+    from it (a compiler failure costs speed, never a build)."""
+    fn = torch.compile(build, dynamic=False)
     try:
-        for h in hs:
-            ours, ref = fn(params, tables, h), classify(low, params, tables, block, length, h)
-            if not (torch.equal(ours[0], ref[0]) and torch.equal(ours[1], ref[1])):
-                return None
-    except Exception:  # noqa: BLE001 - a compiler failure costs speed, never a build
-        return None
-    return fn
+        ours, ref = fn(), build()
+        if torch.equal(ours[0], ref[0]):
+            return fn
+        why = "its result differs from the eager build's"
+    except Exception as err:  # noqa: BLE001
+        why = f"{type(err).__name__}: {str(err).strip().splitlines()[0][:300] if str(err).strip() else ''}"
+    warnings.warn(f"knobs.COMPILE_BUILD: the block-mask build stays eager ({why})", RuntimeWarning, stacklevel=2)
+    return build
 
 
 class _CapturedBuild:
@@ -268,19 +271,18 @@ class _CapturedBuild:
         self.root, self.cap = low.guarded, cap  # the root kept alive: the cache key holds its id
         self.params = low.params.clone()
         self.tables = {k: v.clone() for k, v in low.tables}
-        hs = head_indices(heads, device)
-        bounds = None
-        if knobs.COMPILE_TILE_BOUNDS:
-            bounds = _compiled_bounds(low, block, length, self.params, self.tables, hs)
+        hs, edges = head_indices(heads, device), tile_edges(length, block, device)
+        if knobs.COMPILE_BUILD:  # the whole build is compiled: its token stage inlined, not nested
+            stage = _token_stage(low, block, False)
 
         def build():
             full, partial, counts = block_states(low, self.params, self.tables, block, length, hs, stage, cap,
-                                                 bounds=bounds)
+                                                 edges=edges)
             idx = block_indices(full, partial)
             parts = [F.pad(t.flatten(), (0, _aligned(t.numel()) - t.numel())) for t in idx]
             return torch.cat(parts + [counts.to(torch.int32)]), [t.shape for t in idx]
 
-        self.build, self.graph = build, None
+        self.build, self.graph = _compiled_build(build) if knobs.COMPILE_BUILD else build, None
         if device.type != "cuda":
             return
         side = torch.cuda.Stream(device)
@@ -330,7 +332,7 @@ def _capacity(count: int, block: int) -> int:
 
 def _graph_indices(low, block: int, length: int, heads: int, stage) -> tuple:
     """block_indices of `low` through a cached CUDA graph (captured again if its capacity overflows)."""
-    key = (knobs.COMPILE_TILE_BOUNDS, id(low.guarded), low.keys, low.batched, tuple(low.params.shape), low.params.dtype,
+    key = (knobs.COMPILE_BUILD, id(low.guarded), low.keys, low.batched, tuple(low.params.shape), low.params.dtype,
            tuple((k, tuple(v.shape)) for k, v in low.tables), block, length, heads, str(low.params.device))
     entry = _GRAPHS.get(key)
     if entry is not None:

@@ -161,6 +161,24 @@ def test_sizes_change_values_not_the_expression():
     assert expr.source(a.root) == "(_div(kv, P[('hw', 0)]) <= _div(q, P[('hw', 0)]))"
 
 
+def test_new_sizes_reuse_the_walked_expression_and_padding_does_not():
+    """A training loop builds a mask per step at new sizes: the tape, the guarded expression and
+    its text are carried over (not re-walked); a padded or batched variant guards differently and
+    walks its own. The same device, named with or without an index, is not a copy."""
+    low = lower(Spec.load("presets/multiverse.json"))
+    _ = low.mask_mod, low.uses_head
+    other = low.for_sizes({"path1": 40, "prefix": 3})
+    assert other.steps is low.steps and other.text is low.text and other.guarded is low.guarded
+    assert torch.equal(other.dense(), other.spec.dense_mask())
+    padded, batched = low.padded_to(True), low.batch([{"path1": 40}, {}])
+    for variant in (padded, batched):
+        assert variant.steps is not low.steps and "start" in variant.text
+    assert low.on("cpu") is low
+    if torch.cuda.is_available():
+        on = low.on("cuda")
+        assert on.on("cuda") is on and on.on(f"cuda:{torch.cuda.current_device()}") is on
+
+
 @FAST
 @given(st.integers(-(1 << 21) + 1, (1 << 21) - 1), st.integers(1, 1 << 22))
 def test_float_quotient_division_is_exact_below_its_bound(a, d):
@@ -290,18 +308,26 @@ def test_compiled_kernel_is_reused_for_new_sizes_and_recompiled_for_a_new_length
 
 
 @pytest.mark.slow
-def test_compiled_tile_bounds_compile_and_equal_the_eager_pass(monkeypatch):
-    """knobs.COMPILE_TILE_BOUNDS: the tile-bound pass through torch.compile (no graph break, no
-    fallback) and the static build with it equal the exact build."""
-    from maskstudio import knobs
-    from maskstudio.lower_blocks import _compiled_bounds
+def test_compiled_build_compiles_without_fallback_and_equals_the_exact_build(monkeypatch):
+    """knobs.COMPILE_BUILD: the whole static build through torch.compile (it compiled: the cached
+    build is the compiled one, not the eager fallback) equals the exact build, also at new sizes."""
+    import torch._dynamo
 
-    monkeypatch.setattr(knobs, "COMPILE_TILE_BOUNDS", True)
-    for path in ["presets/cca.json", "presets/multiverse.json"]:
+    from maskstudio import knobs, lower_blocks
+
+    monkeypatch.setattr(knobs, "COMPILE_BUILD", True)
+    torch._dynamo.utils.counters.clear()
+    for path, resized in [("presets/cca.json", {"image": [6, 6], "prefix": 32}),
+                         ("presets/multiverse.json", {"path1": 10, "path2": 8})]:
         spec = Spec.load(path)
         low = lower(spec)
-        assert _compiled_bounds(low, 8, spec.n, low.params, dict(low.tables), [torch.tensor(0)]) is not None
         assert_blocks_equal(low.block_mask(8, "cpu", graph=True), low.block_mask(8, "cpu"))
+        entry = next(reversed(lower_blocks._GRAPHS.values()))
+        assert hasattr(entry.build, "_torchdynamo_orig_callable"), "fell back to the eager build"
+        other = low.for_sizes(resized)  # same length: the compiled graph is replayed
+        assert other.n == low.n
+        assert_blocks_equal(other.block_mask(8, "cpu", graph=True), other.block_mask(8, "cpu"))
+    assert not torch._dynamo.utils.counters["graph_break"]
 
 
 @pytest.mark.slow
