@@ -257,15 +257,15 @@ def division_variants(spec, lower, device) -> dict:
     return out
 
 
-def with_compiled_bounds(fn):
-    """fn() with knobs.COMPILE_TILE_BOUNDS on (the device builder's compiled tile-bound pass)."""
+def with_compiled_build(fn):
+    """fn() with knobs.COMPILE_BUILD on (the device builder's whole static build compiled)."""
     from maskstudio import knobs
 
-    knobs.COMPILE_TILE_BOUNDS = True
+    knobs.COMPILE_BUILD = True
     try:
         return fn()
     finally:
-        knobs.COMPILE_TILE_BOUNDS = False
+        knobs.COMPILE_BUILD = False
 
 
 def err_text(err: BaseException) -> str:
@@ -473,12 +473,12 @@ def part_attention(args, device, n, designs, lower, flex_c, cbm_c, dtype, log, s
                 m = try_measure(lambda: lowered_block_mask(low, device), device, args.reps, budget_s=args.budget_s)
                 bm_low = m.pop("out") if isinstance(m, dict) else None
                 builds["lowered_block_mask"] = m
-                if device.type == "cuda":  # the tile-bound pass compiled before the graph is captured
-                    m = with_compiled_bounds(lambda: try_measure(lambda: lowered_block_mask(low, device), device,
+                if device.type == "cuda" and not args.skip_compiled_build:  # the whole build compiled, then captured
+                    m = with_compiled_build(lambda: try_measure(lambda: lowered_block_mask(low, device), device,
                                                                  args.reps, budget_s=args.budget_s))
                     if isinstance(m, dict):
-                        same["lowered_compiled_bounds"] = same_blocks(m.pop("out"), bm_hand)
-                    builds["lowered_compiled_bounds_block_mask"] = m
+                        same["lowered_compiled_build"] = same_blocks(m.pop("out"), bm_hand)
+                    builds["lowered_compiled_build_block_mask"] = m
                 if bm_low is not None:
                     same["lowered"] = same_blocks(bm_low, bm_hand)
                     row["lowered_mask_mod"] = getattr(bm_low.mask_mod, "__qualname__", repr(bm_low.mask_mod))
@@ -530,7 +530,7 @@ def part_attention(args, device, n, designs, lower, flex_c, cbm_c, dtype, log, s
             f"{med(attention.get('export', '-'))} {' '.join(f'{k} {med(attention[k])}' for k in variants)} | BlockMask ms: compiled cbm "
             f"{med(builds['create_block_mask_compiled'])} plain {med(builds['create_block_mask'])} spec "
             f"{med(builds['spec_block_mask'])} lowered {med(builds['lowered_block_mask'])} compiled bounds "
-            f"{med(builds.get('lowered_compiled_bounds_block_mask', '-'))} | same blocks {same} "
+            f"{med(builds.get('lowered_compiled_build_block_mask', '-'))} | same blocks {same} "
             f"| max|diff| {diffs}")
         del bm_hand, bm_spec, bm_low, bm_export
         if str(device).startswith("cuda"):
@@ -611,12 +611,12 @@ def part_batch(args, device, n, lower, cbm_c, log) -> dict:
             if isinstance(m, dict):
                 res["lowered_identical"] = same_blocks(m.pop("out"), ref)
             res["lowered_batch_block_mask"] = m
-            if device.type == "cuda":
-                m = with_compiled_bounds(lambda: try_measure(lambda: batched.block_mask(block_size=BLOCK, device=device),
+            if device.type == "cuda" and not args.skip_compiled_build:
+                m = with_compiled_build(lambda: try_measure(lambda: batched.block_mask(block_size=BLOCK, device=device),
                                                              device, args.reps, budget_s=args.budget_s))
                 if isinstance(m, dict):
-                    res["lowered_compiled_bounds_identical"] = same_blocks(m.pop("out"), ref)
-                res["lowered_compiled_bounds_batch_block_mask"] = m
+                    res["lowered_compiled_build_identical"] = same_blocks(m.pop("out"), ref)
+                res["lowered_compiled_build_batch_block_mask"] = m
         except Exception as err:  # noqa: BLE001
             res["lowered_batch_block_mask"] = err_text(err)
     med = lambda x: f"{x['median_ms']:.3f}" if isinstance(x, dict) else str(x)[:80]  # noqa: E731
@@ -704,6 +704,8 @@ def main(argv=None):
     ap.add_argument("--variants", action="store_true",
                     help="also time the lowered mask with exact division and with constant grid sides")
     ap.add_argument("--parts", default="attention,batch,recompiles")
+    ap.add_argument("--skip-compiled-build", action="store_true",
+                    help="no knobs.COMPILE_BUILD build figures (~50 s of compile per design and size on an H200)")
     ap.add_argument("--tiny", action="store_true", help="CPU smoke run at toy sizes (N=1024, batch at 2048)")
     ap.add_argument("--check", action="store_true", help="only check hand-written == spec (and lowered) masks, on the CPU")
     ap.add_argument("--device", default=None, help="default: cuda when available, else cpu")

@@ -65,6 +65,14 @@ def ratio(a, b, digits=2) -> str:
     return f"{a / b:.{digits}f}x" if a is not None and b else "—"
 
 
+def compiled_build(b: dict) -> str:
+    """The compiled-build figure; runs before 29 Nov 2026 compiled the tile-bound pass only (marked ²)."""
+    if "lowered_compiled_build_block_mask" in b:
+        return ms(b["lowered_compiled_build_block_mask"])
+    old = b.get("lowered_compiled_bounds_block_mask")
+    return ms(old) + " ²" if old is not None else "—"
+
+
 def tokens(n: int) -> str:
     return f"{n // 1024}k" if n % 1024 == 0 else str(n)
 
@@ -108,7 +116,40 @@ def env_line(runs: list) -> str:
     return f"{where}; measured {dates[0]}{' – ' + dates[-1] if dates[-1] != dates[0] else ''} ({files})"
 
 
-def block(runs: list) -> str:
+def builds_table(paths: list) -> list:
+    """Lines of the builds-alone table (bench_builds.py results; per N and design the newest file wins)."""
+    rows: dict = {}
+    runs = []
+    for path in paths:
+        with open(path) as fh:
+            runs.append((json.load(fh), path))
+    for data, path in sorted(runs, key=lambda dp: (dp[0].get("date", ""), dp[1])):  # oldest first
+        for r in data.get("rows", []):
+            rows[(r["n"], r["design"])] = (r, os.path.basename(path), data.get("torch", "?"))
+    if not rows:
+        return []
+    files = sorted({f for _, f, _ in rows.values()})
+    x = lambda v: f"{v:.3g}" if isinstance(v, (int, float)) else "—"  # noqa: E731
+    out = ["", "BlockMask builds alone (`bench_builds.py`, a process that builds only; " + ", ".join(
+        f"`benchmarks/results/{f}`" for f in files) + "): ms per build, figure and anchor from the same run; "
+           "*replay* = the captured CUDA graph alone (the rest of a build is host work: sizes copied in, one "
+           "read of the two counts, the BlockMask object); *compiled build* = `knobs.COMPILE_BUILD` (~50 s "
+           "of compile per structure and length, once):", "",
+           "| N | design | compiled `create_block_mask` | lowered | **speed-up** | replay | compiled build | "
+           "**speed-up** | its replay | identical blocks |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for (n, name), (r, _, _) in sorted(rows.items(), key=lambda kv: (kv[0][0], list(NAMES).index(kv[0][1])
+                                                                     if kv[0][1] in NAMES else 99)):
+        ref = r["create_block_mask_compiled_ms"]
+        fast = r.get("compiled_build_ms")
+        same = [yes(r.get("identical"))] + ([yes(r.get("compiled_build_identical"))] if fast else [])
+        out.append(f"| {tokens(n)} | {NAMES.get(name, name)} | {x(ref)} | {x(r['lowered_ms'])} | "
+                   f"**{ref / r['lowered_ms']:.1f}x** | {x(r.get('replay_ms'))} | {x(fast)} | "
+                   + (f"**{ref / fast:.1f}x**" if fast else "—") + f" | {x(r.get('compiled_build_replay_ms'))} | "
+                   + " / ".join(same) + " |")
+    return out
+
+
+def block(runs: list, build_paths: list = ()) -> str:
     by_n, batch, recompiles = pick(runs)
     used = {id(r): r for _, r in by_n.values()}
     for extra in (batch, recompiles):
@@ -170,7 +211,7 @@ def block(runs: list) -> str:
         "goals: ≥ 5x at 16k, ≥ 10x at 128k; blocks checked identical to `create_block_mask`'s):",
         "",
         "| N | design | compiled `create_block_mask` | plain `create_block_mask` | `spec.block_mask` | lowered | "
-        "**speed-up** | lowered, compiled tile bounds | spec vs compiled | identical blocks |",
+        "**speed-up** | lowered, compiled build¹ | spec vs compiled | identical blocks |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for n in sorted(by_n):
@@ -182,8 +223,11 @@ def block(runs: list) -> str:
                        f"{ms(b.get('create_block_mask'))} | {ms(b.get('spec_block_mask'))} | "
                        f"{ms(b.get('lowered_block_mask'))} | "
                        f"**{ratio(b.get('create_block_mask_compiled'), b.get('lowered_block_mask'), 1)}** | "
-                       f"{ms(b.get('lowered_compiled_bounds_block_mask'))} | "
+                       f"{compiled_build(b)} | "
                        f"{ratio(b.get('create_block_mask_compiled'), b.get('spec_block_mask'), 1)} | {same_txt} |")
+    out += ["", "¹ the whole static build through torch.compile before the CUDA graph is captured "
+            "(`knobs.COMPILE_BUILD`); ² runs before 29 Nov 2026: only the tile-bound pass compiled."]
+    out += builds_table(list(build_paths))
     if batch:
         bt = batch[0]
         out += [
@@ -269,7 +313,8 @@ def main(argv=None):
         runs = [r for r in runs if r["env"].get("gpu")]
     if not runs:
         raise SystemExit(f"no kernel results in {paths or args.results_dir}")
-    text = wrap(block(runs))
+    builds = [] if args.files else glob.glob(os.path.join(args.results_dir, "h200_builds_*.json"))
+    text = wrap(block(runs, builds))
     if args.print:
         print(text)
         return text
