@@ -36,8 +36,8 @@ LOWER_MAX_SEGMENTS = 32    # segments: more (packed training rows) -> the data-d
 EXPORT_MAX_SEGMENTS = 1024  # the flex export lowers every segment pair (quadratic): refused past this
 LOWER_MAX_NODES = 512      # a lowered expression larger than this costs more per score than two lookups
 COMPILE_BUILD = False      # CUDA graph builds: the whole static build through torch.compile before capture
-                           # (a few fused kernels per replay instead of ~80-200; one compile per structure,
-                           # length and rooms, ~10-25 s)
+                           # (~30 fused kernels per replay instead of ~100-200; one compile per structure,
+                           # length and rooms: ~50 s on an H200, 10-25 s on CPU)
 FLEX_BITS_BUDGET = 1 << 30  # bytes of partial-block bits before falling back to the spec's mask_mod
 
 # the app

@@ -472,7 +472,7 @@ _SIZE_FREE = ("guarded", "steps", "uses_head", "text")  # cached properties that
 def _with_layouts(base: Lowered, specs: list, batched: bool) -> Lowered:
     vals = torch.stack([_values(base.keys, sp, base.params.dtype) for sp in specs])
     return base._resized(params=vals if batched else vals[0], lengths=tuple(sp.table.n for sp in specs),
-                   tables=_tables(base.root, specs), spec=base.spec if batched else specs[0])
+                         tables=_tables(base.root, specs), spec=base.spec if batched else specs[0])
 
 
 def _build(spec, layer, root, padded, specs) -> Lowered:

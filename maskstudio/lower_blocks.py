@@ -246,10 +246,10 @@ def block_states(low, params, tables: dict, block: int, length: int, heads: list
     return decide(must, may, block, tokens, cap)
 
 
-def _compiled_build(build):
-    """The static build through torch.compile (static shapes: its ~100-200 small kernels fuse into a
-    few dozen), or the eager build, with a warning saying why, if it does not compile or differs
-    from it (a compiler failure costs speed, never a build)."""
+def _compiled_build(build, fallback=None):
+    """The static build through torch.compile (static shapes: its ~100-200 small kernels fuse into
+    ~30), or `fallback` (default: `build` itself, eager), with a warning saying why, if it does not
+    compile or differs from the eager build (a compiler failure costs speed, never a build)."""
     fn = torch.compile(build, dynamic=False)
     try:
         ours, ref = fn(), build()
@@ -257,9 +257,10 @@ def _compiled_build(build):
             return fn
         why = "its result differs from the eager build's"
     except Exception as err:  # noqa: BLE001
-        why = f"{type(err).__name__}: {str(err).strip().splitlines()[0][:300] if str(err).strip() else ''}"
+        first_line = (str(err).strip().splitlines() or [""])[0][:300]
+        why = f"{type(err).__name__}: {first_line}"
     warnings.warn(f"knobs.COMPILE_BUILD: the block-mask build stays eager ({why})", RuntimeWarning, stacklevel=2)
-    return build
+    return fallback or build
 
 
 class _CapturedBuild:
@@ -272,17 +273,19 @@ class _CapturedBuild:
         self.params = low.params.clone()
         self.tables = {k: v.clone() for k, v in low.tables}
         hs, edges = head_indices(heads, device), tile_edges(length, block, device)
-        if knobs.COMPILE_BUILD:  # the whole build is compiled: its token stage inlined, not nested
-            stage = _token_stage(low, block, False)
 
-        def build():
-            full, partial, counts = block_states(low, self.params, self.tables, block, length, hs, stage, cap,
-                                                 edges=edges)
-            idx = block_indices(full, partial)
-            parts = [F.pad(t.flatten(), (0, _aligned(t.numel()) - t.numel())) for t in idx]
-            return torch.cat(parts + [counts.to(torch.int32)]), [t.shape for t in idx]
+        def build_with(tokens_stage):
+            def build():
+                full, partial, counts = block_states(low, self.params, self.tables, block, length, hs, tokens_stage,
+                                                     cap, edges=edges)
+                idx = block_indices(full, partial)
+                parts = [F.pad(t.flatten(), (0, _aligned(t.numel()) - t.numel())) for t in idx]
+                return torch.cat(parts + [counts.to(torch.int32)]), [t.shape for t in idx]
+            return build
 
-        self.build, self.graph = _compiled_build(build) if knobs.COMPILE_BUILD else build, None
+        self.build, self.graph = build_with(stage), None
+        if knobs.COMPILE_BUILD:  # compiled whole, its token stage inlined (not a nested compile)
+            self.build = _compiled_build(build_with(_token_stage(low, block, False)), fallback=self.build)
         if device.type != "cuda":
             return
         side = torch.cuda.Stream(device)

@@ -550,3 +550,30 @@ def test_graph_path_recaptures_when_a_room_overflows():
     assert_blocks_equal(big.block_mask(4, "cpu", length=160, graph=True), big.block_mask(4, "cpu", length=160))
     grown_rooms = [e.cap for e in lower_blocks._GRAPHS.values()][-1]
     assert grown_rooms[0] > rooms[0]
+
+
+def test_a_compiled_build_that_fails_or_differs_warns_and_keeps_the_eager_build(monkeypatch):
+    """knobs.COMPILE_BUILD never costs a build: a compiler error or a compiled result that differs
+    from the eager one leaves the eager build in place, with a warning naming the cause."""
+    from maskstudio import lower_blocks
+
+    def eager():
+        return torch.arange(4), []
+
+    def broken(fn, dynamic=False):
+        def run():
+            raise RuntimeError("no backend here\nsecond line")
+        return run
+
+    def wrong(fn, dynamic=False):
+        return lambda: (torch.zeros(4, dtype=torch.int64), [])
+
+    fallback = lambda: eager()  # noqa: E731
+    for fake, cause in [(broken, "RuntimeError: no backend here"), (wrong, "differs")]:
+        monkeypatch.setattr(torch, "compile", fake)
+        with pytest.warns(RuntimeWarning, match=cause):
+            assert lower_blocks._compiled_build(eager, fallback=fallback) is fallback
+        with pytest.warns(RuntimeWarning):
+            assert lower_blocks._compiled_build(eager) is eager
+    monkeypatch.setattr(torch, "compile", lambda fn, dynamic=False: lambda: (torch.arange(4), []))
+    assert lower_blocks._compiled_build(eager) is not eager  # an equal compiled build is taken
