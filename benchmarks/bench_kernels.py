@@ -261,11 +261,11 @@ def with_compiled_build(fn):
     """fn() with knobs.COMPILE_BUILD on (the device builder's whole static build compiled)."""
     from maskstudio import knobs
 
-    knobs.COMPILE_BUILD = True
+    before, knobs.COMPILE_BUILD = knobs.COMPILE_BUILD, True
     try:
         return fn()
     finally:
-        knobs.COMPILE_BUILD = False
+        knobs.COMPILE_BUILD = before
 
 
 def err_text(err: BaseException) -> str:
@@ -529,7 +529,7 @@ def part_attention(args, device, n, designs, lower, flex_c, cbm_c, dtype, log, s
             f"spec {med(attention['spec'])} lowered {med(attention['lowered'])} export "
             f"{med(attention.get('export', '-'))} {' '.join(f'{k} {med(attention[k])}' for k in variants)} | BlockMask ms: compiled cbm "
             f"{med(builds['create_block_mask_compiled'])} plain {med(builds['create_block_mask'])} spec "
-            f"{med(builds['spec_block_mask'])} lowered {med(builds['lowered_block_mask'])} compiled bounds "
+            f"{med(builds['spec_block_mask'])} lowered {med(builds['lowered_block_mask'])} compiled build "
             f"{med(builds.get('lowered_compiled_build_block_mask', '-'))} | same blocks {same} "
             f"| max|diff| {diffs}")
         del bm_hand, bm_spec, bm_low, bm_export
@@ -604,15 +604,15 @@ def part_batch(args, device, n, lower, cbm_c, log) -> dict:
             # the layouts' sizes as P rows (host work, like the hand-written version's starts / ends
             # tensors, which are made once outside its timing), then the build from them
             m = try_measure(lambda: low.batch(specs), "cpu", args.reps, budget_s=args.budget_s)
-            batched = m.pop("out").on(device) if isinstance(m, dict) else low.batch(specs).on(device)
+            low_batch = m.pop("out").on(device) if isinstance(m, dict) else low.batch(specs).on(device)
             res["lowered_batch_prepare"] = m
-            m = try_measure(lambda: batched.block_mask(block_size=BLOCK, device=device), device, args.reps,
+            m = try_measure(lambda: low_batch.block_mask(block_size=BLOCK, device=device), device, args.reps,
                             budget_s=args.budget_s)
             if isinstance(m, dict):
                 res["lowered_identical"] = same_blocks(m.pop("out"), ref)
             res["lowered_batch_block_mask"] = m
             if device.type == "cuda" and not args.skip_compiled_build:
-                m = with_compiled_build(lambda: try_measure(lambda: batched.block_mask(block_size=BLOCK, device=device),
+                m = with_compiled_build(lambda: try_measure(lambda: low_batch.block_mask(block_size=BLOCK, device=device),
                                                              device, args.reps, budget_s=args.budget_s))
                 if isinstance(m, dict):
                     res["lowered_compiled_build_identical"] = same_blocks(m.pop("out"), ref)

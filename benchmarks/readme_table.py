@@ -117,35 +117,34 @@ def env_line(runs: list) -> str:
 
 
 def builds_table(paths: list) -> list:
-    """Lines of the builds-alone table (bench_builds.py results; per N and design the newest file wins)."""
-    rows: dict = {}
+    """Lines of the builds-alone table (bench_builds.py results; per N and design the newest dated
+    file wins, files without a date count as the oldest)."""
     runs = []
     for path in paths:
         with open(path) as fh:
-            runs.append((json.load(fh), path))
-    for data, path in sorted(runs, key=lambda dp: (dp[0].get("date", ""), dp[1])):  # oldest first
+            runs.append((json.load(fh), os.path.basename(path)))
+    newest: dict = {}  # (n, design) -> (row, file name)
+    for data, name in sorted(runs, key=lambda run: (run[0].get("date", ""), run[1])):
         for r in data.get("rows", []):
-            rows[(r["n"], r["design"])] = (r, os.path.basename(path), data.get("torch", "?"))
-    if not rows:
+            newest[(r["n"], r["design"])] = (r, name)
+    if not newest:
         return []
-    files = sorted({f for _, f, _ in rows.values()})
-    x = lambda v: f"{v:.3g}" if isinstance(v, (int, float)) else "—"  # noqa: E731
-    out = ["", "BlockMask builds alone (`bench_builds.py`, a process that builds only; " + ", ".join(
-        f"`benchmarks/results/{f}`" for f in files) + "): ms per build, figure and anchor from the same run; "
-           "*replay* = the captured CUDA graph alone (the rest of a build is host work: sizes copied in, one "
-           "read of the two counts, the BlockMask object); *compiled build* = `knobs.COMPILE_BUILD` (~50 s "
-           "of compile per structure and length, once):", "",
+    files = ", ".join(f"`benchmarks/results/{f}`" for f in sorted({f for _, f in newest.values()}))
+    num = lambda v: f"{v:.3g}" if isinstance(v, (int, float)) else "—"  # noqa: E731
+    out = ["", f"BlockMask builds alone (`bench_builds.py`, a process that builds only; {files}): ms per "
+           "build, figure and anchor from the same run; *replay* = the captured CUDA graph alone (the rest "
+           "of a build is host work: sizes copied in, one read of the two counts, the BlockMask object); "
+           "*compiled build* = `knobs.COMPILE_BUILD` (~50 s of compile per structure and length, once):", "",
            "| N | design | compiled `create_block_mask` | lowered | **speed-up** | replay | compiled build | "
            "**speed-up** | its replay | identical blocks |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for (n, name), (r, _, _) in sorted(rows.items(), key=lambda kv: (kv[0][0], list(NAMES).index(kv[0][1])
-                                                                     if kv[0][1] in NAMES else 99)):
-        ref = r["create_block_mask_compiled_ms"]
-        fast = r.get("compiled_build_ms")
-        same = [yes(r.get("identical"))] + ([yes(r.get("compiled_build_identical"))] if fast else [])
-        out.append(f"| {tokens(n)} | {NAMES.get(name, name)} | {x(ref)} | {x(r['lowered_ms'])} | "
-                   f"**{ref / r['lowered_ms']:.1f}x** | {x(r.get('replay_ms'))} | {x(fast)} | "
-                   + (f"**{ref / fast:.1f}x**" if fast else "—") + f" | {x(r.get('compiled_build_replay_ms'))} | "
-                   + " / ".join(same) + " |")
+    for n in sorted({n for n, _ in newest}):
+        for r in in_order([row for (m, _), (row, _) in newest.items() if m == n]):
+            ref, fast = r["create_block_mask_compiled_ms"], r.get("compiled_build_ms")
+            same = [yes(r.get("identical"))] + ([yes(r.get("compiled_build_identical"))] if fast else [])
+            out.append(f"| {tokens(n)} | {NAMES.get(r['design'], r['design'])} | {num(ref)} | "
+                       f"{num(r['lowered_ms'])} | **{ref / r['lowered_ms']:.1f}x** | {num(r.get('replay_ms'))} | "
+                       f"{num(fast)} | " + (f"**{ref / fast:.1f}x**" if fast else "—") +
+                       f" | {num(r.get('compiled_build_replay_ms'))} | " + " / ".join(same) + " |")
     return out
 
 
