@@ -334,10 +334,12 @@ def _tensor_op(o, args):
     return _TENSOR[o](*args)
 
 
-def run_tape(steps: tuple, env: dict, params, slots: dict, tables: dict | None = None):
+def run_tape(steps: tuple, env: dict, params, slots: dict, tables: dict | None = None, at: dict | None = None):
     """Run a tape on tensors. env: q / kv / h values; params: the captured size tensor
-    (indexed by `slots[key]`); tables: attribute tensors for lookup leaves."""
-    out = _run(steps, env, params, slots, lambda a: tables[a[0]][env[a[1]]], _tensor_op)
+    (indexed by `slots[key]`); tables: attribute tensors for lookup leaves, read at env's q / kv
+    or at `at`'s (a packed row: places inside a document in env, places in the row in `at`)."""
+    where = at or env
+    out = _run(steps, env, params, slots, lambda a: tables[a[0]][where[a[1]]], _tensor_op)
     if not isinstance(out, torch.Tensor) or out.dtype != torch.bool:  # a constant mask
         q = env["q"]
         out = (q >= 0) if bool(out) else (q < 0)

@@ -359,9 +359,19 @@ class Lowered:
         for sp in specs:
             if _signature(sp) != _signature(self.spec):
                 raise SpecError("layouts", "every layout of a batch must have this design's segments and rules")
+        return _with_layouts(self.fitted(specs), specs, batched=True)
+
+    def fitted(self, specs: list) -> "Lowered":
+        """This lowering, or the same expression rebuilt for an integer width and divisions that
+        fit every one of these layouts (same segments and rules)."""
         _require_baked(self, specs)
-        base = self if _fits(self, specs) else _build(specs[0], self.layer, self.root, self.padded, specs)
-        return _with_layouts(replace(base, baked=self.baked), specs, batched=True)
+        if _fits(self, specs):
+            return self
+        return replace(_build(specs[0], self.layer, self.root, self.padded, specs), baked=self.baked)
+
+    def values(self, specs: list) -> torch.Tensor:
+        """[B, K] size parameters of these layouts (rows of P), in this lowering's dtype."""
+        return torch.stack([_values(self.keys, sp, self.params.dtype) for sp in specs])
 
     # -- evaluations
     def dense(self, head: int = 0, b: int = 0, n: int | None = None) -> torch.Tensor:
@@ -470,7 +480,7 @@ _SIZE_FREE = ("guarded", "steps", "uses_head", "text")  # cached properties that
 
 
 def _with_layouts(base: Lowered, specs: list, batched: bool) -> Lowered:
-    vals = torch.stack([_values(base.keys, sp, base.params.dtype) for sp in specs])
+    vals = base.values(specs)
     return base._resized(params=vals if batched else vals[0], lengths=tuple(sp.table.n for sp in specs),
                          tables=_tables(base.root, specs), spec=base.spec if batched else specs[0])
 

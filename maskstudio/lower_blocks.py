@@ -37,7 +37,7 @@ def _per_layout(params: torch.Tensor, batched: bool, rows=None):
     return p.T.reshape(p.shape[1], p.shape[0], 1, 1)
 
 
-def _tile_tables(tables: dict, t: int, block: int) -> dict:
+def tile_tables(tables: dict, t: int, block: int) -> dict:
     """Per-tile (min, max) of each lookup table, as Intervals for the query and key side."""
     out = {}
     for name, col in tables.items():
@@ -72,7 +72,7 @@ def classify(low, params, tables: dict, block: int, length: int, h: torch.Tensor
     t = len(lo)
     env = {"q": Interval(lo[:, None], hi[:, None]), "kv": Interval(lo[None, :], hi[None, :]), "h": h}
     res = expr.evaluate_tiles(low.guarded, env, _per_layout(params, low.batched), low.slots,
-                              _tile_tables(tables, t, block))
+                              tile_tables(tables, t, block))
     shape = (params.shape[0] if low.batched else 1, t, t)
     # `|` broadcasts a constant result (a CPU scalar) onto the device without a copy
     must = torch.zeros(shape, dtype=torch.bool, device=params.device) | res.must

@@ -389,8 +389,6 @@ def test_packed_layouts_are_a_document_mask(raw, extra, pad, head):
     from maskstudio.lower_packed import pack
 
     spec = Spec.load(raw)
-    if any("attrs" in s for s in raw["segments"]):
-        return
     layouts = [spec, spec.with_sizes(grown(raw, extra))]
     assert_document_mask(pack(lower(spec), layouts, length=sum(s.n for s in layouts) + pad), layouts, head)
 
@@ -402,8 +400,6 @@ def test_documents_of_different_designs_pack_into_one_row(raw_a, raw_b, extra, p
     """Documents of two random designs (and a resized copy of the first) in one row."""
     from maskstudio.lower_packed import pack_designs
 
-    if any("attrs" in s for raw in (raw_a, raw_b) for s in raw["segments"]):
-        return
     a, b = Spec.load(raw_a), Spec.load(raw_b)
     docs = [a, b, a.with_sizes(grown(raw_a, extra))]
     assert_document_mask(pack_designs(docs, length=sum(s.n for s in docs) + pad), docs, head)
@@ -417,12 +413,25 @@ def test_packing_refuses_other_designs_and_overflow():
         pack(low, [Spec.load("presets/prefix_lm.json")])
     with pytest.raises(SpecError, match="do not fit"):
         pack(low, [{}, {}], length=10)
-    from maskstudio.lower_packed import pack_designs
+    with pytest.raises(SpecError, match="document slots"):
+        pack(low, [{}, {}, {}], capacity=2)
 
-    ancat = Spec.load("presets/ancat.json")  # per-token attrs: read from tables, no closed form
+
+def test_per_token_tables_and_spare_document_slots_pack():
+    """Designs that read per-token attributes (ANCAT's attrs, frames lists) pack: their tables are
+    laid along the row; spare document slots (capacity rounded up) hold no token."""
+    from maskstudio.lower_packed import capacity_for, pack_designs
+
+    ancat = Spec.load("presets/ancat.json")
     assert lower(ancat).tables
-    with pytest.raises(SpecError, match="per-token tables"):
-        pack_designs([Spec.load("presets/multiverse.json"), ancat])
+    frames = Spec.load({"segments": [{"name": "v", "modality": "text", "length": 6, "frames": [2, 4]},
+                                     {"name": "t", "modality": "text", "length": 3}],
+                        "mask": {"base": {"pattern": "block_causal", "by": "frame"}}})
+    docs = [Spec.load("presets/multiverse.json"), ancat, frames, ancat]
+    assert [capacity_for(d) for d in (1, 2, 3, 4, 5, 8, 9)] == [1, 2, 4, 4, 8, 8, 16]
+    packed = pack_designs(docs, length=sum(s.n for s in docs) + 5, capacity=capacity_for(len(docs) + 1))
+    assert packed.documents == 8 and packed.n == sum(s.n for s in docs)
+    assert_document_mask(packed, docs, 0)
 
 
 def test_constant_grids_fold_the_sides_and_stay_exact():

@@ -263,7 +263,8 @@ def _row_logits(lm, item: Item) -> torch.Tensor:
 
 def test_packed_rows_give_the_unpacked_loss(tiny, prepared):
     from maskstudio.run.attention import ATTN_NAME, attn_impl, register
-    from maskstudio.train import PACK_ATTR, pack_rows
+    from maskstudio.lower_packed import DocumentRow
+    from maskstudio.train import pack_rows
 
     _, _, _, items = prepared
     register()
@@ -272,9 +273,10 @@ def test_packed_rows_give_the_unpacked_loss(tiny, prepared):
     assert [len(r.members) for r in rows] == [3, 3, 2]
     assert [m[0] for r in rows for m in r.members] == list(range(8))  # order kept
     assert torch.equal(torch.cat([r.ids for r in rows]), torch.cat([it.ids for it in items]))
-    # positions restart per example; the packed layout tags every token with its example
+    # positions restart per example; the packed layout is a row of the examples' own layouts
     assert torch.equal(rows[0].pos, torch.cat([it.pos for it in items[:3]]))
-    assert rows[0].layout.table[PACK_ATTR].tolist() == sum(([j] * s for j, s in enumerate(sizes[:3])), [])
+    assert isinstance(rows[0].layout, DocumentRow)
+    assert rows[0].layout.specs == tuple(it.layout for it in items[:3]) and rows[0].layout.n == sum(sizes[:3])
     with attn_impl(tiny.model, ATTN_NAME), torch.no_grad():
         one = [float(item_loss(tiny.model, it, tiny.num_heads, "eager", tiny.device, False)) for it in items]
         packed = [float(item_loss(tiny.model, r, tiny.num_heads, "eager", tiny.device, False)) for r in rows]
@@ -341,13 +343,6 @@ def test_packed_evaluation_matches_one_run_per_example(tiny):
     assert [r["nll"] for r in packed] == pytest.approx([r["nll"] for r in one], rel=1e-5)
 
 
-def test_packing_refuses_a_mask_that_reads_absolute_places(tiny, prepared):
-    d = prefix_lm().to_dict()
-    # StreamingLLM: a causal window of 8 plus sinks k.index < 4 (absolute: example 2's sinks would be example 1's)
-    d["mask"] = {"base": {"pattern": "causal"}, "overlays": [{"pattern": "window", "size": 8, "op": "and"},
-                                                             {"pattern": "first", "size": 4, "op": "or"}]}
-    spec = Spec.load(d)
-    with pytest.raises(RunError, match="packing would change this spec's mask"):
-        train(spec, tiny, steps=1, pack_tokens=4096, **FAST)
+def test_packing_refuses_a_bad_pack_size(prepared, tiny):
     with pytest.raises(RunError, match="pack_tokens must be 0"):
         train(prefix_lm(), tiny, steps=1, pack_tokens=-1, _prepared=prepared, **FAST)

@@ -10,8 +10,10 @@ reads `module.layer_idx`, asks the context for that layer's mask and computes at
          block size, padded keys masked) and the kernel is compiled with static shapes once per
          (mask structure, bucket): a new prompt of the same design in the same bucket, or the same
          design at other segment sizes, reuses it. Layouts too large to lower (knobs.LOWER_MAX_SEGMENTS
-         segments, LOWER_MAX_NODES nodes: packed training rows) use a bit table of the partial
-         blocks instead, compiled once with dynamic shapes: one kernel for all.
+         segments, LOWER_MAX_NODES nodes) use a bit table of the partial blocks instead, compiled
+         once with dynamic shapes: one kernel for all. A packed row (`lower_packed.DocumentRow`:
+         training and packed evaluation) runs the document mask of its documents' own lowered
+         designs, eager and flex alike.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ import torch
 
 from ..knobs import FLEX_BITS_BUDGET, FLEX_BLOCK
 from ..compile import mask_mod as compile_mask_mod
+from ..lower_packed import DocumentRow
 from ..program import compile_program
 from ..tiled import TiledMask
 
@@ -50,8 +53,12 @@ class MaskContext:
         """bool [H or 1, n_q, N] for query rows q_start.. (True = may attend)."""
         key = (self.spec.layer_key(layer), q_start)
         if key not in self._dense:
-            program = compile_program(self.spec, layer)
-            rows = [TiledMask(self.spec, layer, h, program=program).dense(q_start) for h in self._heads()]
+            if isinstance(self.spec, DocumentRow):  # a packed row: the lowered document mask
+                packed = self.spec.packed(layer)
+                rows = [packed.dense(h, q_start) for h in self._heads()]
+            else:
+                program = compile_program(self.spec, layer)
+                rows = [TiledMask(self.spec, layer, h, program=program).dense(q_start) for h in self._heads()]
             self._dense[key] = torch.stack(rows).to(device)
         return self._dense[key]
 
@@ -59,7 +66,10 @@ class MaskContext:
         """(BlockMask, padded length) of a layer (a model's own sliding window folded in)."""
         key = (self.spec.layer_key(layer), window)
         if key not in self._blocks:
-            self._blocks[key] = flex_block_mask(self.spec, layer, self.num_heads, device, window=window)
+            if isinstance(self.spec, DocumentRow):
+                self._blocks[key] = packed_block_mask(self.spec, layer, self.num_heads, device, window=window)
+            else:
+                self._blocks[key] = flex_block_mask(self.spec, layer, self.num_heads, device, window=window)
         return self._blocks[key]
 
 
@@ -183,6 +193,16 @@ def flex_block_mask(spec, layer: int, num_heads: int, device, block: int = FLEX_
         heads = num_heads if low.uses_head else None
         return low.block_mask(block, device, num_heads=heads, length=length), length
     return bit_table_block_mask(spec, layer, num_heads, device, block, window), spec.table.n
+
+
+def packed_block_mask(row: DocumentRow, layer: int, num_heads: int, device, block: int = FLEX_BLOCK,
+                      window: int | None = None):
+    """(BlockMask, length) of a packed row: its document mask padded to `bucket(n)` with document
+    slots rounded up to a power of two, so rows of the same designs share a compiled kernel."""
+    length = bucket(row.n, block)
+    packed = row.packed(layer, length, window)
+    heads = num_heads if packed.low.uses_head else None
+    return packed.block_mask(block, device, num_heads=heads), length
 
 
 def bit_table_block_mask(spec, layer: int, num_heads: int, device, block: int = FLEX_BLOCK,

@@ -31,15 +31,15 @@ from pathlib import Path
 from ..callable_package import make_callable
 from ..evaluate import report, summarize
 from ..run.inputs import as_spec
-from .data import (FACT_TASKS, PACK_ATTR, TRAIN_BREAKDOWN, TRAIN_TASKS, batch_indices, bico_item, causal_twin, encode_all,
-                   fact_specs, held_out, pack, pack_layout, pack_rows, parent_facts, train_examples)
+from .data import (FACT_TASKS, TRAIN_BREAKDOWN, TRAIN_TASKS, batch_indices, bico_item, causal_twin, encode_all,
+                   fact_specs, held_out, pack, pack_rows, parent_facts, train_examples)
 from .loop import OBJECTIVES, Fit, dist_info, evaluate_model, fit, item_loss, latest_checkpoint, score_packed
 from .model import TINY_TEXT, check_memory, estimate_bytes, source_model, tiny_lm, trainable_copy
 
 __all__ = ["train", "compare", "Fit", "causal_twin", "batch_indices", "bico_item", "tiny_lm", "TINY_TEXT",
            "estimate_bytes", "check_memory", "item_loss", "latest_checkpoint", "OBJECTIVES", "prepare_training",
-           "fact_specs", "parent_facts", "held_out", "TRAIN_TASKS", "FACT_TASKS", "pack", "pack_layout", "pack_rows",
-           "PACK_ATTR", "evaluate_model", "score_packed"]
+           "fact_specs", "parent_facts", "held_out", "TRAIN_TASKS", "FACT_TASKS", "pack", "pack_rows",
+           "evaluate_model", "score_packed"]
 
 
 def _check(steps, lr, batch, n_train):

@@ -9,12 +9,12 @@ Everything random is a pure function of (seed, step, example): the data order (`
 and BICO's masked tokens (`bico_item`). Nothing random is carried in state, so a resumed run and
 a baseline see exactly the batches the design saw.
 
-Packing (`pack_rows`, `pack`): a step's items laid out one after another in one row, each
-example's segments renamed `name#j` and tagged with the attribute PACK_ATTR = j, its rules applied
-inside it and the overlay `same(by=PACK_ATTR)` (op and) on top, so attention never crosses
-examples (a block-diagonal "document" mask over each example's own mask); position ids are each
-example's own, restarting per example. A packed row is just a bigger layout `Spec`: the same
-masking path (dense rows / BlockMask) as one example.
+Packing (`pack_rows`, `pack`): a step's items laid out one after another in one row as documents
+(`lower_packed.DocumentRow`): each example attends only inside itself, under its own design at its
+own sizes, with every place counted from its own start — the document mask FlexAttention users
+write by hand, lowered from each design's expression. So masks that read absolute places (sinks at
+the start, `chunked` by index, frames) mean the same packed as alone, and nothing is refused;
+position ids are each example's own, restarting per example.
 """
 from __future__ import annotations
 
@@ -26,18 +26,17 @@ import torch
 from ..errors import RunError
 from ..evaluate import PEOPLE, BREAKDOWN, TASKS, Example, fill, load_jsonl, make_examples
 from ..run.inputs import model_positions, prepare
-from ..segments import segment_size
+from ..lower_packed import DocumentRow
 from ..spec import Spec
 
 MASK_FLAG = "masked"         # the per-token attribute BICO corruption sets (1 = a [MASK] token)
 BICO_RATE = 0.15
-PACK_ATTR = "packed_example"  # the per-token attribute of a packed row: which example (0, 1, ...) a token is in
 
 
 @dataclass
 class Item:
     ids: torch.Tensor          # [N] long
-    layout: Spec               # materialized spec
+    layout: Spec | DocumentRow  # materialized spec (a packed row: its documents)
     pos: torch.Tensor          # position ids as the model takes them ([N] or [3, N])
     targets: torch.Tensor      # [N] bool: token p is predicted (from logits at p - 1)
     example: int               # index into the training examples (a packed row: its first example's)
@@ -221,50 +220,9 @@ def bico_item(item: Item, step: int, seed: int, mask_id: int, rate: float = BICO
 
 
 # ---------------------------------------------------------------- packing
-def _packed_selector(sel, names: dict):
-    """A selector of one example's layout -> the same segments in every example of the row."""
-    items = [sel] if isinstance(sel, str) else sel
-    out = []
-    for it in items:
-        if it == "*" or it.startswith(("modality:", "role:")):
-            out.append(it)
-        else:
-            out.extend(names[it])
-    return out[0] if len(out) == 1 else out
-
-
-def pack_layout(layouts: list[Spec]) -> Spec:
-    """One layout holding `layouts` one after another, attention confined to each: segment `s` of
-    example j becomes `s#j` with attribute PACK_ATTR = j, every rule/overlay selector names the
-    segment in all examples, and the overlay same(by=PACK_ATTR), op and, cuts every pair across
-    examples. Positions: sequential here; the training items carry each example's own ids."""
-    first = layouts[0]
-    mask = first.mask
-    for lay in layouts[1:]:
-        if lay.mask != mask:
-            raise RunError("cannot pack examples whose masks differ (each row holds examples of one spec)", lay)
-    if "cross" in mask:
-        raise RunError("cannot pack a spec with a cross-attention view (mask.cross); train with pack_tokens=0", first)
-    if any(PACK_ATTR in s.get("attrs", {}) for s in first.segments):
-        raise RunError(f"the spec already uses the attribute '{PACK_ATTR}'; packing cannot nest", first)
-    segments, names = [], {}
-    for j, lay in enumerate(layouts):
-        for s in lay.segments:
-            seg = {k: v for k, v in s.items() if k != "text"}
-            seg["name"] = f"{s['name']}#{j}"
-            seg["attrs"] = {**s.get("attrs", {}), PACK_ATTR: [j] * segment_size(s)}
-            segments.append(seg)
-            names.setdefault(s["name"], []).append(seg["name"])
-    new_mask = {"base": dict(mask["base"])}
-    for key in ("rules", "overlays"):
-        new_mask[key] = [{**step, "q": _packed_selector(step["q"], names), "k": _packed_selector(step["k"], names)}
-                         for step in mask[key]]
-    new_mask["overlays"].append({"pattern": "same", "op": "and", "by": PACK_ATTR})
-    return Spec.load({"name": f"{first.name} (packed x{len(layouts)})", "segments": segments, "mask": new_mask})
-
-
 def pack(items: list[Item]) -> Item:
-    """`items` as one packed row (see pack_layout); one item is returned as it is."""
+    """`items` as one packed row: its layout is a DocumentRow of the items' own layouts (each a
+    document with its own sizes and design, positions restarting); one item is returned as it is."""
     if len(items) == 1:
         return items[0]
     members, start = [], 0
@@ -274,7 +232,7 @@ def pack(items: list[Item]) -> Item:
     labels = None
     if any(it.labels is not None for it in items):
         labels = torch.cat([it.labels if it.labels is not None else it.ids for it in items])
-    return Item(torch.cat([it.ids for it in items]), pack_layout([it.layout for it in items]),
+    return Item(torch.cat([it.ids for it in items]), DocumentRow(tuple(it.layout for it in items)),
                 torch.cat([it.pos for it in items], dim=-1), torch.cat([it.targets for it in items]),
                 items[0].example, labels, tuple(members))
 
@@ -304,29 +262,3 @@ def packed_span(items: list[Item], per_step: int, pack_tokens: int) -> int:
         return longest
     biggest = sum(sorted((len(it.ids) for it in items), reverse=True)[:per_step])
     return max(longest, min(pack_tokens, biggest))
-
-
-def check_packable(items: list[Item], num_heads: int, budget: int = 4096) -> None:
-    """Refuse (RunError) when packing would change an example's mask: the packed mask of a few
-    of the shortest items must equal the block diagonal of their own masks, at every distinct
-    layer and head. Masks that read absolute places (e.g. `first` or `chunked` by index,
-    `sparse_causal` by frame) fail here; relative rules (causal, windows, segments) pass."""
-    from ..run.pipeline import distinct_layers
-
-    some, total = [], 0
-    for it in sorted(items, key=lambda it: len(it.ids))[:3]:
-        if some and total + len(it.ids) > budget:
-            break
-        some.append(it)
-        total += len(it.ids)
-    if len(some) < 2:
-        return
-    layout = pack(some).layout
-    heads = range(num_heads) if layout.varies_by_head else [0]
-    for layer in distinct_layers(layout):
-        for h in heads:
-            want = torch.block_diag(*[it.layout.dense_mask(layer, h) for it in some])
-            if not torch.equal(layout.dense_mask(layer, h), want):
-                raise RunError(f"packing would change this spec's mask (layer {layer}, head {h}): it depends on "
-                               "where a token sits in the whole sequence (e.g. `first` or `chunked` by index); "
-                               "train with pack_tokens=0", some[0].layout)

@@ -13,8 +13,9 @@ averages the gradients (each rank's loss is scaled by G / total tokens), which e
 one-process gradient of the same global batch.
 
 `pack_tokens=N` packs each process's examples of a step, in order, into rows of at most N tokens
-(`data.pack_rows`: a block-diagonal "document" mask over each example's own mask, positions
-restarting per example), one forward per row instead of per example. The loss, the data order
+(`data.pack_rows`: the document mask of `lower_packed`, each example under its own design and
+sizes with places counted from its own start, positions restarting per example), one forward per
+row instead of per example. The loss, the data order
 and the gradient are those of the unpacked step (up to float rounding); only the number of
 forwards changes. Evaluation packs the same way (`evaluate_model(..., pack_tokens=N)`).
 """
@@ -36,8 +37,7 @@ from ..run.attention import ATTN_NAME, MaskContext, attn_impl, register
 from ..run.models import LoadedModel
 from ..run.pipeline import choose_backend
 from ..spec import Spec
-from .data import (Item, batch_indices, bico_item, causal_twin, check_packable, encode, mask_token_id, pack_rows,
-                   packed_span, with_layout)
+from .data import Item, batch_indices, bico_item, causal_twin, encode, mask_token_id, pack_rows, packed_span, with_layout
 from .model import check_memory, trainable_parameters
 
 OBJECTIVES = ("next_token", "bico")
@@ -250,8 +250,6 @@ def fit(spec: Spec, lm: LoadedModel, module, items: list[Item], *, steps: int, l
             key = it.layout.to_json()
             twins.setdefault(key, causal_twin(it.layout))
             causal.append(with_layout(it, twins[key], lm))
-    if pack_tokens:
-        check_packable(items, lm.num_heads)
     mask_id = mask_token_id(lm.tokenizer)
     fitted = Fit(lm, module, spec, out_dir=out_dir, memory=memory)
     start = 0
