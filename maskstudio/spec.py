@@ -33,6 +33,7 @@ PROVENANCE_SOURCES = ("code", "paper", "inferred")
 PROVENANCE_KEYS = ("source", "repo", "commit", "file", "function", "note")
 SELECTION_KEYS = ("q", "k", "layers", "heads")
 _ATTR_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,63}\Z")
+_SURROGATE = re.compile("[\ud800-\udfff]")  # a lone surrogate (JSON "\\ud800"): not text, cannot be written as UTF-8
 
 
 # ---------------------------------------------------------------- segments
@@ -170,13 +171,16 @@ def _normalize_step(step: Any, path: str, kind: str, segments: list[dict]) -> di
 
 # ---------------------------------------------------------------- the spec
 def _check_nesting_and_numbers(data: Any) -> None:
-    """Refuse JSON nested deeper than knobs.MAX_NESTING and integers past int32 anywhere, naming
-    the path, before anything else looks at the data (no recursion: the walk keeps its own stack)."""
+    """Refuse JSON nested deeper than knobs.MAX_NESTING, integers past int32 and strings with lone
+    surrogates anywhere, naming the path, before anything else looks at the data (no recursion:
+    the walk keeps its own stack)."""
     stack = [(data, "", 0)]
     while stack:
         obj, path, depth = stack.pop()
         _require(depth <= knobs.MAX_NESTING, path, f"nested more than {knobs.MAX_NESTING} levels deep")
         if isinstance(obj, dict):
+            _require(not any(isinstance(k, str) and _SURROGATE.search(k) for k in obj), path or "(top level)",
+                     "a key holds a lone surrogate (e.g. \\ud800), which is not text; remove it")
             stack.extend((v, f"{path}.{k}" if path else str(k), depth + 1) for k, v in obj.items())
         elif isinstance(obj, list):
             stack.extend((v, f"{path}[{i}]", depth + 1) for i, v in enumerate(obj))
@@ -185,6 +189,9 @@ def _check_nesting_and_numbers(data: Any) -> None:
                      f"is out of range; integers in a spec lie within +-{MAX_INT}")
         elif isinstance(obj, float):
             _require(obj == obj and abs(obj) != float("inf"), path, "NaN and Infinity are not JSON numbers")
+        elif isinstance(obj, str):
+            _require(not _SURROGATE.search(obj), path, "holds a lone surrogate (e.g. \\ud800), which is not text "
+                     "(it cannot be drawn or written as UTF-8); remove it")
 
 
 def _normalize_provenance(prov: Any) -> dict:
