@@ -5,7 +5,7 @@ compiler, positions and the run package, so none of them has to reach up into `s
 """
 from __future__ import annotations
 
-from .errors import did_you_mean, require
+from .errors import did_you_mean, is_int, require
 
 MODALITIES = ("text", "image", "video", "audio", "special")
 GRID_DIMS = {"image": 2, "video": 3}
@@ -20,6 +20,76 @@ def segment_size(seg: dict) -> int | None:
             n *= g
         return n
     return seg.get("length")
+
+
+def resized_segments(segments: list[dict], sizes, positions: dict, max_tokens: int) -> list[dict]:
+    """`segments` with new sizes {"name": length | [h, w] | [t, h, w] | {"frames": [...]}} (a list
+    for a 1-D segment is its frame lengths).
+
+    The one definition of a resize: `Spec.with_sizes` uses it and the FlexAttention export copies
+    its source, which cannot run the validator. So it refuses (SpecError naming `sizes.<name>` and
+    the fix) every size the validator would refuse and every resize the spec cannot follow:
+    per-token attrs, explicit position ids, shared positions of unequal sizes, too many tokens."""
+    require(sizes is None or isinstance(sizes, dict), "sizes",
+            'give an object {"name": length | [h, w] | [t, h, w] | {"frames": [...]}}, got ' + _shown(sizes))
+    names = [s["name"] for s in segments]
+    out = [dict(s) for s in segments]
+    for name, size in (sizes or {}).items():
+        require(name in names, f"sizes.{name}", f"no segment named '{name}'{did_you_mean(name, names)}")
+        i = names.index(name)
+        require("attrs" not in out[i], f"sizes.{name}",
+                "this segment has per-token attrs; edit them together with its size")
+        out[i] = _resized(out[i], size, f"sizes.{name}")
+    _check_resized(out, sizes or {}, positions, max_tokens)
+    return out
+
+
+def _shown(value) -> str:
+    """A short repr of a user value for a one-line message."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _resized(seg: dict, size, path: str) -> dict:
+    """One segment at a new size: a grid for image / video, else a length or frame lengths."""
+    out = {k: v for k, v in seg.items() if k not in ("length", "grid", "frames")}
+    modality = seg["modality"]
+    if modality in GRID_DIMS:
+        dims = GRID_DIMS[modality]
+        ok = isinstance(size, (list, tuple)) and len(size) == dims and all(is_int(g) and g > 0 for g in size)
+        require(ok, path, f"{modality} segments take a grid {'[h, w]' if dims == 2 else '[t, h, w]'} "
+                f"of integers > 0, got {_shown(size)}")
+        out["grid"] = list(size)
+        return out
+    frames = size.get("frames") if isinstance(size, dict) else size if isinstance(size, (list, tuple)) else None
+    if frames is None:
+        require(is_int(size) and size > 0, path, f"{modality} segments take a length > 0, frame lengths "
+                f'[...] or {{"frames": [...]}}, got {_shown(size)}')
+        out["length"] = size
+        return out
+    require(not isinstance(size, dict) or set(size) == {"frames"}, path,
+            f'give {{"frames": [...]}} and nothing else, got {_shown(size)}')
+    require(isinstance(frames, (list, tuple)) and len(frames) > 0 and all(is_int(f) and f > 0 for f in frames),
+            path, f"frames must be a non-empty list of token counts > 0, got {_shown(frames)}")
+    out["length"], out["frames"] = sum(frames), list(frames)
+    return out
+
+
+def _check_resized(segments: list[dict], sizes: dict, positions: dict, max_tokens: int) -> None:
+    """What a resized layout must still satisfy: the token limit and the positions' sizes."""
+    counts = {s["name"]: segment_size(s) for s in segments}
+    total = sum(n or 0 for n in counts.values())
+    require(total <= max_tokens, "sizes", f"these sizes make {total} tokens, over the limit of {max_tokens}; "
+            "give smaller sizes")
+    ids = positions.get("ids") if positions.get("scheme") == "explicit" else None
+    if ids is not None and None not in counts.values():
+        have = len(ids[0]) if isinstance(ids[0], list) else len(ids)
+        require(have == total, "sizes", f"these sizes make {total} tokens but positions.ids holds {have} "
+                f"explicit ids, which cannot follow a resize; keep {have} tokens or give new ids")
+    for copy, source in positions.get("share", {}).items():
+        require(counts[copy] == counts[source], f"sizes.{copy if copy in sizes else source}",
+                f"'{copy}' would have {counts[copy]} tokens but '{source}' {counts[source]}; shared "
+                "positions (positions.share) need equal sizes: resize both")
 
 
 def expand_int_list(value) -> list[int] | None:

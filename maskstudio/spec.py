@@ -16,7 +16,7 @@ from typing import Any
 from . import compile, knobs, patterns, positions
 from .errors import MAX_INT, SpecError, check_keys as _check_keys, did_you_mean, is_int as _is_int, require as _require
 from .segments import (GRID_DIMS, MODALITIES, OVERLAY_OPS, all_steps, layer_key, layer_sets,
-                       resolve_selector, segment_size)
+                       resized_segments, resolve_selector, segment_size)
 from .tokens import build_table
 
 
@@ -462,26 +462,12 @@ class Spec:
         return resolve_selector(selector, self.segments, path)
 
     def with_sizes(self, sizes: dict) -> "Spec":
-        """Rescale segments: {"name": 12 | [h, w] | [t, h, w] | {"frames": [..]}}.
-
-        Per-token `attrs` and `explicit` position ids cannot follow a resize and are refused."""
+        """Rescale segments: {"name": 12 | [h, w] | [t, h, w] | {"frames": [..]}} (a list for a 1-D
+        segment is its frame lengths). One definition, `segments.resized_segments`, which the
+        FlexAttention export copies: per-token `attrs`, `explicit` position ids at another token
+        count and shared positions of unequal sizes are refused with a SpecError naming `sizes.<name>`."""
         data = self.to_dict()
-        names = [s["name"] for s in data["segments"]]
-        for name, size in sizes.items():
-            _require(name in names, f"sizes.{name}", f"no segment named '{name}'{did_you_mean(name, names)}")
-            seg = data["segments"][names.index(name)]
-            _require("attrs" not in seg, f"sizes.{name}",
-                     "this segment has per-token attrs; edit them together with its size")
-            for key in ("length", "grid", "frames"):
-                seg.pop(key, None)
-            if isinstance(size, dict):
-                seg["frames"] = size.get("frames")
-            elif isinstance(size, list) and seg["modality"] not in GRID_DIMS:
-                seg["frames"] = size
-            elif isinstance(size, list):
-                seg["grid"] = size
-            else:
-                seg["length"] = size
+        data["segments"] = resized_segments(data["segments"], sizes, data["positions"], DEFAULT_MAX_TOKENS)
         return Spec.load(data)
 
     # -- derived views (lazy; each lives in its own module)
