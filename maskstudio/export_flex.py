@@ -5,8 +5,9 @@ tensor `P`, so one compiled kernel serves any sizes of the design's structure.
 The file holds the spec's data only as repr literals (names, sizes, positions), the lowered
 expression per distinct layer as generated arithmetic, and — so that sizes -> token table ->
 parameters and position ids have one definition — the source of the few library functions that
-compute them (segment sizes, the token table, `lower.param_value`, the position scheme, the
-float-quotient division).
+compute them (the resize `segments.resized_segments` with the error type it raises, segment sizes,
+the token table, `lower.param_value`, the position scheme, the float-quotient division). So the file
+takes and refuses exactly the sizes `Spec.with_sizes` does, with the same one-line messages.
 """
 from __future__ import annotations
 
@@ -14,9 +15,10 @@ import inspect
 
 import torch
 
-from . import expr, knobs, lower, positions, segments, tokens
+from . import errors, expr, knobs, lower, positions, segments, tokens
 from .errors import SpecError
 from .segments import expand_int_list, layer_sets
+from .spec import DEFAULT_MAX_TOKENS, Spec
 
 _LAYOUT_KEYS = ("name", "modality", "length", "grid", "frames", "branch", "attrs")
 
@@ -29,6 +31,31 @@ def _variants(spec) -> list[tuple[tuple, int]]:
     for layer in candidates:
         seen.setdefault(tuple(layer in s for s in sets), layer)
     return list(seen.items())
+
+
+def _unframed(spec) -> list[int]:
+    """1-D segments without frames: lowered with the closed form t = local (one frame a token)."""
+    return [i for i, s in enumerate(spec.segments) if "grid" not in s and "frames" not in s]
+
+
+def _lowered(spec) -> list[tuple[tuple, "lower.Lowered"]]:
+    """((layer key, framed), lowered layer) for every distinct layer program. framed: the program
+    with every 1-D segment's frames read from tables, for a resize that gives frames to a segment
+    shipped without them (the closed form t = local cannot follow); kept where it differs."""
+    framed = None
+    if _unframed(spec):
+        data = spec.to_dict()
+        for i in _unframed(spec):
+            data["segments"][i]["frames"] = [1] * data["segments"][i]["length"]
+        framed = Spec.from_valid(data)  # the same tokens and attributes: still valid
+    out = []
+    for key, layer in _variants(spec):
+        low = lower.lower(spec, layer)
+        out.append(((key, False), low))
+        alt = lower.lower(framed, layer) if framed is not None else low
+        if alt.text != low.text:
+            out.append(((key, True), alt))
+    return out
 
 
 def _param_name(key: tuple) -> str:
@@ -77,11 +104,15 @@ def lowered_source(spec, layer: int = 0) -> str:
 
 
 def _sources(spec) -> str:
-    """The library functions the file needs, copied from their one definition."""
+    """The library functions the file needs, copied from their one definition, after the two
+    constants the error helpers read."""
     scheme = positions.SCHEME_FUNCTIONS[spec.positions["scheme"]]
-    fns = [segments.segment_size, tokens.TokenTable, tokens._segment_columns, tokens.build_table,
+    fns = [errors.one_line, errors.SpecError, errors.did_you_mean, errors.require, errors.is_int,
+           segments.resized_segments, segments._shown, segments._resized, segments._check_resized,
+           segments.segment_size, tokens.TokenTable, tokens._segment_columns, tokens.build_table,
            lower.param_value, scheme, expr.floordiv_by_size]
-    return "\n\n".join(inspect.getsource(f) for f in fns)
+    constants = f"_CONTROL = re.compile({errors._CONTROL.pattern!r})\nMAX_INT = {errors.MAX_INT}\n\n\n"
+    return constants + "\n\n".join(inspect.getsource(f) for f in fns)
 
 
 def flex_code(spec) -> str:
@@ -91,36 +122,33 @@ def flex_code(spec) -> str:
         raise SpecError("segments", f"{len(spec.segments):,} segments: the FlexAttention export lowers every "
                         f"segment pair and stops at {knobs.EXPORT_MAX_SEGMENTS:,}; use Spec.mask_mod() / "
                         "Spec.block_mask() from Python, or merge segments")
-    variants = _variants(spec)
-    lowered = [(key, lower.lower(spec, layer)) for key, layer in variants]
+    lowered = _lowered(spec)
     keys = tuple(sorted(dict.fromkeys(k for _, low in lowered for k in low.keys), key=lambda k: (k[0] != "start", k)))
     slots = {k: i for i, k in enumerate(keys)}
     wide = any(low.params.dtype.itemsize == 8 for _, low in lowered)
     functions = "\n\n".join(_function(f"_layer_variant_{i}", low.root, slots, wide) + "\n\n"
                               + _dividends(f"_layer_variant_{i}_dividends", low.root, slots)
                               for i, (_, low) in enumerate(lowered))
-    table = ", ".join(f"{key!r}: (_layer_variant_{i}, {low.uses_head}, _layer_variant_{i}_dividends)"
-                      for i, (key, low) in enumerate(lowered))
-    lookups = sorted({a for _, low in lowered for a in low.uses_lookups()})
+    table = ", ".join(f"{key!r}: (_layer_variant_{i}, {low.uses_head}, _layer_variant_{i}_dividends, "
+                      f"{low.uses_lookups()!r})" for i, (key, low) in enumerate(lowered))
     layout = [{k: s[k] for k in _LAYOUT_KEYS if k in s} for s in spec.segments]
-    pos = dict(spec.positions)
-    scheme_fn = positions.SCHEME_FUNCTIONS[pos.pop("scheme")].__name__
-    share = pos.pop("share", {})
+    scheme_fn = positions.SCHEME_FUNCTIONS[spec.positions["scheme"]].__name__
     end = slots[("start", len(spec.segments))]
     return TEMPLATE.format(
         name=repr(spec.name), names=repr([s["name"] for s in spec.segments]), layout=repr(layout),
         n=spec.table.n, params=repr(list(keys)), dtype="torch.int64" if wide else "torch.int32",
         layer_sets=repr([expand_int_list(s) for s in layer_sets(spec.mask)]), variants=table,
-        lookups=repr(lookups), end=end, functions=functions, sources=_sources(spec),
+        unframed=repr(_unframed(spec)), end=end, functions=functions, sources=_sources(spec),
         modalities=repr(segments.MODALITIES), grid_dims=repr(segments.GRID_DIMS),
-        scheme_fn=scheme_fn, scheme_params=repr(pos), share=repr(share))
+        scheme_fn=scheme_fn, positions=repr(spec.positions), max_tokens=DEFAULT_MAX_TOKENS)
 
 
 TEMPLATE = '''"""FlexAttention mask generated by Mask Studio from a JSON spec (its name: SPEC_NAME).
 
 Lowered: the mask is closed-form integer arithmetic on q_idx / kv_idx (no per-token tables
-unless the spec has per-token data); the sizes live in one small tensor P, so any sizes of
-this design's segments reuse one compiled kernel.
+unless the spec has per-token data, or sizes give frames to a segment shipped without them);
+the sizes live in one small tensor P, so any sizes of this design's segments reuse one
+compiled kernel.
 
     import torch
     from torch.nn.attention.flex_attention import flex_attention
@@ -132,9 +160,13 @@ this design's segments reuse one compiled kernel.
 
 With transformers: load the model with attn_implementation="flex_attention" and pass the
 BlockMask as attention_mask, model(input_ids, attention_mask=block_mask,
-position_ids=position_ids[None]). Sizes: {{"name": length | [h, w] | [t, h, w] | {{"frames": [...]}}}}.
+position_ids=position_ids[None]). Sizes: {{"name": length | [h, w] | [t, h, w] | {{"frames": [...]}}}}
+(a list for a 1-D segment is its frame lengths); sizes the design cannot take raise SpecError (a
+ValueError) with Mask Studio's own one-line message.
 """
+import difflib
 import itertools
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -146,12 +178,12 @@ N = {n}
 PARAMS = {params}  # what P[i] holds: (quantity, segment[, chunk size]) of the layout
 DTYPE = {dtype}
 LAYER_SETS = {layer_sets}  # layers of the spec's layer-restricted steps
-LOOKUPS = {lookups}  # per-token attributes read from tables (no closed form)
+UNFRAMED = {unframed}  # 1-D segments shipped without frames (their frames are one per token)
 END = {end}  # P[END] = the layout's token count
 MODALITIES = {modalities}
 GRID_DIMS = {grid_dims}
-POSITION_PARAMS = {scheme_params}
-POSITION_SHARE = {share}
+POSITIONS = {positions}
+MAX_TOKENS = {max_tokens}  # tokens in a layout, as Spec.with_sizes allows
 FAST_DIVIDEND = 2 ** 21  # |dividend| below this: a float32 quotient and one correction are exact
 
 
@@ -162,7 +194,7 @@ def _exact_div(a, d):
 # ---- the lowered mask, one function per distinct layer program
 {functions}
 
-VARIANTS = {{{variants}}}  # layer key -> (function, reads the head, dividend bound)
+VARIANTS = {{{variants}}}  # (layer key, framed) -> (function, reads the head, dividend bound, tables read)
 
 
 # ---- sizes -> token table -> P (copied from Mask Studio: one definition)
@@ -170,35 +202,26 @@ VARIANTS = {{{variants}}}  # layer key -> (function, reads the head, dividend bo
 
 
 def layout_for(sizes=None):
-    """LAYOUT with other sizes for some segments."""
-    out = [dict(seg) for seg in LAYOUT]
-    for name, size in (sizes or {{}}).items():
-        if name not in SEGMENTS:
-            raise KeyError(f"no segment named {{name!r}}; segments: {{SEGMENTS}}")
-        seg = out[SEGMENTS.index(name)]
-        if "attrs" in seg:
-            raise ValueError(f"segment {{name!r}} has per-token attrs; it keeps its size")
-        for key in ("length", "grid", "frames"):
-            seg.pop(key, None)
-        if isinstance(size, dict):
-            seg["frames"] = list(size["frames"])
-        elif isinstance(size, (list, tuple)) and seg["modality"] not in GRID_DIMS:
-            seg["frames"] = list(size)
-        elif isinstance(size, (list, tuple)):
-            seg["grid"] = list(size)
-        else:
-            seg["length"] = int(size)
-    return out
+    """LAYOUT with other sizes for some segments: taken and refused as Spec.with_sizes does."""
+    return resized_segments(LAYOUT, sizes, POSITIONS, MAX_TOKENS)
 
 
 def params_for(sizes=None):
-    """(P, token table) of a layout: P = the sizes the mask reads, in PARAMS order."""
-    table = build_table(layout_for(sizes))
+    """(P, token table) at these sizes: P = the sizes the mask reads, in PARAMS order."""
+    return _params(layout_for(sizes))
+
+
+def _params(layout):
+    table = build_table(layout)
     return torch.tensor([param_value(table, key) for key in PARAMS], dtype=DTYPE), table
 
 
-def _variant(layer):
-    return VARIANTS[tuple(layer in s for s in LAYER_SETS)]
+def _variant(layer, layouts=()):
+    """(function, reads the head, dividend bound, tables read) of the layer's mask for these
+    layouts: the one reading frames from tables once a segment in UNFRAMED was given frames."""
+    key = tuple(layer in s for s in LAYER_SETS)
+    framed = any("frames" in layout[i] for layout in layouts for i in UNFRAMED)
+    return VARIANTS.get((key, framed), VARIANTS[(key, False)])
 
 
 def _division(dividends, layouts):
@@ -211,11 +234,12 @@ def _division(dividends, layouts):
 def mask_mod_for(sizes=None, layer=0, padded=False, device="cpu"):
     """mask_mod(b, h, q_idx, kv_idx) at these sizes (padded: keys and queries past the end masked);
     device: where its captured tensors live (the device attention runs on)."""
-    P, table = params_for(sizes)
-    fn, _, dividends = _variant(layer)
+    layout = layout_for(sizes)
+    P, table = _params(layout)
+    fn, _, dividends, lookups = _variant(layer, [layout])
     div = _division(dividends, [(P.tolist(), table.n)])
     P = P.to(device)
-    T = {{a: table.attrs[a].to(device) for a in LOOKUPS}}
+    T = {{a: table.attrs[a].to(device) for a in lookups}}
 
     def mask_mod(b, h, q_idx, kv_idx):
         allow = fn(P, T, h, q_idx, kv_idx, div)
@@ -228,18 +252,20 @@ def block_mask_for(sizes_or_batch=None, device="cpu", layer=0, num_heads=None, b
     longest or to `length`). num_heads: needed when the layer's rules switch on heads."""
     from torch.nn.attention.flex_attention import create_block_mask
 
-    fn, per_head, dividends = _variant(layer)
+    batch = isinstance(sizes_or_batch, list)
+    layouts = [layout_for(s) for s in (sizes_or_batch if batch else [sizes_or_batch])]
+    fn, per_head, dividends, lookups = _variant(layer, layouts)
     heads = num_heads if per_head else None
     if per_head and num_heads is None:
         raise ValueError("this layer has per-head rules: pass num_heads")
-    if not isinstance(sizes_or_batch, list):
-        P, table = params_for(sizes_or_batch)
-        n = length or table.n
-        mask_mod = mask_mod_for(sizes_or_batch, layer, padded=n > table.n, device=device)
+    if not batch:
+        tokens = sum(segment_size(s) for s in layouts[0])
+        n = length or tokens
+        mask_mod = mask_mod_for(sizes_or_batch, layer, padded=n > tokens, device=device)
         return create_block_mask(mask_mod, None, heads, n, n, device=device, BLOCK_SIZE=block_size)
-    if LOOKUPS:
-        raise ValueError(f"attributes {{LOOKUPS}} are per-token tables: build one BlockMask per layout")
-    Ps = torch.stack([params_for(s)[0] for s in sizes_or_batch])
+    if lookups:
+        raise ValueError(f"attributes {{lookups}} are per-token tables: build one BlockMask per layout")
+    Ps = torch.stack([_params(layout)[0] for layout in layouts])
     div = _division(dividends, [(P, P[END]) for P in Ps.tolist()])
     Ps = Ps.to(device)
     n = length or int(Ps[:, END].max())
@@ -254,8 +280,9 @@ def position_ids_for(sizes=None):
     """LongTensor [N] (or [3, N] for 3-axis schemes) at these sizes."""
     layout = layout_for(sizes)
     table = build_table(layout)
-    ids = {scheme_fn}(table, layout, **POSITION_PARAMS)
-    for copy, source in POSITION_SHARE.items():
+    params = {{k: v for k, v in POSITIONS.items() if k not in ("scheme", "share")}}
+    ids = {scheme_fn}(table, layout, **params)
+    for copy, source in POSITIONS.get("share", {{}}).items():
         ids[..., table.segment_slice(SEGMENTS.index(copy))] = ids[..., table.segment_slice(SEGMENTS.index(source))]
     return ids
 

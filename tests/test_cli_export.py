@@ -97,7 +97,8 @@ def test_flex_export_reproduces_every_layer_and_head(spec_file, tmp_path):
     assert main(["export", str(spec_file), "--format", "flex", "-o", str(path)]) == 0
     code = path.read_text()
     imports = [l for l in code.splitlines() if l.startswith(("import", "from"))]
-    assert imports == ["import itertools", "from dataclasses import dataclass, field", "import torch"]
+    assert imports == ["import difflib", "import itertools", "import re", "from dataclasses import dataclass, field",
+                       "import torch"]
     check = f"""
 import functools, json, sys, torch
 sys.path.insert(0, {str(tmp_path)!r})
@@ -293,7 +294,7 @@ def test_flex_export_batches_layouts_of_one_design(tmp_path):
     for b, sp in enumerate(specs):
         assert torch.equal(dense[b, 0, :sp.n, :sp.n], sp.dense_mask())
         assert not dense[b, 0, sp.n:].any() and not dense[b, 0, :, sp.n:].any()
-    with pytest.raises(KeyError, match="no segment named"):
+    with pytest.raises(ValueError, match="sizes.nope: no segment named 'nope'"):  # Spec.with_sizes' SpecError
         ns["mask_mod_for"]({"nope": 3})
 
 
