@@ -68,7 +68,7 @@ def resizable_specs(draw):
     choice = draw(st.integers(0, 9))  # (hypothesis draws 0 and 9 far more often than 1 in 10)
     if choice == 7:
         raw["positions"] = {"scheme": "explicit", "ids": draw(st.lists(st.integers(0, 50), min_size=n, max_size=n))}
-    elif choice in (4, 5) and len(segs) > 1 and "attrs" not in segs[-1] and segs[-1]["modality"] not in ("image", "video"):
+    elif choice in (4, 5) and len(segs) > 1 and "attrs" not in segs[-1] and "grid" not in segs[-1]:
         segs[-1].pop("frames", None)
         segs[-1]["length"] = Spec.load({"segments": [segs[0]]}).n
         raw["positions"]["share"] = {segs[-1]["name"]: segs[0]["name"]}
@@ -92,8 +92,8 @@ def new_size(draw, seg):
 
 @st.composite
 def cases(draw):
-    """(spec, sizes): new sizes for some segments, about one time in five with a size the library refuses
-    (a bad value, an unknown name, a segment with per-token attrs)."""
+    """(spec, sizes): new sizes for at least one segment; one case in five also sets one more, mostly
+    one the library refuses (a bad value, an unknown name, a segment with per-token attrs)."""
     raw = draw(resizable_specs())
     resizable = [seg for seg in raw["segments"] if "attrs" not in seg]
     chosen = draw(st.lists(st.sampled_from(resizable), min_size=1, unique_by=lambda s: s["name"])) if resizable else []
@@ -114,7 +114,7 @@ def expected(raw: dict, sizes: dict) -> dict:
     except SpecError as err:
         return {"refused": f"SpecError: {err}"}
     n = big.n
-    out = {"layers": [0, 1, 2] if spec.varies_by_layer else [0], "n": n, "positions": big.position_ids()}
+    out = {"layers": [0, 1, 2] if spec.varies_by_layer else [0], "positions": big.position_ids()}
     for layer in out["layers"]:
         out[f"mask{layer}"] = torch.stack([big.dense_mask(layer, head) for head in range(HEADS)])
         ref = create_block_mask(table_mask_mod(big, layer), None, HEADS, n, n, device="cpu", BLOCK_SIZE=BLOCK)
@@ -237,6 +237,24 @@ def test_issue_27_frames_resize_of_a_segment_with_length_and_frames(tmp_path):
     assert torch.equal(ns["position_ids_for"](sizes), big.position_ids())
 
 
+def test_frames_given_to_a_segment_shipped_without_them(tmp_path):
+    """Segments shipped as one frame per token are lowered as t = local (no lookups); new frames
+    switch the file to its second lowering, which reads frames from tables, and back without them."""
+    raw = {**ISSUE_27, "segments": [{"name": "a", "length": 6}, {"name": "b", "length": 3}]}
+    ns = exported(tmp_path, raw)
+    for sizes, lookups in (({"b": {"frames": [2, 3]}}, ["frame"]), ({"b": [1, 4], "a": 2}, ["frame"]),
+                           ({"a": 4, "b": 5}, [])):
+        big = Spec.load(raw).with_sizes(sizes)
+        assert ns["_variant"](0, [ns["layout_for"](sizes)])[3] == lookups, sizes
+        dense = create_mask(ns["mask_mod_for"](sizes), None, None, big.n, big.n)[0, 0]
+        assert torch.equal(dense, big.dense_mask()), sizes
+        ours = ns["block_mask_for"](sizes, block_size=4)
+        ref = create_block_mask(table_mask_mod(big), None, None, big.n, big.n, device="cpu", BLOCK_SIZE=4)
+        assert torch.equal(ours.to_dense(), ref.to_dense()), sizes
+    with pytest.raises(ValueError, match="per-token tables"):  # a batch shares one closed form
+        ns["block_mask_for"]([None, {"b": [1, 2]}])
+
+
 def test_issue_28_explicit_position_ids_refuse_another_token_count(tmp_path):
     """Explicit ids cannot follow a resize: the file refuses it as Spec.with_sizes does (it used to
     return the wrong number of ids); sizes that keep the token count keep the ids."""
@@ -267,7 +285,9 @@ def test_issue_28_explicit_position_ids_refuse_another_token_count(tmp_path):
     ([1, 2], "sizes: give an object"),
 ])
 def test_sizes_the_library_refuses_the_file_refuses_alike(tmp_path, sizes, message):
-    raw = {"segments": [{"name": "a", "length": 6, "frames": [2, 4]}, {"name": "b", "length": 3, "attrs": {"x": [1, 2, 3]}},
+    """Every refusal is one line naming sizes.<name> (or sizes), identical in the library and the file."""
+    raw = {"segments": [{"name": "a", "length": 6, "frames": [2, 4]},
+                        {"name": "b", "length": 3, "attrs": {"x": [1, 2, 3]}},
                         {"name": "img", "modality": "image", "grid": [2, 2]}, {"name": "c", "length": 6}],
            "positions": {"scheme": "sequential", "share": {"c": "a"}}}
     with pytest.raises(SpecError) as lib:
