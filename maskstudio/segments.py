@@ -5,7 +5,7 @@ compiler, positions and the run package, so none of them has to reach up into `s
 """
 from __future__ import annotations
 
-from .errors import did_you_mean, is_int, require
+from .errors import SpecError, did_you_mean, is_int, require
 
 MODALITIES = ("text", "image", "video", "audio", "special")
 GRID_DIMS = {"image": 2, "video": 3}
@@ -30,12 +30,14 @@ def resized_segments(segments: list[dict], sizes, positions: dict, max_tokens: i
     its source, which cannot run the validator. So it refuses (SpecError naming `sizes.<name>` and
     the fix) every size the validator would refuse and every resize the spec cannot follow:
     per-token attrs, explicit position ids, shared positions of unequal sizes, too many tokens."""
-    require(sizes is None or isinstance(sizes, dict), "sizes",
-            'give an object {"name": length | [h, w] | [t, h, w] | {"frames": [...]}}, got ' + _shown(sizes))
+    if not (sizes is None or isinstance(sizes, dict)):
+        raise SpecError("sizes", 'give an object {"name": length | [h, w] | [t, h, w] | {"frames": [...]}}, '
+                        f"got {_shown(sizes)}")
     names = [s["name"] for s in segments]
     out = [dict(s) for s in segments]
     for name, size in (sizes or {}).items():
-        require(name in names, f"sizes.{name}", f"no segment named '{name}'{did_you_mean(name, names)}")
+        if name not in names:
+            raise SpecError(f"sizes.{name}", f"no segment named '{name}'{did_you_mean(name, names)}")
         i = names.index(name)
         require("attrs" not in out[i], f"sizes.{name}",
                 "this segment has per-token attrs; edit them together with its size")
@@ -51,26 +53,28 @@ def _shown(value) -> str:
 
 
 def _resized(seg: dict, size, path: str) -> dict:
-    """One segment at a new size: a grid for image / video, else a length or frame lengths."""
+    """One segment at a new size: a grid for image / video, else a length or frame lengths
+    (messages are built only on failure: a size may be a long frames list)."""
     out = {k: v for k, v in seg.items() if k not in ("length", "grid", "frames")}
     modality = seg["modality"]
     if modality in GRID_DIMS:
         dims = GRID_DIMS[modality]
-        ok = isinstance(size, (list, tuple)) and len(size) == dims and all(is_int(g) and g > 0 for g in size)
-        require(ok, path, f"{modality} segments take a grid {'[h, w]' if dims == 2 else '[t, h, w]'} "
-                f"of integers > 0, got {_shown(size)}")
+        if not (isinstance(size, (list, tuple)) and len(size) == dims and all(is_int(g) and g > 0 for g in size)):
+            raise SpecError(path, f"{modality} segments take a grid {'[h, w]' if dims == 2 else '[t, h, w]'} "
+                            f"of integers > 0, got {_shown(size)}")
         out["grid"] = list(size)
         return out
     frames = size.get("frames") if isinstance(size, dict) else size if isinstance(size, (list, tuple)) else None
     if frames is None:
-        require(is_int(size) and size > 0, path, f"{modality} segments take a length > 0, frame lengths "
-                f'[...] or {{"frames": [...]}}, got {_shown(size)}')
+        if not (is_int(size) and size > 0):
+            raise SpecError(path, f'{modality} segments take a length > 0, frame lengths [...] or {{"frames": [...]}}, '
+                            f"got {_shown(size)}")
         out["length"] = size
         return out
-    require(not isinstance(size, dict) or set(size) == {"frames"}, path,
-            f'give {{"frames": [...]}} and nothing else, got {_shown(size)}')
-    require(isinstance(frames, (list, tuple)) and len(frames) > 0 and all(is_int(f) and f > 0 for f in frames),
-            path, f"frames must be a non-empty list of token counts > 0, got {_shown(frames)}")
+    if isinstance(size, dict) and set(size) != {"frames"}:
+        raise SpecError(path, f'give {{"frames": [...]}} and nothing else, got {_shown(size)}')
+    if not (isinstance(frames, (list, tuple)) and len(frames) > 0 and all(is_int(f) and f > 0 for f in frames)):
+        raise SpecError(path, f"frames must be a non-empty list of token counts > 0, got {_shown(frames)}")
     out["length"], out["frames"] = sum(frames), list(frames)
     return out
 
