@@ -7,6 +7,17 @@ Three knobs decide how a mask is evaluated:
   * tile / block edge: TILE for dense masks, BLOCK for block sparsity, analysis, flow and FlexAttention.
   * dense vs block pictures: past PICTURE_DENSE_MAX tokens pictures and reachability work at block level.
 """
+import os
+
+
+def _env_int(name: str, default: int) -> int:
+    """An operator's override from the environment (a Space's settings), else the default."""
+    try:
+        return int(os.environ.get(name, default))
+    except ValueError:  # a malformed setting: the default, never a crash at import
+        return default
+
+
 DENSE_DIRECT_MAX = 1024   # tokens: evaluate the whole grid at once below this
 TILE = 256                # tile edge of dense masks past DENSE_DIRECT_MAX
 BLOCK = 128               # block edge: block sparsity, tiled analysis and flow, FlexAttention
@@ -47,3 +58,20 @@ PICTURE_CACHE = 600       # rendered pictures kept per process (evicted PNG file
 REACH_LIVE_MAX = 1 << 15  # tokens: past this the reach view (~10 s at 262k) is drawn when asked, not per edit
 PICKER_LAYERS, PICKER_HEADS = 32, 16  # the layer / head sliders reach at least this far (stale values stay valid)
 WORKDIR_MAX_AGE_S = 900   # run pictures and exports older than this are deleted from the app's temp folder
+
+# the app's budgets: past them a request is refused with one line naming the limit (MASKSTUDIO_<NAME> overrides)
+SESSION_DISK_BYTES = _env_int("MASKSTUDIO_SESSION_DISK_BYTES", 512 << 20)  # one session's files: run download,
+                           # export, run pictures (each kind reuses one slot, so repeated clicks add nothing)
+PROCESS_DISK_BYTES = _env_int("MASKSTUDIO_PROCESS_DISK_BYTES", 8 << 30)  # every file the app keeps (all sessions
+                           # and the picture cache); the app's folder sits in Gradio's cache, so Gradio copies nothing
+SESSION_PICTURES = _env_int("MASKSTUDIO_SESSION_PICTURES", 64)  # one-off run pictures kept per session (newest)
+IMAGE_MAX_PIXELS = _env_int("MASKSTUDIO_IMAGE_MAX_PIXELS", 4096 * 4096)  # one uploaded image, read from its header
+                           # before decoding (48 MiB as RGB; PIL's own bomb check is set to this too)
+RUN_IMAGE_MAX_PIXELS = _env_int("MASKSTUDIO_RUN_IMAGE_MAX_PIXELS", 4 * 4096 * 4096)  # all images / frames of a run
+RUN_FRAME_SIDE = 1024      # pixels: a kept run holds its pictures downscaled to this longest side (for the overlay)
+HISTORY_BYTES = _env_int("MASKSTUDIO_HISTORY_BYTES", 32 << 20)  # undo memory per session (with HISTORY steps at most)
+RUNS_MAX_BYTES = _env_int("MASKSTUDIO_RUNS_MAX_BYTES", 2 << 30)  # model runs kept per process (a session keeps
+                           # only its last); the newest run is kept whatever its size
+PICTURE_CACHE_BYTES = _env_int("MASKSTUDIO_PICTURE_CACHE_BYTES", 512 << 20)  # picture cache: analyses and sized
+                           # specs in memory plus its PNG files on disk
+STEM_MAX = 64              # characters of a download's file name taken from a design's name (ASCII only)

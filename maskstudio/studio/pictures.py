@@ -11,16 +11,12 @@ picture specs here, model runs in actions.py.
 """
 from __future__ import annotations
 
-import atexit
 import hashlib
 import json
 import os
-import shutil
 import sys
-import tempfile
 import threading
 import time
-import uuid
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -29,15 +25,15 @@ from typing import Any, Callable
 from ..errors import RunError, SpecError
 from ..knobs import (ANALYSIS_DENSE_MAX, PICKER_HEADS, PICTURE_DENSE_MAX, PICKER_LAYERS, PICTURE_CACHE, REACH_LIVE_MAX, TOKEN_GRAPH_MAX,
                      TOKEN_LABEL_MAX, WORKDIR_MAX_AGE_S)
+from .. import knobs
 from ..segments import all_steps, expand_int_list, segment_size
 from ..spec import Spec
+from .budget import WORKDIR, deep_bytes, picture_path
 from .tables import parse_token
 
 VIEWS = ("mask", "positions", "distance", "flow", "reach")
 DRAW_ORDER = ("mask", "reach", "distance", "flow", "positions")  # slowest first, for the workers
 DPI = 80
-WORKDIR = tempfile.mkdtemp(prefix="maskstudio-app-")
-atexit.register(shutil.rmtree, WORKDIR, ignore_errors=True)
 _MISSING = object()
 TOKEN_FLOW_READABLE = 32  # tokens: past this the token-level flow graph is a tangle; frames / segments instead
 BLOCK_SIZES = (16, 32, 64, 128, 256, 512, 1024)  # the block view's choices
@@ -54,8 +50,8 @@ def remove_if_ours(value) -> None:
 
 
 def sweep_workdir(max_age_s: float = WORKDIR_MAX_AGE_S, now: float | None = None) -> int:
-    """Delete run pictures and exports older than `max_age_s` (Gradio has its own copy by then;
-    cached design pictures are kept). Returns how many files went."""
+    """Delete run pictures, exports and downloads older than `max_age_s` (the browser has fetched
+    them by then; cached design pictures are kept), and empty folders as old. Returns how many files went."""
     now = time.time() if now is None else now
     keep = {v for v in _CACHE.values() if isinstance(v, str)}
     gone = 0
@@ -68,17 +64,24 @@ def sweep_workdir(max_age_s: float = WORKDIR_MAX_AGE_S, now: float | None = None
                     gone += 1
             except OSError:
                 continue
-        if root != WORKDIR and not os.listdir(root):
-            os.rmdir(root)
+        try:
+            if root != WORKDIR and not os.listdir(root) and now - os.path.getmtime(root) > max_age_s:
+                os.rmdir(root)  # empty and old: a slot being filled right now is young
+        except OSError:
+            continue
     return gone
 
 
 class Cache:
-    """A bounded least-recently-used map, safe to share between threads."""
+    """A least-recently-used map bounded by entries (`size`) and, given `sizeof`, by bytes
+    (`max_bytes`; the newest entry stays whatever its size), safe to share between threads."""
 
-    def __init__(self, size: int, on_evict: Callable[[Any], None] | None = None):
-        self.size = size
+    def __init__(self, size: int, on_evict: Callable[[Any], None] | None = None, max_bytes: int | None = None,
+                 sizeof: Callable[[Any], int] | None = None):
+        self.size, self.max_bytes, self._sizeof = size, max_bytes, sizeof
         self._items: OrderedDict = OrderedDict()
+        self._bytes: dict = {}
+        self.nbytes = 0
         self._lock = threading.Lock()
         self._on_evict = on_evict
 
@@ -90,16 +93,28 @@ class Cache:
             return self._items[key]
 
     def put(self, key, value):
+        cost = self._sizeof(value) if self._sizeof is not None else 0  # measured outside the lock
         evicted = []
         with self._lock:
-            self._items[key] = value
+            self.nbytes += cost - self._bytes.get(key, 0)
+            self._items[key], self._bytes[key] = value, cost
             self._items.move_to_end(key)
-            while len(self._items) > self.size:
-                evicted.append(self._items.popitem(last=False)[1])
+            while len(self._items) > self.size or (self.max_bytes is not None and self.nbytes > self.max_bytes
+                                                   and len(self._items) > 1):
+                old, value_out = self._items.popitem(last=False)
+                self.nbytes -= self._bytes.pop(old)
+                evicted.append(value_out)
         if self._on_evict is not None:
             for old in evicted:
                 self._on_evict(old)
         return value
+
+    def pop(self, key) -> None:
+        """Forget `key` (what a session replaced), without the eviction callback."""
+        with self._lock:
+            if key in self._items:
+                del self._items[key]
+                self.nbytes -= self._bytes.pop(key)
 
     def values(self) -> list:
         with self._lock:
@@ -114,7 +129,18 @@ class Cache:
         return len(self._items)
 
 
-_CACHE = Cache(PICTURE_CACHE, on_evict=remove_if_ours)  # "png:" paths, "an:" analyses, "sized:" picture specs
+def held_bytes(value) -> int:
+    """What a picture-cache entry costs: a PNG path its file's bytes, anything else its memory."""
+    if isinstance(value, str):
+        try:
+            return os.path.getsize(value)
+        except OSError:
+            return len(value)
+    return deep_bytes(value)
+
+
+_CACHE = Cache(PICTURE_CACHE, on_evict=remove_if_ours, max_bytes=knobs.PICTURE_CACHE_BYTES,
+               sizeof=held_bytes)  # "png:" paths, "an:" analyses, "sized:" picture specs
 
 
 def digest(*parts) -> str:
@@ -125,9 +151,9 @@ def figure_png(fig, path: str | None = None, dpi: int = DPI) -> str:
     """Draw a matplotlib Figure to a PNG file (fast zlib level) and free it; returns the path."""
     from ..viz import write_png
 
-    if path is None:  # a one-off picture (a run's): old ones are swept
+    if path is None:  # a one-off picture (a run's): old ones are swept, a session keeps its newest few
         sweep_workdir()
-        path = os.path.join(WORKDIR, f"{uuid.uuid4().hex}.png")
+        path = picture_path()
     return write_png(fig, path, dpi)
 
 
