@@ -3,7 +3,8 @@
 The state is a plain dict (what `gr.State` holds, one per browser tab / client session):
 
     {"spec": Spec (the last *valid* design),
-     "history": [older Specs]   (undo stack, newest last, at most knobs.HISTORY),
+     "history": [older Specs]   (undo stack, newest last, at most knobs.HISTORY designs and
+                                 knobs.HISTORY_BYTES of memory; "history_bytes" holds each one's size),
      "snapshot": Spec or None    (design B for comparisons),
      "run_id": key of the last model run in this process's run cache, or None}
 
@@ -22,8 +23,8 @@ from typing import Any, Callable
 
 from ..errors import SpecError
 from .. import knobs
-from ..knobs import HISTORY
 from ..spec import Spec
+from .budget import deep_bytes, size_text
 
 DEFAULT_PRESET = "multiverse"
 BLANK = {"maskstudio": 1, "name": "untitled",
@@ -56,9 +57,9 @@ def snapshot(state: dict) -> Spec | None:
 
 
 def one_line(err: BaseException) -> str:
-    """An error as the one line the UI shows."""
+    """An error as the one line the UI shows (lone surrogates escaped: they cannot travel as JSON)."""
     text = str(err).strip().splitlines()
-    return text[0] if text else type(err).__name__
+    return (text[0] if text else type(err).__name__).encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _push(state: dict, spec: Spec) -> dict:
@@ -67,11 +68,30 @@ def _push(state: dict, spec: Spec) -> dict:
     if spec == state["spec"]:
         return new
     # undo keeps the validated data only: a fresh Spec without its cached token table, so a
-    # session's memory is HISTORY small dicts, not HISTORY token tables
+    # session's memory is its designs' data, bounded by count and by bytes
     old = Spec.from_valid(state["spec"].to_dict())
-    new["history"] = (list(state.get("history", [])) + [old])[-HISTORY:]
-    new["spec"] = spec
+    longer = list(state.get("history", [])) + [old]
+    history, sizes = bounded_history(longer, history_sizes(state) + [deep_bytes(old)])
+    new["history"], new["history_bytes"], new["spec"] = history, sizes, spec
+    new["history_trimmed"] = state.get("history_trimmed", False) or len(history) < min(len(longer), knobs.HISTORY)
     return new
+
+
+def history_sizes(state: dict) -> list[int]:
+    """Bytes held by each undo step (measured when it was pushed; measured now for an older state)."""
+    history, sizes = state.get("history", []), state.get("history_bytes")
+    return list(sizes) if sizes is not None and len(sizes) == len(history) else [deep_bytes(h) for h in history]
+
+
+def bounded_history(history: list, sizes: list[int]) -> tuple[list, list[int]]:
+    """The newest steps within knobs.HISTORY designs and knobs.HISTORY_BYTES (a design larger than
+    the whole budget is not kept)."""
+    keep, total = 0, 0
+    for size in reversed(sizes[-knobs.HISTORY:]):
+        if total + size > knobs.HISTORY_BYTES:
+            break
+        keep, total = keep + 1, total + size
+    return history[len(history) - keep:], sizes[len(sizes) - keep:]
 
 
 def attempt(state: dict, make: Callable[[], Spec]) -> tuple[dict, str]:
@@ -126,12 +146,15 @@ def load_task_template(state: dict, task: str) -> tuple[dict, str]:
 
 
 def undo(state: dict) -> tuple[dict, str]:
-    history = list(state.get("history", []))
+    history, sizes = list(state.get("history", [])), history_sizes(state)
+    if not history and state.get("history_trimmed"):
+        return state, (f"nothing more to undo: older designs were let go to keep undo within "
+                       f"{size_text(knobs.HISTORY_BYTES)} per session")
     if not history:
         return state, "nothing to undo"
     new = dict(state)
     new["spec"] = history.pop()
-    new["history"] = history
+    new["history"], new["history_bytes"] = history, sizes[:-1]
     return new, ""
 
 
