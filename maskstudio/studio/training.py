@@ -16,9 +16,10 @@ from ..errors import SpecError
 from ..evaluate import TASKS, task_template
 from ..train import OBJECTIVES, TINY_TEXT, compare, train
 from .actions import RUN_ERRORS, _backend_kw, _progress_adapter, app_message, model_name
+from .budget import BudgetError, disk_error_line, require_room, session_files
 from .examples import run_blocker
-from .pictures import WORKDIR, figure_png, sweep_workdir
-from .state import current
+from .pictures import figure_png, sweep_workdir
+from .state import current, one_line
 
 TRAIN_TASKS = tuple(TASKS)   # tasks whose parts are the design's segments (the Evaluate tab's templates)
 TRAIN_MAX_STEPS = 1000       # the app's limit; the CLI has none
@@ -85,18 +86,21 @@ def _loss_lines(losses: dict) -> list[str]:
 
 
 def _write_run(config: dict, losses: dict, summary: str, curve: str) -> str:
+    """The run folder: this session's train slot (a new run replaces the last one's files)."""
+    def write(folder: str) -> list[str]:
+        files = {"config.json": json.dumps(config, indent=1, default=str),
+                 "metrics.json": json.dumps({"losses": losses}, indent=1), "summary.txt": summary + "\n"}
+        with open(curve, "rb") as src:
+            png = src.read()
+        require_room(sum(len(t.encode("utf-8", "backslashreplace")) for t in files.values()) + len(png), "the training run")
+        for name, text in files.items():
+            with open(os.path.join(folder, name), "w", encoding="utf-8", errors="backslashreplace") as fh:
+                fh.write(text)
+        with open(os.path.join(folder, "loss_curve.png"), "wb") as out:
+            out.write(png)
+        return [os.path.join(folder, name) for name in [*files, "loss_curve.png"]]
     sweep_workdir()
-    folder = os.path.join(WORKDIR, "train", uuid.uuid4().hex[:12])
-    os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, "config.json"), "w") as fh:
-        json.dump(config, fh, indent=1, default=str)
-    with open(os.path.join(folder, "metrics.json"), "w") as fh:
-        json.dump({"losses": losses}, fh, indent=1)
-    with open(os.path.join(folder, "summary.txt"), "w", encoding="utf-8") as fh:
-        fh.write(summary + "\n")
-    with open(os.path.join(folder, "loss_curve.png"), "wb") as out, open(curve, "rb") as src:
-        out.write(src.read())
-    return folder
+    return os.path.dirname(session_files("train", uuid.uuid4().hex, write)[0])
 
 
 def train_design(state: dict, task: str = "kv_retrieval", steps=20, lr=1e-4, lora: bool = False,
@@ -138,4 +142,10 @@ def train_design(state: dict, task: str = "kv_retrieval", steps=20, lr=1e-4, lor
     curve = figure_png(loss_curve_figure(losses, f"{task}: training loss ({objective}, lr {rate:g}, batch {batch})"))
     config = {"spec": spec.to_dict(), "model": name or "embedded SmolLM2-135M-Instruct", "baseline": bool(baseline),
               "eval_n": eval_n if baseline else 0, **{k: v for k, v in kw.items() if k != "progress"}}
-    return {"error": "", "summary": summary, "curve": curve, "run_dir": _write_run(config, losses, summary, curve)}
+    try:
+        run_dir = _write_run(config, losses, summary, curve)
+    except BudgetError as err:
+        return {"error": one_line(err), "summary": summary, "curve": curve, "run_dir": None}
+    except OSError as err:  # a full disk: said without the server's paths
+        return {"error": disk_error_line(err), "summary": summary, "curve": curve, "run_dir": None}
+    return {"error": "", "summary": summary, "curve": curve, "run_dir": run_dir}
