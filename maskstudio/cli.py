@@ -61,10 +61,12 @@ def cmd_lower(args) -> int:
 
 def cmd_render(args) -> int:
     import io
+    import warnings
 
     from .viz import render, save
 
     spec = _load(args)
+    warnings.filterwarnings("ignore", "Glyph .* missing from", UserWarning)  # a name in a script the font lacks: boxes
     options = {"layer": args.layer, "head": args.head} if args.view == "mask" else {}
     figure = render(spec, args.view, **options)
     if args.output == "-":  # PNG bytes on stdout, e.g. `maskstudio render spec.json -o - | display`
@@ -241,8 +243,19 @@ def main(argv=None) -> int:
     except BrokenPipeError:  # e.g. `maskstudio presets | head`
         return 0
     except OSError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {_os_error(err)}", file=sys.stderr)
         return 2
+
+
+def _os_error(err: OSError) -> str:
+    """A failed read or write as one line: the system's reason and the file, a long name shortened
+    (e.g. `-o` past the file system's 255 bytes)."""
+    name = err.filename
+    if not err.strerror or not isinstance(name, str):
+        return str(err)
+    if len(name) <= 80:
+        return f"{err.strerror}: '{name}'"
+    return f"{err.strerror}: '{name[:40]}…{name[-30:]}' ({len(name)} characters)"
 
 
 if __name__ == "__main__":
