@@ -127,37 +127,64 @@ def cmd_eval(args) -> int:
     return eval_main(args)
 
 
+# `train` flags and their defaults: a resumed run takes every flag not given from its config.json
+TRAIN_DEFAULTS = {"model": None, "task": "kv_retrieval", "data": None, "steps": 100, "lr": 1e-4, "seed": 0,
+                  "batch": 8, "n_train": 256, "lora": False, "objective": "next_token", "loss_on": None,
+                  "eval_every": 0, "eval_n": 64, "warmup": 0, "save_every": 0, "backend": None, "pack_tokens": 0}
+
+
 def cmd_train(args) -> int:
     import torch
 
+    from .train import train
+
+    given = {k: getattr(args, k) for k in TRAIN_DEFAULTS if getattr(args, k) is not None and getattr(args, k) is not False}
+    if args.resume:  # the run's own settings and spec, the flags given checked against them
+        from .train import resumed_settings
+
+        settings = resumed_settings(args.resume, {k: v for k, v in given.items() if k != "steps"}, args.override)
+        spec = _load(args) if (args.spec or args.preset) else None
+        fitted = train(spec, resume=args.resume, override=args.override, out_dir=args.out,
+                       steps=args.steps or TRAIN_DEFAULTS["steps"], eval_spec=args.eval_spec,
+                       progress=not args.quiet, **settings)
+        _report_fit(fitted, fitted.out_dir)
+    else:
+        _train_new(args, given)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    return 0
+
+
+def _train_new(args, given: dict) -> None:
     from .train import compare, train
 
+    opts = {**TRAIN_DEFAULTS, **given}
     spec = _load(args)
-    if args.n_train is not None and args.n_train < 1:
-        raise UsageError("--n-train must be a positive integer")
-    lora = True if args.lora else False
-    common = dict(model=args.model, task=None if args.data else args.task, data=args.data, steps=args.steps,
-                  lr=args.lr, seed=args.seed, batch=args.batch, lora=lora, objective=args.objective,
-                  out_dir=args.out, loss_on=args.loss_on, n_train=args.n_train or 256, backend=args.backend,
-                  warmup=args.warmup, save_every=args.save_every, progress=not args.quiet,
-                  pack_tokens=args.pack_tokens)
-    if args.no_baseline or args.resume:
-        fitted = train(spec, eval_every=args.eval_every, eval_n=args.eval_n, resume=args.resume,
-                       eval_spec=args.eval_spec, **common)
-        if int(__import__("os").environ.get("RANK", "0")) == 0:
-            last = fitted.steps[-1] if fitted.steps else {}
-            print(f"trained {spec.name}: {len(fitted.steps)} steps, last loss {last.get('loss', float('nan')):.4f}"
-                  + (f"; run folder {args.out}" if args.out else ""))
-            for e in fitted.evals:
-                print(f"  step {e['step']:>6}: eval NLL {e['nll']:.4f}, accuracy {e['accuracy']:.3f}")
+    if opts["data"]:
+        opts["task"] = None
+    common = dict(model=opts["model"], task=opts["task"], data=opts["data"], steps=opts["steps"], lr=opts["lr"],
+                  seed=opts["seed"], batch=opts["batch"], lora=opts["lora"], objective=opts["objective"],
+                  out_dir=args.out, loss_on=opts["loss_on"], n_train=opts["n_train"], backend=opts["backend"],
+                  warmup=opts["warmup"], save_every=opts["save_every"], progress=not args.quiet,
+                  pack_tokens=opts["pack_tokens"])
+    if args.no_baseline:
+        fitted = train(spec, eval_every=opts["eval_every"], eval_n=opts["eval_n"], eval_spec=args.eval_spec, **common)
+        _report_fit(fitted, args.out)
     else:
-        result = compare(spec, eval_n=args.eval_n, eval_spec=args.eval_spec, **common)
+        result = compare(spec, eval_n=opts["eval_n"], eval_spec=args.eval_spec, **common)
         if result is not None:
             print(result["text"])
             if args.out:
                 print(f"run folder {args.out} (baseline/, design/, comparison.json)")
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+
+
+def _report_fit(fitted, out) -> int:
+    if int(__import__("os").environ.get("RANK", "0")) == 0:
+        last = fitted.steps[-1] if fitted.steps else {}
+        print(f"trained {fitted.spec.name}: {len(fitted.steps)} steps, last loss {last.get('loss', float('nan')):.4f}"
+              + (f"; run folder {out}" if out else ""))
+        for e in fitted.evals:
+            print(f"  step {e['step']:>6}: eval NLL {e['nll']:.4f}, accuracy {e['accuracy']:.3f}")
     return 0
 
 
@@ -204,27 +231,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="your own examples, JSONL")
     p.add_argument("--out", help="write results JSON here")
     p = add("train", cmd_train, "fine-tune a model under the spec's mask, against a causal baseline")
-    p.add_argument("--model", default=None, help="hub id, tiny-llama (random, for tests), default embedded SmolLM2")
-    p.add_argument("--task", default="kv_retrieval", help="generated task to train and evaluate on")
+    d = TRAIN_DEFAULTS  # flags default to None: `--resume` tells a flag given from one left out
+    p.add_argument("--model", help="hub id, tiny-llama (random, for tests), default embedded SmolLM2")
+    p.add_argument("--task", help=f"generated task to train and evaluate on (default {d['task']})")
     p.add_argument("--data", help="your own training examples, JSONL (as for eval)")
-    p.add_argument("--steps", type=int, default=100)
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch", type=int, default=8, help="examples per optimizer step (the global batch)")
-    p.add_argument("--n-train", type=int, default=None, help="generated training examples (default 256)")
+    p.add_argument("--steps", type=int, help=f"optimizer steps in all (default {d['steps']})")
+    p.add_argument("--lr", type=float, help=f"learning rate (default {d['lr']})")
+    p.add_argument("--seed", type=int, help="seed of data order, corruption and init (default 0)")
+    p.add_argument("--batch", type=int, help=f"examples per optimizer step, the global batch (default {d['batch']})")
+    p.add_argument("--n-train", type=int, help=f"generated training examples (default {d['n_train']})")
     p.add_argument("--lora", action="store_true", help="train LoRA adapters (peft) instead of all weights")
-    p.add_argument("--objective", choices=("next_token", "bico"), default="next_token")
+    p.add_argument("--objective", choices=("next_token", "bico"), help="default next_token")
     p.add_argument("--loss-on", nargs="+", help="segments carrying the loss (default: role target)")
-    p.add_argument("--eval-every", type=int, default=0, help="evaluate every K steps (with --no-baseline)")
-    p.add_argument("--eval-n", type=int, default=64, help="held-out examples for evaluation")
+    p.add_argument("--eval-every", type=int, help="evaluate every K steps (with --no-baseline)")
+    p.add_argument("--eval-n", type=int, help=f"held-out examples for evaluation (default {d['eval_n']})")
     p.add_argument("--eval-spec", help="evaluate the design under this spec (default: the training spec)")
-    p.add_argument("--warmup", type=int, default=0, help="linear learning-rate warmup steps")
-    p.add_argument("--save-every", type=int, default=0, help="checkpoint every K steps (and at the end)")
-    p.add_argument("--backend", choices=("eager", "flex"), default=None, help="default: flex on CUDA, eager on CPU")
-    p.add_argument("--pack-tokens", type=int, default=0,
+    p.add_argument("--warmup", type=int, help="linear learning-rate warmup steps (default 0)")
+    p.add_argument("--save-every", type=int, help="checkpoint every K steps (and at the end; default 0)")
+    p.add_argument("--backend", choices=("eager", "flex"), help="default: flex on CUDA, eager on CPU")
+    p.add_argument("--pack-tokens", type=int,
                    help="pack each step's examples into rows of at most N tokens (isolated; 0 = one forward each)")
     p.add_argument("--out", help="run folder: config, metrics, checkpoints (safetensors)")
-    p.add_argument("--resume", help="a run folder or checkpoint folder to continue from (implies --no-baseline)")
+    p.add_argument("--resume", help="a run folder or checkpoint folder to continue, with its own settings and spec "
+                                    "(flags given must agree; implies --no-baseline; writes into that folder)")
+    p.add_argument("--override", action="store_true", help="with --resume: let the flags given change the run")
     p.add_argument("--no-baseline", action="store_true", help="train the spec only, no causal baseline or table")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     return parser

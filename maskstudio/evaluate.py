@@ -114,13 +114,15 @@ def load_jsonl(path: str) -> list[Example]:
     """Your own examples: one JSON object per line, {"texts": {segment: text}, "target": text, "meta": {}}."""
     out = []
     with open(path, encoding="utf-8") as fh:
-        for line_no, line in enumerate(fh, 1):
+        for line_no, line in enumerate(_lines(fh, path), 1):
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as err:
                 raise ValueError(f"{path}:{line_no}: invalid JSON ({err.msg})") from None
+            except (ValueError, RecursionError):  # a huge integer, or nesting past the parser's depth
+                raise ValueError(f"{path}:{line_no}: a number too long or nesting too deep for an example") from None
             if not isinstance(row, dict) or not isinstance(row.get("texts"), dict):
                 raise ValueError(f'{path}:{line_no}: needs "texts": {{segment: text}} and "target": text')
             if not isinstance(row.get("target"), str) or not row["target"]:
@@ -128,12 +130,22 @@ def load_jsonl(path: str) -> list[Example]:
             bad = [k for k, v in row["texts"].items() if not isinstance(v, str)]
             if bad:
                 raise ValueError(f"{path}:{line_no}: texts.{bad[0]} must be a string")
+            if not isinstance(row.get("meta", {}), dict):
+                raise ValueError(f'{path}:{line_no}: "meta" must be an object ({{"name": value}})')
             texts = dict(row["texts"])
             texts[ANSWER] = row["target"]
             out.append(Example(len(out), texts, dict(row.get("meta", {}))))
     if not out:
         raise ValueError(f"{path}: no examples")
     return out
+
+
+def _lines(fh, path):
+    """The file's lines; a file that is not UTF-8 text is refused naming the file."""
+    try:
+        yield from fh
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not UTF-8 text; examples are JSON lines") from None
 
 
 # ---------------------------------------------------------------- one example under one spec

@@ -155,7 +155,7 @@ class Designs:
     tables: tuple = ()
     name: str = "design"
 
-    @property
+    @cached_property
     def slots(self) -> dict:
         return {k: i for i, k in enumerate(self.keys)}
 

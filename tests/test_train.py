@@ -344,5 +344,5 @@ def test_packed_evaluation_matches_one_run_per_example(tiny):
 
 
 def test_packing_refuses_a_bad_pack_size(prepared, tiny):
-    with pytest.raises(RunError, match="pack_tokens must be 0"):
+    with pytest.raises(ValueError, match="pack_tokens must be 0 or a positive integer"):
         train(prefix_lm(), tiny, steps=1, pack_tokens=-1, _prepared=prepared, **FAST)

@@ -25,16 +25,20 @@ LoRA, tiny model, memory estimate and refusal), loop (forward, loop, checkpoints
 """
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 
 from ..callable_package import make_callable
 from ..evaluate import report, summarize
+from ..errors import RunError
 from ..run.inputs import as_spec
+from ..spec import Spec
 from .data import (FACT_TASKS, TRAIN_BREAKDOWN, TRAIN_TASKS, batch_indices, bico_item, causal_twin, encode_all,
                    fact_specs, held_out, pack, pack_rows, parent_facts, train_examples)
-from .loop import OBJECTIVES, Fit, dist_info, evaluate_model, fit, item_loss, latest_checkpoint, score_packed
-from .model import TINY_TEXT, check_memory, estimate_bytes, source_model, tiny_lm, trainable_copy
+from .loop import (OBJECTIVES, RESUMED, Fit, dist_info, evaluate_model, fit, item_loss, latest_checkpoint,
+                   resumed_settings, run_folder, score_packed)
+from .model import TINY_TEXT, check_memory, estimate_bytes, model_id, source_model, tiny_lm, trainable_copy
 
 __all__ = ["train", "compare", "Fit", "causal_twin", "batch_indices", "bico_item", "tiny_lm", "TINY_TEXT",
            "estimate_bytes", "check_memory", "item_loss", "latest_checkpoint", "OBJECTIVES", "prepare_training",
@@ -42,12 +46,37 @@ __all__ = ["train", "compare", "Fit", "causal_twin", "batch_indices", "bico_item
            "evaluate_model", "score_packed"]
 
 
-def _check(steps, lr, batch, n_train):
-    for name, value, lo in (("steps", steps, 1), ("batch", batch, 1), ("n_train", n_train, 1)):
+def _check(steps, lr, batch, n_train, eval_n=1, **counts):
+    """Refuse settings out of range (one line each); counts: name -> value, 0 allowed."""
+    for name, value, lo in (("steps", steps, 1), ("batch", batch, 1), ("n_train", n_train, 1), ("eval_n", eval_n, 1),
+                            *((k, v, 0) for k, v in counts.items())):
         if not isinstance(value, int) or isinstance(value, bool) or value < lo:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            kind = "a positive integer" if lo else "0 or a positive integer"
+            raise ValueError(f"{name} must be {kind}, got {value!r}")
     if not (isinstance(lr, (int, float)) and 0 < lr < 1):
         raise ValueError(f"lr must be a number in (0, 1), got {lr!r}")
+
+
+def _resumed(spec, resume, given: dict, defaults: dict, override: bool) -> tuple:
+    """(spec, settings, out folder) of a resumed run: settings left at train()'s defaults follow
+    the run's config.json, explicit ones must agree with it (or override); the spec defaults to
+    the run's own and must equal it; the resumed steps go into the run's folder."""
+    loaded = given["model"] if not isinstance(given["model"], (str, type(None))) else None  # a LoadedModel
+    explicit = {k: v for k, v in given.items() if v != defaults[k] and not (k == "model" and loaded is not None)}
+    settings = {**given, **resumed_settings(resume, explicit, override)}
+    if loaded is not None:  # a model object handed in is the caller's choice (its id cannot be compared)
+        settings["model"] = loaded
+    folder = run_folder(resume)
+    own = Spec.load(str(folder / "spec.json")) if (folder / "spec.json").is_file() else None
+    if spec is None:
+        if own is None:
+            raise RunError(f"{folder}: no spec.json to resume with; give the spec file")
+        spec = own
+    spec = as_spec(spec)
+    if own is not None and spec.to_json() != own.to_json() and not override:
+        raise RunError(f"resume: the spec '{spec.name}' differs from the run's ({folder / 'spec.json'}); "
+                       "leave the spec out to continue the run's, or pass --override")
+    return spec, settings, folder
 
 
 def prepare_training(spec, model=None, task: str | None = "kv_retrieval", data: str | None = None,
@@ -64,24 +93,37 @@ def train(spec, model=None, task: str | None = "kv_retrieval", data: str | None 
           eval_every: int = 0, eval_n: int = 32, out_dir: str | None = None, resume=None, loss_on=None,
           n_train: int = 256, eval_spec=None, backend: str | None = None, device=None, warmup: int = 0,
           save_every: int = 0, max_memory: int | None = None, progress: bool = True, on_step=None,
-          pack_tokens: int = 0, _prepared=None) -> Fit:
+          pack_tokens: int = 0, override: bool = False, _prepared=None) -> Fit:
     """Fine-tune `model` (LoadedModel, "tiny-llama", hub id, None = embedded SmolLM2-135M) under
     `spec` on a generated `task` (evaluate.TASKS) or your `data` JSONL. The model given is never
     modified: a private copy is trained and returned in `Fit.lm`. `on_step(record)` sees every
     step's metrics (a live loss curve) and may return True to stop. `pack_tokens=N` packs each
     step's examples into rows of at most N tokens (one forward per row). Raises RunError / ValueError
-    with a one-line fix (including the memory refusal with its estimate)."""
-    _check(steps, lr, batch, n_train)
+    with a one-line fix (including the memory refusal with its estimate).
+
+    `resume` (a run folder or checkpoint): the run continues as it was configured — settings left
+    at their defaults follow its config.json, an explicit one that contradicts it is refused
+    (`override=True` changes it on purpose), spec None takes the run's spec, and the new steps
+    are written into the run's folder unless `out_dir` says otherwise."""
+    if resume is not None and _prepared is None:
+        given = {arg: value for arg, value in locals().items() if arg in _RESUMABLE}
+        spec, settings, folder = _resumed(spec, resume, given, _DEFAULTS, override)
+        model, task, data, lr, seed, batch, lora, objective, loss_on, n_train, eval_every, eval_n, warmup, \
+            save_every, pack_tokens, backend = (settings[k] for k in _RESUMABLE)
+        out_dir = out_dir or str(folder)
+    _check(steps, lr, batch, n_train, save_every=save_every, eval_every=eval_every, warmup=warmup,
+           eval_n=eval_n, pack_tokens=pack_tokens)
     if objective not in OBJECTIVES:
         raise ValueError(f"unknown objective '{objective}'; use one of {', '.join(OBJECTIVES)}")
     spec, src, examples, items = _prepared or prepare_training(spec, model, task, data, n_train, seed, loss_on, device)
     lm, module = trainable_copy(src, lora, seed)
     eval_examples = held_out(task, eval_n, seed, len(examples)) if (eval_every and task and not data) else (
         examples[:eval_n] if eval_every else None)
-    config = {"spec": spec.name, "model": src.name, "task": None if data else task, "data": data, "steps": steps,
+    config = {"spec": spec.name, "model": src.name, "model_id": model if isinstance(model, str) else model_id(src),
+              "task": None if data else task, "data": data, "steps": steps,
               "lr": lr, "seed": seed, "batch": batch, "lora": lora, "objective": objective, "loss_on": loss_on,
-              "n_train": len(examples), "eval_every": eval_every, "eval_n": eval_n, "warmup": warmup,
-              "save_every": save_every, "pack_tokens": pack_tokens,
+              "n_train": n_train, "examples": len(examples), "eval_every": eval_every, "eval_n": eval_n,
+              "warmup": warmup, "save_every": save_every, "pack_tokens": pack_tokens, "backend": backend,
               "resumed_from": str(latest_checkpoint(resume)) if resume else None}
     return fit(spec, lm, module, items, steps=steps, lr=lr, seed=seed, batch=batch, objective=objective,
                warmup=warmup, eval_every=eval_every, eval_examples=eval_examples,
@@ -90,6 +132,10 @@ def train(spec, model=None, task: str | None = "kv_retrieval", data: str | None 
                out_dir=out_dir, save_every=save_every, resume=resume, backend=backend, max_memory=max_memory,
                progress=progress, config=config, desc=f"training {spec.name}", on_step=on_step,
                pack_tokens=pack_tokens)
+
+
+_RESUMABLE = tuple(RESUMED.values())  # train()'s arguments a resumed run takes from its config.json
+_DEFAULTS = {k: v.default for k, v in inspect.signature(train).parameters.items() if k in _RESUMABLE}
 
 
 def compare(spec, model=None, task: str | None = "kv_retrieval", data: str | None = None, eval_data=None,

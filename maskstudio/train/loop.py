@@ -141,22 +141,105 @@ def latest_checkpoint(path) -> Path:
     return found[-1]
 
 
-def load_checkpoint(path: Path, opt, params: dict, device) -> dict:
+def read_json(path: Path, what: str, kind: type = dict):
+    """A run folder's JSON file as `kind`, or RunError naming the file (crafted or damaged folders
+    get one line, never a traceback)."""
+    try:
+        value = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise RunError(f"{path}: missing; is this a Mask Studio run folder?") from None
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as err:
+        reason = str(err).splitlines()[0][:120] if str(err) else type(err).__name__
+        raise RunError(f"{path}: unreadable {what} ({reason})") from None
+    if not isinstance(value, kind):
+        raise RunError(f"{path}: the {what} must be a JSON {'object' if kind is dict else 'list'}")
+    return value
+
+
+def checkpoint_step(path: Path) -> int:
+    """The step a checkpoint folder holds (state.json's "step", a non-negative integer)."""
+    step = read_json(path / "state.json", "checkpoint state").get("step")
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise RunError(f"{path / 'state.json'}: \"step\" must be a non-negative integer, got {step!r:.40}")
+    return step
+
+
+def _load_tensors(path: Path) -> dict:
     from safetensors.torch import load_file
 
-    weights = load_file(str(path / "model.safetensors"))
+    if not path.is_file():
+        raise RunError(f"{path}: missing; the checkpoint is incomplete")
+    try:
+        return load_file(str(path))
+    except Exception as err:  # safetensors raises its own error type for damaged files
+        raise RunError(f"{path}: not a readable safetensors file ({str(err).splitlines()[0][:100]})") from None
+
+
+def load_checkpoint(path: Path, opt, params: dict, device) -> dict:
+    step = checkpoint_step(path)
+    weights = _load_tensors(path / "model.safetensors")
     missing = sorted(set(params) - set(weights))
     if missing:
         raise RunError(f"checkpoint {path} does not match this model/LoRA setting (missing {missing[0]}, ...)")
+    wrong = [n for n, p in params.items() if weights[n].shape != p.shape]
+    if wrong:
+        raise RunError(f"checkpoint {path} does not match this model ({wrong[0]}: {tuple(weights[wrong[0]].shape)} "
+                       f"vs {tuple(params[wrong[0]].shape)})")
     with torch.no_grad():
         for n, p in params.items():
             p.copy_(weights[n].to(p.device, p.dtype))
-    state = load_file(str(path / "optimizer.safetensors"))
+    state = _load_tensors(path / "optimizer.safetensors")
     for n, p in params.items():
         entry = {k.split("::", 1)[1]: v for k, v in state.items() if k.split("::", 1)[0] == n}
         if entry:
             opt.state[p] = {k: (v if k == "step" else v.to(device)) for k, v in entry.items()}
-    return json.loads((path / "state.json").read_text())
+    return {**read_json(path / "state.json", "checkpoint state"), "step": step}
+
+
+# what a resumed run keeps from its config.json (config key -> train() argument)
+RESUMED = {"model_id": "model", "task": "task", "data": "data", "lr": "lr", "seed": "seed", "batch": "batch",
+           "lora": "lora", "objective": "objective", "loss_on": "loss_on", "n_train": "n_train",
+           "eval_every": "eval_every", "eval_n": "eval_n", "warmup": "warmup", "save_every": "save_every",
+           "pack_tokens": "pack_tokens", "backend": "backend"}
+
+
+def run_folder(resume) -> Path:
+    """The run folder of `resume`: a run folder, or a checkpoint folder inside one."""
+    ck = latest_checkpoint(resume)
+    return ck.parent.parent if ck.parent.name == "checkpoints" else Path(resume)
+
+
+def resumed_settings(resume, given: dict, override: bool = False) -> dict:
+    """The settings a resumed run continues with: its config.json's. `given` holds the caller's
+    explicit settings (train() argument names); one that contradicts the run is refused with both
+    values named, unless `override` (then the given value wins and the run changes on purpose)."""
+    folder = run_folder(resume)
+    config = read_json(folder / "config.json", "run configuration")
+    out = dict(given)
+    for key, arg in RESUMED.items():
+        if key not in config:
+            continue
+        if arg not in given:
+            out[arg] = config[key]
+        elif given[arg] != config[key] and not override:
+            flag = "--" + arg.replace("_", "-")
+            raise RunError(f"resume: {flag} {given[arg]!r} contradicts the run's {config[key]!r} "
+                           f"({folder / 'config.json'}); leave it out to keep the run's value, or pass --override")
+    return out
+
+
+def _previous_metrics(path: Path, start: int) -> tuple[list, list]:
+    """(steps, evals) a resumed run keeps from its folder's metrics.json (up to its checkpoint)."""
+    if not path.exists():
+        return [], []
+    prev = read_json(path, "metrics")
+    out = []
+    for key in ("steps", "evals"):
+        rows = prev.get(key, [])
+        if not isinstance(rows, list) or not all(isinstance(r, dict) and isinstance(r.get("step"), int) for r in rows):
+            raise RunError(f"{path}: \"{key}\" must be a list of objects with an integer \"step\"")
+        out.append([r for r in rows if r["step"] <= start])
+    return out[0], out[1]
 
 
 # ---------------------------------------------------------------- evaluation during / after training
@@ -256,11 +339,9 @@ def fit(spec: Spec, lm: LoadedModel, module, items: list[Item], *, steps: int, l
     if resume:
         ck = latest_checkpoint(resume)
         start = load_checkpoint(ck, opt, params, device)["step"]
-        old = Path(ck).parent.parent / "metrics.json"
-        if old.exists():
-            prev = json.loads(old.read_text())
-            fitted.steps = [s for s in prev.get("steps", []) if s["step"] <= start]
-            fitted.evals = [e for e in prev.get("evals", []) if e["step"] <= start]
+        if start >= steps:
+            raise RunError(f"the run in {ck} is already at step {start}; pass more steps than that to continue it")
+        fitted.steps, fitted.evals = _previous_metrics(Path(ck).parent.parent / "metrics.json", start)
     out = Path(out_dir) if out_dir else None
     if out and rank == 0:
         out.mkdir(parents=True, exist_ok=True)

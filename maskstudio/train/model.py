@@ -8,7 +8,7 @@ import os
 import torch
 
 from ..errors import RunError
-from ..run.models import LoadedModel, byte_tokenizer, load_model
+from ..run.models import LoadedModel, VLModel, byte_tokenizer, is_vlm_name, load_model
 
 TINY_TEXT = "tiny-llama"   # 2 layers, 4 heads, hidden 64, byte tokenizer, random weights
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -31,7 +31,12 @@ def tiny_lm(seed: int = 0, layers: int = 2, hidden: int = 64, heads: int = 4) ->
 
 
 def source_model(model, device=None) -> LoadedModel:
-    """The model to start from: a LoadedModel, TINY_TEXT, a hub id, or None (embedded SmolLM2)."""
+    """The model to start from: a LoadedModel, TINY_TEXT, a hub id, or None (embedded SmolLM2).
+    Vision-language models are refused before loading: training feeds token ids only, not pictures."""
+    if isinstance(model, VLModel) or (isinstance(model, str) and model != TINY_TEXT and is_vlm_name(model)):
+        name = model.name if isinstance(model, VLModel) else model
+        raise RunError(f"training a vision-language model ({name}) is not supported: training feeds token ids, "
+                       "not pictures; train a text model, or run the VLM with `maskstudio run`")
     if isinstance(model, LoadedModel):
         return model
     if model == TINY_TEXT:
@@ -41,6 +46,11 @@ def source_model(model, device=None) -> LoadedModel:
             lm.device = torch.device(device)
         return lm
     return load_model(model, device=device)
+
+
+def model_id(lm: LoadedModel) -> str | None:
+    """The name that loads this model again (None: the embedded default), for a run's config."""
+    return None if lm.name.endswith("(embedded GGUF)") else lm.name
 
 
 def trainable_copy(src: LoadedModel, lora: bool | dict, seed: int) -> tuple[LoadedModel, object]:
