@@ -135,7 +135,7 @@ def flex_code(spec) -> str:
     scheme_fn = positions.SCHEME_FUNCTIONS[spec.positions["scheme"]].__name__
     end = slots[("start", len(spec.segments))]
     return TEMPLATE.format(
-        name=repr(spec.name), names=repr([s["name"] for s in spec.segments]), layout=repr(layout),
+        name=repr(spec.name), slug=repr(lower.mask_slug(spec.name)), names=repr([s["name"] for s in spec.segments]), layout=repr(layout),
         n=spec.table.n, params=repr(list(keys)), dtype="torch.int64" if wide else "torch.int32",
         layer_sets=repr([expand_int_list(s) for s in layer_sets(spec.mask)]), variants=table,
         unframed=repr(_unframed(spec)), end=end, functions=functions, sources=_sources(spec),
@@ -172,6 +172,7 @@ from dataclasses import dataclass, field
 import torch
 
 SPEC_NAME = {name}
+SLUG = {slug}  # the design's name as an identifier: mask_mod_for's functions are mask_<SLUG>_L<layer>
 SEGMENTS = {names}
 LAYOUT = {layout}
 N = {n}
@@ -244,6 +245,7 @@ def mask_mod_for(sizes=None, layer=0, padded=False, device="cpu"):
     def mask_mod(b, h, q_idx, kv_idx):
         allow = fn(P, T, h, q_idx, kv_idx, div)
         return (allow & (kv_idx < P[END]) & (q_idx < P[END])) if padded else allow
+    mask_mod.__name__ = mask_mod.__qualname__ = f"mask_{{SLUG}}_L{{layer}}"  # compile logs and profiles say which
     return mask_mod
 
 

@@ -19,6 +19,7 @@ under a static-shape compile, a new sequence length.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, replace
 from functools import cached_property
 
@@ -296,7 +297,8 @@ class Lowered:
     @cached_property
     def mask_mod(self):
         """FlexAttention mask_mod(b, h, q_idx, kv_idx): closed-form, sizes in a captured tensor."""
-        return make_mask_mod(self.steps, self.params, self.slots, dict(self.tables), self.batched, self.text)
+        return make_mask_mod(self.steps, self.params, self.slots, dict(self.tables), self.batched, self.text,
+                             f"mask_{mask_slug(self.spec.name)}_L{self.layer}")
 
     # -- other sizes
     def on(self, device) -> "Lowered":
@@ -389,9 +391,15 @@ class Lowered:
         return build_block_mask(self, block_size, device, num_heads, length, compiled, graph)
 
 
-def make_mask_mod(steps: tuple, params: torch.Tensor, slots: dict, tables: dict, batched: bool, text: str = ""):
+def mask_slug(name: str) -> str:
+    """A spec name as a Python identifier part (compile logs and profiles name the design)."""
+    return re.sub(r"[^0-9a-zA-Z]+", "_", name).strip("_").lower()[:40] or "spec"
+
+
+def make_mask_mod(steps: tuple, params: torch.Tensor, slots: dict, tables: dict, batched: bool, text: str = "",
+                  name: str = "mask"):
     """The mask_mod closure (one code object for every lowering: the compiled kernel depends on
-    the expression and the tensors' shapes and dtypes only)."""
+    the expression and the tensors' shapes and dtypes only), named `name` (mask_<spec>_L<layer>)."""
 
     wide = params.dtype == torch.int64
 
@@ -402,6 +410,7 @@ def make_mask_mod(steps: tuple, params: torch.Tensor, slots: dict, tables: dict,
         return expr.run_tape(steps, {"q": q_idx, "kv": kv_idx, "h": h}, row, slots, tables)
 
     mask_mod.__doc__ = f"lowered mask_mod: {text[:200]}"
+    mask_mod.__name__ = mask_mod.__qualname__ = name
     mask_mod.lowered = True  # the runner compiles these with static shapes
     return mask_mod
 

@@ -30,7 +30,7 @@ from . import expr
 from .bounds import Interval, Tri
 from .errors import SpecError
 from .expr import E, param
-from .lower import _signature, lower
+from .lower import _signature, lower, mask_slug
 from .lower_blocks import (any_all, block_indices, decide, padding_never_full, tile_edges, tile_grid, tile_tables,
                            to_block_mask)
 
@@ -84,7 +84,7 @@ class Packed:
                                   slots, tables, at={"q": q_idx, "kv": kv_idx})
             return (dq == dk) & (dq < docs) & inner
         mask_mod.lowered = True
-        mask_mod.__name__ = f"mask_packed_{self.low.name}"
+        mask_mod.__name__ = mask_mod.__qualname__ = f"mask_packed_{mask_slug(self.low.name)}"
         return mask_mod
 
     def on(self, device) -> "Packed":

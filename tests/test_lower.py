@@ -586,3 +586,26 @@ def test_a_compiled_build_that_fails_or_differs_warns_and_keeps_the_eager_build(
             assert lower_blocks._compiled_build(eager) is eager
     monkeypatch.setattr(torch, "compile", lambda fn, dynamic=False: lambda: (torch.arange(4), []))
     assert lower_blocks._compiled_build(eager) is not eager  # an equal compiled build is taken
+
+
+def test_mask_mods_are_named_after_the_design_and_layer(tmp_path):
+    """Compile logs and profiles say which design a kernel is: mask_<spec>_L<layer>, in the
+    library and in the exported file."""
+    import importlib.util
+
+    from maskstudio.export import export_bytes
+    from maskstudio.lower_packed import pack_designs
+
+    spec = Spec.load({"name": "Video: block-causal (8 frames)!", "segments": [{"name": "a", "length": 4}],
+                      "mask": {"base": {"pattern": "causal"},
+                               "rules": [{"q": "*", "k": "*", "pattern": "full", "layers": [2]}]}})
+    assert spec.mask_mod(0).__name__ == "mask_video_block_causal_8_frames_L0"
+    assert spec.mask_mod(2).__name__ == "mask_video_block_causal_8_frames_L2"
+    assert pack_designs([spec, spec]).mask_mod.__name__ == "mask_packed_video_block_causal_8_frames"
+    assert Spec.load({**spec.to_dict(), "name": "<>"}).mask_mod(0).__name__ == "mask_spec_L0"
+    path = tmp_path / "exported.py"
+    path.write_bytes(export_bytes(spec, "flex"))
+    module_spec = importlib.util.spec_from_file_location("exported", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    assert module.mask_mod_for(None, layer=2).__name__ == "mask_video_block_causal_8_frames_L2"
