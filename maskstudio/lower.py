@@ -32,6 +32,7 @@ from .expr import E, param, var
 from .program import Program, compile_program, evaluate as run_program
 
 INT32_MAX = (1 << 31) - 1
+DENSE_CHUNK = 1 << 22  # (q, k) pairs per step of Lowered.dense
 
 
 # ---------------------------------------------------------------- symbolic token views
@@ -376,11 +377,16 @@ class Lowered:
         return torch.stack([_values(self.keys, sp, self.params.dtype) for sp in specs])
 
     # -- evaluations
-    def dense(self, head: int = 0, b: int = 0, n: int | None = None) -> torch.Tensor:
-        """bool [n, n] by broadcasting the mask_mod (tests compare it with spec.dense_mask)."""
+    def dense(self, head: int = 0, b: int = 0, n: int | None = None, q_start: int = 0) -> torch.Tensor:
+        """bool [n - q_start, n]: rows q_start.. by broadcasting the mask_mod over index grids, in
+        chunks of rows (the runner's eager rows and KV-cache steps; tests compare it with dense_mask)."""
         n = n or self.lengths[b]
         idx = torch.arange(n, device=self.params.device)
-        return self.mask_mod(torch.tensor(b), torch.tensor(head), idx[:, None], idx[None, :]).expand(n, n)
+        bb, hh = torch.tensor(b), torch.tensor(head)
+        step = max(1, DENSE_CHUNK // max(n, 1))
+        rows = [self.mask_mod(bb, hh, idx[r:r + step, None], idx[None, :]).expand(min(step, n - r), n)
+                for r in range(q_start, n, step)]
+        return torch.cat(rows) if rows else torch.zeros(0, n, dtype=torch.bool)
 
     def block_mask(self, block_size: int = 128, device=None, num_heads: int | None = None,
                    length: int | None = None, compiled: bool | None = None, graph: bool | None = None):
@@ -507,3 +513,20 @@ def lower(spec, layer: int = 0, padded: bool = False) -> Lowered:
     """Lower one layer of a sized spec (per-head rules stay in the expression, switched on h)."""
     spec.require_sized()
     return _build(spec, layer, lower_expression(spec, layer), padded, [spec])
+
+
+LOWERED_KEPT = 64  # designs (segments and rules, layer) whose lowering is kept per process
+_LOWERED: dict = {}
+
+
+def lowered(spec, layer: int = 0) -> Lowered:
+    """lower(spec, layer), walking the rules once per design: the expression depends on segments
+    and rules only, so other sizes of a design (a generation step's grown layout, a training
+    row's examples) reuse it with their own size values."""
+    key = (_signature(spec), layer)
+    low = _LOWERED.get(key)
+    if low is None:
+        if len(_LOWERED) >= LOWERED_KEPT:
+            _LOWERED.pop(next(iter(_LOWERED)))
+        low = _LOWERED[key] = lower(spec, layer)
+    return low if low.spec is spec else low.for_spec(spec)

@@ -30,12 +30,12 @@ from . import expr
 from .bounds import Interval, Tri
 from .errors import SpecError
 from .expr import E, param
-from .lower import _signature, lower, mask_slug
+from .lower import _signature, lowered, mask_slug
 from .lower_blocks import (any_all, block_indices, decide, padding_never_full, tile_edges, tile_grid, tile_tables,
                            to_block_mask)
 
 DENSE_CHUNK = 1 << 22   # (q, k) pairs evaluated per step of Packed.dense
-LOWERED_KEPT = 64       # lowered designs kept per (segments and rules, layer): a training loop re-lowers none
+DESIGNS_KEPT = 64       # packed expressions kept (a training loop's rows reuse one per set of designs)
 
 
 class _Columns:
@@ -176,17 +176,6 @@ def _renamed(root: E, g: int) -> E:
 
 
 _DESIGNS: dict = {}   # (ids of the fitted roots, dtype, window) -> (Designs, the roots kept alive)
-_LOWERED: dict = {}   # (segments and rules, layer) -> Lowered
-
-
-def _lowered(spec, layer: int):
-    """lower(spec, layer), kept per design: the expression depends on segments and rules only."""
-    key = (_signature(spec), layer)
-    if key not in _LOWERED:
-        if len(_LOWERED) >= LOWERED_KEPT:
-            _LOWERED.pop(next(iter(_LOWERED)))
-        _LOWERED[key] = lower(spec, layer)
-    return _LOWERED[key]
 
 
 def _designs(fitted: list, window: int | None, name: str) -> Designs:
@@ -204,7 +193,7 @@ def _designs(fitted: list, window: int | None, name: str) -> Designs:
     if window:  # a model's own sliding window (q and kv are places in one document: their distance)
         root = root & ((expr.var("q") - expr.var("kv")) < window)
     tables = tuple(sorted({a for f in fitted for a, _ in expr.leaves(f.root, "tab")}))
-    if len(_DESIGNS) >= LOWERED_KEPT:
+    if len(_DESIGNS) >= DESIGNS_KEPT:
         _DESIGNS.pop(next(iter(_DESIGNS)))
     designs = Designs(root, tuple(keys), dtype, tables, name)
     _DESIGNS[key] = (designs, tuple(f.root for f in fitted))
@@ -295,7 +284,7 @@ def pack_designs(specs: list, length: int | None = None, layer: int = 0, capacit
         members = groups.setdefault(_signature(sp), [])
         order.append(list(groups).index(_signature(sp)))
         members.append(sp)
-    fitted = [_lowered(members[0], layer).fitted(members) for members in groups.values()]
+    fitted = [lowered(members[0], layer).fitted(members) for members in groups.values()]
     name = "_".join(dict.fromkeys(sp.name for sp in specs))
     designs = _designs(fitted, window, name)
     return _packed(designs, _rows(designs, fitted, order, specs), specs, length, capacity)

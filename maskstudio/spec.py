@@ -495,9 +495,10 @@ class Spec:
         return layer_key(self.mask, layer)
 
     def lowered(self, layer: int = 0):
-        """The layer lowered to closed-form arithmetic (lower.py): sizes in a captured tensor."""
-        from .lower import lower
-        return lower(self, layer)
+        """The layer lowered to closed-form arithmetic (lower.py): sizes in a captured tensor
+        (the expression is kept per design, so other sizes only change the size values)."""
+        from .lower import lowered
+        return lowered(self, layer)
 
     def lowered_if_small(self, layer: int = 0):
         """The lowered layer, or None past knobs.LOWER_MAX_SEGMENTS segments / LOWER_MAX_NODES nodes."""

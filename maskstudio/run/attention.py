@@ -4,7 +4,9 @@
 A `MaskContext` travels as the extra forward kwarg `maskstudio=ctx` into its **kwargs; the function
 reads `module.layer_idx`, asks the context for that layer's mask and computes attention itself:
 
-  eager  dense bool rows from maskstudio.tiled.TiledMask, float32 softmax, probabilities recorded;
+  eager  dense bool rows from the layer's lowered expression (`dense_rows`; the tiled evaluator past
+         the lowering limits), float32 softmax, probabilities recorded; KV-cache steps read the
+         same rows;
   flex   FlexAttention on the spec's lowered, closed-form mask_mod (lower.py) with its BlockMask
          built on the device; q / k / v are padded to a length bucket (a power of two times the
          block size, padded keys masked) and the kernel is compiled with static shapes once per
@@ -53,12 +55,7 @@ class MaskContext:
         """bool [H or 1, n_q, N] for query rows q_start.. (True = may attend)."""
         key = (self.spec.layer_key(layer), q_start)
         if key not in self._dense:
-            if isinstance(self.spec, DocumentRow):  # a packed row: the lowered document mask
-                packed = self.spec.packed(layer)
-                rows = [packed.dense(h, q_start) for h in self._heads()]
-            else:
-                program = compile_program(self.spec, layer)
-                rows = [TiledMask(self.spec, layer, h, program=program).dense(q_start) for h in self._heads()]
+            rows = [dense_rows(self.spec, layer, h, q_start) for h in self._heads()]
             self._dense[key] = torch.stack(rows).to(device)
         return self._dense[key]
 
@@ -71,6 +68,18 @@ class MaskContext:
             else:
                 self._blocks[key] = flex_block_mask(self.spec, layer, self.num_heads, device, window=window)
         return self._blocks[key]
+
+
+def dense_rows(layout, layer: int, head: int, q_start: int = 0) -> torch.Tensor:
+    """bool [n - q_start, n]: the mask's rows from q_start, from the layer's lowered expression (a
+    packed row: its document mask); layouts too large to lower (knobs.LOWER_MAX_SEGMENTS segments,
+    LOWER_MAX_NODES nodes) from the tiled evaluator. Prefill rows and KV-cache steps alike."""
+    if isinstance(layout, DocumentRow):
+        return layout.packed(layer).dense(head, q_start)
+    low = layout.lowered_if_small(layer)
+    if low is not None:
+        return low.dense(head, q_start=q_start)
+    return TiledMask(layout, layer, head, program=compile_program(layout, layer)).dense(q_start)
 
 
 def masked_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):

@@ -137,8 +137,13 @@ def distinct_layers(layout: Spec) -> list[int]:
     return sorted(first.values())
 
 
-def kv_ok(layout: Spec, prep: Prepared, num_heads: int) -> tuple[bool, str]:
-    """Whether generation may use the KV cache, and why not."""
+KV_CHECK_GROWTH = 64  # new tokens the KV check grows the layout by (chunks, blocks, windows inside the region)
+
+
+def kv_ok(layout: Spec, prep: Prepared, num_heads: int, grow: int = KV_CHECK_GROWTH) -> tuple[bool, str]:
+    """Whether generation may use the KV cache, and why not. Checked on the layout grown by `grow`
+    tokens as generation will grow it: a rule inside the generation region (e.g. block-causal by
+    segment: generated tokens see each other both ways) shows only once it holds several tokens."""
     if prep.gen is not None and prep.gen != len(layout.segments) - 1:
         return False, "the generate segment is not last"
     for _, step in all_steps(layout.mask):
@@ -147,6 +152,8 @@ def kv_ok(layout: Spec, prep: Prepared, num_heads: int) -> tuple[bool, str]:
             return False, "the mask depends on segment lengths, which change while generating"
     if layout.positions["scheme"] in ("explicit", "branches", "concentric") or layout.positions.get("share"):
         return False, f"positions scheme '{layout.positions['scheme']}' may move earlier tokens"
+    if grow > 0:
+        layout = layout.with_tokens_appended(prep.gen, "", grow)
     heads = range(num_heads) if layout.varies_by_head else [0]
     for layer in distinct_layers(layout):
         for h in heads:
@@ -160,7 +167,7 @@ def _kv_plan(adapter: TextAdapter, prep: Prepared, max_new_tokens: int, use_cach
         return False, ""
     if adapter.no_kv_reason:
         return False, adapter.no_kv_reason
-    return kv_ok(prep.layout, prep, adapter.lm.num_heads)
+    return kv_ok(prep.layout, prep, adapter.lm.num_heads, min(max_new_tokens, KV_CHECK_GROWTH))
 
 
 def _is_oom(err: BaseException) -> bool:
