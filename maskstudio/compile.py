@@ -1,4 +1,6 @@
-"""Backends of a spec's mask: FlexAttention `mask_mod`, dense masks, block states and `BlockMask`.
+"""The rule program's own evaluations: dense masks, block states (analysis, pictures) and a
+reference `mask_mod` (tests compare the lowered expression with it); FlexAttention's BlockMask
+and mask_mod come from the lowered expression (lower.py).
 
 All of them run the one compiled `Program` (program.py); dense masks and block states walk it
 through the tiled evaluator (tiled.py), so only undecided tiles are evaluated token by token.
@@ -38,12 +40,10 @@ def dense_mask(spec, layer: int = 0, head: int = 0) -> torch.Tensor:
 
 
 def block_states(spec, block_size: int = 128, layer: int = 0, head: int = 0, chunk_tiles: int = 256,
-                 device=None, with_bits: bool = False):
+                 device=None):
     """Exact per-block state on the block grid: (full, partial) bool [Tq, Tk].
 
-    Interval bounds decide most blocks; undecided ones are evaluated in batches (on `device`).
-    with_bits: also return the partial blocks' contents, bool [P, B, B] in row-major block order
-    (what a data-driven FlexAttention mask_mod looks up)."""
+    Interval bounds decide most blocks; undecided ones are evaluated in batches (on `device`)."""
     tiles = TiledMask(spec, layer, head, tile=block_size)
     program, attrs, n = tiles.program, tiles.attrs, tiles.n
     must, may = tiles.must, tiles.unknown | tiles.must
@@ -55,7 +55,6 @@ def block_states(spec, block_size: int = 128, layer: int = 0, head: int = 0, chu
         must[-1, :] = False
         must[:, -1] = False
     full, partial = must.clone(), torch.zeros_like(must)
-    bits = []
     unknown = torch.nonzero(may & ~must)
     offs = torch.arange(block_size, device=must.device)
     if must.device.type == "cuda":
@@ -73,11 +72,6 @@ def block_states(spec, block_size: int = 128, layer: int = 0, head: int = 0, chu
         anyv, allv = vals.flatten(1).any(1), vals.flatten(1).all(1)
         full[ij[:, 0], ij[:, 1]] = allv
         partial[ij[:, 0], ij[:, 1]] = anyv & ~allv
-        if with_bits:
-            bits.append(vals[anyv & ~allv])
-    if with_bits:
-        empty = torch.zeros(0, block_size, block_size, dtype=torch.bool, device=must.device)
-        return full, partial, torch.cat(bits) if bits else empty
     return full, partial
 
 
@@ -86,23 +80,3 @@ def kv_blocks(blocks: torch.Tensor):
     num = blocks.sum(-1, dtype=torch.int32)
     order = torch.argsort((~blocks).to(torch.int8), dim=-1, stable=True).to(torch.int32)
     return num, order
-
-
-def block_mask(spec, block_size: int = 128, device="cpu", layer: int = 0, num_heads: int | None = None):
-    """torch BlockMask built from segment structure (no N^2 work for decided blocks)."""
-    from torch.nn.attention.flex_attention import BlockMask
-
-    heads = 1
-    if spec.varies_by_head:
-        if num_heads is None:
-            raise ValueError("this spec has per-head rules: pass num_heads=<the model's query heads>")
-        heads = num_heads
-    states = [block_states(spec, block_size, layer, h, device=device) for h in range(heads)]
-    full = torch.stack([f for f, _ in states])[None]
-    partial = torch.stack([p for _, p in states])[None]
-    kv_num, kv_idx = kv_blocks(partial)
-    full_num, full_idx = kv_blocks(full)
-    n = spec.table.n
-    return BlockMask.from_kv_blocks(kv_num.to(device), kv_idx.to(device), full_num.to(device),
-                                    full_idx.to(device), BLOCK_SIZE=block_size,
-                                    mask_mod=mask_mod(spec, layer, device), seq_lengths=(n, n))

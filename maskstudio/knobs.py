@@ -43,13 +43,12 @@ DISPLAY_PIXELS = 800      # dense mask pictures are pooled to <= this many cells
 MAX_CAPTURE = 2048          # past this many tokens attention maps are not recorded
 FLEX_BLOCK = BLOCK          # FlexAttention block size
 FLEX_MIN_TOKENS = 1024      # on CUDA: eager (dense) below this many tokens, flex above
-LOWER_MAX_SEGMENTS = 32    # segments: more (packed training rows) -> the data-driven masks, one kernel for all
+LOWER_MAX_SEGMENTS = 32    # segments: more -> the table form of the lowering (lookups, size free of segments)
 EXPORT_MAX_SEGMENTS = 1024  # the flex export lowers every segment pair (quadratic): refused past this
-LOWER_MAX_NODES = 512      # a lowered expression larger than this costs more per score than two lookups
+LOWER_MAX_NODES = 512      # closed-form tape steps: more -> the table form (a few lookups per score)
 COMPILE_BUILD = False      # CUDA graph builds: the whole static build through torch.compile before capture
                            # (~30 fused kernels per replay instead of ~100-200; one compile per structure,
                            # length and rooms: ~50 s on an H200, 10-25 s on CPU)
-FLEX_BITS_BUDGET = 1 << 30  # bytes of partial-block bits before falling back to the spec's mask_mod
 
 # the app
 HISTORY = 30              # undo steps kept per session

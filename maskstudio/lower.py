@@ -29,103 +29,11 @@ from . import expr, knobs
 from .bounds import Interval
 from .errors import SpecError
 from .expr import E, param, var
+from .symbolic import SegTok, TableTok, _shape, param_value, table_column  # noqa: F401 (param_value: export)
 from .program import Program, compile_program, evaluate as run_program
 
 INT32_MAX = (1 << 31) - 1
 DENSE_CHUNK = 1 << 22  # (q, k) pairs per step of Lowered.dense
-
-
-# ---------------------------------------------------------------- symbolic token views
-def _shape(seg: dict) -> str:
-    """How a segment's attributes are computed: grid3 / grid2 closed-form, frames by lookup, line."""
-    if "grid" in seg:
-        return "grid3" if len(seg["grid"]) == 3 else "grid2"
-    return "frames" if "frames" in seg else "line"
-
-
-LOOKUP = object()  # an attribute without a closed form: read from the token table
-
-
-class SegTok:
-    """A token of segment `seg` seen from side `side` ("q" or "kv"): attributes as expressions.
-    consts: per-segment modality and branch ids (numbered by the token table)."""
-
-    def __init__(self, spec, side: str, seg: int, user_attrs: frozenset, consts: dict):
-        self._spec, self._side, self._seg, self._user, self._consts = spec, side, seg, user_attrs, consts
-
-    def __getattr__(self, name):
-        if name.startswith("_"):
-            raise AttributeError(name)
-        if name in self._consts:
-            return expr.const(self._consts[name][self._seg])
-        value = _attribute(self._spec.segments[self._seg], self._seg, self._side, name, self._user)
-        return expr.table(name, self._side) if value is LOOKUP else value
-
-    def _in_segments(self, sel) -> bool:
-        return bool(sel[self._seg])
-
-    def _chunk_ordinal(self, size: int) -> E:
-        """Chunks numbered across segments in order (same order as (segment, local // size))."""
-        first = param("chunk0", self._seg, size) if self._seg else 0
-        return first + self.local // size
-
-
-def _attribute(seg: dict, s: int, side: str, name: str, user: frozenset):  # noqa: C901 - one table
-    """The attribute `name` of a token of segment s (index variable `side`), or LOOKUP."""
-    idx = var(side)
-    local = idx - param("start", s) if s else idx  # the first segment starts at 0
-    kind = _shape(seg)
-    f0 = param("f0", s) if s else expr.const(0)
-    fixed = {"index": idx, "segment": s, "local": local, "length": param("len", s)}
-    if name in fixed:
-        return expr.const(fixed[name])
-    if name in user:
-        return LOOKUP if name in seg.get("attrs", {}) else expr.const(-1)
-    if kind == "grid3" or kind == "grid2":
-        hw, h, w = param("hw", s), param("h", s), param("w", s)
-        t = local // hw if kind == "grid3" else expr.const(0)
-        # one division per coordinate, not two: a division by a runtime size is the costly
-        # instruction on the GPU (t * hw <= local and row * w <= cell: no 64-bit products)
-        cell = local - expr.bounded_mul(t, hw) if kind == "grid3" else local
-        row = cell // w
-        col = cell - expr.bounded_mul(row, w)
-        ring = expr.minimum(expr.minimum(row, col), expr.minimum(h - 1 - row, w - 1 - col))
-        table = {"t": t, "cell": cell, "row": row, "col": col, "ring": ring, "height": h, "width": w,
-                 "frames": param("frames", s), "frame": t + f0}
-    elif kind == "frames":
-        table = {"t": LOOKUP, "frame": LOOKUP, "cell": local, "row": expr.const(0), "col": local,
-                 "ring": expr.const(-1), "height": expr.const(1), "width": param("len", s),
-                 "frames": param("frames", s)}
-    else:
-        table = {"t": local, "cell": local, "row": expr.const(0), "col": local, "ring": expr.const(-1),
-                 "height": expr.const(1), "width": param("len", s), "frames": param("len", s),
-                 "frame": local + f0}
-    if name not in table:
-        raise AttributeError(name)
-    return table[name]
-
-
-# ---------------------------------------------------------------- sizes -> parameter values
-def param_value(table, key: tuple) -> int:
-    """The value of one size parameter for a token table (what the captured tensor holds)."""
-    name, s = key[0], key[1]
-    starts = list(table.starts) + [table.n]
-    if name == "start":
-        return starts[s]
-    if name == "len":
-        return table.sizes[s]
-    grid = table.grids[s]
-    if name in ("h", "w", "hw", "frames") and grid is not None:
-        t, h, w = ([1] + list(grid)) if len(grid) == 2 else grid
-        return {"h": h, "w": w, "hw": h * w, "frames": t}[name]
-    if name == "frames":
-        return int(table.attrs["t"][starts[s + 1] - 1]) + 1
-    if name == "f0":
-        return int(table.attrs["frame"][starts[s]]) - int(table.attrs["t"][starts[s]])
-    if name == "chunk0":
-        size = key[2]
-        return sum(-(-n // size) for n in table.sizes[:s])
-    raise KeyError(key)
 
 
 # ---------------------------------------------------------------- lowering
@@ -219,6 +127,14 @@ def lower_expression(spec, layer: int = 0) -> E:
     return _select(var("q"), rows, n_seg)
 
 
+def table_expression(spec, layer: int = 0) -> E:
+    """The mask of one layer over table lookups (TableTok): one expression whatever the number of
+    segments, each attribute and segment selection one lookup per side."""
+    program = compile_program(spec, layer)
+    glob = _global(program)
+    return glob if glob is not None else expr.const(run_program(program, TableTok("q"), TableTok("kv"), var("h")))
+
+
 def _needs_int64(root: E, n: int) -> bool:
     """int32 arithmetic could overflow: a product of two sizes, a constant near the int32 range
     (a window of 2**31 - 1 added to an index), or a huge layout. FlexAttention hands int32 indices."""
@@ -245,13 +161,15 @@ class Lowered:
     padded: bool = False
     tables: tuple = ()
     baked: tuple = ()  # ((param key, value), ...) compiled in as constants (with_constant_grids)
+    form: str = "closed"  # closed: closed form per segment pair; tables: attributes read from tables
 
     # -- what compiles
     @property
     def structure_key(self) -> tuple:
         """Equal keys compile to the same kernel (sizes are not part of it)."""
         return (id(self.root), self.keys, self.params.dtype, self.params.dim(),
-                self.params.shape[0] if self.params.dim() == 2 else None, self.padded, self.baked)
+                self.params.shape[0] if self.params.dim() == 2 else None, self.padded, self.baked,
+                tuple((k, v.dtype) for k, v in self.tables))
 
     @property
     def batched(self) -> bool:
@@ -333,12 +251,17 @@ class Lowered:
                      self.spec.segments[k[1]].get("grid") is not None]
         values = {k: param_value(self.spec.table, k) for k in grid_keys}
         root = expr.substitute(self.root, values)
-        out = _build(self.spec, self.layer, root, self.padded, [self.spec])
+        out = _build(self.spec, self.layer, root, self.padded, [self.spec], self.form)
         return replace(out, baked=tuple(sorted(values.items())))
 
-    def padded_to(self, on: bool = True) -> "Lowered":
-        """Mask keys (and queries) past the layout's end, for a kernel run at a bucketed length."""
-        return replace(self, padded=on)
+    def padded_to(self, on: bool = True, length: int | None = None) -> "Lowered":
+        """Mask keys (and queries) past the layout's end, for a kernel run at a bucketed length;
+        per-token tables are extended to `length` (the kernel reads them at padded indices too)."""
+        tables = self.tables
+        if length is not None:
+            tables = tuple((k, torch.cat([v, v[-1:].expand(length - len(v))]) if length > len(v) else v)
+                           for k, v in tables)
+        return replace(self, padded=on, tables=tables)
 
     def for_sizes(self, sizes: dict) -> "Lowered":
         """The same structure at other segment sizes ({"video": [4, 16, 16], "prompt": 30});
@@ -352,7 +275,7 @@ class Lowered:
                             "lower the other design with maskstudio.lower.lower(spec)")
         baked_differ = any(param_value(other.table, k) != v for k, v in self.baked)
         if baked_differ or not _fits(self, [other]):  # other grid constants, or past int32: a new kernel
-            fresh = lower(other, self.layer, padded=self.padded)
+            fresh = lower(other, self.layer, padded=self.padded, form=self.form)
             return fresh.with_constant_grids() if self.baked else fresh
         return _with_layouts(self, [other], batched=False)
 
@@ -370,7 +293,7 @@ class Lowered:
         _require_baked(self, specs)
         if _fits(self, specs):
             return self
-        return replace(_build(specs[0], self.layer, self.root, self.padded, specs), baked=self.baked)
+        return replace(_build(specs[0], self.layer, self.root, self.padded, specs, self.form), baked=self.baked)
 
     def values(self, specs: list) -> torch.Tensor:
         """[B, K] size parameters of these layouts (rows of P), in this lowering's dtype."""
@@ -462,7 +385,7 @@ def _division_bounds(root: E, keys: tuple, specs: list) -> dict:
     index = Interval(torch.tensor(0), torch.tensor(n - 1))
     tables = {}
     for attr, side in expr.leaves(root, "tab"):
-        cols = [sp.table.attrs[attr] for sp in specs]
+        cols = [table_column(sp.table, attr) for sp in specs]
         tables[(attr, side)] = Interval(min(int(c.min()) for c in cols), max(int(c.max()) for c in cols))
     env = {"q": index, "kv": index, "h": Interval(torch.tensor(0), torch.tensor(1 << 16))}
     return expr.division_bounds(root, env, _ColumnBounds(values), {k: i for i, k in enumerate(keys)}, tables)
@@ -488,7 +411,7 @@ def _tables(root: E, specs: list) -> tuple:
         return ()
     if any(sp.to_dict() != specs[0].to_dict() for sp in specs[1:]):
         raise SpecError("layouts", f"attributes {names} are per-token lookups; a batch needs equal layouts")
-    return tuple((a, specs[0].table.attrs[a]) for a in names)
+    return tuple((a, table_column(specs[0].table, a)) for a in names)
 
 
 _SIZE_FREE = ("guarded", "steps", "uses_head", "text")  # cached properties that sizes do not change
@@ -500,19 +423,32 @@ def _with_layouts(base: Lowered, specs: list, batched: bool) -> Lowered:
                          tables=_tables(base.root, specs), spec=base.spec if batched else specs[0])
 
 
-def _build(spec, layer, root, padded, specs) -> Lowered:
+def _build(spec, layer, root, padded, specs, form: str = "closed") -> Lowered:
     keys = tuple(dict.fromkeys(expr.leaves(root, "p")))
     keys = keys + (("start", len(spec.segments)),) if ("start", len(spec.segments)) not in keys else keys
     dtype = torch.int64 if any(_needs_int64(root, sp.table.n) for sp in specs) else torch.int32
     root = _fast_divisions(root, keys, specs, dtype == torch.int64)
     return Lowered(spec, layer, root, keys, _values(keys, spec, dtype), (spec.table.n,), padded,
-                   _tables(root, [spec]))
+                   _tables(root, [spec]), form=form)
 
 
-def lower(spec, layer: int = 0, padded: bool = False) -> Lowered:
-    """Lower one layer of a sized spec (per-head rules stay in the expression, switched on h)."""
+def lower(spec, layer: int = 0, padded: bool = False, form: str = "closed") -> Lowered:
+    """Lower one layer of a sized spec (per-head rules stay in the expression, switched on h):
+    form "closed" (closed form per segment pair, lookup-free) or "tables" (attributes and segment
+    selections read from per-token tables; for layouts of many segments)."""
     spec.require_sized()
-    return _build(spec, layer, lower_expression(spec, layer), padded, [spec])
+    root = lower_expression(spec, layer) if form == "closed" else table_expression(spec, layer)
+    return _build(spec, layer, root, padded, [spec], form)
+
+
+def _lower_best(spec, layer: int) -> Lowered:
+    """Closed form while it stays small (knobs.LOWER_MAX_SEGMENTS segments, LOWER_MAX_NODES tape
+    steps: past them its per-score work outgrows a few lookups), else the table form."""
+    if len(spec.segments) <= knobs.LOWER_MAX_SEGMENTS:
+        low = lower(spec, layer)
+        if not low.too_big:
+            return low
+    return lower(spec, layer, form="tables")
 
 
 LOWERED_KEPT = 64  # designs (segments and rules, layer) whose lowering is kept per process
@@ -520,13 +456,14 @@ _LOWERED: dict = {}
 
 
 def lowered(spec, layer: int = 0) -> Lowered:
-    """lower(spec, layer), walking the rules once per design: the expression depends on segments
-    and rules only, so other sizes of a design (a generation step's grown layout, a training
-    row's examples) reuse it with their own size values."""
+    """The layer's one expression (closed form, or the table form for many segments), walking the
+    rules once per design: the expression depends on segments and rules only, so other sizes of a
+    design (a generation step's grown layout, a training row's examples) reuse it with their own
+    size values."""
     key = (_signature(spec), layer)
     low = _LOWERED.get(key)
     if low is None:
         if len(_LOWERED) >= LOWERED_KEPT:
             _LOWERED.pop(next(iter(_LOWERED)))
-        low = _LOWERED[key] = lower(spec, layer)
+        low = _LOWERED[key] = _lower_best(spec, layer)
     return low if low.spec is spec else low.for_spec(spec)

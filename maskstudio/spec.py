@@ -500,20 +500,10 @@ class Spec:
         from .lower import lowered
         return lowered(self, layer)
 
-    def lowered_if_small(self, layer: int = 0):
-        """The lowered layer, or None past knobs.LOWER_MAX_SEGMENTS segments / LOWER_MAX_NODES nodes."""
-        if len(self.segments) > knobs.LOWER_MAX_SEGMENTS:
-            return None
-        low = self.lowered(layer)
-        return None if low.too_big else low
-
     def mask_mod(self, layer: int = 0, device=None):
-        """FlexAttention mask_mod(b, h, q_idx, kv_idx): the lowered, lookup-free one (the
-        table-driven `compile.mask_mod` for layouts too large to lower, see knobs)."""
-        low = self.lowered_if_small(layer)
-        if low is not None:
-            return low.on(device or "cpu").mask_mod
-        return compile.mask_mod(self, layer=layer, device=device)
+        """FlexAttention mask_mod(b, h, q_idx, kv_idx) from the layer's lowered expression (closed
+        form; the table form for layouts of many segments)."""
+        return self.lowered(layer).on(device or "cpu").mask_mod
 
     def dense_mask(self, layer: int = 0, head: int = 0):
         return compile.dense_mask(self, layer=layer, head=head)
@@ -523,10 +513,7 @@ class Spec:
         layer's rules switch on heads, else 1."""
         if self.varies_by_head and num_heads is None:
             raise ValueError("this spec has per-head rules: pass num_heads=<the model's query heads>")
-        low = self.lowered_if_small(layer)
-        if low is not None:
-            return low.block_mask(block_size, device, num_heads=num_heads)
-        return compile.block_mask(self, block_size=block_size, device=device, layer=layer, num_heads=num_heads)
+        return self.lowered(layer).block_mask(block_size, device, num_heads=num_heads)
 
     def position_ids(self):
         return positions.position_ids(self)

@@ -341,27 +341,56 @@ def test_compiled_block_builder_equals_create_block_mask():
 
 
 @pytest.mark.slow  # seconds per run: the fast tier keeps a 50 s budget
-def test_layouts_too_large_to_lower_use_the_data_driven_masks():
-    """64 mixed segments with per-head rules: the lowered expression would cost thousands of
-    operations per score, so Spec.mask_mod and the runner take the table-driven masks; equal."""
+def test_layouts_of_many_segments_lower_to_the_table_form():
+    """40 mixed segments with per-head rules: a closed form per segment pair would cost thousands
+    of operations per score, so the layer lowers to the table form (attributes and segment
+    selections read per token): one engine, equal to the dense mask, its BlockMask equal to
+    create_block_mask's, and its size independent of the number of segments."""
     from maskstudio import knobs
     from maskstudio.run.attention import flex_block_mask
 
-    segs = [{"name": f"s{i}", "modality": "image", "grid": [2, 3]} if i % 2 else
-            {"name": f"s{i}", "modality": "text", "length": 3, "branch": f"b{i % 3}"} for i in range(40)]
-    spec = Spec.load({"segments": segs, "mask": {"base": {"pattern": "causal"}, "rules": [
-        {"q": "modality:image", "k": "modality:image", "pattern": "block_causal", "by": "ring", "heads": [1]}],
-        "overlays": [{"op": "and", "pattern": "branch_isolated"}]}})
+    def layout(count):
+        segs = [{"name": f"s{i}", "modality": "image", "grid": [2, 3]} if i % 2 else
+                {"name": f"s{i}", "modality": "text", "length": 3, "branch": f"b{i % 3}"} for i in range(count)]
+        return Spec.load({"segments": segs, "mask": {"base": {"pattern": "causal"}, "rules": [
+            {"q": "modality:image", "k": "modality:image", "pattern": "block_causal", "by": "ring", "heads": [1]},
+            {"q": ["s3", "s4"], "k": "s0", "pattern": "none"}],
+            "overlays": [{"op": "and", "pattern": "branch_isolated"},
+                         {"op": "or", "q": "s5", "k": "*", "pattern": "block_causal", "by": "chunk", "size": 2}]}})
+
+    spec = layout(40)
     assert len(spec.segments) > knobs.LOWER_MAX_SEGMENTS
+    low = spec.lowered(0)
+    assert low.form == "tables" and low.tables and len(low.steps) < 80
+    assert len(layout(80).lowered(0).steps) == len(low.steps)  # size free of the segment count
     n = spec.n
-    assert torch.equal(create_mask(spec.mask_mod(), None, 2, n, n)[0, 1], spec.dense_mask(0, 1))
+    for h in (0, 1):
+        assert torch.equal(create_mask(spec.mask_mod(), None, 2, n, n)[0, h], spec.dense_mask(0, h))
+        assert torch.equal(low.dense(h), spec.dense_mask(0, h))
     bm, length = flex_block_mask(spec, 0, 2, "cpu")
-    assert length == n and not getattr(bm.mask_mod, "lowered", False)
+    assert length == 256 > n and getattr(bm.mask_mod, "lowered", False)
+    ref = create_block_mask(low.padded_to(length=length).mask_mod, None, 2, length, length, device="cpu")
+    assert_blocks_equal(bm, ref)
     small = lower(Spec.load("presets/multiverse.json"))
-    assert not small.too_big and getattr(small.mask_mod, "lowered", False)
-    mid = Spec.load({"segments": segs[:30], "mask": spec.mask})  # few enough segments, too many nodes
-    assert lower(mid).too_big and not getattr(mid.mask_mod(), "lowered", False)
+    assert not small.too_big and small.form == "closed" and not small.tables
+    mid = Spec.load({"segments": spec.segments[:30], "mask": spec.mask})  # few segments, too many nodes
+    assert lower(mid).too_big and mid.lowered(0).form == "tables"
     assert torch.equal(create_mask(mid.mask_mod(), None, 2, mid.n, mid.n)[0, 1], mid.dense_mask(0, 1))
+
+
+@pytest.mark.slow  # seconds per run: the fast tier keeps a 50 s budget
+@FAST
+@given(specs(), st.integers(0, 1), st.integers(0, 2), st.sampled_from([4, 8]))
+def test_table_form_equals_the_dense_mask_on_random_specs(raw, layer, head, block):
+    """The table form (what layouts of many segments lower to) on random designs: mask_mod and
+    BlockMask equal the dense mask and create_block_mask."""
+    spec = Spec.load(raw)
+    low = lower(spec, layer, form="tables")
+    n = spec.n
+    assert torch.equal(low.dense(head), spec.dense_mask(layer, head))
+    ours = low.block_mask(block, num_heads=3 if low.uses_head else None)
+    ref = create_block_mask(low.mask_mod, None, ours.kv_num_blocks.shape[1], n, n, device="cpu", BLOCK_SIZE=block)
+    assert_blocks_equal(ours, ref)
 
 
 def assert_document_mask(packed, docs, head):

@@ -194,22 +194,6 @@ def test_nonpositive_sizes_are_rejected(raw):
         Spec.load(raw)
 
 
-@FAST
-@given(specs(), st.sampled_from([4, 8]))
-def test_partial_block_bits_are_the_dense_blocks(raw, block):
-    from maskstudio.compile import block_states
-
-    spec = Spec.load(raw)
-    n = spec.n
-    full, partial, bits = block_states(spec, block, with_bits=True)
-    tq, tk = full.shape
-    padded = torch.zeros(tq * block, tk * block, dtype=torch.bool)
-    padded[:n, :n] = spec.dense_mask()
-    blocks = padded.view(tq, block, tk, block).permute(0, 2, 1, 3)
-    assert torch.equal(blocks[partial], bits)
-    assert bool(blocks[full].all()) and not bool(blocks[~full & ~partial].any())
-
-
 # ---------------------------------------------------------------- the tiled evaluator and its users
 def with_generate_role(raw, generate_last: bool):
     raw = json.loads(json.dumps(raw))

@@ -292,16 +292,18 @@ def test_flex_matches_eager_on_cpu_past_one_block(tiny, arch):
 
 
 def test_flex_block_masks_match_dense():
-    """The runner's two FlexAttention masks: the lowered one (padded to a length bucket, padded keys
-    masked) and the bit table for many-segment layouts. Full blocks + the mask_mod inside partial
-    blocks reproduce the dense mask, and the mask_mod alone is right at EVERY (q, k)."""
+    """The runner's FlexAttention masks, closed form and table form (padded to a length bucket,
+    padded keys masked): full blocks + the mask_mod inside partial blocks reproduce the dense
+    mask, and the mask_mod alone is right at EVERY (q, k)."""
+    from maskstudio.lower import lower
+
     spec = Spec.load({"segments": [{"name": "a", "length": 150}, {"name": "b", "length": 200}],
                       "mask": {"rules": [{"q": "b", "k": "a", "pattern": "window", "size": 40, "causal": False,
                                           "heads": [1]}]}})
     lowered, length = R.flex_block_mask(spec, 0, 2, "cpu")
     assert length == 512 and lowered.seq_lengths == (512, 512)
-    bits = R.attention.bit_table_block_mask(spec, 0, 2, "cpu")
-    for bm, size in ((lowered, 512), (bits, 350)):
+    tables = lower(spec, 0, form="tables").padded_to(length=512).block_mask(128, "cpu", num_heads=2, length=512)
+    for bm, size in ((lowered, 512), (tables, 512)):
         q, k = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
         dense = bm.to_dense()[0]
         for h in range(2):

@@ -11,11 +11,10 @@ reads `module.layer_idx`, asks the context for that layer's mask and computes at
          built on the device; q / k / v are padded to a length bucket (a power of two times the
          block size, padded keys masked) and the kernel is compiled with static shapes once per
          (mask structure, bucket): a new prompt of the same design in the same bucket, or the same
-         design at other segment sizes, reuses it. Layouts too large to lower (knobs.LOWER_MAX_SEGMENTS
-         segments, LOWER_MAX_NODES nodes) use a bit table of the partial blocks instead, compiled
-         once with dynamic shapes: one kernel for all. A packed row (`lower_packed.DocumentRow`:
-         training and packed evaluation) runs the document mask of its documents' own lowered
-         designs, eager and flex alike.
+         design at other segment sizes, reuses it. Layouts of many segments lower to the table
+         form (attributes and segment selections read per token, lower.TableTok): the same path.
+         A packed row (`lower_packed.DocumentRow`: training and packed evaluation) runs the
+         document mask of its documents' own lowered designs, eager and flex alike.
 """
 from __future__ import annotations
 
@@ -24,11 +23,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..knobs import FLEX_BITS_BUDGET, FLEX_BLOCK
-from ..compile import mask_mod as compile_mask_mod
+from ..knobs import FLEX_BLOCK
 from ..lower_packed import DocumentRow
-from ..program import compile_program
-from ..tiled import TiledMask
 
 ATTN_NAME = "maskstudio"
 
@@ -72,14 +68,10 @@ class MaskContext:
 
 def dense_rows(layout, layer: int, head: int, q_start: int = 0) -> torch.Tensor:
     """bool [n - q_start, n]: the mask's rows from q_start, from the layer's lowered expression (a
-    packed row: its document mask); layouts too large to lower (knobs.LOWER_MAX_SEGMENTS segments,
-    LOWER_MAX_NODES nodes) from the tiled evaluator. Prefill rows and KV-cache steps alike."""
+    packed row: its document mask). Prefill rows and KV-cache steps alike."""
     if isinstance(layout, DocumentRow):
         return layout.packed(layer).dense(head, q_start)
-    low = layout.lowered_if_small(layer)
-    if low is not None:
-        return low.dense(head, q_start=q_start)
-    return TiledMask(layout, layer, head, program=compile_program(layout, layer)).dense(q_start)
+    return layout.lowered(layer).dense(head, q_start=q_start)
 
 
 def masked_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -141,22 +133,22 @@ def attn_impl(model, name: str):
 _FLEX_FNS: dict = {}
 
 
-def flex_fn(device, dynamic: bool = False):
+def flex_fn(device):
     """flex_attention, torch.compile'd once per process on CUDA (plain on CPU, where it is a
     reference implementation used by the tests). Static shapes: the lowered masks pad to buckets."""
     from torch.nn.attention.flex_attention import flex_attention
 
     if device.type != "cuda":
         return flex_attention
-    if dynamic not in _FLEX_FNS:
+    if "compiled" not in _FLEX_FNS:
         import torch._dynamo
 
         limit = max(torch._dynamo.config.cache_size_limit, 256)  # one graph per structure and bucket
         torch._dynamo.config.cache_size_limit = limit
         if hasattr(torch._dynamo.config, "recompile_limit"):
             torch._dynamo.config.recompile_limit = limit
-        _FLEX_FNS[dynamic] = torch.compile(flex_attention, dynamic=dynamic)
-    return _FLEX_FNS[dynamic]
+        _FLEX_FNS["compiled"] = torch.compile(flex_attention, dynamic=False)
+    return _FLEX_FNS["compiled"]
 
 
 def bucket(n: int, block: int = FLEX_BLOCK) -> int:
@@ -166,42 +158,16 @@ def bucket(n: int, block: int = FLEX_BLOCK) -> int:
     return block * (1 << max(blocks - 1, 0).bit_length())
 
 
-def _bit_table_mask_mod(per_head, shape, num_heads: int, block: int, device):
-    """A mask_mod over tensors only: slot[h, q block, k block] indexes bits[slot, q % B, k % B].
-
-    Slot 0 is all False (empty blocks), slot 1 all True (full blocks), then one slot per partial
-    block, so the mask_mod is right at every (q, k), whichever kernel asks: the compiled GPU kernel
-    never evaluates full blocks, but FlexAttention's reference path on CPU does."""
-    slot = torch.zeros(len(per_head), *shape, dtype=torch.int32)
-    start = 2
-    for h, (f, p, b) in enumerate(per_head):
-        slot[h][f] = 1
-        slot[h][p] = torch.arange(start, start + b.shape[0], dtype=torch.int32)
-        start += b.shape[0]
-    constant = [torch.zeros(1, block, block, dtype=torch.bool), torch.ones(1, block, block, dtype=torch.bool)]
-    bits = torch.cat(constant + [b for _, _, b in per_head])
-    # one closure and one layout (contiguous [H, Tq, Tk]) for shared and per-head masks: a
-    # broadcast view would have stride 0, which torch.compile specializes on (a second kernel)
-    slot, bits = slot.to(device).expand(num_heads, -1, -1).contiguous(), bits.to(device)
-
-    def mask_mod(b, h, q, kv):
-        return bits[slot[h, q // block, kv // block], q % block, kv % block]
-    return mask_mod
-
-
 def flex_block_mask(spec, layer: int, num_heads: int, device, block: int = FLEX_BLOCK,
                     window: int | None = None):
-    """(BlockMask, length): the lowered mask padded to `bucket(n)`, or for layouts of many
-    segments the bit-table mask at length n (window: a model's own sliding window, folded in)."""
-    low = spec.lowered_if_small(layer)  # the one rule for when a layout is lowered
-    if low is not None:
-        low = low.padded_to()
-        if window:
-            low = low.with_window(window)
-        length = bucket(spec.table.n, block)
-        heads = num_heads if low.uses_head else None
-        return low.block_mask(block, device, num_heads=heads, length=length), length
-    return bit_table_block_mask(spec, layer, num_heads, device, block, window), spec.table.n
+    """(BlockMask, length): the layer's lowered mask padded to `bucket(n)` (window: a model's own
+    sliding window, folded in so its blocks are skipped too)."""
+    length = bucket(spec.table.n, block)
+    low = spec.lowered(layer).padded_to(length=length)
+    if window:
+        low = low.with_window(window)
+    heads = num_heads if low.uses_head else None
+    return low.block_mask(block, device, num_heads=heads, length=length), length
 
 
 def packed_block_mask(row: DocumentRow, layer: int, num_heads: int, device, block: int = FLEX_BLOCK,
@@ -214,41 +180,6 @@ def packed_block_mask(row: DocumentRow, layer: int, num_heads: int, device, bloc
     return packed.block_mask(block, device, num_heads=heads), length
 
 
-def bit_table_block_mask(spec, layer: int, num_heads: int, device, block: int = FLEX_BLOCK,
-                         window: int | None = None):
-    """A BlockMask whose mask_mod looks the partial blocks up in a bit table.
-
-    The mask_mod closes over tensors only, so one compiled FlexAttention kernel serves every
-    spec and length. Memory: 2 bytes per (q block, k block) slot plus B*B bytes per partial
-    block; past FLEX_BITS_BUDGET the spec's own mask_mod is used instead (may recompile)."""
-    from torch.nn.attention.flex_attention import BlockMask
-
-    from ..compile import kv_blocks, block_states
-
-    heads = range(num_heads) if spec.varies_by_head else [0]
-    per_head = [block_states(spec, block, layer, h, with_bits=True) for h in heads]
-    # always num_heads block rows (a broadcast when the mask is shared): a head dim of 1 would be
-    # specialized by torch.compile and cost a second kernel
-    full = torch.stack([f for f, _, _ in per_head])[None].expand(1, num_heads, -1, -1)
-    partial = torch.stack([p for _, p, _ in per_head])[None].expand(1, num_heads, -1, -1)
-    kv_num, kv_idx = kv_blocks(partial)
-    full_num, full_idx = kv_blocks(full)
-    n = spec.table.n
-    n_bits = sum(b.shape[0] for _, _, b in per_head)
-    if n_bits * block * block > FLEX_BITS_BUDGET:
-        mask_mod = compile_mask_mod(spec, layer, device)
-    else:
-        mask_mod = _bit_table_mask_mod(per_head, partial.shape[2:], num_heads, block, device)
-    if window:
-        inner = mask_mod
-
-        def mask_mod(b, h, q, kv):
-            return inner(b, h, q, kv) & (q - kv < window)
-    return BlockMask.from_kv_blocks(kv_num.to(device), kv_idx.to(device), full_num.to(device),
-                                    full_idx.to(device), BLOCK_SIZE=block, mask_mod=mask_mod,
-                                    seq_lengths=(n, n))
-
-
 def _flex_attention(ctx, layer, query, key, value, scaling, window, softcap):
     n = query.shape[-2]
     block_mask, length = ctx.block_mask(layer, query.device, window)
@@ -259,7 +190,6 @@ def _flex_attention(ctx, layer, query, key, value, scaling, window, softcap):
     if softcap is not None:
         def score_mod(score, b, h, q, kv):
             return torch.tanh(score / softcap) * softcap
-    dynamic = not getattr(block_mask.mask_mod, "lowered", False)  # the bit table: one kernel for all lengths
-    out = flex_fn(query.device, dynamic)(query, key, value, score_mod=score_mod, block_mask=block_mask,
+    out = flex_fn(query.device)(query, key, value, score_mod=score_mod, block_mask=block_mask,
                                          scale=scaling, enable_gqa=query.shape[1] != key.shape[1])
     return out[:, :, :n].transpose(1, 2).contiguous(), None
