@@ -9,29 +9,137 @@ runs three ways: on tensors (a FlexAttention mask_mod or broadcast index grids),
 Leaves: the variables q / kv (token indices), h (head), named size parameters `P[...]` (one small
 captured tensor: a new size of the same structure changes its values, never the expression) and,
 only for per-token data that has no closed form, lookups into attribute tables.
+
+The language is two tables, in the manner of tinygrad's ops and rewrite rules: `OPS`, one row per
+operation holding everything known about it, and `IDENTITIES`, one row per rewrite applied as a
+node is built. Adding an op is one row, adding a rewrite one row; each row has its test (test_expr.py).
 """
 from __future__ import annotations
 
 import operator
 import weakref
+from typing import Callable, NamedTuple
 
 import torch
 
 from .bounds import Interval, Tri, where as tri_where
 
-_FOLD = {
-    "add": operator.add, "sub": operator.sub, "mul": operator.mul, "bmul": operator.mul,
-    "floordiv": operator.floordiv, "fdiv": operator.floordiv,
-    "mod": operator.mod, "lt": operator.lt, "le": operator.le, "gt": operator.gt, "ge": operator.ge,
-    "eq": operator.eq, "ne": operator.ne, "and": lambda a, b: bool(a) and bool(b),
-    "or": lambda a, b: bool(a) or bool(b), "min": min, "max": max,
-    "not": lambda a: not a, "neg": operator.neg, "abs": abs,
-}
-_FLIP = {"lt": "ge", "le": "gt", "gt": "le", "ge": "lt", "eq": "ne", "ne": "eq"}
-_COMPARE = set(_FLIP)
-_BOOL_OPS = _COMPARE | {"and", "or", "not"}
+LEAVES = ("c", "var", "p", "tab")  # constant, variable (q / kv / h), size parameter, table lookup
 _NONNEG = ("q", "kv", "h")
 _INTERN: "weakref.WeakValueDictionary[tuple, E]" = weakref.WeakValueDictionary()
+
+
+# ---------------------------------------------------------------- operations
+class Op(NamedTuple):
+    """One operation. fold: on Python values at build time; tensor: on torch tensors (a mask_mod,
+    index grids); interval: on tile Intervals / Tri; source: Python source, "{0}" standing for the
+    first operand's; magnitude: source of a bound on |value| from bounds on the operands' (an
+    exported file checks its divisions with it); negation: a comparison's op under `not`."""
+    name: str
+    arity: int
+    fold: Callable
+    tensor: Callable
+    interval: Callable
+    source: str
+    magnitude: str
+    is_bool: bool
+    negation: str | None = None
+
+
+# Intervals and Tri through their methods, not operator.add(...): torch.compile traces methods of
+# plain Python objects.
+def _on_interval(method):
+    return lambda a, *rest: method(Interval.of(a), *rest)
+
+
+def _on_tri(method):
+    return lambda a, *rest: method(Tri.of(a), *rest)
+
+
+def _interval_ne(a, b):  # Interval.__ne__ is `~(a == b)`, and torch.compile cannot trace `~` on a Tri
+    return Interval.of(a).__eq__(b).negate()
+
+
+def _interval_div(a, d):  # divisors are sizes (> 0) or constants
+    iv, d = Interval.of(a), (d.lo if isinstance(d, Interval) else d)
+    return Interval(iv.lo // d, iv.hi // d)
+
+
+def _interval_mod(a, d):
+    iv, d = Interval.of(a), (d.lo if isinstance(d, Interval) else d)
+    same = (iv.lo // d) == (iv.hi // d)
+    return Interval(torch.where(same, iv.lo % d, 0), torch.where(same, iv.hi % d, d - 1))
+
+
+def _interval_extreme(fn):
+    def apply(x, y):
+        a, b = Interval.of(x), Interval.of(y)
+        return Interval(fn(*torch.broadcast_tensors(a.lo, b.lo)), fn(*torch.broadcast_tensors(a.hi, b.hi)))
+    return apply
+
+
+def _tensor_min(a, b, fn):
+    if not isinstance(a, torch.Tensor):
+        a, b = b, a
+    if isinstance(b, torch.Tensor):
+        return fn(a, b)
+    return a.clamp(max=b) if fn is torch.minimum else a.clamp(min=b)  # no scalar copied to the device
+
+
+def _tensor_fdiv(a, d):
+    return floordiv_by_size(a, d) if isinstance(d, torch.Tensor) else a // d
+
+
+def _both(a, b):
+    return bool(a) and bool(b)
+
+
+def _either(a, b):
+    return bool(a) or bool(b)
+
+
+# comparisons: two integers -> a bool (on tiles a Tri: must / may); `not` turns one into its negation
+COMPARISONS = (
+    Op("lt", 2, operator.lt, operator.lt, _on_interval(Interval.__lt__), "({0} < {1})", "1", True, "ge"),
+    Op("le", 2, operator.le, operator.le, _on_interval(Interval.__le__), "({0} <= {1})", "1", True, "gt"),
+    Op("gt", 2, operator.gt, operator.gt, _on_interval(Interval.__gt__), "({0} > {1})", "1", True, "le"),
+    Op("ge", 2, operator.ge, operator.ge, _on_interval(Interval.__ge__), "({0} >= {1})", "1", True, "lt"),
+    Op("eq", 2, operator.eq, operator.eq, _on_interval(Interval.__eq__), "({0} == {1})", "1", True, "ne"),
+    Op("ne", 2, operator.ne, operator.ne, _interval_ne, "({0} != {1})", "1", True, "eq"),
+)
+UNARY = (
+    Op("not", 1, operator.not_, operator.invert, _on_tri(Tri.negate), "~{0}", "1", True),
+    Op("neg", 1, operator.neg, operator.neg, _on_interval(Interval.__neg__), "(-{0})", "{0}", False),
+    Op("abs", 1, abs, abs, _on_interval(Interval.__abs__), "{0}.abs()", "{0}", False),
+)
+# binary; divisors (floordiv, fdiv, mod) are sizes >= 1 or constants, so |a // d| <= |a|, |a % d| < d
+BINARY = (
+    Op("add", 2, operator.add, operator.add, _on_interval(Interval.__add__), "({0} + {1})", "({0} + {1})", False),
+    Op("sub", 2, operator.sub, operator.sub, _on_interval(Interval.__sub__), "({0} - {1})", "({0} + {1})", False),
+    Op("mul", 2, operator.mul, operator.mul, _on_interval(Interval.__mul__), "({0} * {1})", "({0} * {1})", False),
+    # a product known to stay within the layout (bounded_mul): never needs 64-bit integers
+    Op("bmul", 2, operator.mul, operator.mul, _on_interval(Interval.__mul__), "({0} * {1})", "({0} * {1})", False),
+    Op("floordiv", 2, operator.floordiv, operator.floordiv, _interval_div, "({0} // {1})", "{0}", False),
+    # floordiv by a size through a float32 quotient (floordiv_by_size; see with_fast_divisions)
+    Op("fdiv", 2, operator.floordiv, _tensor_fdiv, _interval_div, "_div({0}, {1})", "{0}", False),
+    Op("mod", 2, operator.mod, operator.mod, _interval_mod, "({0} % {1})", "{1}", False),
+    Op("min", 2, min, lambda a, b: _tensor_min(a, b, torch.minimum), _interval_extreme(torch.minimum),
+       "torch.minimum({0}, {1})", "max({0}, {1})", False),
+    Op("max", 2, max, lambda a, b: _tensor_min(a, b, torch.maximum), _interval_extreme(torch.maximum),
+       "torch.maximum({0}, {1})", "max({0}, {1})", False),
+    Op("and", 2, _both, operator.and_, _on_tri(Tri.__and__), "({0} & {1})", "1", True),
+    Op("or", 2, _either, operator.or_, _on_tri(Tri.__or__), "({0} | {1})", "1", True),
+)
+# where(c, x, y) is a bool where its branches are (E.is_bool)
+TERNARY = (
+    Op("where", 3, lambda c, x, y: x if c else y, torch.where, lambda c, x, y: tri_where(Tri.of(c), x, y),
+       "torch.where({0}, {1}, {2})", "max({1}, {2})", False),
+)
+OPS = {o.name: o for o in COMPARISONS + UNARY + BINARY + TERNARY}
+COMPARE = frozenset(o.name for o in COMPARISONS)
+# plain dicts of plain functions: what a tape walk looks up (torch.compile traces it without a break)
+_TENSOR = {o.name: o.tensor for o in OPS.values()}
+_INTERVAL = {o.name: o.interval for o in OPS.values()}
 
 
 class E:
@@ -59,8 +167,9 @@ class E:
 
     @property
     def is_bool(self) -> bool:
-        return self.op in _BOOL_OPS or (self.op == "c" and isinstance(self.value, bool)) or (
-            self.op == "where" and self.args[1].is_bool)
+        if self.op == "c":
+            return isinstance(self.value, bool)
+        return self.args[1].is_bool if self.op == "where" else self.op in OPS and OPS[self.op].is_bool
 
     def __bool__(self):
         raise TypeError("a symbolic mask expression has no truth value (a pattern used Python `if`/`and`)")
@@ -127,68 +236,115 @@ def bounded_mul(a, b) -> E:
     return op("bmul", a, b)
 
 
-def _nonneg(x: E) -> bool:
-    return x.op == "var" and x.value in _NONNEG
-
-
 def op(name: str, *args) -> E:
-    """Build a node, folding what is known at build time."""
+    """Build a node, folding what is known at build time: constants, then the first identity that
+    applies."""
+    row = OPS[name]
+    if len(args) != row.arity:
+        raise TypeError(f"{name} takes {row.arity} operands, got {len(args)}")
     a = [const(x) for x in args]
-    if all(x.is_const for x in a) and name != "where":
-        return const(_FOLD[name](*(x.value for x in a)))
+    if all(x.is_const for x in a):
+        return const(row.fold(*(x.value for x in a)))
     folded = _simplify(name, a)
     return folded if folded is not None else E(name, *a)
 
 
-def _simplify(name, a):  # noqa: C901 - one table of identities
-    if name == "where":
-        c, x, y = a
-        if c.is_const:
-            return x if c.value else y
-        if x is y:
-            return x
-        if x.is_const and isinstance(x.value, bool):
-            return op("or", c, y) if x.value else op("and", op("not", c), y)
-        if y.is_const and isinstance(y.value, bool):
-            return op("or", op("not", c), x) if y.value else op("and", c, x)
-        return None
-    if name in ("and", "or"):
-        x, y = a
-        absorb, keep = (False, True) if name == "and" else (True, False)
-        for u, v in ((x, y), (y, x)):
-            if u.is_const:
-                return const(absorb) if bool(u.value) == absorb else v
-        return x if x is y else None
-    if name == "not":
-        x = a[0]
-        if x.op == "not":
-            return x.args[0]
-        if x.op in _FLIP:
-            return E(_FLIP[x.op], *x.args)
-        return None
-    x, y = a[0], a[-1]
-    if name in _COMPARE:
-        if x is y:
-            return const(name in ("le", "ge", "eq"))
-        if x.op == y.op and x.op in ("add", "sub") and x.args[1] is y.args[1]:
-            return op(name, x.args[0], y.args[0])  # (a + c) < (b + c)  ->  a < b
-        if x.op == y.op == "add" and x.args[0] is y.args[0]:
-            return op(name, x.args[1], y.args[1])
-        if x.op == "sub" and y.is_const and y.value == 0 and name in ("ge", "gt", "le", "lt"):
-            a, b = x.args  # (a - b) >= 0  ->  b <= a: the causal test a window already shares
-            return op({"ge": "le", "gt": "lt"}[name], b, a) if name in ("ge", "gt") else op(name, a, b)
-        if _nonneg(x) and y.is_const and y.value <= 0 and name in ("ge", "lt"):
-            return const(name == "ge")  # token indices and heads are >= 0
-        return None
-    if name in ("add", "sub") and y.is_const and y.value == 0:
-        return x
-    if name == "add" and x.is_const and x.value == 0:
-        return y
-    if name == "mul" and (x.is_const or y.is_const):
-        c, other = (x, y) if x.is_const else (y, x)
-        return const(0) if c.value == 0 else (other if c.value == 1 else None)
-    if name == "floordiv" and y.is_const and y.value == 1:
-        return x
+# ---------------------------------------------------------------- identities
+class Rule(NamedTuple):
+    """One algebraic identity: the rewrite (as text, also the test's id), the ops it applies to and
+    fn(op name, *operands) -> the rewritten node, or None where it does not match. Operands are never
+    all constants (those fold first)."""
+    rewrite: str
+    ops: tuple
+    fn: Callable
+
+
+def _is(x: E, v) -> bool:
+    """x is the constant v (as Python compares: False == 0, True == 1)."""
+    return x.op == "c" and x.value == v
+
+
+def _flag(x: E, v: bool) -> bool:
+    """x is the bool constant v (not an integer)."""
+    return x.op == "c" and isinstance(x.value, bool) and x.value is v
+
+
+def _truthy(x: E, v: bool) -> bool:
+    """x is a constant whose truth value is v (an integer counts: 0 is false)."""
+    return x.op == "c" and bool(x.value) is v
+
+
+def _minus_0(x: E, y: E) -> bool:
+    """x, y are (a - b), 0."""
+    return x.op == "sub" and _is(y, 0)
+
+
+def _nonneg(x: E) -> bool:
+    return x.op == "var" and x.value in _NONNEG
+
+
+def _negation(x: E):
+    """The op of `not x` for a comparison x, else None."""
+    row = OPS.get(x.op)
+    return row.negation if row is not None else None
+
+
+_ANY = tuple(sorted(COMPARE))
+IDENTITIES = (
+    Rule("where(True, x, y) -> x", ("where",), lambda o, c, x, y: x if _truthy(c, True) else None),
+    Rule("where(False, x, y) -> y", ("where",), lambda o, c, x, y: y if _truthy(c, False) else None),
+    Rule("where(c, x, x) -> x", ("where",), lambda o, c, x, y: x if x is y else None),
+    Rule("where(c, True, y) -> c | y", ("where",), lambda o, c, x, y: op("or", c, y) if _flag(x, True) else None),
+    Rule("where(c, False, y) -> ~c & y", ("where",),
+         lambda o, c, x, y: op("and", op("not", c), y) if _flag(x, False) else None),
+    Rule("where(c, x, True) -> ~c | x", ("where",),
+         lambda o, c, x, y: op("or", op("not", c), x) if _flag(y, True) else None),
+    Rule("where(c, x, False) -> c & x", ("where",), lambda o, c, x, y: op("and", c, x) if _flag(y, False) else None),
+    # a constant operand of & / | is truthy or not, on either side
+    Rule("x & False -> False", ("and",),
+         lambda o, x, y: const(False) if _truthy(x, False) or _truthy(y, False) else None),
+    Rule("x & True -> x", ("and",), lambda o, x, y: y if _truthy(x, True) else x if _truthy(y, True) else None),
+    Rule("x | True -> True", ("or",), lambda o, x, y: const(True) if _truthy(x, True) or _truthy(y, True) else None),
+    Rule("x | False -> x", ("or",), lambda o, x, y: y if _truthy(x, False) else x if _truthy(y, False) else None),
+    Rule("x & x -> x", ("and",), lambda o, x, y: x if x is y else None),
+    Rule("x | x -> x", ("or",), lambda o, x, y: x if x is y else None),
+    Rule("~~x -> x", ("not",), lambda o, x: x.args[0] if x.op == "not" else None),
+    # built as is, not folded again
+    Rule("~(a < b) -> a >= b  (each comparison to its negation)", ("not",),
+         lambda o, x: E(_negation(x), *x.args) if _negation(x) else None),
+    Rule("x <= x -> True  (>=, ==)", ("le", "ge", "eq"), lambda o, x, y: const(True) if x is y else None),
+    Rule("x < x -> False  (>, !=)", ("lt", "gt", "ne"), lambda o, x, y: const(False) if x is y else None),
+    Rule("(a + c) < (b + c) -> a < b  (any comparison; - as +)", _ANY,
+         lambda o, x, y: op(o, x.args[0], y.args[0])
+         if x.op == y.op and x.op in ("add", "sub") and x.args[1] is y.args[1] else None),
+    Rule("(c + a) < (c + b) -> a < b  (any comparison)", _ANY,
+         lambda o, x, y: op(o, x.args[1], y.args[1]) if x.op == y.op == "add" and x.args[0] is y.args[0] else None),
+    # the causal test a window already shares: kv <= q
+    Rule("(a - b) >= 0 -> b <= a", ("ge",), lambda o, x, y: op("le", *x.args[::-1]) if _minus_0(x, y) else None),
+    Rule("(a - b) > 0 -> b < a", ("gt",), lambda o, x, y: op("lt", *x.args[::-1]) if _minus_0(x, y) else None),
+    Rule("(a - b) <= 0 -> a <= b", ("le",), lambda o, x, y: op("le", *x.args) if _minus_0(x, y) else None),
+    Rule("(a - b) < 0 -> a < b", ("lt",), lambda o, x, y: op("lt", *x.args) if _minus_0(x, y) else None),
+    # token indices and heads are never negative
+    Rule("q >= 0 -> True  (kv, h; any constant <= 0)", ("ge",),
+         lambda o, x, y: const(True) if _nonneg(x) and y.is_const and y.value <= 0 else None),
+    Rule("q < 0 -> False  (kv, h; any constant <= 0)", ("lt",),
+         lambda o, x, y: const(False) if _nonneg(x) and y.is_const and y.value <= 0 else None),
+    Rule("x + 0 -> x", ("add",), lambda o, x, y: x if _is(y, 0) else None),
+    Rule("x - 0 -> x", ("sub",), lambda o, x, y: x if _is(y, 0) else None),
+    Rule("0 + x -> x", ("add",), lambda o, x, y: y if _is(x, 0) else None),
+    Rule("x * 0 -> 0  (0 * x)", ("mul",), lambda o, x, y: const(0) if _is(x, 0) or _is(y, 0) else None),
+    Rule("x * 1 -> x  (1 * x)", ("mul",), lambda o, x, y: y if _is(x, 1) else x if _is(y, 1) else None),
+    Rule("x // 1 -> x", ("floordiv",), lambda o, x, y: x if _is(y, 1) else None),
+)
+_RULES = {name: tuple(r for r in IDENTITIES if name in r.ops) for name in OPS}
+
+
+def _simplify(name: str, a: list):
+    """The first identity (in IDENTITIES' order) that rewrites op `name` on operands a, or None."""
+    for rule in _RULES[name]:
+        out = rule.fn(name, *a)
+        if out is not None:
+            return out
     return None
 
 
@@ -212,7 +368,7 @@ def _rebuild(root: E, leaf, inner) -> E:
     """Bottom-up copy: leaf(n) for leaves, inner(n, new args) for the rest (folded again)."""
     out: dict[int, E] = {}
     for n in nodes(root):
-        if n.op in ("c", "var", "p", "tab"):
+        if n.op in LEAVES:
             out[id(n)] = leaf(n)
         else:
             out[id(n)] = inner(n, [out[id(c)] if isinstance(c, E) else c for c in n.args])
@@ -280,29 +436,13 @@ def leaves(root: E, kind: str) -> list[tuple]:
 
 
 # ---------------------------------------------------------------- evaluation
-_TENSOR = {
-    "add": operator.add, "sub": operator.sub, "mul": operator.mul, "bmul": operator.mul, "floordiv": operator.floordiv,
-    "mod": operator.mod, "lt": operator.lt, "le": operator.le, "gt": operator.gt, "ge": operator.ge,
-    "eq": operator.eq, "ne": operator.ne, "and": operator.and_, "or": operator.or_,
-    "not": operator.invert, "neg": operator.neg, "abs": abs,
-}
-
-
-def _tensor_min(a, b, fn):
-    if not isinstance(a, torch.Tensor):
-        a, b = b, a
-    if isinstance(b, torch.Tensor):
-        return fn(a, b)
-    return a.clamp(max=b) if fn is torch.minimum else a.clamp(min=b)  # no scalar copied to the device
-
-
 def tape(root: E) -> tuple:
     """The expression as a flat tape: (op, args) per node, children referred to by position.
     Evaluating a tape needs no object identities, so torch.compile traces it without a break."""
     order = nodes(root)
     pos = {id(n): i for i, n in enumerate(order)}
     return tuple((n.op, tuple(pos[id(c)] if isinstance(c, E) else c for c in n.args)
-                  if n.op not in ("c", "var", "p", "tab") else n.args) for n in order)
+                  if n.op not in LEAVES else n.args) for n in order)
 
 
 def _run(steps: tuple, env: dict, params, slots: dict, lookup, apply, every: bool = False):
@@ -324,14 +464,12 @@ def _run(steps: tuple, env: dict, params, slots: dict, lookup, apply, every: boo
     return val if every else val[-1]
 
 
-def _tensor_op(o, args):
-    if o == "fdiv":
-        return floordiv_by_size(*args) if isinstance(args[1], torch.Tensor) else args[0] // args[1]
-    if o == "where":
-        return torch.where(*args)
-    if o in ("min", "max"):
-        return _tensor_min(args[0], args[1], torch.minimum if o == "min" else torch.maximum)
+def _tensor_apply(o, args):
     return _TENSOR[o](*args)
+
+
+def _interval_apply(o, args):
+    return _INTERVAL[o](*args)
 
 
 def run_tape(steps: tuple, env: dict, params, slots: dict, tables: dict | None = None, at: dict | None = None):
@@ -339,7 +477,7 @@ def run_tape(steps: tuple, env: dict, params, slots: dict, tables: dict | None =
     (indexed by `slots[key]`); tables: attribute tensors for lookup leaves, read at env's q / kv
     or at `at`'s (a packed row: places inside a document in env, places in the row in `at`)."""
     where = at or env
-    out = _run(steps, env, params, slots, lambda a: tables[a[0]][where[a[1]]], _tensor_op)
+    out = _run(steps, env, params, slots, lambda a: tables[a[0]][where[a[1]]], _tensor_apply)
     if not isinstance(out, torch.Tensor) or out.dtype != torch.bool:  # a constant mask
         q = env["q"]
         out = (q >= 0) if bool(out) else (q < 0)
@@ -351,41 +489,6 @@ def evaluate(root: E, env: dict, params, slots: dict, tables: dict | None = None
     return run_tape(tape(root), env, params, slots, tables)
 
 
-def _interval_op(o, args):
-    x = args[0]
-    if o in ("and", "or", "not") or o in _COMPARE:
-        if o in _COMPARE:
-            return getattr(Interval.of(x), f"__{o}__")(args[1])
-        if o == "not":
-            return Tri.of(x).negate()
-        return (Tri.of(x) & args[1]) if o == "and" else (Tri.of(x) | args[1])
-    if o in ("floordiv", "fdiv", "mod"):  # divisors are sizes (> 0) or constants
-        iv, d = Interval.of(x), args[1]
-        if isinstance(d, Interval):
-            d = d.lo
-        if o != "mod":
-            return Interval(iv.lo // d, iv.hi // d)
-        same = (iv.lo // d) == (iv.hi // d)
-        return Interval(torch.where(same, iv.lo % d, 0), torch.where(same, iv.hi % d, d - 1))
-    if o in ("min", "max"):
-        a, b = Interval.of(x), Interval.of(args[1])
-        fn = torch.minimum if o == "min" else torch.maximum
-        return Interval(fn(*torch.broadcast_tensors(a.lo, b.lo)), fn(*torch.broadcast_tensors(a.hi, b.hi)))
-    if o == "abs":
-        return abs(Interval.of(x))
-    if o == "neg":
-        return -Interval.of(x)
-    # the method, not operator.add(...): torch.compile traces methods of plain Python objects
-    return getattr(Interval.of(x), _DUNDER[o])(args[1])
-
-
-_DUNDER = {"add": "__add__", "sub": "__sub__", "mul": "__mul__", "bmul": "__mul__"}
-
-
-def _interval_apply(o, args):
-    return tri_where(Tri.of(args[0]), *args[1:]) if o == "where" else _interval_op(o, args)
-
-
 def evaluate_tiles(root: E, env: dict, params, slots: dict, tables: dict | None = None) -> Tri:
     """Run the expression on tiles: env holds `Interval`s for q / kv (per tile min and max),
     tables hold (lo, hi) per tile and side. Returns Tri(must, may) per tile pair."""
@@ -393,15 +496,6 @@ def evaluate_tiles(root: E, env: dict, params, slots: dict, tables: dict | None 
 
 
 # ---------------------------------------------------------------- source
-_SYMBOL = {"add": "+", "sub": "-", "mul": "*", "bmul": "*", "floordiv": "//", "mod": "%", "lt": "<", "le": "<=",
-           "gt": ">", "ge": ">=", "eq": "==", "ne": "!=", "and": "&", "or": "|"}
-
-
-_MAGNITUDE = {"add": "({0} + {1})", "sub": "({0} + {1})", "mul": "({0} * {1})", "bmul": "({0} * {1})",
-              "floordiv": "{0}", "fdiv": "{0}", "neg": "{0}", "abs": "{0}", "mod": "{1}",
-              "min": "max({0}, {1})", "max": "max({0}, {1})", "where": "max({1}, {2})"}
-
-
 def magnitude_source(root: E, names: dict, param_ref) -> str | None:
     """Python source of an upper bound on |root| (names: a variable's bound, e.g. {"q": "n"};
     divisors are sizes >= 1, so |a // d| <= |a| and 0 <= a % d < d), or None when it reads a
@@ -417,10 +511,8 @@ def magnitude_source(root: E, names: dict, param_ref) -> str | None:
             s = names[a[0]]
         elif o == "p":
             s = f"abs({param_ref(a)})"
-        elif o in _MAGNITUDE:
-            s = _MAGNITUDE[o].format(*(text[id(c)] for c in a))
-        else:  # a comparison or a boolean
-            s = "1"
+        else:
+            s = OPS[o].magnitude.format(*(text[id(c)] for c in a))
         text[id(n)] = s
     return text[id(root)]
 
@@ -455,21 +547,7 @@ def source_lines(root: E, names: dict, param_ref=None, table_ref=None, share: bo
         elif o == "tab":
             s = table_ref(a[0], names.get(a[1], a[1]))
         else:
-            t = [text[id(c)] for c in a]
-            if o in _SYMBOL:
-                s = f"({t[0]} {_SYMBOL[o]} {t[1]})"
-            elif o == "not":
-                s = f"~{t[0]}"
-            elif o == "neg":
-                s = f"(-{t[0]})"
-            elif o == "abs":
-                s = f"{t[0]}.abs()"
-            elif o in ("min", "max"):
-                s = f"torch.{o}imum({t[0]}, {t[1]})"
-            elif o == "fdiv":
-                s = f"_div({t[0]}, {t[1]})"
-            else:
-                s = f"torch.where({t[0]}, {t[1]}, {t[2]})"
+            s = OPS[o].source.format(*(text[id(c)] for c in a))
             if share and uses.get(id(n), 0) > 1 and n is not root:
                 name = f"t{len(lines)}"
                 lines.append(f"{name} = {s}")
