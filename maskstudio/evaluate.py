@@ -191,15 +191,50 @@ def bootstrap_ci(values: list[float], reps: int = 2000, seed: int = 0) -> tuple[
     return float(means.quantile(0.025)), float(means.quantile(0.975))
 
 
-def paired_test(diffs: list[float], reps: int = 10000, seed: int = 0) -> float:
-    """Two-sided sign-flip permutation p-value for mean(diffs) == 0."""
+def wilson_ci(hits: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
+    """Wilson score 95% interval of a proportion: honest at the edges (0/128 -> [0, 0.029]), where
+    a bootstrap of 0/1 values collapses to [0, 0]."""
+    if n == 0:
+        return (math.nan, math.nan)
+    p, z2 = hits / n, z * z
+    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+EXACT_SIGN_FLIPS = 20  # up to this many pairs the sign-flip test enumerates all 2**n patterns
+
+
+def sign_flip(diffs: list[float], reps: int = 10000, seed: int = 0) -> dict:
+    """Two-sided sign-flip test of mean(diffs) == 0: {"p", "exact", "floor"}. Exact by enumerating
+    every sign pattern when n <= EXACT_SIGN_FLIPS; else `reps` random patterns, and a p at the
+    permutation floor is only a bound, p < 1/(reps + 1) ("floor": True)."""
     d = torch.tensor(diffs, dtype=torch.float64)
     if len(d) == 0 or bool((d == 0).all()):
-        return 1.0
+        return {"p": 1.0, "exact": True, "floor": False}
+    observed = float(d.mean().abs()) - 1e-12
+    if len(d) <= EXACT_SIGN_FLIPS:
+        n, hits = len(d), 0
+        bits = torch.arange(n)
+        for start in range(0, 1 << n, 1 << 16):
+            codes = torch.arange(start, min(start + (1 << 16), 1 << n))
+            signs = ((codes[:, None] >> bits) & 1).to(torch.float64) * 2 - 1
+            hits += int(((signs * d).mean(1).abs() >= observed).sum())
+        return {"p": hits / (1 << n), "exact": True, "floor": False}
     g = torch.Generator().manual_seed(seed)
     signs = torch.randint(0, 2, (reps, len(d)), generator=g, dtype=torch.float64) * 2 - 1
-    null = (signs * d).mean(1).abs()
-    return float(((null >= d.mean().abs() - 1e-12).sum() + 1) / (reps + 1))
+    hits = int(((signs * d).mean(1).abs() >= observed).sum())
+    return {"p": (hits + 1) / (reps + 1), "exact": False, "floor": hits == 0}
+
+
+def paired_test(diffs: list[float], reps: int = 10000, seed: int = 0) -> float:
+    """The sign-flip p-value (see sign_flip)."""
+    return sign_flip(diffs, reps, seed)["p"]
+
+
+def p_text(test: dict) -> str:
+    """p as a reader should take it: "p<1e-04" at the permutation floor, "p=0.031" otherwise."""
+    return f"p<{test['p']:.0e}" if test["floor"] else f"p={test['p']:.3g}"
 
 
 def summarize(names: list[str], results: dict[str, list[dict]], breakdown: str | None) -> dict:
@@ -211,38 +246,42 @@ def summarize(names: list[str], results: dict[str, list[dict]], breakdown: str |
         nll = [r["nll"] for r in rows]
         acc = [float(r["correct"]) for r in rows]
         entry = {"name": name, "n": len(rows), "nll": sum(nll) / len(nll), "nll_ci": bootstrap_ci(nll),
-                 "accuracy": sum(acc) / len(acc), "accuracy_ci": bootstrap_ci(acc)}
+                 "accuracy": sum(acc) / len(acc), "accuracy_ci": wilson_ci(int(sum(acc)), len(acc))}
         if name != names[0]:
             d_nll = [a["nll"] - b["nll"] for a, b in zip(rows, base)]
             d_acc = [float(a["correct"]) - float(b["correct"]) for a, b in zip(rows, base)]
+            t_nll, t_acc = sign_flip(d_nll), sign_flip(d_acc)
             entry["vs_first"] = {"nll_diff": sum(d_nll) / len(d_nll), "nll_diff_ci": bootstrap_ci(d_nll),
-                                 "nll_p": paired_test(d_nll), "accuracy_diff": sum(d_acc) / len(d_acc),
-                                 "accuracy_diff_ci": bootstrap_ci(d_acc), "accuracy_p": paired_test(d_acc)}
+                                 "nll_p": t_nll["p"], "nll_p_text": p_text(t_nll),
+                                 "accuracy_diff": sum(d_acc) / len(d_acc), "accuracy_diff_ci": bootstrap_ci(d_acc),
+                                 "accuracy_p": t_acc["p"], "accuracy_p_text": p_text(t_acc)}
         if breakdown:
             groups: dict = {}
             for r in rows:
                 groups.setdefault(r["meta"].get(breakdown), []).append(float(r["correct"]))
             entry["breakdown"] = {"by": breakdown, "groups": [
-                {"value": k, "n": len(v), "accuracy": sum(v) / len(v), "ci": bootstrap_ci(v)}
+                {"value": k, "n": len(v), "accuracy": sum(v) / len(v), "ci": wilson_ci(int(sum(v)), len(v))}
                 for k, v in sorted(groups.items(), key=lambda kv: str(kv[0]))]}
         out["specs"].append(entry)
     return out
 
 
 def report(summary: dict) -> str:
-    lines = [f"{'spec':28} {'n':>5} {'NLL':>8} {'95% CI':>17} {'acc':>6} {'95% CI':>15}  vs first"]
+    """The summary as a table; names are shown whole (the column is as wide as the longest)."""
+    w = max([28] + [len(e["name"]) for e in summary["specs"]])
+    lines = [f"{'spec':{w}} {'n':>5} {'NLL':>8} {'95% CI':>17} {'acc':>6} {'95% CI':>15}  vs first"]
     for e in summary["specs"]:
         lo, hi = e["nll_ci"]
         alo, ahi = e["accuracy_ci"]
         vs = ""
         if "vs_first" in e:
             v = e["vs_first"]
-            vs = f"dNLL {v['nll_diff']:+.3f} (p={v['nll_p']:.3g}), dacc {v['accuracy_diff']:+.3f} (p={v['accuracy_p']:.3g})"
-        lines.append(f"{e['name'][:28]:28} {e['n']:>5} {e['nll']:8.3f} [{lo:7.3f},{hi:7.3f}] "
+            vs = f"dNLL {v['nll_diff']:+.3f} ({v['nll_p_text']}), dacc {v['accuracy_diff']:+.3f} ({v['accuracy_p_text']})"
+        lines.append(f"{e['name']:{w}} {e['n']:>5} {e['nll']:8.3f} [{lo:7.3f},{hi:7.3f}] "
                      f"{e['accuracy']:6.3f} [{alo:5.3f},{ahi:5.3f}]  {vs}")
         if "breakdown" in e:
             cells = ", ".join(f"{g['value']}: {g['accuracy']:.2f}" for g in e["breakdown"]["groups"])
-            lines.append(f"{'':28} accuracy by {e['breakdown']['by']}: {cells}")
+            lines.append(f"{'':{w}} accuracy by {e['breakdown']['by']}: {cells}")
     return "\n".join(lines)
 
 

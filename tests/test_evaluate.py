@@ -122,3 +122,40 @@ def test_evaluation_figure_shows_every_spec_and_group():
     assert len(bars.patches) == 2 * 4                      # 2 specs x 4 gold positions
     assert [t.get_text() for t in bars.get_xticklabels()] == ["0", "1", "2", "3"]
     assert [t.get_text() for t in nll.get_yticklabels()] == ["causal", "isolated"]
+
+
+# ---------------------------------------------------------------- statistics at the edges
+def test_proportions_get_wilson_intervals_that_do_not_collapse_at_zero():
+    from maskstudio.evaluate import wilson_ci
+
+    lo, hi = wilson_ci(0, 128)
+    assert lo == 0.0 and 0.028 < hi < 0.03          # the exact 95% upper bound is 2.8%
+    lo, hi = wilson_ci(128, 128)
+    assert hi == 1.0 and 0.97 < lo < 0.972
+    lo, hi = wilson_ci(32, 64)
+    assert lo < 0.5 < hi and hi - lo == pytest.approx(0.2378, abs=2e-3)
+
+
+def test_sign_flip_is_exact_by_enumeration_for_small_n_and_a_bound_at_the_floor():
+    import itertools
+
+    from maskstudio.evaluate import p_text, sign_flip
+
+    diffs = [0.3, -0.1, 0.5, 0.2, 0.0, 0.7, -0.2, 0.4]
+    want = sum(abs(sum(s * d for s, d in zip(signs, diffs))) >= abs(sum(diffs)) - 1e-9
+               for signs in itertools.product((-1, 1), repeat=len(diffs))) / 2 ** len(diffs)
+    test = sign_flip(diffs)
+    assert test["exact"] and test["p"] == pytest.approx(want)
+    assert p_text(test).startswith("p=")
+    big = sign_flip([1.0] * 40)                      # no random pattern reaches it: only a bound
+    assert not big["exact"] and big["floor"] and p_text(big) == "p<1e-04"
+    assert sign_flip([0.0, 0.0]) == {"p": 1.0, "exact": True, "floor": False}
+
+
+def test_report_shows_whole_names_and_honest_p_values():
+    from maskstudio.evaluate import report, summarize
+
+    rows = lambda acc: [{"id": i, "nll": 1.0 - 0.01 * a, "correct": bool(a), "meta": {}} for i, a in enumerate(acc)]
+    long = "design: a name much longer than twenty-eight characters"
+    text = report(summarize(["base", long], {"base": rows([0] * 30), long: rows([1] * 30)}, None))
+    assert long in text and "p<1e-04" in text and "[0.000,0.114]" in text
