@@ -139,6 +139,6 @@ class Interval:
         return Tri(must, may)
 
     def __ne__(self, other):  # type: ignore[override]
-        return ~(self == other)
+        return (self == other).negate()  # a method, not `~`: torch.compile traces it without a graph break
 
     __hash__ = None  # type: ignore[assignment]
