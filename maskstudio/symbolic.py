@@ -11,6 +11,7 @@ import torch
 
 from . import expr
 from .expr import E, param, var
+from .tokens import grid_coordinates
 
 
 # ---------------------------------------------------------------- symbolic token views
@@ -61,15 +62,11 @@ def _attribute(seg: dict, s: int, side: str, name: str, user: frozenset):  # noq
         return LOOKUP if name in seg.get("attrs", {}) else expr.const(-1)
     if kind == "grid3" or kind == "grid2":
         hw, h, w = param("hw", s), param("h", s), param("w", s)
-        t = local // hw if kind == "grid3" else expr.const(0)
-        # one division per coordinate, not two: a division by a runtime size is the costly
-        # instruction on the GPU (t * hw <= local and row * w <= cell: no 64-bit products)
-        cell = local - expr.bounded_mul(t, hw) if kind == "grid3" else local
-        row = cell // w
-        col = cell - expr.bounded_mul(row, w)
-        ring = expr.minimum(expr.minimum(row, col), expr.minimum(h - 1 - row, w - 1 - col))
-        table = {"t": t, "cell": cell, "row": row, "col": col, "ring": ring, "height": h, "width": w,
-                 "frames": param("frames", s), "frame": t + f0}
+        # the token table's own formulas (tokens.grid_coordinates); t * hw <= local and row * w <= cell,
+        # so the products are bounded (no 64-bit arithmetic)
+        c = grid_coordinates(local, h, w, hw, kind == "grid3", expr.bounded_mul, expr.minimum)
+        t = expr.const(c["t"])
+        table = {**c, "t": t, "height": h, "width": w, "frames": param("frames", s), "frame": t + f0}
     elif kind == "frames":
         table = {"t": LOOKUP, "frame": LOOKUP, "cell": local, "row": expr.const(0), "col": local,
                  "ring": expr.const(-1), "height": expr.const(1), "width": param("len", s),

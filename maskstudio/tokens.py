@@ -56,17 +56,29 @@ class TokenTable:
         return f"{self.names[seg]}[{i - self.starts[seg]}]"
 
 
+def grid_coordinates(local, h, w, hw, video: bool, mul=lambda a, b: a * b, minimum=torch.minimum) -> dict:
+    """Frame t, cell, row, col and the concentric ring (CCA) of grid tokens from their index inside
+    the segment: the one definition, run on tensors here and on symbolic expressions by the spec
+    compiler (symbolic.py, which passes its own product and minimum). One division per
+    coordinate: a division by a runtime size is the costly instruction on a GPU."""
+    t = local // hw if video else 0
+    cell = local - mul(t, hw) if video else local
+    row = cell // w
+    col = cell - mul(row, w)
+    ring = minimum(minimum(row, col), minimum(h - 1 - row, w - 1 - col))
+    return {"t": t, "cell": cell, "row": row, "col": col, "ring": ring}
+
+
 def _segment_columns(seg: dict, n: int) -> dict[str, torch.Tensor]:
     """Per-segment attribute columns (frame-in-segment t, row, col, cell, ring)."""
     local = torch.arange(n)
     if "grid" in seg:
         grid = seg["grid"]
         T, H, W = ([1] + grid) if len(grid) == 2 else grid
-        t, rem = local // (H * W), local % (H * W)
-        row, col = rem // W, rem % W
-        ring = torch.minimum(torch.minimum(row, col), torch.minimum(H - 1 - row, W - 1 - col))
-        return {"t": t, "row": row, "col": col, "cell": rem, "ring": ring, "frames": torch.full((n,), T),
-                "height": torch.full((n,), H), "width": torch.full((n,), W)}
+        c = grid_coordinates(local, H, W, H * W, video=len(grid) == 3)
+        t = c["t"] if len(grid) == 3 else torch.zeros(n, dtype=torch.long)
+        return {**c, "t": t, "frames": torch.full((n,), T), "height": torch.full((n,), H),
+                "width": torch.full((n,), W)}
     if "frames" in seg:
         counts = torch.tensor(seg["frames"])
         t = torch.repeat_interleave(torch.arange(len(counts)), counts)
