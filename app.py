@@ -46,7 +46,7 @@ STALE = "⚠ **The pictures show the last valid design**: the edit has an error 
 
 
 def _error_md(error: str) -> str:
-    return f"⚠ {error}" if error else ""
+    return f"⚠ {studio.plain_text(error)}" if error else ""
 
 
 def _said(out: dict, *keys) -> list:
@@ -105,7 +105,7 @@ def edit_handler(edit, n_inputs: int, box: str, keep_tables=False):
     whatever goes wrong, the last good design stays and the error is shown next to `box`."""
     def handler(state, *args):
         try:
-            new, error = edit(state, *args[:n_inputs])
+            new, error = edit(state, *studio.plain_text(args[:n_inputs]))
             return _design(new, error, _view_opts(*args[n_inputs:]), box, keep_tables,
                            old=studio.current(state))
         except Exception as err:  # noqa: BLE001 -- a bug must not leave the page in "Error"
@@ -142,7 +142,7 @@ def total(n_outputs: int, error_at: int | None):
         def handler(*args, **kwargs):
             try:
                 with studio.session(gr.context.LocalContext.request.get(None)):  # its files count against the session's budget
-                    return fn(*args, **kwargs)
+                    return fn(*studio.plain_text(args), **kwargs)
             except Exception as err:  # noqa: BLE001
                 log.exception("%s failed", fn.__name__)
                 out = [gr.skip()] * n_outputs

@@ -81,6 +81,18 @@ def test_lone_surrogates_are_one_line_json_safe_errors_in_the_app():
         error.encode("utf-8")  # what Gradio sends as JSON: no surrogate left in the line
 
 
+def test_api_inputs_that_are_not_text_are_made_text():
+    """app.py passes every handler input through plain_text: a lone surrogate sent as a JSON escape
+    through the API becomes U+FFFD, so it reaches no tokenizer (a TypeError before) or error line."""
+    assert budget.plain_text(["a\ud800", ("b", "\udfff"), [["c\udc00"]], 3]) == ["a\ufffd", ("b", "\ufffd"), [["c\ufffd"]], 3]
+    assert budget.plain_text(None) is None
+
+
+def test_compare_with_an_unknown_design_names_no_server_folder():
+    error = studio.compare_static(studio.new_state(), "nope")["error"]
+    assert one_clean_line(error) and "no preset named 'nope'" in error and str(ROOT) not in error
+
+
 def test_os_errors_are_said_without_server_paths():
     err = OSError(36, "File name too long", "/tmp/maskstudio-app-x/export/abc/" + "n" * 300 + ".json")
     line = budget.disk_error_line(err)

@@ -18,8 +18,8 @@ from .actions import (EXPORT_FORMATS, HELP, assign_images, attention_for_state, 
                       app_message, compare_static, evaluate_for_state, export_file, export_for_state, export_spec, get_run, knockout_sweep,
                       focus_for_state, focus_pictures, model_name, overlay_for_state, overlay_pictures, run_download,
                       run_files, run_model, run_outputs, spec_b, token_choices)
-from .budget import (BudgetError, deep_bytes, end_session, folder_bytes, image_problem, safe_stem, session,
-                     session_folder)
+from .budget import (BudgetError, deep_bytes, end_session, folder_bytes, image_problem, plain_text, safe_stem,
+                     session, session_folder)
 from .examples import example_text, examples_note, needs_examples, run_blocker, with_examples
 from .pictures import (BLOCK_SIZES, DPI, TOKEN_FLOW_READABLE, VIEWS, Cache, block_view, analysis_for, check_text, controls, density_rows, design_views, figure_png,
                        size_warning,

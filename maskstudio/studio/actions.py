@@ -28,7 +28,7 @@ from .budget import (BudgetError, deep_bytes, disk_error_line, image_problem, re
 from .examples import examples_note, run_blocker, with_examples
 from .pictures import (VIEWS, Cache, analysis_for, digest, figure_png, picture_spec, render_views,
                        sweep_workdir, tokenizer_at_hand)
-from .state import current, one_line, snapshot
+from .state import current, one_line, preset_names, snapshot
 from .tables import parse_token
 
 EXPORT_FORMATS = {"json": ".json", "flex": "_flex.py", "npy": "_mask.npy", "positions": "_positions.npy",
@@ -489,6 +489,8 @@ def spec_b(state: dict, choice: str) -> Spec:
         return snapshot(state)
     from ..presets import load_preset
 
+    if choice not in preset_names():  # the library's error names the preset folder: not for the web
+        raise SpecError("compare", f"no preset named '{choice}'; pick one from the list")
     return load_preset(choice)
 
 

@@ -85,6 +85,20 @@ def shown(text, limit: int = 60) -> str:
     return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
+_LONE = re.compile("[\ud800-\udfff]")
+
+
+def plain_text(value):
+    """`value` with lone surrogates replaced by U+FFFD in a string, or in the strings of a list or
+    tuple: what a client sends through the API that is not text reaches no tokenizer, file or
+    message (JSON cannot carry it back)."""
+    if isinstance(value, str):
+        return _LONE.sub("\ufffd", value)
+    if isinstance(value, (list, tuple)):
+        return type(value)(plain_text(v) for v in value)
+    return value
+
+
 def disk_error_line(err: OSError) -> str:
     """A failed write as one line without the server's paths (the OS names them in str(err))."""
     reason = err.strerror or type(err).__name__
