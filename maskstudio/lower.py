@@ -284,7 +284,7 @@ class Lowered:
         specs = [x if hasattr(x, "table") else self.spec.with_sizes(x) for x in layouts]
         for sp in specs:
             if _signature(sp) != _signature(self.spec):
-                raise SpecError("layouts", "every layout of a batch must have this design's segments and rules")
+                raise ValueError("layouts: every layout of a batch must have this design's segments and rules")
         return _with_layouts(self.fitted(specs), specs, batched=True)
 
     def fitted(self, specs: list) -> "Lowered":
@@ -355,7 +355,7 @@ def _require_baked(low: Lowered, specs: list) -> None:
     """Layouts sharing a kernel with constant grid sides must have those sides."""
     for sp in specs:
         if any(param_value(sp.table, k) != v for k, v in low.baked):
-            raise SpecError("layouts", "this mask has its grid sides compiled in (with_constant_grids); "
+            raise ValueError("layouts: this mask has its grid sides compiled in (with_constant_grids); "
                             "every layout must keep them, or lower without constant grids")
 
 
@@ -410,7 +410,7 @@ def _tables(root: E, specs: list) -> tuple:
     if not names:
         return ()
     if any(sp.to_dict() != specs[0].to_dict() for sp in specs[1:]):
-        raise SpecError("layouts", f"attributes {names} are per-token lookups; a batch needs equal layouts")
+        raise ValueError(f"layouts: attributes {names} are per-token lookups; a batch needs equal layouts")
     return tuple((a, table_column(specs[0].table, a)) for a in names)
 
 

@@ -237,10 +237,10 @@ def _packed(designs: Designs, rows: torch.Tensor, specs: list, length: int | Non
     total = sum(sizes)
     length = length or total
     if length < total:
-        raise SpecError("length", f"{total:,} packed tokens do not fit in {length:,}")
+        raise ValueError(f"length: {total:,} packed tokens do not fit in {length:,}")
     cap = capacity or len(sizes)
     if cap < len(sizes):
-        raise SpecError("capacity", f"{len(sizes)} documents do not fit in {cap} document slots")
+        raise ValueError(f"capacity: {len(sizes)} documents do not fit in {cap} document slots")
     spare = cap - len(sizes) + 1  # empty documents, then the padding: they read the last document's sizes
     params = torch.cat([rows, rows[-1:].expand(spare, -1)])
     ends = torch.tensor(sizes).cumsum(0).tolist()
@@ -259,10 +259,10 @@ def pack(low, layouts: list, length: int | None = None, capacity: int | None = N
     """Pack layouts (size dicts or Specs) of `low`'s design into one row (padded to `length`)."""
     specs = [x if hasattr(x, "table") else low.spec.with_sizes(x) for x in layouts]
     if not specs:
-        raise SpecError("layouts", "give at least one layout to pack")
+        raise ValueError("layouts: give at least one layout to pack")
     for sp in specs:
         if _signature(sp) != _signature(low.spec):
-            raise SpecError("layouts", "every packed layout must have this design's segments and rules; "
+            raise ValueError("layouts: every packed layout must have this design's segments and rules; "
                             "pack different designs with pack_designs")
         _no_cross(sp)
     fitted = [low.fitted(specs)]  # one expression that fits every layout (int width, divisions)
@@ -276,7 +276,7 @@ def pack_designs(specs: list, length: int | None = None, layer: int = 0, capacit
     with room for `capacity` documents; layouts of one design share its expression. window: a
     model's own sliding window, folded in."""
     if not specs:
-        raise SpecError("layouts", "give at least one layout to pack")
+        raise ValueError("layouts: give at least one layout to pack")
     groups: dict = {}
     order = []
     for sp in specs:
