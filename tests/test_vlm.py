@@ -365,3 +365,25 @@ def test_every_image_and_video_preset_runs_or_is_refused_with_a_reason(tiny, nam
         model_cannot = scheme in ("grid", "mrope") and ("1-D RoPE" in why or "diffusion" in why)
         ids_do_not_fit = scheme == "explicit" and "positions.ids" in why
         assert model_cannot or ids_do_not_fit, (preset, why)
+
+
+def test_oversized_images_are_refused_from_their_header_before_decoding(tmp_path):
+    """`maskstudio run --image` and the library: a small PNG that would decode to hundreds of MB is
+    refused by its header (knobs.IMAGE_MAX_PIXELS), in one line naming the limit."""
+    import tracemalloc
+
+    from PIL import Image
+
+    from maskstudio import knobs
+    from maskstudio.run.vision import as_frames
+
+    path = tmp_path / "bomb.png"
+    Image.new("L", (9400, 9400)).save(path, optimize=True)
+    assert path.stat().st_size < 400_000
+    tracemalloc.start()
+    with pytest.raises(RunError, match=f"over the limit of {knobs.IMAGE_MAX_PIXELS:,} pixels") as err:
+        as_frames(str(path))
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 16 << 20 and len(str(err.value).splitlines()) == 1
+    assert len(as_frames(Image.new("RGB", (64, 48)))) == 1

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .. import knobs
 from ..errors import RunError
 from ..spec import Spec
 from .attention import ATTN_NAME, attn_impl
@@ -49,17 +50,26 @@ def _open(item):
         item = item.path
     if isinstance(item, (str, os.PathLike)):
         try:
-            return Image.open(item)
-        except (OSError, ValueError) as err:
-            raise RunError(f"cannot open image '{item}': {err}") from None
+            return _within_pixels(Image.open(item), item)  # the header only: nothing decoded yet
+        except (OSError, ValueError, Image.DecompressionBombError) as err:
+            raise RunError(f"cannot open image '{item}': {str(err).splitlines()[0][:200]}") from None
     if isinstance(item, Image.Image):
-        return item
+        return _within_pixels(item, "image")
     import numpy as np
 
     try:
         return Image.fromarray(np.asarray(item).astype("uint8"))
     except (TypeError, ValueError):
         raise RunError(f"not an image: {type(item).__name__}; give a PIL image, a path or an array") from None
+
+
+def _within_pixels(img, name):
+    """The image, or RunError when its header says it has more than knobs.IMAGE_MAX_PIXELS pixels
+    (a small file can decode to gigabytes)."""
+    if img.width * img.height > knobs.IMAGE_MAX_PIXELS:
+        raise RunError(f"image '{name}' is {img.width} x {img.height} pixels, over the limit of "
+                       f"{knobs.IMAGE_MAX_PIXELS:,} pixels per image (knobs.IMAGE_MAX_PIXELS); downscale it")
+    return img
 
 
 def as_frames(x) -> list:
