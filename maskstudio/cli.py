@@ -130,7 +130,8 @@ def cmd_eval(args) -> int:
 # `train` flags and their defaults: a resumed run takes every flag not given from its config.json
 TRAIN_DEFAULTS = {"model": None, "task": "kv_retrieval", "data": None, "steps": 100, "lr": 1e-4, "seed": 0,
                   "batch": 8, "n_train": 256, "lora": False, "objective": "next_token", "loss_on": None,
-                  "eval_every": 0, "eval_n": 64, "warmup": 0, "save_every": 0, "backend": None, "pack_tokens": 0}
+                  "eval_every": 0, "eval_n": 64, "warmup": 0, "save_every": 0, "backend": None, "pack_tokens": 0,
+                  "eval_data": None}
 
 
 def cmd_train(args) -> int:
@@ -166,7 +167,7 @@ def _train_new(args, given: dict) -> None:
                   seed=opts["seed"], batch=opts["batch"], lora=opts["lora"], objective=opts["objective"],
                   out_dir=args.out, loss_on=opts["loss_on"], n_train=opts["n_train"], backend=opts["backend"],
                   warmup=opts["warmup"], save_every=opts["save_every"], progress=not args.quiet,
-                  pack_tokens=opts["pack_tokens"])
+                  pack_tokens=opts["pack_tokens"], eval_data=opts["eval_data"])
     if args.no_baseline:
         fitted = train(spec, eval_every=opts["eval_every"], eval_n=opts["eval_n"], eval_spec=args.eval_spec, **common)
         _report_fit(fitted, args.out)
@@ -234,7 +235,9 @@ def build_parser() -> argparse.ArgumentParser:
     d = TRAIN_DEFAULTS  # flags default to None: `--resume` tells a flag given from one left out
     p.add_argument("--model", help="hub id, tiny-llama (random, for tests), default embedded SmolLM2")
     p.add_argument("--task", help=f"generated task to train and evaluate on (default {d['task']})")
-    p.add_argument("--data", help="your own training examples, JSONL (as for eval)")
+    p.add_argument("--data", help="your own training examples, JSONL (as for eval); without --eval-data a "
+                                  "seeded fifth is held out for evaluation and never trained on")
+    p.add_argument("--eval-data", help="held-out evaluation examples, JSONL (then all of --data trains)")
     p.add_argument("--steps", type=int, help=f"optimizer steps in all (default {d['steps']})")
     p.add_argument("--lr", type=float, help=f"learning rate (default {d['lr']})")
     p.add_argument("--seed", type=int, help="seed of data order, corruption and init (default 0)")

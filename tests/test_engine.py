@@ -77,3 +77,32 @@ def test_generation_region_that_sees_itself_both_ways_recomputes(tiny):
     again = R.run(spec, tiny, max_new_tokens=4, use_cache=False, attentions=False)
     assert any("KV cache not used" in n for n in kv.notes)
     assert kv.new_ids == again.new_ids
+
+
+def test_attention_dropout_is_honoured_on_eager_and_refused_on_flex():
+    """transformers hands the model's attention dropout to the attention function in training:
+    the eager path applies it (two training forwards differ, eval forwards do not), FlexAttention has
+    no dropout and says so in one line instead of silently dropping it."""
+    from maskstudio.errors import RunError
+    from maskstudio.run.attention import ATTN_NAME, attn_impl
+
+    lm = tiny_lm(layers=1, heads=2)
+    lm.model.config.attention_dropout = 0.5
+    for layer in lm.model.model.layers:
+        layer.self_attn.attention_dropout = 0.5
+    spec = Spec.load({"segments": [{"name": "a", "length": 12}]})
+    ids = torch.arange(3, 15)[None]
+
+    def logits(backend):
+        ctx = MaskContext(spec, 2, backend, record=False)
+        with attn_impl(lm.model, ATTN_NAME):
+            return lm.model(input_ids=ids, use_cache=False, **{ATTN_NAME: ctx}).logits
+
+    register()
+    lm.model.eval()
+    assert torch.equal(logits("eager"), logits("eager"))
+    lm.model.train()
+    torch.manual_seed(0)
+    assert not torch.allclose(logits("eager"), logits("eager"))
+    with pytest.raises(RunError, match="attention dropout"):
+        logits("flex")

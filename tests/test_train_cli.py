@@ -163,3 +163,42 @@ def test_save_every_saves_only_every_kth_step(tmp_path):
                  "--out", str(out)]) == 0
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000002", "step-000004", "step-000005"]
     assert not list(out.rglob("*.pt")) and not list(out.rglob("*.bin"))
+
+
+def _data_file(tmp_path, n=10):
+    path = tmp_path / "data.jsonl"
+    rows = [{"texts": {f"doc{j}": f"key {i}.{j} is {i * j}" for j in range(4)} |
+             {"instruction": "Answer.", "question": f"key {i}.1?"},
+             "target": str(i)} for i in range(n)]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+def test_data_files_hold_out_a_seeded_share_that_training_never_sees(tmp_path):
+    from maskstudio.train.data import held_out, train_examples
+
+    data = str(_data_file(tmp_path))
+    trained = {ex.id for ex in train_examples(None, data, 256, seed=3)}
+    held = {ex.id for ex in held_out(None, 64, 3, len(trained), data)}
+    assert held and trained and not (held & trained) and held | trained == set(range(10)) and len(held) == 2
+    assert {ex.id for ex in train_examples(None, data, 256, seed=3, eval_data=data)} == set(range(10))
+    one = tmp_path / "one.jsonl"
+    one.write_text(_data_file(tmp_path, 1).read_text())
+    with pytest.raises(ValueError, match="nothing is left to hold out"):
+        train_examples(None, str(one), 256, 0)
+
+
+def test_cli_compare_on_data_scores_held_out_examples_and_saves_them(tmp_path):
+    data = _data_file(tmp_path)
+    out = tmp_path / "cmp"
+    assert main(["train", str(_spec_file(tmp_path)), *RUN, "--steps", "1", "--data", str(data), "--out", str(out)]) == 0
+    scores = json.loads((out / "scores.json").read_text())
+    ids = {r["id"] for rows in scores["after"].values() for r in rows}
+    assert len(ids) == 2 and json.loads((out / "design" / "config.json").read_text())["examples"] == 8
+    evals = tmp_path / "evals.jsonl"
+    evals.write_text(data.read_text())
+    out2 = tmp_path / "cmp2"
+    assert main(["train", str(_spec_file(tmp_path)), *RUN, "--steps", "1", "--data", str(data), "--eval-data",
+                 str(evals), "--eval-n", "3", "--out", str(out2)]) == 0
+    assert json.loads((out2 / "design" / "config.json").read_text())["examples"] == 10
+    assert {r["id"] for r in json.loads((out2 / "scores.json").read_text())["after"]["causal baseline"]} == {0, 1, 2}

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..errors import RunError
 from ..knobs import FLEX_BLOCK
 from ..lower_packed import DocumentRow
 
@@ -84,11 +85,14 @@ def masked_attention(module, query, key, value, attention_mask, scaling=None, dr
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
     window, softcap = kwargs.get("sliding_window"), kwargs.get("softcap")
     if ctx.backend == "flex" and n_q == n_k and not ctx.record:
+        if dropout:
+            raise RunError(f"the model's attention dropout ({dropout}) has no FlexAttention form; set "
+                           "config.attention_dropout = 0 or train with backend='eager'")
         return _flex_attention(ctx, layer, query, key, value, scaling, window, softcap)
-    return _eager_attention(ctx, layer, query, key, value, scaling, window, softcap)
+    return _eager_attention(ctx, layer, query, key, value, scaling, window, softcap, dropout)
 
 
-def _eager_attention(ctx, layer, query, key, value, scaling, window, softcap):
+def _eager_attention(ctx, layer, query, key, value, scaling, window, softcap, dropout=0.0):
     n_q, n_k = query.shape[-2], key.shape[-2]
     mask = ctx.dense(layer, n_k - n_q, query.device)
     if window:  # the layer's own sliding window, same rule as transformers: q - kv < window
@@ -105,6 +109,8 @@ def _eager_attention(ctx, layer, query, key, value, scaling, window, softcap):
     probs = torch.where(mask.any(-1, keepdim=True), probs, 0.0)  # a row that sees nothing -> zeros, not NaN
     if ctx.record:
         ctx.probs[layer] = probs[0].to(torch.float16)
+    if dropout:  # the model's attention dropout (transformers passes 0 outside training), as eager does
+        probs = torch.nn.functional.dropout(probs, p=dropout, training=True)
     out = torch.matmul(probs.to(value.dtype), value).transpose(1, 2).contiguous()
     return out, None
 

@@ -80,11 +80,11 @@ def _resumed(spec, resume, given: dict, defaults: dict, override: bool) -> tuple
 
 
 def prepare_training(spec, model=None, task: str | None = "kv_retrieval", data: str | None = None,
-                     n_train: int = 256, seed: int = 0, loss_on=None, device=None):
+                     n_train: int = 256, seed: int = 0, loss_on=None, device=None, eval_data: str | None = None):
     """(spec, source LoadedModel, examples, items): the examples tokenized under `spec`."""
     spec = as_spec(spec)
     src = source_model(model, device)
-    examples = train_examples(task, data, n_train, seed)
+    examples = train_examples(task, data, n_train, seed, eval_data)
     return spec, src, examples, encode_all(spec, examples, src, loss_on)
 
 
@@ -93,7 +93,7 @@ def train(spec, model=None, task: str | None = "kv_retrieval", data: str | None 
           eval_every: int = 0, eval_n: int = 32, out_dir: str | None = None, resume=None, loss_on=None,
           n_train: int = 256, eval_spec=None, backend: str | None = None, device=None, warmup: int = 0,
           save_every: int = 0, max_memory: int | None = None, progress: bool = True, on_step=None,
-          pack_tokens: int = 0, override: bool = False, _prepared=None) -> Fit:
+          pack_tokens: int = 0, eval_data: str | None = None, override: bool = False, _prepared=None) -> Fit:
     """Fine-tune `model` (LoadedModel, "tiny-llama", hub id, None = embedded SmolLM2-135M) under
     `spec` on a generated `task` (evaluate.TASKS) or your `data` JSONL. The model given is never
     modified: a private copy is trained and returned in `Fit.lm`. `on_step(record)` sees every
@@ -109,26 +109,27 @@ def train(spec, model=None, task: str | None = "kv_retrieval", data: str | None 
         given = {arg: value for arg, value in locals().items() if arg in _RESUMABLE}
         spec, settings, folder = _resumed(spec, resume, given, _DEFAULTS, override)
         model, task, data, lr, seed, batch, lora, objective, loss_on, n_train, eval_every, eval_n, warmup, \
-            save_every, pack_tokens, backend = (settings[k] for k in _RESUMABLE)
+            save_every, pack_tokens, backend, eval_data = (settings[k] for k in _RESUMABLE)
         out_dir = out_dir or str(folder)
     _check(steps, lr, batch, n_train, save_every=save_every, eval_every=eval_every, warmup=warmup,
            eval_n=eval_n, pack_tokens=pack_tokens)
     if objective not in OBJECTIVES:
         raise ValueError(f"unknown objective '{objective}'; use one of {', '.join(OBJECTIVES)}")
-    spec, src, examples, items = _prepared or prepare_training(spec, model, task, data, n_train, seed, loss_on, device)
+    spec, src, examples, items = _prepared or prepare_training(spec, model, task, data, n_train, seed, loss_on, device,
+                                                               eval_data)
     lm, module = trainable_copy(src, lora, seed)
-    eval_examples = held_out(task, eval_n, seed, len(examples)) if (eval_every and task and not data) else (
-        examples[:eval_n] if eval_every else None)
+    eval_examples = held_out(task, eval_n, seed, len(examples), data, eval_data) if eval_every else None
     config = {"spec": spec.name, "model": src.name, "model_id": model if isinstance(model, str) else model_id(src),
               "task": None if data else task, "data": data, "steps": steps,
               "lr": lr, "seed": seed, "batch": batch, "lora": lora, "objective": objective, "loss_on": loss_on,
               "n_train": n_train, "examples": len(examples), "eval_every": eval_every, "eval_n": eval_n,
               "warmup": warmup, "save_every": save_every, "pack_tokens": pack_tokens, "backend": backend,
+              "eval_data": eval_data,
               "resumed_from": str(latest_checkpoint(resume)) if resume else None}
     return fit(spec, lm, module, items, steps=steps, lr=lr, seed=seed, batch=batch, objective=objective,
                warmup=warmup, eval_every=eval_every, eval_examples=eval_examples,
                eval_spec=as_spec(eval_spec) if eval_spec is not None else None,
-               breakdown=None if data else TRAIN_BREAKDOWN.get(task),
+               breakdown=None if (data or eval_data) else TRAIN_BREAKDOWN.get(task),
                out_dir=out_dir, save_every=save_every, resume=resume, backend=backend, max_memory=max_memory,
                progress=progress, config=config, desc=f"training {spec.name}", on_step=on_step,
                pack_tokens=pack_tokens)
@@ -151,22 +152,18 @@ def compare(spec, model=None, task: str | None = "kv_retrieval", data: str | Non
     design_eval = as_spec(eval_spec) if eval_spec is not None else spec
     base_eval = causal_twin(design_eval, "causal baseline") if eval_spec is not None else base
     src = source_model(model, kwargs.get("device"))
-    examples = train_examples(task, data, n_train, seed)
+    examples = train_examples(task, data, n_train, seed, eval_data)
     out = Path(out_dir) if out_dir else None
     fits = {}
     for label, s, obj in (("baseline", base, "next_token"), ("design", spec, objective)):
         items = encode_all(s, examples, src, loss_on)
         fits[label] = train(s, src, task, data, steps=steps, lr=lr, seed=seed, batch=batch, lora=lora,
                             objective=obj, out_dir=str(out / label) if out else None, loss_on=loss_on,
-                            n_train=n_train, progress=progress, _prepared=(s, src, examples, items), **kwargs)
+                            n_train=n_train, progress=progress, eval_data=eval_data,
+                            _prepared=(s, src, examples, items), **kwargs)
     if dist_info()[0] != 0:
         return None  # other torchrun ranks: training only; rank 0 evaluates
-    if eval_data:
-        from ..evaluate import load_jsonl
-
-        held = load_jsonl(eval_data)[:eval_n]
-    else:
-        held = held_out(task, eval_n, seed, len(examples)) if not data else examples[:eval_n]
+    held = held_out(task, eval_n, seed, len(examples), data, eval_data)
     breakdown = TRAIN_BREAKDOWN.get(task) if not (data or eval_data) else None
     rows = {"before": {}, "after": {}}
     names = ["causal baseline", f"design: {spec.name}"]
@@ -187,6 +184,8 @@ def compare(spec, model=None, task: str | None = "kv_retrieval", data: str | Non
              "pack_tokens": kwargs.get("pack_tokens", 0)},
             indent=1, default=str) + "\n")
         (out / "comparison.txt").write_text(text + "\n")
+        # per-example scores, so every interval and p-value can be recomputed from the folder
+        (out / "scores.json").write_text(json.dumps(rows, indent=1, default=str) + "\n")
     return result
 
 

@@ -99,11 +99,27 @@ def fact_specs(task: str = "parent_facts") -> dict:
     }
 
 
-def train_examples(task: str | None, data: str | None, n: int, seed: int) -> list[Example]:
+HOLDOUT_SHARE = 5  # a --data file without --eval-data keeps 1 in this many examples out of training
+
+
+def split_examples(examples: list[Example], seed: int, path: str = "data") -> tuple[list, list]:
+    """(training, held-out) examples of one file: a seeded 1/HOLDOUT_SHARE (at least one) is held
+    out, so evaluation never scores an example the model was trained on."""
+    if len(examples) < 2:
+        raise RunError(f"{path} has {len(examples)} example: nothing is left to hold out for evaluation; "
+                       "give more examples, or --eval-data FILE")
+    g = torch.Generator().manual_seed(seed * 1_000_003 + 17)
+    held = set(torch.randperm(len(examples), generator=g)[:max(1, len(examples) // HOLDOUT_SHARE)].tolist())
+    return ([ex for i, ex in enumerate(examples) if i not in held], [ex for i, ex in enumerate(examples) if i in held])
+
+
+def train_examples(task: str | None, data: str | None, n: int, seed: int, eval_data: str | None = None) -> list[Example]:
     """Training examples: a generated task (its own seed stream, disjoint from evaluation's
-    `make_examples(task, n, seed)`), a fact task, or your JSONL file (see evaluate.load_jsonl)."""
+    `make_examples(task, n, seed)`), a fact task, or your JSONL file (see evaluate.load_jsonl),
+    less its held-out share unless `eval_data` holds the evaluation examples."""
     if data:
-        return load_jsonl(data)
+        examples = load_jsonl(data)
+        return examples if eval_data else split_examples(examples, seed, data)[0]
     if task in FACT_TASKS:
         return FACT_TASKS[task][0](n, seed)
     if task not in TASKS:
@@ -111,9 +127,15 @@ def train_examples(task: str | None, data: str | None, n: int, seed: int) -> lis
     return [TASKS[task](random.Random(f"{task}:train:{seed}:{i}"), i) for i in range(n)]
 
 
-def held_out(task: str, n: int, seed: int, n_train: int) -> list[Example]:
-    """Evaluation examples: a generated task's own (evaluate.make_examples, a disjoint stream), or
-    for a fact task questions about the facts trained on."""
+def held_out(task: str | None, n: int, seed: int, n_train: int, data: str | None = None,
+             eval_data: str | None = None) -> list[Example]:
+    """Evaluation examples: `eval_data`'s, a `data` file's held-out share (split_examples), a
+    generated task's own (evaluate.make_examples, a disjoint stream), or for a fact task questions
+    about the facts trained on. Never the training examples."""
+    if eval_data:
+        return load_jsonl(eval_data)[:n]
+    if data:
+        return split_examples(load_jsonl(data), seed, data)[1][:n]
     if task in FACT_TASKS:
         return FACT_TASKS[task][1](n_train, n, seed)
     return make_examples(task, n, seed)

@@ -200,7 +200,7 @@ def load_checkpoint(path: Path, opt, params: dict, device) -> dict:
 RESUMED = {"model_id": "model", "task": "task", "data": "data", "lr": "lr", "seed": "seed", "batch": "batch",
            "lora": "lora", "objective": "objective", "loss_on": "loss_on", "n_train": "n_train",
            "eval_every": "eval_every", "eval_n": "eval_n", "warmup": "warmup", "save_every": "save_every",
-           "pack_tokens": "pack_tokens", "backend": "backend"}
+           "pack_tokens": "pack_tokens", "backend": "backend", "eval_data": "eval_data"}
 
 
 def run_folder(resume) -> Path:
