@@ -26,6 +26,7 @@ PICTURE_DENSE_MAX = 4096  # pictures, flow and reachability: dense [N, N] below,
 
 # limits on a spec (validation refuses past them, with a one-line error naming the field)
 MAX_TOKENS = 1 << 19      # tokens in a layout (Spec.load(max_tokens=...) raises or lowers it)
+TOKENS_CEILING = 1 << 25   # max_tokens may be raised up to this (the token table costs ~128 bytes a token)
 MAX_SEGMENTS = 4096       # segments in a layout
 MAX_LAYERS = 1024         # layer indices in `layers` (rules apply to layers 0 .. MAX_LAYERS-1)
 MAX_HEADS = 1024          # head indices in `heads`

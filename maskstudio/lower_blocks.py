@@ -358,15 +358,16 @@ def _graph_indices(low, block: int, length: int, heads: int, stage) -> tuple:
 
 def build_block_mask(low, block_size: int = 128, device=None, num_heads: int | None = None,
                      length: int | None = None, compiled: bool | None = None, graph: bool | None = None):
-    """torch BlockMask [B, H, T, T] of a lowered layer (H = 1 unless the rules switch on heads).
+    """torch BlockMask [B, H, T, T] of a lowered layer (H = num_heads when given, else 1 unless the
+    rules switch on heads).
     compiled: the token stage through torch.compile; graph: the whole build as a replayed CUDA
     graph (both default on CUDA)."""
     device = torch.device(device or low.params.device)
     length = length or low.n
     if length < low.n:
         raise ValueError(f"length {length} is shorter than the layout ({low.n} tokens)")
-    if length > low.n and not (low.padded or low.batched):
-        low = low.padded_to(True)
+    if length > low.n and not low.batched:
+        low = low.padded_to(True, length=length)  # per-token tables too: the kernel reads padded indices
     low = low.on(device)
     heads = 1
     if compiled is None:
@@ -385,4 +386,6 @@ def build_block_mask(low, block_size: int = 128, device=None, num_heads: int | N
         full, partial, _ = block_states(low, low.params, dict(low.tables), block_size, length, hs, stage,
                                         pad=compiled)
         indices = block_indices(full, partial)
+    if num_heads and num_heads > heads:  # asked for H heads of a mask that is the same on every head
+        indices = tuple(t.expand(t.shape[0], num_heads, *t.shape[2:]).contiguous() for t in indices)
     return to_block_mask(indices, block_size, low.mask_mod, length)

@@ -212,6 +212,9 @@ def _normalize_provenance(prov: Any) -> dict:
 
 def normalize(data: Any, max_tokens: int = DEFAULT_MAX_TOKENS) -> dict:
     """Validate a raw spec dict and return its canonical form (fixed key order, defaults filled)."""
+    if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or not 0 < max_tokens <= knobs.TOKENS_CEILING:
+        raise ValueError(f"max_tokens {max_tokens!r:.30} is outside 1..{knobs.TOKENS_CEILING:,} (knobs.TOKENS_CEILING: "
+                         "a layout's token table costs about 128 bytes a token)")
     _require(isinstance(data, dict), "", "a spec is a JSON object with 'segments', 'mask', 'positions'")
     _check_keys(data, TOP_KEYS, "")
     _check_nesting_and_numbers(data)
@@ -328,6 +331,11 @@ def parse_json(text: str) -> Any:
         raise SpecError("", f"invalid JSON at line {err.lineno}, column {err.colno}: {err.msg}") from None
     except RecursionError:
         raise SpecError("", f"JSON nested too deeply (more than {knobs.MAX_NESTING} levels are refused)") from None
+    except SpecError:
+        raise
+    except ValueError:  # an integer of thousands of digits (Python's own conversion limit)
+        raise SpecError("", "a number with thousands of digits; integers in a spec lie within "
+                            f"+-{MAX_INT}") from None
 
 
 def read_spec_file(path) -> str:
@@ -358,9 +366,22 @@ def _read(source) -> Any:
     if isinstance(source, (str, os.PathLike)):
         text = source if isinstance(source, str) else os.fspath(source)
         if isinstance(source, os.PathLike) or text.lstrip()[:1] not in ("{", "["):
-            text = read_spec_file(text)
+            path = text
+            text = read_spec_file(path)
+            try:
+                return _in_file(path, parse_json(text))
+            except SpecError as err:  # name the file: the message alone does not say which one
+                raise SpecError(err.path, f"in {path}: {err.message}" if err.path else f"{path}: {err.message}") from None
         return parse_json(text)
     raise SpecError("", f"cannot read a spec from {type(source).__name__}; give a path, JSON text or dict")
+
+
+def _in_file(path: str, data: Any) -> Any:
+    """data read from the file `path`, checked as far as nesting and numbers go, so those refusals
+    name the file too (the rest of validation names JSON paths inside it)."""
+    if isinstance(data, dict):
+        _check_nesting_and_numbers(data)
+    return data
 
 
 class Spec:

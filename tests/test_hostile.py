@@ -118,3 +118,30 @@ def test_the_editor_path_reads_no_files(tmp_path):
         with pytest.raises(SpecError, match="invalid JSON"):
             Spec.from_json(text)
     assert Spec.load(str(secret)).segments[0]["name"] == "leaked"  # paths stay a CLI / Python feature
+
+
+@pytest.mark.parametrize("text,says", [
+    ('{"segments": [{"name": "a", "length": ' + "9" * 5000 + "}]}", "a number with thousands of digits"),
+    ('{"segments": ' + "[" * 100000 + "]" * 100000 + "}", "nested too deeply"),
+    ('{"segments": ' + "[" * 40 + "1" + "]" * 40 + "}", "nested more than 32 levels deep"),
+])
+def test_cli_refusals_name_the_file_in_one_line(tmp_path, capsys, text, says):
+    from maskstudio.cli import main
+
+    path = tmp_path / "bad.json"
+    path.write_text(text)
+    assert main(["check", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert says in err and str(path) in err and len(err.splitlines()) == 1
+    assert "set_int_max_str_digits" not in err and len(err) < 400
+
+
+def test_max_tokens_past_the_ceiling_is_refused_before_any_allocation(tmp_path, capsys):
+    from maskstudio import knobs
+    from maskstudio.cli import main
+
+    path = tmp_path / "huge.json"
+    path.write_text('{"segments": [{"name": "a", "length": 2000000000}, {"name": "b", "length": 2000000000}]}')
+    assert main(["check", str(path), "--max-tokens", "10000000000"]) == 2
+    err = capsys.readouterr().err
+    assert f"outside 1..{knobs.TOKENS_CEILING:,}" in err and len(err.strip().splitlines()) == 1

@@ -639,3 +639,17 @@ def test_mask_mods_are_named_after_the_design_and_layer(tmp_path):
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
     assert module.mask_mod_for(None, layer=2).__name__ == "mask_video_block_causal_8_frames_L2"
+
+
+def test_block_mask_has_the_heads_asked_for_even_when_a_head_step_changes_nothing():
+    """A head-restricted step with no effect (causal again on head 1 of a causal design) leaves the
+    mask equal on every head; block_mask(num_heads=2) still has 2 heads, as create_block_mask(H=2)
+    does."""
+    spec = Spec.load({"segments": [{"name": "a", "length": 300}],
+                      "mask": {"base": {"pattern": "causal"},
+                               "rules": [{"q": "*", "k": "*", "pattern": "causal", "heads": [1]}]}})
+    assert spec.varies_by_head and not spec.lowered(0).uses_head
+    bm = spec.block_mask(128, num_heads=2)
+    ref = create_block_mask(spec.mask_mod(), None, 2, spec.n, spec.n, device="cpu")
+    assert bm.kv_num_blocks.shape[1] == 2
+    assert_blocks_equal(bm, ref)
