@@ -202,3 +202,15 @@ def test_cli_compare_on_data_scores_held_out_examples_and_saves_them(tmp_path):
                  str(evals), "--eval-n", "3", "--out", str(out2)]) == 0
     assert json.loads((out2 / "design" / "config.json").read_text())["examples"] == 10
     assert {r["id"] for r in json.loads((out2 / "scores.json").read_text())["after"]["causal baseline"]} == {0, 1, 2}
+
+
+def test_a_design_that_is_the_causal_baseline_trains_once_and_says_so(tmp_path, capsys):
+    d = json.loads(_spec_file(tmp_path).read_text())
+    d["mask"] = {"base": {"pattern": "causal"}}
+    d["name"] = "plain causal, edited"
+    path = tmp_path / "causal.json"
+    path.write_text(json.dumps(d))
+    assert main(["train", str(path), *RUN, "--steps", "1", "--eval-n", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "has the causal baseline's mask and positions; it was trained once" in out
+    assert "plain causal, edited" in out
