@@ -324,7 +324,7 @@ def test_run_focus_token_grid_and_download(page, app_url):
     box.press("Enter")
     wait_src_change(page, old, "#focus-img")
     page.locator("#run-download-btn").click()
-    page.locator("#run-files a").first.wait_for()
+    page.locator("#run-files a").first.wait_for(timeout=180_000)  # a loaded CI machine: the run's files take a while
     names = page.locator("#run-files").inner_text().replace("\n", "")   # Gradio splits name and suffix
     assert "_attention.npz" in names and "_run.json" in names
     settle(page)

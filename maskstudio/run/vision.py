@@ -51,7 +51,10 @@ def _open(item):
     if isinstance(item, (str, os.PathLike)):
         try:
             return _within_pixels(Image.open(item), item)  # the header only: nothing decoded yet
-        except (OSError, ValueError, Image.DecompressionBombError) as err:
+        except Image.DecompressionBombError:  # PIL's own header check, where its limit is set lower
+            raise RunError(f"image '{item}' is over the limit of {knobs.IMAGE_MAX_PIXELS:,} pixels per image "
+                           "(knobs.IMAGE_MAX_PIXELS); downscale it") from None
+        except (OSError, ValueError) as err:
             raise RunError(f"cannot open image '{item}': {str(err).splitlines()[0][:200]}") from None
     if isinstance(item, Image.Image):
         return _within_pixels(item, "image")
