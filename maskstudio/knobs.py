@@ -49,7 +49,7 @@ EXPORT_MAX_SEGMENTS = 1024  # the flex export lowers every segment pair (quadrat
 LOWER_MAX_NODES = 512      # closed-form tape steps: more -> the table form (a few lookups per score)
 COMPILE_BUILD = False      # CUDA graph builds: the whole static build through torch.compile before capture
                            # (~30 fused kernels per replay instead of ~100-200; one compile per structure,
-                           # length and rooms: ~50 s on an H200, 10-25 s on CPU)
+                           # length and capacities: ~50 s on an H200, 10-25 s on CPU)
 
 # the app
 HISTORY = 30              # undo steps kept per session

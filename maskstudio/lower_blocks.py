@@ -7,11 +7,11 @@ partial, proven without its other tokens; only tiles whose samples agree are eva
 token. Blocks past a layout's end count as masked, as in `create_block_mask`, so the kv and full
 indices equal torch's.
 
-Every step has static shapes given rooms for undecided and probed-but-undecided tiles (no host
+Every step has static shapes given capacities for undecided and probed-but-undecided tiles (no host
 sync), so on CUDA the whole build of one structure at one length is captured once as a CUDA graph:
 a build at new sizes copies them in and replays it (a few microseconds of launches instead of
-hundreds of ops). One read of the two counts after the replay says whether the rooms held; if not,
-the graph is captured again with room for them.
+hundreds of ops). One read of the two counts after the replay says whether the capacities held;
+if not, the graph is captured again with capacity for them.
 """
 from __future__ import annotations
 
@@ -98,15 +98,15 @@ def any_all(vals):
     return flat.any(1), flat.all(1)
 
 
-def first_true(flags: torch.Tensor, cap: int):
-    """Flat positions of the first `cap` True entries of a 1-d bool tensor, in static shapes (no
-    host sync): (rows [cap] int64, live [cap] bool); slots past the last True hold flags.numel()."""
+def first_true(flags: torch.Tensor, capacity: int):
+    """Flat positions of the first `capacity` True entries of a 1-d bool tensor, in static shapes (no
+    host sync): (rows [capacity] int64, live [capacity] bool); slots past the last True hold flags.numel()."""
     m = flags.numel()
     pos = torch.cumsum(flags, 0) - 1
-    slot = torch.where(flags & (pos < cap), pos, cap)
-    rows = torch.full((cap + 1,), m, dtype=torch.int64, device=flags.device)
-    rows.scatter_(0, slot, torch.arange(m, device=flags.device))  # everything else lands in slot `cap`
-    rows = rows[:cap]
+    slot = torch.where(flags & (pos < capacity), pos, capacity)
+    rows = torch.full((capacity + 1,), m, dtype=torch.int64, device=flags.device)
+    rows.scatter_(0, slot, torch.arange(m, device=flags.device))  # everything else lands in slot `capacity`
+    rows = rows[:capacity]
     return rows, rows < m
 
 
@@ -137,22 +137,22 @@ def _in_chunks(tokens, index, side: int):
     return torch.cat([a for a, _ in parts]), torch.cat([b for _, b in parts])
 
 
-def decide(must, may, block: int, tokens, cap: tuple | None = None):
+def decide(must, may, block: int, tokens, capacity: tuple | None = None):
     """Exact (full, partial, counts) from tile bounds. Tiles they leave undecided are probed first:
     tokens(index rows [U, dims], side) -> (any, all) on a side x side grid of sampled pairs, and a
     tile whose samples disagree is partial without touching its other tokens (most of CCA's ring
-    tiles); only the rest are evaluated in full, tokens(rows, block). cap: (room for undecided
-    tiles, room for tiles the probe leaves), or None for exactly their counts (host syncs); the
-    result is exact when counts [2] (int64: undecided, left by the probe) are within cap."""
+    tiles); only the rest are evaluated in full, tokens(rows, block). capacity: (capacity for undecided
+    tiles, capacity for tiles the probe leaves), or None for exactly their counts (host syncs); the
+    result is exact when counts [2] (int64: undecided, left by the probe) are within capacity."""
     shape, cells = must.shape, must.numel()
     undecided = (may & ~must).flatten()
     count = left_count = undecided.sum()
-    room, room_left = cap if cap is not None else (int(count), None)
+    undecided_capacity, capacity_left = capacity if capacity is not None else (int(count), None)
     full = torch.cat([must.flatten(), must.new_zeros(1)])  # a spare last slot takes the empty slots' writes
     partial = torch.zeros_like(full)
     side = probe_side(block)
-    if room:
-        rows, live = first_true(undecided, room)
+    if undecided_capacity:
+        rows, live = first_true(undecided, undecided_capacity)
         index = unravel(torch.where(live, rows, 0), shape)
         dest = torch.where(live, rows, cells)
         if side:
@@ -161,9 +161,9 @@ def decide(must, may, block: int, tokens, cap: tuple | None = None):
             partial.scatter_(0, dest, mixed)
             left = live & ~mixed
             left_count = left.sum()
-            if room_left is None:
-                room_left = int(left_count)
-            slots, live = first_true(left, room_left)
+            if capacity_left is None:
+                capacity_left = int(left_count)
+            slots, live = first_true(left, capacity_left)
             pick = torch.where(live, slots, 0)
             index, dest = index[pick], torch.where(live, dest[pick], cells)
         step = max(1, CHUNK_ELEMENTS // (block * block))
@@ -228,7 +228,7 @@ def _pow2(m: int) -> int:
     return 1 << max(m - 1, 0).bit_length()
 
 
-def block_states(low, params, tables: dict, block: int, length: int, heads: list, stage, cap=None,
+def block_states(low, params, tables: dict, block: int, length: int, heads: list, stage, capacity=None,
                  pad: bool = False, edges=None):
     """(full, partial [B, H, T, T], counts) of a lowered layer (decide); heads: 0-d tensors;
     pad: tile lists padded to a power of two (a compiled stage then sees few shapes)."""
@@ -243,7 +243,7 @@ def block_states(low, params, tables: dict, block: int, length: int, heads: list
             rows = torch.cat([rows, rows[-1:].expand(_pow2(m) - m, 4)])
         anyv, allv = stage(params, tables, rows, n, side)
         return anyv[:m], allv[:m]
-    return decide(must, may, block, tokens, cap)
+    return decide(must, may, block, tokens, capacity)
 
 
 def _compiled_build(build, fallback=None):
@@ -267,9 +267,9 @@ class _CapturedBuild:
     """One structure's build at one length, captured as a CUDA graph with static inputs (off CUDA
     the same static build runs eagerly: what the CPU tests exercise)."""
 
-    def __init__(self, low, block: int, length: int, heads: int, stage, cap: tuple):
+    def __init__(self, low, block: int, length: int, heads: int, stage, capacity: tuple):
         device = low.params.device
-        self.root, self.cap = low.guarded, cap  # the root kept alive: the cache key holds its id
+        self.root, self.capacity = low.guarded, capacity  # the root kept alive: the cache key holds its id
         self.params = low.params.clone()
         self.tables = {k: v.clone() for k, v in low.tables}
         hs, edges = head_indices(heads, device), tile_edges(length, block, device)
@@ -277,7 +277,7 @@ class _CapturedBuild:
         def build_with(tokens_stage):
             def build():
                 full, partial, counts = block_states(low, self.params, self.tables, block, length, hs, tokens_stage,
-                                                     cap, edges=edges)
+                                                     capacity, edges=edges)
                 idx = block_indices(full, partial)
                 parts = [F.pad(t.flatten(), (0, _aligned(t.numel()) - t.numel())) for t in idx]
                 return torch.cat(parts + [counts.to(torch.int32)]), [t.shape for t in idx]
@@ -299,7 +299,7 @@ class _CapturedBuild:
             self.out, self.shapes = self.build()
 
     def run(self, low):
-        """Copy the sizes in, replay; (the eight index tensors, whether the rooms held)."""
+        """Copy the sizes in, replay; (the eight index tensors, whether the capacities held)."""
         self.params.copy_(low.params)
         for name, col in low.tables:
             self.tables[name].copy_(col)
@@ -308,7 +308,7 @@ class _CapturedBuild:
         else:
             self.graph.replay()
         flat = self.out.clone()  # the graph's buffers are overwritten by the next replay
-        held = all(c <= room for c, room in zip(flat[-2:].tolist(), self.cap))
+        held = all(c <= limit for c, limit in zip(flat[-2:].tolist(), self.capacity))
         parts, at = [], 0
         for shape in self.shapes:  # views at 16-byte boundaries: compiled kernels expect aligned inputs
             parts.append(flat[at:at + shape.numel()].view(shape))
@@ -343,12 +343,12 @@ def _graph_indices(low, block: int, length: int, heads: int, stage) -> tuple:
         indices, held = entry.run(low)
         if held:
             return indices
-    # first build, or a room overflowed: an exact build's counts size the rooms
+    # first build, or a capacity overflowed: an exact build's counts size the capacities
     _, _, counts = block_states(low, low.params, dict(low.tables), block, length,
                                 head_indices(heads, low.params.device),
                                 stage, None, pad=True)
-    cap = tuple(_capacity(int(c), block) for c in counts)
-    entry = _GRAPHS[key] = _CapturedBuild(low, block, length, heads, stage, cap)
+    capacity = tuple(_capacity(int(c), block) for c in counts)
+    entry = _GRAPHS[key] = _CapturedBuild(low, block, length, heads, stage, capacity)
     while len(_GRAPHS) > GRAPH_CACHE:
         _GRAPHS.popitem(last=False)
     indices, held = entry.run(low)

@@ -138,14 +138,14 @@ def test_static_capacity_builds_are_exact_or_say_they_overflowed(raw, extra, cap
     stage = _token_stage(batch, block, compiled=False)
     args = (batch, batch.params, dict(batch.tables), block, batch.n, heads, stage)
     full, partial, count = block_states(*args)
-    s_full, s_partial, s_count = block_states(*args, cap=(cap, cap_left))
+    s_full, s_partial, s_count = block_states(*args, capacity=(cap, cap_left))
     assert int(s_count[0]) == int(count[0])
     if cap >= int(count[0]):
         assert int(s_count[1]) == int(count[1])
         if cap_left >= int(count[1]):
             assert torch.equal(s_full, full) and torch.equal(s_partial, partial)
     # fewer tiles than slots, or exactly as many: tight rooms are exact too
-    t_full, t_partial, _ = block_states(*args, cap=tuple(int(c) for c in count))
+    t_full, t_partial, _ = block_states(*args, capacity=tuple(int(c) for c in count))
     assert torch.equal(t_full, full) and torch.equal(t_partial, partial)
 
 
@@ -585,9 +585,9 @@ def test_graph_path_recaptures_when_a_room_overflows():
     small = low.for_sizes({s["name"]: ([2, 2] if "grid" in s else 2) for s in spec.segments})
     big = low.for_sizes({s["name"]: ([9, 9] if "grid" in s else 9) for s in spec.segments})
     assert_blocks_equal(small.block_mask(4, "cpu", length=160, graph=True), small.block_mask(4, "cpu", length=160))
-    rooms = [e.cap for e in lower_blocks._GRAPHS.values()][-1]
+    rooms = [e.capacity for e in lower_blocks._GRAPHS.values()][-1]
     assert_blocks_equal(big.block_mask(4, "cpu", length=160, graph=True), big.block_mask(4, "cpu", length=160))
-    grown_rooms = [e.cap for e in lower_blocks._GRAPHS.values()][-1]
+    grown_rooms = [e.capacity for e in lower_blocks._GRAPHS.values()][-1]
     assert grown_rooms[0] > rooms[0]
 
 
