@@ -141,6 +141,7 @@ def test_process_budget_refuses_when_the_app_folder_is_full(monkeypatch):
     assert path is None and one_clean_line(error) and "server's disk budget" in error
 
 
+@pytest.mark.slow  # subprocesses / a tiny VLM run: seconds; the fast tier keeps a 50 s budget
 def test_run_downloads_200_clicks_write_one_set_of_files(tmp_path):
     """The issue's attack: every 'Download the run' click wrote a new file. Now 200 clicks hand back
     the same two files, written once, and the session's bytes stay those of one run."""
@@ -289,6 +290,7 @@ def cli(*args, cwd=None) -> subprocess.CompletedProcess:
                           timeout=300, cwd=cwd or ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
+@pytest.mark.slow  # subprocesses / a tiny VLM run: seconds; the fast tier keeps a 50 s budget
 def test_cli_render_refuses_lone_surrogates_in_one_line(tmp_path):
     for where in ({"name": "x\ud800"}, {"segments": [{"name": "a\ud800", "length": 4}]}):
         spec = {"segments": [{"name": "a", "length": 4}], "mask": {"base": {"pattern": "causal"}}, **where}
@@ -301,6 +303,7 @@ def test_cli_render_refuses_lone_surrogates_in_one_line(tmp_path):
             assert "lone surrogate" in err and not (tmp_path / "o.png").exists()
 
 
+@pytest.mark.slow  # subprocesses / a tiny VLM run: seconds; the fast tier keeps a 50 s budget
 def test_cli_long_names(tmp_path):
     """A 300-character design and segment name render and export; an output name past the file
     system's limit is one short line (exit 2), never a traceback."""

@@ -40,6 +40,7 @@ def test_attention_rows_are_the_dense_mask_from_any_query_row(raw, layer, head, 
     assert torch.equal(dense_rows(spec, layer, head, q_start), spec.dense_mask(layer, head)[q_start:])
 
 
+@pytest.mark.slow  # ~10-20 s of tiny-model forwards: the fast tier keeps a 50 s budget
 @SETTINGS
 @given(specs(), st.integers(1, 3), st.integers(0, 10_000))
 def test_kv_cache_steps_equal_a_full_recompute(tiny, raw, steps, seed):

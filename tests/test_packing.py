@@ -69,6 +69,7 @@ def assert_packed_equals_unpacked(lm, items: list):
         assert torch.allclose(g_packed[name], g, rtol=1e-4, atol=1e-6), name
 
 
+@pytest.mark.slow  # seconds of tiny-model forwards and backwards: the fast tier keeps a 50 s budget
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                   HealthCheck.function_scoped_fixture])
 @given(st.lists(st.one_of(specs(), st.sampled_from(ABSOLUTE)), min_size=2, max_size=4), st.integers(0, 1000))
