@@ -523,9 +523,13 @@ def source(root: E, names: dict | None = None, param_ref=None, table_ref=None) -
     return expr
 
 
+SOURCE_DEPTH = 32  # nested operations per printed line (Python refuses ~200 nested parentheses)
+
+
 def source_lines(root: E, names: dict, param_ref=None, table_ref=None, share: bool = True):
     """(assignments, final expression) as Python source: subexpressions used more than once get a
-    local name (`t3 = ...`) so the printed mask_mod reads like a hand-written one."""
+    local name (`t3 = ...`) so the printed mask_mod reads like a hand-written one, and so does every
+    SOURCE_DEPTH-th level of a deep chain (hundreds of overlays), so the file always compiles."""
     param_ref = param_ref or (lambda key: f"P[{key!r}]")
     table_ref = table_ref or (lambda attr, side: f"{attr}[{side}]")
     order = nodes(root)
@@ -535,9 +539,11 @@ def source_lines(root: E, names: dict, param_ref=None, table_ref=None, share: bo
             if isinstance(c, E):
                 uses[id(c)] = uses.get(id(c), 0) + 1
     text: dict[int, str] = {}
+    depth: dict[int, int] = {}  # nesting of the text so far: named past SOURCE_DEPTH (Python's parser limit)
     lines = []
     for n in order:
         o, a = n.op, n.args
+        depth[id(n)] = 1 + max((depth[id(c)] for c in a if isinstance(c, E)), default=0)
         if o == "c":
             s = repr(a[0])
         elif o == "var":
@@ -548,9 +554,9 @@ def source_lines(root: E, names: dict, param_ref=None, table_ref=None, share: bo
             s = table_ref(a[0], names.get(a[1], a[1]))
         else:
             s = OPS[o].source.format(*(text[id(c)] for c in a))
-            if share and uses.get(id(n), 0) > 1 and n is not root:
+            if share and (uses.get(id(n), 0) > 1 or depth[id(n)] >= SOURCE_DEPTH) and n is not root:
                 name = f"t{len(lines)}"
                 lines.append(f"{name} = {s}")
-                s = name
+                s, depth[id(n)] = name, 0
         text[id(n)] = s
     return lines, text[id(root)]

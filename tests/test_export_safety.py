@@ -12,6 +12,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import torch
+
 from maskstudio import Spec
 from maskstudio.export import flex_code
 from test_properties import specs
@@ -126,3 +128,28 @@ def test_export_equals_dense_for_every_layer_and_head_of_random_specs(tmp_path):
     collect()
     (tmp_path / "cases.json").write_text(json.dumps(cases))
     assert run_fresh(tmp_path).strip() == f"ok {len(cases)}"
+
+
+@pytest.mark.parametrize("count", [260, 1000])
+def test_exports_of_hundreds_of_overlays_compile_and_equal_the_spec(tmp_path, count):
+    """250+ overlays made the exported file invalid Python ("too many nested parentheses"): deep
+    chains are now printed as flat statements, every 32 levels one named step."""
+    import importlib.util
+    import time
+
+    from maskstudio.export import export_bytes
+
+    overlays = [{"op": ("and", "or", "and_not")[i % 3], "pattern": "window", "size": 3 + i % 7} for i in range(count)]
+    spec = Spec.load({"segments": [{"name": "a", "length": 40}], "mask": {"base": {"pattern": "causal"},
+                                                                          "overlays": overlays}})
+    t0 = time.perf_counter()
+    path = tmp_path / "deep.py"
+    path.write_bytes(export_bytes(spec, "flex"))
+    compile(path.read_text(), str(path), "exec")
+    module_spec = importlib.util.spec_from_file_location("deep", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    idx = torch.arange(spec.n)
+    got = module.mask_mod_for(None)(torch.tensor(0), torch.tensor(0), idx[:, None], idx[None, :])
+    assert torch.equal(got.expand(spec.n, spec.n), spec.dense_mask())
+    assert time.perf_counter() - t0 < 30
