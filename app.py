@@ -46,7 +46,7 @@ STALE = "⚠ **The pictures show the last valid design**: the edit has an error 
 
 
 def _error_md(error: str) -> str:
-    return f"⚠ {studio.plain_text(error)}" if error else ""
+    return f"⚠ {studio.markdown_text(studio.plain_text(error))}" if error else ""
 
 
 def _said(out: dict, *keys) -> list:
@@ -166,7 +166,7 @@ def on_view_options(state, *opts, reach_now=False):  # reach_now: the reach opti
 @total(2, 1)
 def on_export(state, fmt, layer, head):
     path, message = studio.export_for_state(state, fmt, layer, head)
-    return path, (f"<small>{message}</small>" if message else "") if path else _error_md(message)
+    return path, (f"<small>{studio.markdown_text(message)}</small>" if message else "") if path else _error_md(message)
 
 
 @gpu
@@ -191,7 +191,7 @@ def on_attention(state, layer, head, token=None):  # the map, the token's top-k 
 @total(2, 1)
 def on_run_download(state):
     files, message = studio.run_download(state)
-    return files, (f"<small>{message}</small>" if message and files else _error_md(message))
+    return files, (f"<small>{studio.markdown_text(message)}</small>" if message and files else _error_md(message))
 
 
 @total(2, 1)

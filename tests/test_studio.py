@@ -771,3 +771,15 @@ def test_app_run_handlers_are_total_before_and_after_a_run(app_module):
     assert os.path.exists(att) and msg.startswith("⚠")
     path, msg = app.on_blocks(state, 48, 0, 0)
     assert os.path.exists(path) and "showing 32" in msg or "showing 64" in msg
+
+
+def test_user_text_in_cards_and_error_lines_is_literal_markdown():
+    """A shared spec named `<img src=...>` or `![x](http://...)` shows as text: no tag, no image
+    or link syntax survives into the Markdown the browser renders (#24 item 4)."""
+    from maskstudio import Spec, studio
+
+    hostile = 'evil <img src="http://attacker.example/a.png"> ![x](http://attacker.example/b.png) [l](http://a)'
+    card = studio.design_card(Spec.load({"name": hostile, "segments": [{"name": "a", "length": 2}]}))
+    for text in (card, studio.markdown_text(f"no segment named '{hostile}'")):
+        assert "<img" not in text and "&lt;img" in text    # the tag shows as text
+        assert "](" not in text and "\\!\\[x\\]\\(http" in text  # image and link syntax escaped

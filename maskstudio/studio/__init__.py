@@ -26,7 +26,7 @@ from .pictures import (BLOCK_SIZES, DPI, TOKEN_FLOW_READABLE, VIEWS, Cache, bloc
                        picture_spec, render_processes, render_views, tokenizer_at_hand, view_options, warm_up)
 from .state import (BLANK, DEFAULT_PRESET, apply_json_edit, attempt, current, design_card, edited_name,
                     GALLERY_COLUMNS, gallery_markdown, gallery_pick, gallery_rows, import_file, preset_names, preset_of,
-                    load_blank, load_preset_into_state, load_task_template, new_state, one_line, preset_card,
+                    load_blank, load_preset_into_state, load_task_template, markdown_text, new_state, one_line, preset_card,
                     preset_choices, set_snapshot, snapshot, undo)
 from .tables import (OVERLAY_COLUMNS, RULE_COLUMNS, SEGMENT_COLUMNS, TABLES_HELP, apply_table_edit, apply_tables, format_ints,
                      format_params, format_selector, format_size, format_text, parse_ints, parse_params,

@@ -178,9 +178,17 @@ def _first_sentence(text: str) -> str:
     return (m.group(1) if m else text.strip())[:220]
 
 
-def _md(text: str) -> str:
-    """Plain text for Markdown: tags like <Path> shown, not swallowed as HTML; no table breaks."""
-    return html.escape(text, quote=False).replace("|", "/")
+_MD_ACTIVE = re.compile(r"([\\`!\[\]()*_<>])")  # what makes Markdown links, images, code or emphasis
+
+
+def markdown_text(text: str) -> str:
+    """User text (names, errors, notes) as literal Markdown: HTML escaped, and every character that
+    starts a link, an image, code or emphasis backslash-escaped, so `<img src=...>` or
+    `![x](http://...)` in a shared spec shows as text and makes the browser fetch nothing."""
+    return _MD_ACTIVE.sub(r"\\\1", html.escape(str(text), quote=False)).replace("|", "/")
+
+
+_md = markdown_text
 
 
 def preset_card(name: str) -> str:
