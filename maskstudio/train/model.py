@@ -8,9 +8,9 @@ import os
 import torch
 
 from ..errors import RunError
-from ..run.models import LoadedModel, VLModel, byte_tokenizer, is_vlm_name, load_model
+from ..run.models import TINY_TEXT, LoadedModel, VLModel, byte_tokenizer, is_vlm_name, load_model
 
-TINY_TEXT = "tiny-llama"   # 2 layers, 4 heads, hidden 64, byte tokenizer, random weights
+# TINY_TEXT ("tiny-llama"): 2 layers, 4 heads, hidden 64, byte tokenizer, random weights
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
