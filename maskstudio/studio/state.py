@@ -178,14 +178,12 @@ def _first_sentence(text: str) -> str:
     return (m.group(1) if m else text.strip())[:220]
 
 
-_MD_ACTIVE = re.compile(r"([\\`!\[\]()*_<>])")  # what makes Markdown links, images, code or emphasis
-
-
 def markdown_text(text: str) -> str:
-    """User text (names, errors, notes) as literal Markdown: HTML escaped, and every character that
-    starts a link, an image, code or emphasis backslash-escaped, so `<img src=...>` or
-    `![x](http://...)` in a shared spec shows as text and makes the browser fetch nothing."""
-    return _MD_ACTIVE.sub(r"\\\1", html.escape(str(text), quote=False)).replace("|", "/")
+    """User text (names, errors, notes) as literal Markdown that loads nothing: HTML escaped (no tag,
+    no <autolink>), and the two joints every link or image needs broken, `](` of an inline one and
+    `]:` of a reference definition, so `![x](http://...)` in a shared spec shows as text. The rest
+    stays as written (a JSON path like mask.rules[0].k reads the same in the API)."""
+    return html.escape(str(text), quote=False).replace("](", "]\\(").replace("]:", "]\\:").replace("|", "/")
 
 
 _md = markdown_text
