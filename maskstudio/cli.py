@@ -173,6 +173,7 @@ def cmd_train(args) -> int:
     else:
         _train_new(args, given)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()  # every rank tears down together
         torch.distributed.destroy_process_group()
     return 0
 

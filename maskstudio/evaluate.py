@@ -397,6 +397,7 @@ def main(args) -> int:
         if args.out:
             Path(args.out).write_text(json.dumps(summary, indent=1) + "\n")
     if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()  # every rank tears down together (a rank leaving early aborted once in CI)
         torch.distributed.destroy_process_group()
     return 0
 
