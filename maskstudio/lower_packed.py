@@ -302,10 +302,6 @@ class DocumentRow:
     def n(self) -> int:
         return sum(sp.table.n for sp in self.specs)
 
-    @property
-    def name(self) -> str:
-        return f"{len(self.specs)} documents of {', '.join(dict.fromkeys(sp.name for sp in self.specs))}"
-
     @cached_property
     def varies_by_head(self) -> bool:
         return any(sp.varies_by_head for sp in self.specs)

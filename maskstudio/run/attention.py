@@ -60,10 +60,7 @@ class MaskContext:
         """(BlockMask, padded length) of a layer (a model's own sliding window folded in)."""
         key = (self.spec.layer_key(layer), window)
         if key not in self._blocks:
-            if isinstance(self.spec, DocumentRow):
-                self._blocks[key] = packed_block_mask(self.spec, layer, self.num_heads, device, window=window)
-            else:
-                self._blocks[key] = flex_block_mask(self.spec, layer, self.num_heads, device, window=window)
+            self._blocks[key] = flex_block_mask(self.spec, layer, self.num_heads, device, window=window)
         return self._blocks[key]
 
 
@@ -167,7 +164,9 @@ def bucket(n: int, block: int = FLEX_BLOCK) -> int:
 def flex_block_mask(spec, layer: int, num_heads: int, device, block: int = FLEX_BLOCK,
                     window: int | None = None):
     """(BlockMask, length): the layer's lowered mask padded to `bucket(n)` (window: a model's own
-    sliding window, folded in so its blocks are skipped too)."""
+    sliding window, folded in so its blocks are skipped too); a packed row: its document mask."""
+    if isinstance(spec, DocumentRow):
+        return packed_block_mask(spec, layer, num_heads, device, block, window)
     length = bucket(spec.table.n, block)
     low = spec.lowered(layer).padded_to(length=length)
     if window:
