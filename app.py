@@ -23,20 +23,16 @@ os.environ.setdefault("MASKSTUDIO_TEMP", gr.utils.get_upload_folder())  # our fi
 from maskstudio import knobs, studio
 from maskstudio.positions import SCHEMES
 
-if importlib.util.find_spec("spaces") is not None:  # Hugging Face ZeroGPU
-    import spaces
-    gpu = spaces.GPU(duration=120)
-else:
-    def gpu(fn):
-        return fn
+gpu = __import__("spaces").GPU(duration=120) if importlib.util.find_spec("spaces") else (lambda fn: fn)  # ZeroGPU
 
 RENDER_CONCURRENCY = int(os.environ.get("MASKSTUDIO_RENDER_CONCURRENCY", "4"))
 CSS = """
 .error-line p { color: #b3261e; font-weight: 600; margin: 0; }
 .ok-line p { color: #2e7d32; margin: 0; }
 #checks textarea, #run-summary textarea, #compare-text textarea, #eval-text textarea, #train-text textarea { font-family: "DejaVu Sans Mono", monospace; font-size: 12px; }
+.status-line { min-height: 3.2em; } .status-line p { margin: 0; color: #555; }
 """
-MODEL = dict(concurrency_limit=1, concurrency_id="model")  # model events run one at a time
+MODEL = dict(concurrency_limit=knobs.MODEL_QUEUE_MAX + 4, concurrency_id="model")  # queued in studio.jobs, not here
 
 
 # ---------------------------------------------------------------- output packing (wiring only)
@@ -134,22 +130,25 @@ def wire_edit(ui, triggers, edit, inputs: list, api_name: str, box: str, keep_ta
 
 
 # ---------------------------------------------------------------- handlers (thin calls into studio)
-def total(n_outputs: int, error_at: int | None):
-    """Make a handler total: an unexpected exception is logged and said in its error line (output
-    `error_at`), every other output stays as it was -- never Gradio's "Error" badge."""
+def total(n_outputs: int, error_at: int | None, job: str | None = None):
+    """Make a handler total: an unexpected exception is logged and said in its error line (output `error_at`), every other
+    output stays as it was -- never Gradio's "Error" badge. With `job`: a model job (`studio.run_job`, ZeroGPU's `gpu`)."""
     def wrap(fn):
         @functools.wraps(fn)
         def handler(*args, **kwargs):
+            out, ctx = [gr.skip()] * n_outputs, gr.context.LocalContext
             try:
-                with studio.session(gr.context.LocalContext.request.get(None)):  # its files count against the session's budget
+                with studio.session(ctx.request.get(None)):  # its files count against the session's budget
+                    if job:  # the fair model queue; the status line shows its place and steps; Stop ends it
+                        return studio.call_as_job(ctx.request.get(None), job, fn, studio.plain_text(args), kwargs,
+                                                  gr.Progress, studio.event_alive(demo._queue, ctx.event_id.get(None)))
                     return fn(*studio.plain_text(args), **kwargs)
-            except Exception as err:  # noqa: BLE001
-                log.exception("%s failed", fn.__name__)
-                out = [gr.skip()] * n_outputs
+            except Exception as err:  # noqa: BLE001 -- a refused or stopped model job is its own line; a bug is logged
+                said = isinstance(err, (studio.Refused, studio.Stopped)) or log.exception("%s failed", fn.__name__)
                 if error_at is not None:
-                    out[error_at] = _error_md(f"this did not work ({type(err).__name__}: {err})")
-                return out if n_outputs > 1 else out[0]
-        return handler
+                    out[error_at] = _error_md(str(err) if said else f"this did not work ({type(err).__name__}: {err})")
+            return out if n_outputs > 1 else out[0]
+        return gpu(handler) if job else handler
     return wrap
 
 
@@ -169,8 +168,7 @@ def on_export(state, fmt, layer, head):
     return path, (f"<small>{studio.markdown_text(message)}</small>" if message else "") if path else _error_md(message)
 
 
-@gpu
-@total(17, 1)
+@total(17, 1, "run")
 def on_run(state, model_id, max_new_tokens, images=None, progress=gr.Progress()):
     state, out = studio.run_model(state, model_id, max_new_tokens, progress=progress, images=images)
     if out["error"]:
@@ -216,8 +214,7 @@ def on_overlay(state, layer, head, query, segment):
     return overlay, share, _error_md(error)
 
 
-@gpu
-@total(3, 0)
+@total(3, 0, "knockout")
 def on_knockout(state, q, k, window, model_id, target="", progress=gr.Progress()):
     return _said(studio.knockout_sweep(state, q, k, window, model_id, progress=progress, target=target),
                  "summary", "curve")
@@ -234,21 +231,18 @@ def on_compare(state, choice, more=()):
     return _said(studio.compare_static(state, choice, more), "summary", "diff")
 
 
-@gpu
-@total(4, 0)
+@total(4, 0, "compare on the model")
 def on_compare_run(state, choice, model_id, max_new_tokens, progress=gr.Progress()):
     return _said(studio.compare_runs(state, choice, model_id, max_new_tokens, progress=progress),
                  "summary", "kl", "mass_diff")
 
 
-@gpu
-@total(3, 0)
+@total(3, 0, "evaluate")
 def on_evaluate(state, task, n, baseline, model_id, progress=gr.Progress()):
     return _said(studio.evaluate_for_state(state, task, n, baseline, model_id, progress=progress), "text", "figure")
 
 
-@gpu
-@total(3, 0)
+@total(3, 0, "train")
 def on_train(state, task, steps, lr, lora, objective, baseline, model_id, progress=gr.Progress()):
     return _said(studio.train_design(state, task, steps, lr, lora, objective, model_id, baseline, progress=progress),
                  "summary", "curve")
@@ -258,6 +252,13 @@ def on_train(state, task, steps, lr, lora, objective, baseline, model_id, progre
 def _message(elem_id: str) -> gr.Markdown:
     """An error line placed next to the control whose input it is about."""
     return gr.Markdown("", elem_id=elem_id, elem_classes=["error-line"])
+
+
+def _job_row(ui, key: str, error: str):  # under a model action's button: its status line (queue place, step, how it
+    with gr.Row():                      # ended) and Stop; then its error line (elem_id `error`)
+        setattr(ui, f"{key}_status", gr.Markdown("", elem_id=f"{key}-status", elem_classes=["status-line"]))
+        setattr(ui, f"{key}_stop", gr.Button("Stop", variant="stop", scale=0, min_width=70, elem_id=f"{key}-stop"))
+    setattr(ui, f"{key}_error", _message(error))
 
 
 def _img(label, elem_id=None, visible=True, **kw) -> gr.Image:
@@ -349,10 +350,9 @@ def _run_controls(ui):
     with gr.Row():
         ui.model_id = gr.Textbox("", label=studio.HELP["model"], placeholder="HuggingFaceTB/SmolLM2-135M-Instruct",
                                  scale=3, elem_id="model-id")
-        ui.max_new = gr.Slider(0, 64, value=16, step=1, label="new tokens (0 = one forward pass)", scale=2,
-                               elem_id="max-new")
+        ui.max_new = gr.Slider(0, 64, value=16, step=1, label="new tokens (0 = one forward pass)", scale=2, elem_id="max-new")
         ui.run_btn = gr.Button("Run / Generate", variant="primary", scale=1, elem_id="run-btn")
-    ui.run_error = gr.Markdown("", elem_classes=["error-line"], elem_id="run-error")  # and the run's progress
+    _job_row(ui, "run", "run-error")
     gr.Markdown(studio.HELP["texts"])
     ui.run_images = gr.File(file_count="multiple", file_types=["image"], elem_id="run-images", label=studio.HELP["images"])
 
@@ -402,12 +402,10 @@ def _knockout_panel(ui):
             ui.ko_q = gr.Dropdown(["*"], value="*", label="q (reading)", allow_custom_value=True)
             ui.ko_k = gr.Dropdown([], label="k (blocked source)", allow_custom_value=True)
             ui.ko_window = gr.Slider(1, 32, value=3, step=1, label="window (layers)")
-            ui.ko_target = gr.Textbox("", label="target token (empty: the current top-1)",
-                                      placeholder='e.g. " Rome"')
-            ui.ko_btn = gr.Button("Sweep")
-        ui.ko_error = gr.Markdown("", elem_classes=["error-line"])
-        ui.ko_img = _img("knockout", visible=False)
-        ui.ko_text = gr.Textbox(label="knockout summary", lines=8)
+            ui.ko_target = gr.Textbox("", label="target token (empty: the current top-1)", placeholder='e.g. " Rome"')
+            ui.ko_btn = gr.Button("Sweep", elem_id="ko-btn")
+        _job_row(ui, "ko", "ko-error")
+        ui.ko_img, ui.ko_text = _img("knockout", visible=False), gr.Textbox(label="knockout summary", lines=8)
 
 
 def _compare_tab(ui):
@@ -415,12 +413,11 @@ def _compare_tab(ui):
     with gr.Row():
         ui.snap_btn = gr.Button("Keep snapshot as B", elem_id="snapshot")
         ui.b_choice = gr.Dropdown(designs, value="snapshot", label="B", elem_id="b-choice")
-        ui.more_choice = gr.Dropdown(designs, value=[], multiselect=True, label="C, D, … (masks only)",
-                                     elem_id="more-choice")
+        ui.more_choice = gr.Dropdown(designs, value=[], multiselect=True, label="C, D, … (masks only)", elem_id="more-choice")
         ui.cmp_btn = gr.Button("Compare masks", elem_id="compare-btn")
-        ui.cmp_run_btn = gr.Button("Compare A and B on the model", variant="primary")
-    ui.snap_md = gr.Markdown("")
-    ui.cmp_error = gr.Markdown("", elem_classes=["error-line"])
+        ui.cmp_run_btn = gr.Button("Compare A and B on the model", variant="primary", elem_id="cmp-run-btn")
+    _job_row(ui, "cmp_run", "cmp-error")
+    ui.snap_md, ui.cmp_error = gr.Markdown(""), ui.cmp_run_error
     ui.cmp_text = gr.Textbox(label="A (the design) vs B, C, …: ≠ marks the lines that differ", lines=18,
                              elem_id="compare-text")
     ui.diff_img = _img("masks side by side, cells that differ coloured", "diff-img", False)
@@ -433,14 +430,14 @@ def _evaluate_tab(ui):
     with gr.Row():
         ui.ev_task = gr.Dropdown(["kv_retrieval", "passkey", "multihop", "reversal"], value="kv_retrieval",
                                  label="task", elem_id="eval-task")
-        ui.ev_n = gr.Slider(2, 64, value=8, step=1, label="examples")
+        ui.ev_n = gr.Slider(2, knobs.EVAL_MAX_EXAMPLES, value=8, step=1, label="examples")
         ui.ev_base = gr.Radio([("the task's causal template", "template"), ("the snapshot (B)", "snapshot")],
                               value="template", label="baseline")
     with gr.Row():
         ui.ev_template = gr.Button("Load the task's template into the design")
         ui.ev_btn = gr.Button("Evaluate", variant="primary", elem_id="eval-btn")
+    _job_row(ui, "ev", "ev-error")
     ui.errors["template"] = _message("template-error")
-    ui.ev_error = gr.Markdown("", elem_classes=["error-line"])
     ui.ev_text = gr.Textbox(label="results", lines=10, elem_id="eval-text")
     ui.ev_img = _img("accuracy and NLL with 95% intervals", visible=False)
 
@@ -449,7 +446,7 @@ def _train_tab(ui):
     gr.Markdown(studio.TRAIN_HELP)
     with gr.Row():
         ui.tr_task = gr.Dropdown(list(studio.TRAIN_TASKS), value="kv_retrieval", label="task", elem_id="train-task")
-        ui.tr_steps = gr.Slider(1, 200, value=20, step=1, label="steps", elem_id="train-steps")
+        ui.tr_steps = gr.Slider(1, min(200, knobs.TRAIN_MAX_STEPS), value=20, step=1, label="steps", elem_id="train-steps")
         ui.tr_lr = gr.Number(1e-4, label="learning rate", elem_id="train-lr")
         ui.tr_objective = gr.Radio([("next token", "next_token"), ("BICO (causal + masked denoising)", "bico")],
                                    value="next_token", label="objective", elem_id="train-objective")
@@ -458,8 +455,8 @@ def _train_tab(ui):
         ui.tr_baseline = gr.Checkbox(True, label="train the causal baseline too, score both", elem_id="train-baseline")
         ui.tr_template = gr.Button("Load the task's template into the design")
         ui.tr_btn = gr.Button("Train", variant="primary", elem_id="train-btn")
+    _job_row(ui, "tr", "train-error")
     ui.errors["train_template"] = _message("train-template-error")
-    ui.tr_error = gr.Markdown("", elem_classes=["error-line"], elem_id="train-error")  # and the step / loss
     ui.tr_img = _img("training loss", "train-curve", False)
     ui.tr_text = gr.Textbox(label="results", lines=14, elem_id="train-text")
 
@@ -507,8 +504,7 @@ def _wire_design(ui):
     wire_edit(ui, [ui.upload.upload], studio.import_file, [ui.upload], "import_spec", "upload",
               extra_outputs=[ui.upload])
     wire_edit(ui, [ui.ev_template.click], studio.load_task_template, [ui.ev_task], "eval_template", "template")
-    wire_edit(ui, [ui.tr_template.click], studio.load_task_template, [ui.tr_task], "train_template",
-              "train_template")
+    wire_edit(ui, [ui.tr_template.click], studio.load_task_template, [ui.tr_task], "train_template", "train_template")
     # .input: a drag, the arrow keys and the number box alike (release misses the last two)
     gr.on([ui.layer.input, ui.head.input, ui.query.input, ui.flow_level.input], on_view_options,
           [ui.state] + ui.view_opts, ui.pictures, api_name="render", trigger_mode="always_last") \
@@ -519,14 +515,24 @@ def _wire_design(ui):
           [ui.state] + ui.view_opts, ui.pictures, api_name="reach", trigger_mode="always_last")
 
 
+def _model_event(ui, key, fn, inputs, outputs, api_name, shown=()):
+    """A model action: its button off while it runs, queue place and steps on its status line, Stop; `shown` boxes follow."""
+    btn, status, now = getattr(ui, f"{key}_btn"), getattr(ui, f"{key}_status"), dict(concurrency_limit=None)
+    req = gr.context.LocalContext.request.get  # the session: Stop ends its job; the line says how it ended
+    getattr(ui, f"{key}_stop").click(lambda: studio.stop_job(req(None)), None, status, api_name=key == "run" and "stop", **now)
+    dep = btn.click(lambda: gr.update(interactive=False), None, btn, api_name=False, **now) \
+        .then(fn, inputs, outputs, api_name=api_name, show_progress_on=[status], **MODEL)
+    dep.then(lambda: (gr.update(interactive=True), studio.job_line(req(None))), None, [btn, status], api_name=False, **now)
+    return dep.then(show_filled, shown, shown, api_name=False) if shown else dep
+
+
 def _wire_run(ui):
     overlay_io = ([ui.state, ui.att_layer, ui.att_head, ui.ov_query, ui.ov_segment],
                   [ui.ov_img, ui.share_img, ui.ov_error])
-    ui.run_btn.click(on_run, [ui.state, ui.model_id, ui.max_new, ui.run_images],
-                     [ui.state, ui.run_error, ui.run_summary, ui.tokens, ui.top_k, ui.continuation, ui.nll,
-                      ui.att_img, ui.mass_img, ui.curves_img, ui.rollout_img, ui.att_layer, ui.att_head,
-                      ui.att_token, ui.focus_img, ui.grid_img, ui.focus_msg],
-                     api_name="run_model", show_progress_on=[ui.run_error], **MODEL) \
+    _model_event(ui, "run", on_run, [ui.state, ui.model_id, ui.max_new, ui.run_images],
+                 [ui.state, ui.run_error, ui.run_summary, ui.tokens, ui.top_k, ui.continuation, ui.nll,
+                  ui.att_img, ui.mass_img, ui.curves_img, ui.rollout_img, ui.att_layer, ui.att_head,
+                  ui.att_token, ui.focus_img, ui.grid_img, ui.focus_msg], "run_model") \
         .then(lambda s: show_filled(studio.get_run(s), None if studio.get_run(s) else 1), ui.state,
               [ui.run_out, ui.run_hint], api_name=False).then(on_overlay, *overlay_io, api_name=False) \
         .then(show_filled, overlay_io[1][:2], overlay_io[1][:2], api_name=False)
@@ -537,28 +543,21 @@ def _wire_run(ui):
           [ui.att_img, ui.focus_img, ui.grid_img, ui.rollout_img, ui.focus_msg], api_name="attention_map",
           trigger_mode="always_last")
     ui.run_dl_btn.click(on_run_download, [ui.state], [ui.run_files, ui.run_dl_msg], api_name="download_run")
-    ui.ko_btn.click(on_knockout, [ui.state, ui.ko_q, ui.ko_k, ui.ko_window, ui.model_id, ui.ko_target],
-                    [ui.ko_error, ui.ko_text, ui.ko_img], api_name="knockout", show_progress_on=[ui.ko_error], **MODEL) \
-        .then(show_filled, ui.ko_img, ui.ko_img, api_name=False)
+    _model_event(ui, "ko", on_knockout, [ui.state, ui.ko_q, ui.ko_k, ui.ko_window, ui.model_id, ui.ko_target],
+                 [ui.ko_error, ui.ko_text, ui.ko_img], "knockout", [ui.ko_img])
 
 
 def _wire_compare_evaluate_export(ui):
     ui.snap_btn.click(on_snapshot, [ui.state], [ui.state, ui.snap_md], api_name="keep_snapshot")
     ui.cmp_btn.click(on_compare, [ui.state, ui.b_choice, ui.more_choice], [ui.cmp_error, ui.cmp_text, ui.diff_img],
                      api_name="compare_masks").then(show_filled, ui.diff_img, ui.diff_img, api_name=False)
-    ui.cmp_run_btn.click(on_compare_run, [ui.state, ui.b_choice, ui.model_id, ui.max_new],
-                         [ui.cmp_error, ui.cmp_text, ui.kl_img, ui.mdiff_img], api_name="compare_runs",
-                         show_progress_on=[ui.cmp_error], **MODEL) \
-        .then(show_filled, [ui.kl_img, ui.mdiff_img], [ui.kl_img, ui.mdiff_img], api_name=False)
-    ui.ev_btn.click(on_evaluate, [ui.state, ui.ev_task, ui.ev_n, ui.ev_base, ui.model_id],
-                    [ui.ev_error, ui.ev_text, ui.ev_img], api_name="evaluate", show_progress_on=[ui.ev_error], **MODEL) \
-        .then(show_filled, ui.ev_img, ui.ev_img, api_name=False)
-    ui.tr_btn.click(on_train, [ui.state, ui.tr_task, ui.tr_steps, ui.tr_lr, ui.tr_lora, ui.tr_objective,
-                               ui.tr_baseline, ui.model_id],
-                    [ui.tr_error, ui.tr_text, ui.tr_img], api_name="train", show_progress_on=[ui.tr_error], **MODEL) \
-        .then(show_filled, ui.tr_img, ui.tr_img, api_name=False)
-    ui.export_btn.click(on_export, [ui.state, ui.fmt, ui.layer, ui.head], [ui.download, ui.export_error],
-                        api_name="export")
+    _model_event(ui, "cmp_run", on_compare_run, [ui.state, ui.b_choice, ui.model_id, ui.max_new],
+                 [ui.cmp_error, ui.cmp_text, ui.kl_img, ui.mdiff_img], "compare_runs", [ui.kl_img, ui.mdiff_img])
+    _model_event(ui, "ev", on_evaluate, [ui.state, ui.ev_task, ui.ev_n, ui.ev_base, ui.model_id],
+                 [ui.ev_error, ui.ev_text, ui.ev_img], "evaluate", [ui.ev_img])
+    _model_event(ui, "tr", on_train, [ui.state, ui.tr_task, ui.tr_steps, ui.tr_lr, ui.tr_lora, ui.tr_objective,
+                                      ui.tr_baseline, ui.model_id], [ui.tr_error, ui.tr_text, ui.tr_img], "train", [ui.tr_img])
+    ui.export_btn.click(on_export, [ui.state, ui.fmt, ui.layer, ui.head], [ui.download, ui.export_error], api_name="export")
 
 
 def build() -> gr.Blocks:
@@ -580,7 +579,7 @@ def build() -> gr.Blocks:
         _wire_compare_evaluate_export(ui)
         demo.load(on_view_options, [ui.state] + ui.view_opts, ui.pictures, api_name=False) \
             .then(on_blocks, *ui.blocks_io, api_name=False)
-        demo.unload(lambda: studio.end_session(gr.context.LocalContext.request.get(None)))  # a closed tab's files go
+        demo.unload(lambda: [f(gr.context.LocalContext.request.get(None)) for f in (studio.end_session, studio.leave)])
     demo.queue(default_concurrency_limit=RENDER_CONCURRENCY)
     return demo
 

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from .errors import did_you_mean
+from .progress import Stopped, stopped, tick
 from .spec import Spec, SpecError
 
 ANSWER = "answer"
@@ -282,6 +283,8 @@ def report(summary: dict) -> str:
         if "breakdown" in e:
             cells = ", ".join(f"{g['value']}: {g['accuracy']:.2f}" for g in e["breakdown"]["groups"])
             lines.append(f"{'':{w}} accuracy by {e['breakdown']['by']}: {cells}")
+    if summary.get("stopped"):
+        lines.append(f"stopped after {summary['specs'][0]['n']} examples ({summary['stopped']}); the rows above are those")
     return "\n".join(lines)
 
 
@@ -324,7 +327,9 @@ def evaluate(specs, task: str = "kv_retrieval", n: int = 100, model=None, seed: 
         mine = {name: [] for name in names}
         t0 = time.perf_counter()
         bar = _bar(len(shard) * len(loaded), rank == 0 and progress)
-        for ex in shard:
+        for i, ex in enumerate(shard):
+            if tick(f"scoring example {i + 1}/{len(shard)}"):  # Stop keeps the examples scored so far
+                break
             for name, spec in zip(names, loaded):
                 mine[name].append(score(spec, ex, lm))
                 bar.update(1)
@@ -339,9 +344,12 @@ def evaluate(specs, task: str = "kv_retrieval", n: int = 100, model=None, seed: 
     if rank != 0:
         return None
     merged = {name: [r for p in parts for r in p[name]] for name in names}
+    if not merged[names[0]]:
+        raise Stopped(f"{stopped()}: no example scored yet")
     seconds = max(p.get("_seconds", 0.0) for p in parts)
     summary = summarize(names, merged, BREAKDOWN.get(task) if not data else None)
-    summary.update({"task": task if not data else data, "n": len(examples), "seed": seed,
+    summary.update({"task": task if not data else data, "n": len(merged[names[0]]), "seed": seed,
+                    "stopped": stopped(),
                     "model": model or "SmolLM2-135M-Instruct (embedded)",
                     "world_size": world, "seconds": seconds,
                     "examples_per_second": len(examples) / seconds if seconds else None})

@@ -58,9 +58,6 @@ PICTURE_CACHE = 600       # rendered pictures kept per process (evicted PNG file
 REACH_LIVE_MAX = 1 << 15  # tokens: past this the reach view (~10 s at 262k) is drawn when asked, not per edit
 PICKER_LAYERS, PICKER_HEADS = 32, 16  # the layer / head sliders reach at least this far (stale values stay valid)
 WORKDIR_MAX_AGE_S = 900   # run pictures and exports older than this are deleted from the app's temp folder
-VIEWER_MAX_BYTES = 16 << 20  # the browser viewer's float16 attention: every layer when it fits, else a layer
-                             # per request; past one layer's heads the viewer is off (pictures only)
-VIEWER_LINES_MAX = 256    # tokens: the viewer draws lines between tokens up to this many
 
 # the app's budgets: past them a request is refused with one line naming the limit (MASKSTUDIO_<NAME> overrides)
 SESSION_DISK_BYTES = _env_int("MASKSTUDIO_SESSION_DISK_BYTES", 512 << 20)  # one session's files: run download,
@@ -78,3 +75,19 @@ RUNS_MAX_BYTES = _env_int("MASKSTUDIO_RUNS_MAX_BYTES", 2 << 30)  # model runs ke
 PICTURE_CACHE_BYTES = _env_int("MASKSTUDIO_PICTURE_CACHE_BYTES", 512 << 20)  # picture cache: analyses and sized
                            # specs in memory plus its PNG files on disk
 STEM_MAX = 64              # characters of a download's file name taken from a design's name (ASCII only)
+
+# model jobs in the app: generous locally, tight on a Hugging Face Space (SPACE_ID set); MASKSTUDIO_<NAME> overrides
+ON_SPACE = bool(os.environ.get("SPACE_ID"))
+MODEL_QUEUE_MAX = _env_int("MASKSTUDIO_MODEL_QUEUE_MAX", 16 if ON_SPACE else 64)  # model jobs waiting or running
+                           # (one per session); past it a new one is refused in one line
+JOB_SECONDS = _env_int("MASKSTUDIO_JOB_SECONDS", 180 if ON_SPACE else 6 * 3600)  # one job's time budget: past it
+                           # the job stops as Stop would (what it computed is kept)
+VISITOR_SECONDS = _env_int("MASKSTUDIO_VISITOR_SECONDS", 600 if ON_SPACE else 24 * 3600)  # model time one session
+VISITOR_WINDOW_S = _env_int("MASKSTUDIO_VISITOR_WINDOW_S", 3600)  # may use within this window, then it is refused
+TRAIN_MAX_STEPS = _env_int("MASKSTUDIO_TRAIN_MAX_STEPS", 50 if ON_SPACE else 1000)  # the Train tab's steps
+EVAL_MAX_EXAMPLES = _env_int("MASKSTUDIO_EVAL_MAX_EXAMPLES", 16 if ON_SPACE else 64)  # the Evaluate tab's examples
+MODEL_CACHE_BYTES = _env_int("MASKSTUDIO_MODEL_CACHE_BYTES", (2 if ON_SPACE else 8) << 30)  # loaded models'
+                           # weights; the least recently used model goes first (the newest is kept whatever its size)
+MODELS_ALLOWED = os.environ.get("MASKSTUDIO_MODELS", "")  # comma-separated names the app's model box accepts;
+                           # empty: on a Space the small ones (run.models.SPACE_MODELS), locally any id or folder;
+                           # "*": any hub id (never a server path on a Space)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import socket
 import time
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from typing import Callable
 
 import torch
 
+from .. import knobs
 from ..errors import RunError
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -89,7 +91,44 @@ class VLModel(LoadedModel):
         return v.image_size // v.patch_size // self.model.config.scale_factor
 
 
-_MODELS: dict[tuple, LoadedModel] = {}   # (name or None, device) -> model: the one cache
+_MODELS: dict[tuple, LoadedModel] = {}   # (model_key(name), device) -> model: the one cache, oldest use first
+
+
+def model_key(name) -> str | None:
+    """One key per model: None for the embedded default, a folder's real path (so `m`, `m/`, `//m`
+    and `./m` are one model, loaded once), else the name as given (a hub id, a tiny model)."""
+    if name in DEFAULT_NAMES:
+        return None
+    return os.path.realpath(name) if isinstance(name, str) and os.path.exists(name) else name
+
+
+def model_bytes(lm: LoadedModel) -> int:
+    """Bytes of a loaded model's weights and buffers (what the cache is bounded by)."""
+    tensors = list(lm.model.parameters()) + list(lm.model.buffers())
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _cached(key: tuple) -> LoadedModel | None:
+    """The cached model for `key`, marked as the most recently used."""
+    lm = _MODELS.pop(key, None)
+    if lm is not None:
+        _MODELS[key] = lm
+    return lm
+
+
+def _remember(key: tuple, lm: LoadedModel, budget: int | None = None) -> LoadedModel:
+    """Cache `lm` under `key`; past `budget` bytes (knobs.MODEL_CACHE_BYTES) the least recently
+    used models are dropped (every key of theirs), the newest is kept whatever its size."""
+    budget = knobs.MODEL_CACHE_BYTES if budget is None else budget
+    _MODELS.pop(key, None)
+    _MODELS[key] = lm
+    while True:
+        models = loaded_models()
+        if len(models) <= 1 or sum(model_bytes(m) for m in models) <= budget:
+            return lm
+        oldest = next(m for m in _MODELS.values() if m is not lm)
+        for k in [k for k, m in _MODELS.items() if m is oldest]:
+            del _MODELS[k]
 
 
 def loaded_models() -> list[LoadedModel]:
@@ -178,13 +217,14 @@ def load_model(name=None, device=None, progress: Progress | None = None) -> Load
     if name not in DEFAULT_NAMES and is_vlm_name(name):
         return load_vlm(name, device, progress)
     device = torch.device(device) if device is not None else default_device()
-    key = (None if name in DEFAULT_NAMES else name, str(device))
-    if key in _MODELS:
+    key = (model_key(name), str(device))
+    if _cached(key) is not None:
         return _MODELS[key]
     if key[0] is None and _embedded_folder() is None:
         # no GGUF wheel (e.g. a hosted Space built from requirements.txt): the same model from the hub
-        _MODELS[key] = load_model(DEFAULT_HUB_ID, device, progress)
-        return _MODELS[key]
+        return _remember(key, load_model(DEFAULT_HUB_ID, device, progress))
+    if key[0] != name:  # a folder: loaded (once) by its one real path, whatever the spelling
+        return load_model(key[0], device, progress)
     say = progress or (lambda fraction, message: None)
     say(0.0, "importing transformers")
     _quiet_transformers()
@@ -196,8 +236,7 @@ def load_model(name=None, device=None, progress: Progress | None = None) -> Load
     else:
         model, tok = _load_causal_lm(name, dtype, say)
         shown = name
-    lm = LoadedModel(model.to(device).eval(), tok, shown, device)
-    _MODELS[key] = lm
+    lm = _remember(key, LoadedModel(model.to(device).eval(), tok, shown, device))
     say(1.0, f"{shown} ready on {device} in {time.perf_counter() - t0:.1f} s")
     return lm
 
@@ -281,9 +320,11 @@ def load_vlm(name, device=None, progress: Progress | None = None) -> VLModel:
     if isinstance(name, VLModel):
         return name
     device = torch.device(device) if device is not None else default_device()
-    key = (name, str(device))
-    if key in _MODELS:
+    key = (model_key(name), str(device))
+    if _cached(key) is not None:
         return _MODELS[key]
+    if key[0] != name:  # a folder: loaded (once) by its one real path
+        return load_vlm(key[0], device, progress)
     say = progress or (lambda fraction, message: None)
     t0 = time.perf_counter()
     _quiet_transformers()
@@ -294,7 +335,7 @@ def load_vlm(name, device=None, progress: Progress | None = None) -> VLModel:
         lm = _load_hub_vlm(name, device, say)
     lm.model.to(device).eval()
     lm.device = device
-    _MODELS[key] = lm
+    _remember(key, lm)
     say(1.0, f"{lm.name} ready on {device} in {time.perf_counter() - t0:.1f} s")
     return lm
 
@@ -384,6 +425,27 @@ def tiny_vlm(family: str, seed: int = 0) -> VLModel:
     model, tok, ip = builders[family]()
     model.set_attn_implementation("eager")
     return VLModel(model.eval(), tok, f"tiny-{family.replace('_', '-')}", torch.device("cpu"), ip, family)
+
+
+# ================================================================= what a web visitor may load
+SPACE_MODELS = (DEFAULT_HUB_ID, "HuggingFaceTB/SmolVLM-256M-Instruct", *TINY, TINY_TEXT)  # a Space's default list
+HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}")
+
+
+def model_refusal(name, space: bool, allowed: str = "") -> str | None:
+    """Why a web visitor may not load `name`, or None. On a Space (`space`) only hub ids, never a
+    path on the server, and only `allowed` (comma-separated; "*": any hub id; empty: SPACE_MODELS);
+    locally anything, or only `allowed` when it is set. The embedded default is always allowed."""
+    if name in DEFAULT_NAMES:
+        return None
+    listed = [n.strip() for n in allowed.split(",") if n.strip()] or (list(SPACE_MODELS) if space else ["*"])
+    local = name in TINY or name == TINY_TEXT
+    if space and not local and (not HUB_ID.fullmatch(name) or ".." in name or os.path.exists(name)):
+        return (f"the model box takes a hub id here (e.g. {DEFAULT_HUB_ID}), never a path on the server; "
+                f"leave it empty for the embedded SmolLM2-135M-Instruct")
+    if "*" not in listed and name not in listed:
+        return f"this server runs only these models: {', '.join(listed)} (or leave the model box empty)"
+    return None
 
 
 # ================================================================= before loading

@@ -18,6 +18,7 @@ import torch
 from ..analysis import kv_cache_compatible
 from ..errors import RunError
 from ..knobs import FLEX_MIN_TOKENS, MAX_CAPTURE
+from ..progress import check, stopped, tick
 from ..segments import all_steps
 from ..spec import Spec
 from .attention import MaskContext, register
@@ -201,6 +202,7 @@ def run(spec, model=None, max_new_tokens: int = 0, attentions: bool = True, chat
     kv, why = _kv_plan(adapter, prep, max_new_tokens, use_cache)
     ctx = MaskContext(prep.layout, lm.num_heads, backend, record)
     cache = adapter.new_cache() if kv else None
+    check(f"forward pass over {n} tokens" if record else "")  # inner runs (scoring, knockout) keep their loop's line
     with adapter.masked():  # the model's attention switched once for the whole run, not per forward
         try:
             logits = adapter.forward(ctx, prep, pos, cache)
@@ -212,6 +214,8 @@ def run(spec, model=None, max_new_tokens: int = 0, attentions: bool = True, chat
         new_ids, grown = [], None
         if max_new_tokens > 0:
             new_ids, grown = generate(adapter, prep, logits[prep.predict_at], max_new_tokens, backend, cache)
+    if max_new_tokens > 0 and stopped():  # the tokens made so far are kept
+        notes.append(f"generation stopped after {len(new_ids)} of {max_new_tokens} new tokens: {stopped()}")
     if max_new_tokens > 0 and use_cache and not kv:
         notes.append(f"KV cache not used: {why}")
     if max_new_tokens > 0 and not kv and use_cache is None:
@@ -253,7 +257,7 @@ def generate(adapter: TextAdapter, prep: Prepared, first_logits, max_new_tokens:
     while nxt not in eos:
         new.append(nxt)
         grown = adapter.extend(prep, new)
-        if len(new) >= max_new_tokens:
+        if len(new) >= max_new_tokens or tick(f"token {len(new)}/{max_new_tokens}"):  # Stop keeps the tokens
             break
         nxt = _next_token(adapter, grown, backend, cache)
     return new, grown

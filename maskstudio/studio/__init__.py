@@ -7,10 +7,10 @@ widgets and wires events; tests/test_studio.py drives these without a browser).
   tables    the table codec: spec <-> segments / rules / overlays rows, cell parsers, table edits
   pictures  the design's pictures as cached PNG files, the checks, the render workers, `Cache`
   examples  example inputs for designs without text; what a model can take, said before loading it
+  jobs      fair use of the model: one job at a time, one per visitor, its place and steps on a status
+            line, Stop / a closed page / its time budget end it keeping what it computed; model names
   actions   run / compare (A, B, C...) / knockout / overlay / evaluate / export handlers; a run's
             attention read token by token (focus_for_state) and downloaded as data (run_download)
-  heads     the Run tab's in-browser attention viewer (payload per run), head knockout / patching with
-            noise bands, Compare on the model for A, B, C, ... with per-head differences
   training  the Train tab: fine-tune the design (and its causal baseline), loss curves
 
 Every name below is importable as `maskstudio.studio.<name>`.
@@ -23,6 +23,8 @@ from .actions import (EXPORT_FORMATS, HELP, assign_images, attention_for_state, 
 from .budget import (BudgetError, deep_bytes, end_session, folder_bytes, image_problem, plain_text, safe_stem,
                      session, session_folder)
 from .examples import example_text, examples_note, needs_examples, run_blocker, with_examples
+from .jobs import QUEUE, Queue, Refused, call_as_job, capped, event_alive, job_line, leave, require_model, run_job, stop_job
+from ..progress import Stopped
 from .pictures import (BLOCK_SIZES, DPI, TOKEN_FLOW_READABLE, VIEWS, Cache, block_view, analysis_for, check_text, controls, density_rows, design_views, figure_png,
                        size_warning,
                        picture_spec, render_processes, render_views, tokenizer_at_hand, view_options, warm_up)
@@ -35,5 +37,4 @@ from .tables import (OVERLAY_COLUMNS, RULE_COLUMNS, SEGMENT_COLUMNS, TABLES_HELP
                      parse_selector, parse_size, parse_text, parse_token, rows_of, spec_to_tables, tables_need_refresh,
                      where_in_tables,
                      tables_to_spec_dict)
-from .heads import KNOCKOUT_HELP, VIEWER, VIEWER_HELP, compare_on_model, knockout_experiment, viewer_for_state
 from .training import TRAIN_BATCH, TRAIN_HELP, TRAIN_MAX_STEPS, TRAIN_TASKS, train_design

@@ -26,6 +26,7 @@ from ..spec import Spec
 from .budget import (BudgetError, deep_bytes, disk_error_line, image_problem, require_room, safe_stem,
                      session_files)
 from .examples import examples_note, run_blocker, with_examples
+from .jobs import capped, require_model
 from .pictures import (VIEWS, Cache, analysis_for, digest, figure_png, picture_spec, render_views,
                        sweep_workdir, tokenizer_at_hand)
 from .state import current, one_line, preset_names, snapshot
@@ -77,6 +78,7 @@ def _ready(spec: Spec, model, progress):
     text where it has none. Returns (loaded model, spec to run, note)."""
     from ..run import load_model
 
+    require_model(model)
     blocker = run_blocker(spec, model)
     if blocker:
         raise SpecError("", blocker)
@@ -575,7 +577,9 @@ def evaluate_for_state(state: dict, task: str, n: int, baseline: str, model_id: 
     if baseline == "snapshot" and base is None:
         return {"error": "no snapshot kept yet: use Compare → Keep snapshot as B", "text": "", "figure": None}
     try:
-        out = evaluate_design(current(state), task, int(n), baseline=base, model=model_name(model_id))
+        require_model(model_name(model_id))
+        out = evaluate_design(current(state), task, capped(n, knobs.EVAL_MAX_EXAMPLES, "examples"), baseline=base,
+                              model=model_name(model_id))
     except RUN_ERRORS as err:  # one line in the UI, never a traceback; the design stays
         return {"error": app_message(err, model_name(model_id)), "text": "", "figure": None}
     return {"error": "", "text": out["text"], "figure": figure_png(out["figure"])}

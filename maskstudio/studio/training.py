@@ -12,17 +12,19 @@ import json
 import os
 import uuid
 
+from .. import knobs
 from ..errors import SpecError
 from ..evaluate import TASKS, task_template
 from ..train import OBJECTIVES, TINY_TEXT, compare, train
 from .actions import RUN_ERRORS, _backend_kw, _progress_adapter, app_message, model_name
 from .budget import BudgetError, disk_error_line, require_room, session_files
 from .examples import run_blocker
+from .jobs import require_model
 from .pictures import figure_png, sweep_workdir
 from .state import current, one_line
 
 TRAIN_TASKS = tuple(TASKS)   # tasks whose parts are the design's segments (the Evaluate tab's templates)
-TRAIN_MAX_STEPS = 1000       # the app's limit; the CLI has none
+TRAIN_MAX_STEPS = knobs.TRAIN_MAX_STEPS  # the app's limit (50 on a Space); the CLI has none
 TRAIN_BATCH = 4              # examples per optimizer step in the app
 TRAIN_HELP = (f"Fine-tune the model (the Run tab's model box; `tiny-llama` is a random-weight test model) under the "
               f"design's mask on generated task examples, {TRAIN_BATCH} per step. With the baseline, the design's "
@@ -43,8 +45,8 @@ def _settings(task, steps, lr, objective) -> tuple[int, float]:
         n, rate = float(steps), float(lr)
     except (TypeError, ValueError):
         raise ValueError(f"steps and learning rate must be numbers, got {steps!r} and {lr!r}") from None
-    if n != int(n) or not 1 <= n <= TRAIN_MAX_STEPS:
-        raise ValueError(f"steps must be a whole number from 1 to {TRAIN_MAX_STEPS}, got {steps}")
+    if n != int(n) or not 1 <= n <= knobs.TRAIN_MAX_STEPS:
+        raise ValueError(f"steps must be a whole number from 1 to {knobs.TRAIN_MAX_STEPS} on this server, got {steps}")
     if not 0 < rate < 1:
         raise ValueError(f"the learning rate must be between 0 and 1 (e.g. 1e-4), got {lr}")
     return int(n), rate
@@ -117,6 +119,7 @@ def train_design(state: dict, task: str = "kv_retrieval", steps=20, lr=1e-4, lor
     name = model_name(model_id)
     failed = {"summary": "", "curve": None, "run_dir": None}
     try:
+        require_model(name)
         n, rate = _settings(task, steps, lr, objective)
         spec = current(state)
         _check_parts(spec, task)
@@ -130,14 +133,18 @@ def train_design(state: dict, task: str = "kv_retrieval", steps=20, lr=1e-4, lor
         on_step = _reporter(progress, n, phases)
         if baseline:
             out = compare(spec, lm, eval_n=eval_n, on_step=on_step, **kw)
-            losses = {"causal baseline": out["losses"]["baseline"], f"design: {spec.name}": out["losses"]["design"]}
+            losses = {"causal baseline": out["losses"].get("baseline", []),
+                      f"design: {spec.name}": out["losses"].get("design", [])}
             text = out["text"]
         else:
             fit = train(spec, lm, on_step=on_step, **kw)
             losses = {f"design: {spec.name}": fit.losses}
-            text = f"{n} steps of {task}, objective {objective}{' (LoRA)' if lora else ''}, no baseline"
+            text = f"{len(fit.losses)} steps of {task}, objective {objective}{' (LoRA)' if lora else ''}, no baseline"
     except RUN_ERRORS as err:  # one line in the UI, never a traceback; the design stays
         return {"error": app_message(err, name), **failed}
+    losses = {k: ys for k, ys in losses.items() if ys}  # a Stop before a model's first step: no curve
+    if not losses:
+        return {"error": "stopped before the first training step: nothing to show", **failed}
     summary = "\n".join([text, ""] + _loss_lines(losses))
     curve = figure_png(loss_curve_figure(losses, f"{task}: training loss ({objective}, lr {rate:g}, batch {batch})"))
     config = {"spec": spec.to_dict(), "model": name or "embedded SmolLM2-135M-Instruct", "baseline": bool(baseline),

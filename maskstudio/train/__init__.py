@@ -32,6 +32,7 @@ from pathlib import Path
 from ..callable_package import make_callable
 from ..evaluate import report, summarize
 from ..errors import RunError
+from ..progress import stopped
 from ..run.inputs import as_spec
 from ..spec import Spec
 from .data import (FACT_TASKS, TRAIN_BREAKDOWN, TRAIN_TASKS, batch_indices, bico_item, causal_twin, encode_all,
@@ -162,6 +163,8 @@ def compare(spec, model=None, task: str | None = "kv_retrieval", data: str | Non
     fits = {}
     twin = same_attention(spec, base) and objective == "next_token"
     for label, s, obj in (("baseline", base, "next_token"), ("design", spec, objective)):
+        if stopped():  # Stop: the losses so far are kept, nothing more is trained
+            break
         if twin and label == "design":  # the same mask, positions and objective: the same run
             fits["design"] = fits["baseline"]
             break
@@ -172,6 +175,8 @@ def compare(spec, model=None, task: str | None = "kv_retrieval", data: str | Non
                             _prepared=(s, src, examples, items), **kwargs)
     if dist_info()[0] != 0:
         return None  # other torchrun ranks: training only; rank 0 evaluates
+    if stopped():
+        return _stopped_result(fits, twin)
     held = held_out(task, eval_n, seed, len(examples), data, eval_data)
     breakdown = TRAIN_BREAKDOWN.get(task) if not (data or eval_data) else None
     rows = {"before": {}, "after": {}}
@@ -180,6 +185,8 @@ def compare(spec, model=None, task: str | None = "kv_retrieval", data: str | Non
         for name, s, label in ((names[0], base_eval, "baseline"), (names[1], design_eval, "design")):
             lm = src if when == "before" else fits[label].lm
             rows[when][name] = evaluate_model(s, lm, held, kwargs.get("pack_tokens", 0))
+    if stopped():
+        return _stopped_result(fits, twin)
     summary = {when: summarize(names, rows[when], breakdown) for when in rows}
     note = ([f"note: '{spec.name}' has the causal baseline's mask and positions; it was trained once and "
              "both rows are that run (no difference to test)", ""] if twin else [])
@@ -198,6 +205,15 @@ def compare(spec, model=None, task: str | None = "kv_retrieval", data: str | Non
         # per-example scores, so every interval and p-value can be recomputed from the folder
         (out / "scores.json").write_text(json.dumps(rows, indent=1, default=str) + "\n")
     return result
+
+
+def _stopped_result(fits: dict, twin: bool) -> dict:
+    """compare's answer when its job was stopped: the losses trained so far, nothing scored."""
+    steps = {k: len(f.losses) for k, f in fits.items()}
+    done = ", ".join(f"{k} {n} steps" for k, n in steps.items()) or "no step"
+    return {"summary": None, "text": f"stopped ({stopped()}) after {done}: the losses so far are kept; "
+                                     f"nothing was scored", "fits": fits, "same_as_baseline": twin,
+            "losses": {k: f.losses for k, f in fits.items()}, "stopped": stopped()}
 
 
 make_callable(__name__, train)  # `maskstudio.train(spec, ...)` keeps working although train is a package

@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from ..errors import RunError
+from ..progress import stopped, tick
 from ..evaluate import ANSWER, Example, score, summarize
 from ..run.attention import ATTN_NAME, MaskContext, attn_impl, register
 from ..run.models import LoadedModel
@@ -251,7 +252,12 @@ def evaluate_model(spec: Spec, lm: LoadedModel, examples: list[Example], pack_to
     try:
         if pack_tokens:
             return score_packed(spec, lm, examples, pack_tokens)
-        return [score(spec, ex, lm) for ex in examples]
+        rows = []
+        for i, ex in enumerate(examples):
+            if tick(f"scoring example {i + 1}/{len(examples)}"):  # Stop keeps the rows scored so far
+                break
+            rows.append(score(spec, ex, lm))
+        return rows
     finally:
         lm.model.train(was)
 
@@ -379,6 +385,8 @@ def fit(spec: Spec, lm: LoadedModel, module, items: list[Item], *, steps: int, l
                 g["lr"] = lr * min(1.0, (step + 1) / warmup) if warmup else lr
             loss_sum = torch.zeros((), device=device)
             for j, it in enumerate(mine):
+                if tick():  # Stop: this step is dropped, the steps before it are kept
+                    break
                 sync = net.no_sync() if world > 1 and j < len(mine) - 1 else contextlib.nullcontext()
                 # kept per example; not for packed rows (their examples meet only in this step) nor
                 # denoising layouts (they change every step)
@@ -391,6 +399,8 @@ def fit(spec: Spec, lm: LoadedModel, module, items: list[Item], *, steps: int, l
                     loss = item_loss(net, it, heads, backend, device, autocast, ctx)
                     (loss * (world / total)).backward()
                 loss_sum += loss.detach()
+            if stopped():
+                break
             if clip:
                 torch.nn.utils.clip_grad_norm_(list(params.values()), clip)
             opt.step()
