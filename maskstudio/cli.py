@@ -1,4 +1,4 @@
-"""`maskstudio check|export|lower|render|run|presets|eval|train` over the same library functions.
+"""`maskstudio check|export|lower|render|run|audit|presets|eval|train` over the same library functions.
 
 Exit codes: 0 ok, 1 the check found errors (e.g. empty rows, leaks), 2 bad input (invalid spec,
 unknown preset, missing model) with a one-line message naming the field and the fix.
@@ -118,6 +118,41 @@ def cmd_run(args) -> int:
         with open(args.json, "w", encoding="utf-8") as fh:
             fh.write(result.to_json())
     return 0
+
+
+def cmd_audit(args) -> int:
+    """What a transformers model really does on the layout, layer by layer, against the design in
+    it; exit 0 when they agree everywhere, 1 when they differ (like `check`)."""
+    from .audit import audit
+
+    report = audit(args.model, Spec.load(args.layout))
+    print(json.dumps(report.to_dict(), indent=2) if args.json else report.summary())
+    if args.out:
+        _audit_files(report, args.out, args.layer)
+    return 0 if report.matches else 1
+
+
+def _audit_files(report, folder: str, layer: int | None) -> None:
+    """The model's spec and the pictures (every layer, one layer, positions) in `folder`."""
+    import os
+
+    from .viz import save
+    from .viz.audit_views import audit_layer_figure, audit_layers_figure, audit_positions_figure
+
+    os.makedirs(folder, exist_ok=True)
+    if layer is None:  # the first layer that differs, else 0
+        layer = next((d.layer for d in report.layers if not d.same), 0)
+    files = {"model_spec.json": None, "layers.png": audit_layers_figure(report),
+             f"layer_{layer}.png": audit_layer_figure(report, layer), "positions.png": audit_positions_figure(report)}
+    for name, figure in files.items():
+        path = os.path.join(folder, name)
+        if name.endswith(".json") and report.model_spec is not None:
+            _write(path, report.model_spec.to_json().encode())
+        elif figure is not None:
+            save(figure, path)
+        else:
+            continue
+        print(f"wrote {path}", file=sys.stderr)
 
 
 def cmd_presets(args) -> int:
@@ -246,6 +281,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="also write the full result as JSON here")
     p.add_argument("--image", action="append", metavar="SEGMENT=PATH",
                    help="a picture for an image segment (repeat for a video's frames); needs a VLM --model")
+    p = add("audit", cmd_audit, "what a transformers model really does on a layout, per layer, against the design",
+            spec=False)
+    p.add_argument("model", help="a tiny local config (tiny-llama, tiny-mistral, tiny-gemma2, tiny-gemma3, "
+                                 "tiny-gemma3-vision, tiny-qwen2-vl, tiny-llama4), a hub id, a config.json or a model folder")
+    p.add_argument("--layout", required=True, help="the design: a spec JSON file (its segments feed the model)")
+    p.add_argument("--out", help="folder for the model's spec (model_spec.json) and pictures")
+    p.add_argument("--layer", type=int, help="the layer drawn alone in --out (default: the first that differs)")
+    p.add_argument("--json", action="store_true", help="print the audit as JSON")
     p = add("presets", cmd_presets, "list the built-in presets (name, group, provenance, citation)", spec=False)
     p.add_argument("-v", "--verbose", action="store_true", help="also where each design comes from, and its description")
     add("patterns", cmd_patterns, "list the mask patterns and position schemes", spec=False)

@@ -23,6 +23,7 @@ TILE = 256                # tile edge of dense masks past DENSE_DIRECT_MAX
 BLOCK = 128               # block edge: block sparsity, tiled analysis and flow, FlexAttention
 ANALYSIS_DENSE_MAX = 1024  # analyze(): dense below, tiled above (exact either way; tiled is faster past ~1k)
 PICTURE_DENSE_MAX = 4096  # pictures, flow and reachability: dense [N, N] below, block level above
+AUDIT_MAX_TOKENS = 4096   # `maskstudio audit`: the model's masks are dense [N, N] per distinct layer kind
 
 # limits on a spec (validation refuses past them, with a one-line error naming the field)
 MAX_TOKENS = 1 << 19      # tokens in a layout (Spec.load(max_tokens=...) raises or lowers it)
