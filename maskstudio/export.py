@@ -1,6 +1,7 @@
-"""Export a spec: canonical JSON, dense mask / position ids as .npy, and a standalone
+"""Export a spec: canonical JSON, dense mask / position ids as .npy, a standalone
 FlexAttention Python file (torch and the standard library only) with the lowered mask for any
-sizes of the design (export_flex.py).
+sizes of the design (export_flex.py), and that file with the design's transformers attention
+functions and packing collator added (export_transformers.py).
 """
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ import numpy as np
 
 from . import knobs
 from .export_flex import flex_code  # noqa: F401  (export.flex_code is the public name)
+from .export_transformers import transformers_code  # noqa: F401  (the public name, as flex_code)
 
-FORMATS = ("json", "npy", "positions", "flex")
+FORMATS = ("json", "npy", "positions", "flex", "transformers")
 
 
 def export_bytes(spec, fmt: str, layer: int = 0, head: int = 0) -> bytes:
@@ -20,6 +22,8 @@ def export_bytes(spec, fmt: str, layer: int = 0, head: int = 0) -> bytes:
         return spec.to_json().encode()
     if fmt == "flex":
         return flex_code(spec).encode()
+    if fmt == "transformers":
+        return transformers_code(spec).encode()
     if fmt in ("npy", "positions"):
         if fmt == "npy" and spec.n > knobs.DENSE_EXPORT_MAX:
             raise ValueError(f"a dense mask of {spec.n:,} tokens is {spec.n ** 2 / 2 ** 30:.1f} GiB; .npy masks "

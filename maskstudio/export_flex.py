@@ -281,7 +281,10 @@ def block_mask_for(sizes_or_batch=None, device="cpu", layer=0, num_heads=None, b
 
 def position_ids_for(sizes=None):
     """LongTensor [N] (or [3, N] for 3-axis schemes) at these sizes."""
-    layout = layout_for(sizes)
+    return _positions(layout_for(sizes))
+
+
+def _positions(layout):
     table = build_table(layout)
     params = {{k: v for k, v in POSITIONS.items() if k not in ("scheme", "share")}}
     ids = {scheme_fn}(table, layout, **params)

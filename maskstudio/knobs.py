@@ -59,6 +59,9 @@ PICTURE_CACHE = 600       # rendered pictures kept per process (evicted PNG file
 REACH_LIVE_MAX = 1 << 15  # tokens: past this the reach view (~10 s at 262k) is drawn when asked, not per edit
 PICKER_LAYERS, PICKER_HEADS = 32, 16  # the layer / head sliders reach at least this far (stale values stay valid)
 WORKDIR_MAX_AGE_S = 900   # run pictures and exports older than this are deleted from the app's temp folder
+VIEWER_MAX_BYTES = 16 << 20  # the browser viewer's float16 attention: every layer when it fits, else a layer
+                             # per request; past one layer's heads the viewer is off (pictures only)
+VIEWER_LINES_MAX = 256    # tokens: the viewer draws lines between tokens up to this many
 
 # the app's budgets: past them a request is refused with one line naming the limit (MASKSTUDIO_<NAME> overrides)
 SESSION_DISK_BYTES = _env_int("MASKSTUDIO_SESSION_DISK_BYTES", 512 << 20)  # one session's files: run download,

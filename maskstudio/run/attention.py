@@ -19,6 +19,7 @@ reads `module.layer_idx`, asks the context for that layer's mask and computes at
 from __future__ import annotations
 
 import contextlib
+import contextvars
 from dataclasses import dataclass, field
 
 import torch
@@ -72,26 +73,80 @@ def dense_rows(layout, layer: int, head: int, q_start: int = 0) -> torch.Tensor:
     return layout.lowered(layer).dense(head, q_start=q_start)
 
 
+@dataclass
+class HeadEdits:
+    """Changes to single heads inside the forwards run under `editing(edits)` (experiments.py):
+    `zero` {(layer, head)}: the head's output is zeroed before the output projection (ablation);
+    `patch` {(layer, head): [N, D] tensor}: its output replaced by another run's (activation patching);
+    `keep` {(layer, head)}: its output recorded into `kept` (to patch it elsewhere);
+    `block` {layer: bool [N, N]}: (query, key) pairs blocked on top of the spec's mask (eager only).
+    Heads are query heads, counted as the model's attention does (GQA: after repeating kv heads)."""
+
+    zero: set = field(default_factory=set)
+    patch: dict = field(default_factory=dict)
+    keep: set = field(default_factory=set)
+    block: dict = field(default_factory=dict)
+    kept: dict = field(default_factory=dict)
+
+    def apply(self, layer: int, out: torch.Tensor, n_k: int) -> torch.Tensor:
+        """out [1, n_q, H, D] (the attention output before o_proj) with this layer's edits."""
+        q0 = n_k - out.shape[1]  # KV-cache steps: the rows q0..n_k-1 of the full sequence
+        for (lay, h) in self.keep:
+            if lay == layer:
+                self.kept[(lay, h)] = out[0, :, h].detach().clone()
+        if not any(lay == layer for lay, _ in [*self.zero, *self.patch]):
+            return out
+        out = out.clone()
+        for (lay, h) in self.zero:
+            if lay == layer:
+                out[0, :, h] = 0
+        for (lay, h), src in self.patch.items():
+            if lay == layer:
+                out[0, :, h] = src[q0:n_k].to(out)
+        return out
+
+
+_EDITS: contextvars.ContextVar = contextvars.ContextVar("maskstudio_head_edits", default=None)
+
+
+@contextlib.contextmanager
+def editing(edits: HeadEdits):
+    """Every maskstudio forward inside the block applies `edits` (experiments: knockout, patching)."""
+    token = _EDITS.set(edits)
+    try:
+        yield edits
+    finally:
+        _EDITS.reset(token)
+
+
 def masked_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """transformers attention-function signature; the mask comes from kwargs[ATTN_NAME]."""
     ctx: MaskContext | None = kwargs.get(ATTN_NAME)
     if ctx is None:
         raise RuntimeError("the maskstudio attention function was called without a spec; use maskstudio.run()")
-    layer = module.layer_idx
+    edits = _EDITS.get()
+    out, weights = _attention(ctx, module.layer_idx, query, key, value, scaling, dropout, kwargs, edits)
+    return (out if edits is None else edits.apply(module.layer_idx, out, key.shape[-2])), weights
+
+
+def _attention(ctx, layer, query, key, value, scaling, dropout, kwargs, edits):
     n_q, n_k = query.shape[-2], key.shape[-2]
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
     window, softcap = kwargs.get("sliding_window"), kwargs.get("softcap")
-    if ctx.backend == "flex" and n_q == n_k and not ctx.record:
+    if ctx.backend == "flex" and n_q == n_k and not ctx.record and not (edits and edits.block):
         if dropout:
             raise RunError(f"the model's attention dropout ({dropout}) has no FlexAttention form; set "
                            "config.attention_dropout = 0 or train with backend='eager'")
         return _flex_attention(ctx, layer, query, key, value, scaling, window, softcap)
-    return _eager_attention(ctx, layer, query, key, value, scaling, window, softcap, dropout)
+    return _eager_attention(ctx, layer, query, key, value, scaling, window, softcap, dropout,
+                            edits.block.get(layer) if edits else None)
 
 
-def _eager_attention(ctx, layer, query, key, value, scaling, window, softcap, dropout=0.0):
+def _eager_attention(ctx, layer, query, key, value, scaling, window, softcap, dropout=0.0, block=None):
     n_q, n_k = query.shape[-2], key.shape[-2]
     mask = ctx.dense(layer, n_k - n_q, query.device)
+    if block is not None:  # an experiment's blocked (query, key) pairs
+        mask = mask & ~block[n_k - n_q:n_k, :n_k].to(query.device)
     if window:  # the layer's own sliding window, same rule as transformers: q - kv < window
         q_idx = torch.arange(n_k - n_q, n_k, device=query.device)[:, None]
         mask = mask & (q_idx - torch.arange(n_k, device=query.device)[None, :] < window)

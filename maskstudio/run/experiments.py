@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -20,6 +20,7 @@ class Comparison:
     b: RunResult
     kl: torch.Tensor              # [N] KL(a || b) of next-token distributions per position
     mass_diff: torch.Tensor | None  # [L, S, S] b - a
+    head_diff: torch.Tensor | None = None  # [L, H] mean over queries of 0.5 * sum_k |b - a| (total variation)
 
     def summary(self) -> str:
         top = torch.topk(self.kl, min(5, len(self.kl)))
@@ -36,11 +37,17 @@ class Comparison:
                       f"continuation b: {json.dumps(self.b.text, ensure_ascii=False)}"]
         if self.mass_diff is not None:
             lines.append(f"segment mass |b - a|, max over layers: {float(self.mass_diff.abs().max()):.4f}")
+        if self.head_diff is not None:
+            top = torch.topk(self.head_diff.flatten(), min(5, self.head_diff.numel()))
+            H = self.head_diff.shape[1]
+            lines.append("heads whose attention differs most (layer.head: mean total variation over queries): " +
+                         ", ".join(f"{int(i) // H}.{int(i) % H} {float(v):.3f}" for v, i in zip(top.values, top.indices)))
         return "\n".join(lines)
 
     def to_json(self) -> str:
         return json.dumps({"a": self.a.to_dict(), "b": self.b.to_dict(), "kl": self.kl.tolist(),
-                           "mass_diff": self.mass_diff.tolist() if self.mass_diff is not None else None},
+                           "mass_diff": self.mass_diff.tolist() if self.mass_diff is not None else None,
+                           "head_diff": self.head_diff.tolist() if self.head_diff is not None else None},
                           ensure_ascii=False, indent=1) + "\n"
 
 
@@ -50,12 +57,22 @@ def compare(spec_a, spec_b, model=None, max_new_tokens: int = 0, attentions: boo
     lm = load_model(model)
     a = run(spec_a, lm, max_new_tokens=max_new_tokens, attentions=attentions, **kw)
     b = run(spec_b, lm, max_new_tokens=max_new_tokens, attentions=attentions, **kw)
+    return comparison(a, b, spec_b)
+
+
+def comparison(a: RunResult, b: RunResult, spec_b=None) -> Comparison:
+    """Two runs of the same input tokens compared: KL per position, segment mass and per-head
+    attention differences (heads: mean over query rows of the total variation between the rows)."""
     if not torch.equal(a.input_ids, b.input_ids):
-        raise RunError("the two specs give different input tokens; compare specs with the same texts", as_spec(spec_b))
+        raise RunError("the two specs give different input tokens; compare specs with the same texts",
+                       as_spec(spec_b) if spec_b is not None else None)
     la, lb = torch.log_softmax(a.logits, -1), torch.log_softmax(b.logits, -1)
     kl = (la.exp() * (la - lb)).sum(-1).clamp_min(0)
     both = a.segment_names == b.segment_names and a.segment_mass is not None and b.segment_mass is not None
-    return Comparison(a, b, kl, b.segment_mass - a.segment_mass if both else None)
+    heads = None
+    if a.attentions is not None and b.attentions is not None and a.attentions.shape == b.attentions.shape:
+        heads = 0.5 * (b.attentions.float() - a.attentions.float()).abs().sum(-1).mean(-1)
+    return Comparison(a, b, kl, b.segment_mass - a.segment_mass if both else None, heads)
 
 
 @dataclass
@@ -69,6 +86,7 @@ class Knockout:
     windows: list        # [(first layer, last layer)]
     probs: list          # probability of the original top token with the edge blocked
     layout: Spec
+    noise: list = field(default_factory=list)  # changes from blocking random key windows (heads.knockout_band)
 
     @property
     def deltas(self) -> list[float]:
@@ -78,14 +96,31 @@ class Knockout:
         lines = [f"knockout {self.q} -> {self.k}, window {self.window} layers; token "
                  f"{json.dumps(self.token, ensure_ascii=False)} p = {self.base_prob:.4f}"]
         for (lo, hi), p, d in zip(self.windows, self.probs, self.deltas):
-            lines.append(f"  layers {lo:>2}-{hi:<2}  p = {p:.4f}  change {d:+.4f}")
+            lines.append(f"  layers {lo:>2}-{hi:<2}  p = {p:.4f}  change {d:+.4f}{self._mark(d)}")
+        if self.noise:
+            lo, hi = self.band
+            lines.append(f"noise band [{lo:+.4f}, {hi:+.4f}]: 5-95 % of {len(self.noise)} knockouts of a random key "
+                         f"window of {self.k}'s size in a random layer window; * = a change outside it")
         return "\n".join(lines)
+
+    @property
+    def band(self) -> tuple[float, float] | None:
+        """The 5-95 % range of the noise draws' changes (None without draws)."""
+        if not self.noise:
+            return None
+        q = torch.quantile(torch.tensor(self.noise, dtype=torch.float64), torch.tensor([0.05, 0.95], dtype=torch.float64))
+        return float(q[0]), float(q[1])
+
+    def _mark(self, d: float) -> str:
+        b = self.band
+        return "" if b is None or b[0] <= d <= b[1] else "  *"
 
     def to_json(self) -> str:
         return json.dumps({"q": self.q, "k": self.k, "window": self.window, "token": self.token,
                            "token_id": self.token_id,
                            "base_prob": self.base_prob, "windows": self.windows, "probs": self.probs,
-                           "deltas": self.deltas}, ensure_ascii=False, indent=1) + "\n"
+                           "deltas": self.deltas, "noise": self.noise, "band": self.band},
+                          ensure_ascii=False, indent=1) + "\n"
 
 
 def target_token(tokenizer, target: str | None, p_last: torch.Tensor) -> int:

@@ -11,6 +11,8 @@ widgets and wires events; tests/test_studio.py drives these without a browser).
             line, Stop / a closed page / its time budget end it keeping what it computed; model names
   actions   run / compare (A, B, C...) / knockout / overlay / evaluate / export handlers; a run's
             attention read token by token (focus_for_state) and downloaded as data (run_download)
+  heads     the Run tab's in-browser attention viewer (payload per run), head knockout / patching with
+            noise bands, Compare on the model for A, B, C, ... with per-head differences
   training  the Train tab: fine-tune the design (and its causal baseline), loss curves
 
 Every name below is importable as `maskstudio.studio.<name>`.
@@ -37,4 +39,5 @@ from .tables import (OVERLAY_COLUMNS, RULE_COLUMNS, SEGMENT_COLUMNS, TABLES_HELP
                      parse_selector, parse_size, parse_text, parse_token, rows_of, spec_to_tables, tables_need_refresh,
                      where_in_tables,
                      tables_to_spec_dict)
+from .heads import KNOCKOUT_HELP, VIEWER, VIEWER_HELP, compare_on_model, knockout_experiment, viewer_for_state
 from .training import TRAIN_BATCH, TRAIN_HELP, TRAIN_MAX_STEPS, TRAIN_TASKS, train_design
