@@ -267,9 +267,10 @@ def build_parser() -> argparse.ArgumentParser:
     tokenizer_help = ("size text segments as a run does, by MODEL's tokenizer (default: the embedded SmolLM2), "
                       "and say where the declared sizes differ")
     p.add_argument("--size-by-tokenizer", nargs="?", const="embedded", metavar="MODEL", help=tokenizer_help)
-    p = add("export", cmd_export, "write json | npy (dense mask) | positions | flex (Python)")
+    p = add("export", cmd_export, "write json | npy (dense mask) | positions | flex (Python) | transformers "
+                                  "(Python: the design in any transformers trainer)")
     p.add_argument("--size-by-tokenizer", nargs="?", const="embedded", metavar="MODEL", help=tokenizer_help)
-    p.add_argument("--format", choices=("json", "npy", "positions", "flex"), default="json")
+    p.add_argument("--format", choices=("json", "npy", "positions", "flex", "transformers"), default="json")
     p.add_argument("-o", "--output", help="output file (default stdout)")
     add("lower", cmd_lower, "print the layer's lowered mask_mod (closed-form arithmetic, sizes in P)")
     p = add("render", cmd_render, "draw a view to PNG")

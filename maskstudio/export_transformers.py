@@ -222,7 +222,10 @@ def _document(feature, i, sizes_key):
     if sizes_key not in feature:
         raise ValueError(f"example {i} has no {sizes_key!r}: the trainer dropped the column; set "
                          "remove_unused_columns=False in TrainingArguments / SFTConfig")
-    layout = layout_for(_sizes_of(feature[sizes_key]))
+    try:
+        layout = layout_for(_sizes_of(feature[sizes_key]))
+    except ValueError as err:  # SpecError included: the one line, naming the example
+        raise ValueError(f"example {i}: {err}") from None
     ids = _tensor(feature["input_ids"], "input_ids", i)
     labels = _tensor(feature["labels"], "labels", i) if feature.get("labels") is not None else ids.clone()
     n = sum(segment_size(s) for s in layout)
