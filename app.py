@@ -28,7 +28,7 @@ gpu = __import__("spaces").GPU(duration=120) if importlib.util.find_spec("spaces
 RENDER_CONCURRENCY = int(os.environ.get("MASKSTUDIO_RENDER_CONCURRENCY", "4"))
 CSS = """
 .error-line p { color: #b3261e; font-weight: 600; margin: 0; }
-.ok-line p { color: #2e7d32; margin: 0; }
+.ok-line p { color: #2e7d32; margin: 0; } .picture > label[data-testid="block-label"] { position: static; } /* not on titles */
 #checks textarea, #run-summary textarea, #compare-text textarea, #eval-text textarea, #train-text textarea { font-family: "DejaVu Sans Mono", monospace; font-size: 12px; }
 .status-line { min-height: 3.2em; } .status-line p { margin: 0; color: #555; }
 """
@@ -55,8 +55,7 @@ def _view_opts(*values) -> dict:  # the values of ui.view_opts, in order
 
 
 def _pictures(state, opts) -> list:
-    """The picture outputs: five views, checks, density, layer/head pickers, query, knockout
-    pickers, note, the messages next to the reach token box, the query dropdown and the flow level."""
+    """The picture outputs: five views, checks, density, pickers, the note and the messages next to their controls."""
     out = studio.design_views(studio.current(state), opts)
     o = out["options"]
     warn = o["warnings"]
@@ -75,10 +74,8 @@ N_PICTURE_OUTPUTS, NOTE = 16, 12  # the picture outputs, the note's place among 
 
 def _failed(state, box, error) -> list:  # what the user typed stays in the editor and the tables
     """A failed edit: the last good design stays (its pictures marked), the error goes next to its control."""
-    pics = [gr.skip()] * N_PICTURE_OUTPUTS
-    pics[NOTE] = STALE
-    return [state, gr.skip()] + [gr.skip()] * 5 + [_error_md(error)] + pics + \
-        [gr.skip()] * 3 + [gr.skip()] * (len(ERROR_BOXES) - 1)
+    pics = [gr.skip()] * NOTE + [STALE] + [gr.skip()] * (N_PICTURE_OUTPUTS - NOTE - 1)
+    return [state] + [gr.skip()] * 6 + [_error_md(error)] + pics + [gr.skip()] * (2 + len(ERROR_BOXES))
 
 
 def _design(state, error, opts, box, keep_tables=False, old=None) -> list:
@@ -90,10 +87,9 @@ def _design(state, error, opts, box, keep_tables=False, old=None) -> list:
     table_out = [t["segments"], t["rules"], t["overlays"], t["scheme"], t["position_params"]]
     if keep_tables:  # the user's own rows stay, unless the edit changed them (a pattern's parameters)
         fixed = old is not None and studio.tables_need_refresh(old, spec)
-        table_out = [gr.skip(), t["rules"] if fixed else gr.skip(), t["overlays"] if fixed else gr.skip(),
-                     gr.skip(), gr.skip()]
-    return [state, spec.to_json()] + table_out + [""] + _pictures(state, opts) + \
-        [studio.design_card(spec), gr.update(value=studio.preset_of(spec)), None] + [""] * (len(ERROR_BOXES) - 1)
+        table_out = [gr.skip()] + [t[k] if fixed else gr.skip() for k in ("rules", "overlays")] + [gr.skip()] * 2
+    return [state, spec.to_json()] + table_out + [""] + _pictures(state, dict(opts, fresh=True)) + \
+        [studio.state_card(state), gr.update(value=studio.preset_of(spec)), None] + [""] * (len(ERROR_BOXES) - 1)
 
 
 def edit_handler(edit, n_inputs: int, box: str, keep_tables=False):
@@ -106,8 +102,7 @@ def edit_handler(edit, n_inputs: int, box: str, keep_tables=False):
                            old=studio.current(state))
         except Exception as err:  # noqa: BLE001 -- a bug must not leave the page in "Error"
             log.exception("edit %s failed", getattr(edit, "__name__", edit))
-            return _failed(state, box, f"could not apply this edit ({type(err).__name__}: {err}); "
-                                       f"the last good design is kept")
+            return _failed(state, box, f"could not apply this edit ({type(err).__name__}: {err}); the last good design is kept")
     return handler
 
 
@@ -117,16 +112,13 @@ def wire_edit(ui, triggers, edit, inputs: list, api_name: str, box: str, keep_ta
     others = [ui.errors[b] for b in ERROR_BOXES if b != box]
     outputs = ui.design_head + [ui.errors[box]] + ui.pictures + [ui.card, ui.preset, ui.download] + others
     handler = edit_handler(edit, len(inputs), box, keep_tables)
-    if extra_outputs:
-        base = handler
-
-        def handler(state, *args):  # noqa: F811 -- the upload box: cleared when the upload was refused
-            out = base(state, *args)
-            return out + [None if out[7] else gr.skip()]
+    if extra_outputs:  # the upload box: cleared when the upload was refused
+        handler = (lambda base: lambda *a: (out := base(*a)) + [None if out[7] else gr.skip()])(handler)
     args = (handler, [ui.state] + inputs + ui.view_opts, outputs + list(extra_outputs))
     dep = after.then(*args, api_name=api_name, **kw) if after is not None else gr.on(triggers, *args,
                                                                                       api_name=api_name, **kw)
     dep.then(functools.partial(on_blocks, live=False), *ui.blocks_io, api_name=False)
+    dep.then(studio.stored_design, ui.state, ui.saved, api_name=False)  # kept in the browser: a reload restores it
 
 
 # ---------------------------------------------------------------- handlers (thin calls into studio)
@@ -157,9 +149,8 @@ def on_view_options(state, *opts, reach_now=False):  # reach_now: the reach opti
         return _pictures(state, dict(_view_opts(*opts), reach_now=reach_now))
     except Exception as err:  # noqa: BLE001 -- keep the pictures, say what went wrong
         log.exception("drawing failed")
-        out = [gr.skip()] * N_PICTURE_OUTPUTS
-        out[NOTE] = _error_md(f"could not draw these pictures ({type(err).__name__}: {err})")
-        return out
+        error = _error_md(f"could not draw these pictures ({type(err).__name__}: {err})")
+        return [gr.skip()] * NOTE + [error] + [gr.skip()] * (N_PICTURE_OUTPUTS - NOTE - 1)
 
 
 @total(2, 1)
@@ -202,6 +193,10 @@ def on_gallery_pick(evt: gr.SelectData):  # a row of the presets table: its pres
     return studio.gallery_pick(evt.row_value) or gr.skip()
 
 
+def on_segment_pick(state, evt: gr.SelectData):  # a segments-table row: its name and text into the text editor
+    return studio.segment_pick(state, evt.row_value)
+
+
 def show_filled(*values):
     """Show the picture boxes that hold a picture, hide the empty ones (chained after a handler)."""
     out = [gr.update(visible=v is not None) for v in values]
@@ -222,8 +217,7 @@ def on_knockout(state, q, k, window, model_id, target="", progress=gr.Progress()
 
 @total(2, 1)
 def on_snapshot(state):
-    state = studio.set_snapshot(state)
-    return state, f"Snapshot kept as B: **{studio.current(state).name}**"
+    return (state := studio.set_snapshot(state)), f"Snapshot kept as B: **{studio.current(state).name}**"
 
 
 @total(3, 0)
@@ -262,19 +256,22 @@ def _job_row(ui, key: str, error: str):  # under a model action's button: its st
 
 
 def _img(label, elem_id=None, visible=True, **kw) -> gr.Image:
-    return gr.Image(type="filepath", label=label, elem_id=elem_id, visible=visible, **kw)
+    return gr.Image(type="filepath", label=label, elem_id=elem_id, visible=visible, interactive=False,
+                    elem_classes=["picture"], **kw)  # a result: no upload toolbar, no X that clears it
 
 
 def _table(value, headers, elem_id, label, widths):
-    return gr.Dataframe(value, headers=headers, datatype=["str"] * len(headers), type="array", interactive=True,
-                        label=label, elem_id=elem_id, wrap=True, column_widths=widths,
-                        column_count=(len(headers), "fixed"))  # rows may be added; the columns are the codec's
+    return gr.Dataframe(value, headers=headers, datatype=["str"] * len(headers), type="array", interactive=True, label=label,
+                        elem_id=elem_id, wrap=True, column_widths=widths, column_count=(len(headers), "fixed"))  # rows may grow
 
 
 def _tables_tab(ui, tables):
     gr.Markdown(studio.TABLES_HELP[0])
     steps = ["10%", "14%", "14%", "18%", "24%", "10%", "10%"]
     ui.segs = _table(tables["segments"], studio.SEGMENT_COLUMNS, "segments", "Segments", ["16%", "13%", "13%", "10%", "14%", "34%"])
+    with gr.Row():  # texts, multi-line: a click on a segment's row loads its text here, leaving the box applies it
+        ui.text_seg = gr.Textbox("", label="segment", scale=1, elem_id="text-seg")
+        ui.text_box = gr.Textbox("", label=studio.TEXT_EDITOR_HELP, lines=3, max_lines=12, scale=5, elem_id="text-box")
     ui.rules = _table(tables["rules"], studio.RULE_COLUMNS, "rules", "Rules", steps)
     ui.overlays = _table(tables["overlays"], studio.OVERLAY_COLUMNS, "overlays", "Overlays", steps)
     with gr.Row():
@@ -289,13 +286,12 @@ def _design_column(ui, init, presets):
     with gr.Row():
         ui.preset = gr.Dropdown(presets, value=first, label="Preset gallery (group · name)", scale=4, elem_id="preset")
         ui.blank = gr.Button("New from scratch", scale=0, min_width=110, elem_id="blank")  # the names get the width
-        ui.undo = gr.Button("Undo", scale=0, min_width=70, elem_id="undo")
+        ui.undo, ui.redo = (gr.Button(w, scale=0, min_width=70, elem_id=w.lower()) for w in ("Undo", "Redo"))
     ui.errors = {"preset": _message("design-error")}
-    ui.card = gr.Markdown(studio.design_card(init["spec"]), elem_id="preset-card")
+    ui.card = gr.Markdown(studio.state_card(init), elem_id="preset-card")
     with gr.Accordion("All presets (click a row to load it)", open=False):
-        ui.gallery = gr.Dataframe(studio.gallery_rows(), headers=studio.GALLERY_COLUMNS, interactive=False,
-                                  wrap=True, max_height=360, elem_id="gallery", show_search="search",
-                                  column_widths=["18%", "10%", "50%", "22%"])
+        ui.gallery = gr.Dataframe(studio.gallery_rows(), headers=studio.GALLERY_COLUMNS, interactive=False, wrap=True,
+                                  max_height=360, elem_id="gallery", show_search="search", column_widths=["18%", "10%", "50%", "22%"])
     with gr.Tabs():
         with gr.Tab("Tables", id="tables"):
             _tables_tab(ui, studio.spec_to_tables(init["spec"]))
@@ -318,16 +314,14 @@ def _see_column(ui):
             ui.mask_img = _img("mask", "mask-img", format="png", show_label=False)
         with gr.Tab("Positions", id="see-positions"):
             ui.pos_img = _img("position ids", "positions-img", show_label=False)
-            ui.query = gr.Dropdown([], label="RoPE distance from query segment", elem_id="query",
-                                   allow_custom_value=True)  # a stale name is answered, never refused
+            ui.query = gr.Dropdown([], label="RoPE distance from query segment", elem_id="query", allow_custom_value=True)
             ui.query_msg = _message("query-error")
             ui.dist_img = _img("RoPE distance", "distance-img", show_label=False)
         with gr.Tab("Flow", id="see-flow"):
             ui.flow_level = gr.Radio(["segment", "frame", "token"], value="segment", label="level", elem_id="flow-level")
             ui.flow_msg = _message("flow-error")
             ui.flow_img = _img("flow graph", "flow-img", show_label=False)
-            ui.density = gr.Dataframe(label="segment density (rows: query, cols: key)", interactive=False,
-                                      elem_id="density", wrap=True)
+            ui.density = gr.Dataframe(label="segment density (rows: query, cols: key)", interactive=False, elem_id="density")
         with gr.Tab("Reachability", id="see-reach"):
             with gr.Row():
                 ui.reach_layers = gr.Slider(1, 32, value=4, step=1, label="layers")
@@ -336,9 +330,8 @@ def _see_column(ui):
             ui.reach_msg = _message("reach-error")
             ui.reach_img = _img("reachability", "reach-img", show_label=False)
         with gr.Tab("Blocks", id="see-blocks") as ui.blocks_tab:
-            ui.block_size = gr.Radio(list(studio.BLOCK_SIZES), value=knobs.BLOCK, elem_id="block-size",
-                                     label="BlockMask block size (tokens): full / partial / empty blocks, what "
-                                           "a FlexAttention kernel skips")
+            ui.block_size = gr.Radio(list(studio.BLOCK_SIZES), value=knobs.BLOCK, elem_id="block-size", label="BlockMask "
+                                     "block size (tokens): full / partial / empty blocks, what a FlexAttention kernel skips")
             ui.blocks_msg = _message("blocks-error")
             ui.blocks_img = _img("block grid", "blocks-img", show_label=False)
         with gr.Tab("Checks", id="see-checks"):
@@ -496,11 +489,13 @@ def _wire_design(ui):
               after=ui.gallery.select(on_gallery_pick, None, ui.preset, api_name=False))
     wire_edit(ui, [ui.blank.click], studio.load_blank, [], "new_blank", "preset")
     wire_edit(ui, [ui.undo.click], studio.undo, [], "undo", "preset")
+    wire_edit(ui, [ui.redo.click], studio.redo, [], "redo", "preset")
+    wire_edit(ui, [ui.text_box.blur], studio.set_segment_text, [ui.text_seg, ui.text_box], "edit_text", "tables")
+    ui.segs.select(on_segment_pick, ui.state, [ui.text_seg, ui.text_box], api_name=False)
     wire_edit(ui, [ui.segs.input, ui.rules.input, ui.overlays.input, ui.scheme.input, ui.pos_params.submit],
               studio.apply_tables, [ui.segs, ui.rules, ui.overlays, ui.scheme, ui.pos_params], "edit_tables",
               "tables", keep_tables=True, trigger_mode="always_last")
-    wire_edit(ui, [ui.apply_json.click, ui.code.blur], studio.apply_json_edit, [ui.code], "edit_json", "json",
-              trigger_mode="always_last")
+    wire_edit(ui, [ui.apply_json.click, ui.code.blur], studio.apply_json_edit, [ui.code], "edit_json", "json", trigger_mode="always_last")
     wire_edit(ui, [ui.upload.upload], studio.import_file, [ui.upload], "import_spec", "upload",
               extra_outputs=[ui.upload])
     wire_edit(ui, [ui.ev_template.click], studio.load_task_template, [ui.ev_task], "eval_template", "template")
@@ -516,11 +511,13 @@ def _wire_design(ui):
 
 
 def _model_event(ui, key, fn, inputs, outputs, api_name, shown=()):
-    """A model action: its button off while it runs, queue place and steps on its status line, Stop; `shown` boxes follow."""
+    """A model action: its button off while it runs (its last error line cleared as it starts), queue place and steps on
+    its status line, Stop; `shown` boxes follow."""
     btn, status, now = getattr(ui, f"{key}_btn"), getattr(ui, f"{key}_status"), dict(concurrency_limit=None)
     req = gr.context.LocalContext.request.get  # the session: Stop ends its job; the line says how it ended
     getattr(ui, f"{key}_stop").click(lambda: studio.stop_job(req(None)), None, status, api_name=key == "run" and "stop", **now)
-    dep = btn.click(lambda: gr.update(interactive=False), None, btn, api_name=False, **now) \
+    dep = btn.click(lambda: (gr.update(interactive=False), ""), None, [btn, getattr(ui, f"{key}_error")],
+                    api_name=False, **now) \
         .then(fn, inputs, outputs, api_name=api_name, show_progress_on=[status], **MODEL)
     dep.then(lambda: (gr.update(interactive=True), studio.job_line(req(None))), None, [btn, status], api_name=False, **now)
     return dep.then(show_filled, shown, shown, api_name=False) if shown else dep
@@ -565,7 +562,7 @@ def build() -> gr.Blocks:
     presets = studio.preset_choices()
     ui = SimpleNamespace(presets=presets)
     with gr.Blocks(title="Mask Studio", delete_cache=(600, 1800)) as demo:  # Gradio's copies go too
-        ui.state = gr.State(init)
+        ui.state, ui.saved = gr.State(init), gr.BrowserState(None, storage_key=studio.STORAGE_KEY, secret=studio.SECRET)
         gr.Markdown("# Mask Studio\nDesign an attention mask from modality segments, **see** it, **check** it, "
                     "**run** it on a real model and **export** it (JSON spec or FlexAttention code).")
         with gr.Row(equal_height=False):
@@ -573,12 +570,15 @@ def build() -> gr.Blocks:
                 _design_column(ui, init, presets)
             with gr.Column(scale=6):
                 _see_column(ui)
+        ui.results_note = gr.Markdown("", elem_id="results-note", elem_classes=["error-line"])
         _lower_tabs(ui)
         _wire_design(ui)
         _wire_run(ui)
         _wire_compare_evaluate_export(ui)
-        demo.load(on_view_options, [ui.state] + ui.view_opts, ui.pictures, api_name=False) \
-            .then(on_blocks, *ui.blocks_io, api_name=False)
+        wire_edit(ui, [demo.load], studio.restore_design, [ui.saved], False, "preset")  # the design this browser kept
+        texts = [ui.run_summary, ui.ko_text, ui.cmp_text, ui.ev_text, ui.tr_text]  # results of another design: said
+        gr.on([ui.state.change] + [t.change for t in texts], studio.results_note, [ui.state] + texts, ui.results_note,
+              api_name=False, trigger_mode="always_last")
         demo.unload(lambda: [f(gr.context.LocalContext.request.get(None)) for f in (studio.end_session, studio.leave)])
     demo.queue(default_concurrency_limit=RENDER_CONCURRENCY)
     return demo
@@ -594,6 +594,6 @@ if __name__ == "__main__":
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # run atexit: render workers shut down too
     studio.warm_up()
     env = os.environ.get  # Gradio's own GRADIO_SERVER_NAME / GRADIO_SERVER_PORT win; HOST / PORT are the fallbacks
-    demo.launch(server_name=env("GRADIO_SERVER_NAME") or env("HOST", "0.0.0.0"), css=CSS,
+    demo.launch(server_name=env("GRADIO_SERVER_NAME") or env("HOST", "0.0.0.0"), css=CSS, head=studio.PAGE_HEAD,
                 server_port=int(env("GRADIO_SERVER_PORT") or env("PORT", "7860")), footer_links=["api", "gradio"],
                 max_file_size=f"{knobs.MAX_SPEC_BYTES >> 20}mb")

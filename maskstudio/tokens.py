@@ -132,7 +132,7 @@ def _tokenizer_pieces(tokenizer, text: str, size: int) -> list[str] | None:
 
 def token_labels(spec, tokenizer=None) -> list[str]:
     """Short per-token labels for pictures: the tokenizer's pieces for text (when given and they
-    match the segment's size), `t,row,col` / `row,col` for video / image, else name + index."""
+    match the segment's size), `t,row,col` / `row,col` for video / image, else `name[index]`."""
     t = spec.table
     labels: list[str] = []
     for s, seg in enumerate(spec.segments):
@@ -147,6 +147,7 @@ def token_labels(spec, tokenizer=None) -> list[str]:
                                                          t["col"][sl].tolist())]
         elif seg["modality"] == "image":
             labels += [f"{b},{c}" for b, c in zip(t["row"][sl].tolist(), t["col"][sl].tolist())]
-        else:
-            labels += [f"{seg['name'][:6]}{i}" for i in range(t.sizes[s])]
+        else:  # `path1[0]`, never `path10` (path1's token 0 or path's token 10?); long names cut with '…'
+            name = seg["name"] if len(seg["name"]) <= 7 else seg["name"][:6] + "…"
+            labels += [f"{name}[{i}]" for i in range(t.sizes[s])]
     return labels

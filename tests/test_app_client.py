@@ -15,7 +15,7 @@ PICS = slice(7, 12)                     # mask, positions, distance, flow, reach
 ENDPOINTS = {"/load_preset", "/new_blank", "/undo", "/edit_tables", "/edit_json", "/import_spec", "/render", "/reach",
              "/export", "/run_model", "/attention_map", "/knockout", "/keep_snapshot", "/compare_masks",
              "/compare_runs", "/eval_template", "/evaluate", "/image_overlay", "/train_template", "/train",
-             "/block_grid", "/download_run"}
+             "/block_grid", "/download_run", "/redo", "/edit_text"}
 
 pytestmark = pytest.mark.slow
 
@@ -56,8 +56,12 @@ def test_preset_edit_undo_and_error_keeps_pictures(client):
     assert all(not isinstance(p, str) for p in err[PICS])
     again = client.predict(*OPTS, api_name="/render")   # the session still holds the last good design
     assert again[5] == edited[12] and again[0] == edited[7]
-    back = client.predict(*OPTS, api_name="/undo")
+    back = client.predict(*OPTS, api_name="/undo")      # Undo drops only the invalid edit (#25 item 5)
+    assert spec_json(back)["mask"]["rules"][0]["pattern"] == "none" and back[6] == ""
+    back = client.predict(*OPTS, api_name="/undo")      # then the valid one before it
     assert spec_json(back)["mask"]["rules"][0]["pattern"] == "full"
+    again = client.predict(*OPTS, api_name="/redo")
+    assert spec_json(again)["mask"]["rules"][0]["pattern"] == "none" and again[PICS][0] == edited[PICS][0]
     blank = client.predict(*OPTS, api_name="/new_blank")
     assert spec_json(blank)["name"] == "untitled"
 

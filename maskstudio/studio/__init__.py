@@ -3,8 +3,10 @@ widgets and wires events; tests/test_studio.py drives these without a browser).
 
   budget    per-session and per-process budgets: disk (one slot per kind of download), undo and
             cache memory by bytes, uploaded images by pixels before decoding; safe file names
-  state     the session state (validated Spec objects) and undo; edits return (state, error)
+  state     the session state (validated Spec objects), undo / redo; edits return (state, error)
+  provenance  every result labelled with the design it was computed for; the line saying the design changed since
   tables    the table codec: spec <-> segments / rules / overlays rows, cell parsers, table edits
+  browser   the page script (table cells typed over, Escape cancels) and the design kept in the browser's storage
   pictures  the design's pictures as cached PNG files, the checks, the render workers, `Cache`
   examples  example inputs for designs without text; what a model can take, said before loading it
   jobs      fair use of the model: one job at a time, one per visitor, its place and steps on a status
@@ -32,11 +34,13 @@ from .pictures import (BLOCK_SIZES, DPI, TOKEN_FLOW_READABLE, VIEWS, Cache, bloc
                        picture_spec, render_processes, render_views, tokenizer_at_hand, view_options, warm_up)
 from .state import (BLANK, DEFAULT_PRESET, apply_json_edit, attempt, current, design_card, edited_name,
                     GALLERY_COLUMNS, gallery_markdown, gallery_pick, gallery_rows, import_file, preset_names, preset_of,
-                    load_blank, load_preset_into_state, load_task_template, markdown_text, new_state, one_line, preset_card,
-                    preset_choices, set_snapshot, snapshot, undo)
-from .tables import (OVERLAY_COLUMNS, RULE_COLUMNS, SEGMENT_COLUMNS, TABLES_HELP, apply_table_edit, apply_tables, format_ints,
+                    card_text, load_blank, load_preset_into_state, load_task_template, markdown_text, new_state, one_line, preset_card,
+                    preset_choices, redo, set_snapshot, snapshot, undo)
+from .provenance import label, label_result, labelled, read_label, results_note, version
+from .browser import PAGE_HEAD, SECRET, STORAGE_KEY, restore_design, state_card, stored_design
+from .tables import (OVERLAY_COLUMNS, RULE_COLUMNS, SEGMENT_COLUMNS, TABLES_HELP, TEXT_EDITOR_HELP, apply_table_edit, apply_tables, format_ints,
                      format_params, format_selector, format_size, format_text, parse_ints, parse_params,
-                     parse_selector, parse_size, parse_text, parse_token, rows_of, spec_to_tables, tables_need_refresh,
+                     parse_selector, parse_size, parse_text, parse_token, resolve_token, rows_of, segment_pick, segment_text, set_segment_text, spec_to_tables, tables_need_refresh,
                      where_in_tables,
                      tables_to_spec_dict)
 from .heads import KNOCKOUT_HELP, VIEWER, VIEWER_HELP, compare_on_model, knockout_experiment, viewer_for_state

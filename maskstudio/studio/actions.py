@@ -29,8 +29,9 @@ from .examples import examples_note, run_blocker, with_examples
 from .jobs import capped, require_model
 from .pictures import (VIEWS, Cache, analysis_for, digest, figure_png, picture_spec, render_views,
                        sweep_workdir, tokenizer_at_hand)
+from .provenance import label, label_result, labelled
 from .state import current, one_line, preset_names, snapshot
-from .tables import parse_token
+from .tables import resolve_token
 
 EXPORT_FORMATS = {"json": ".json", "flex": "_flex.py", "npy": "_mask.npy", "positions": "_positions.npy",
                   "png": "_pictures.zip"}
@@ -294,7 +295,7 @@ def run_model(state: dict, model_id: str = "", max_new_tokens: int = 0, progress
     new = dict(state)
     new["run_id"] = _keep_run(result)
     new["run_of"] = digest(current(state).to_dict())
-    return new, run_outputs(result)
+    return new, label_result(run_outputs(result), "summary", "run", current(state))
 
 
 def attention_picture(result, layer=None, head="mean") -> str | None:
@@ -344,7 +345,7 @@ def focus_pictures(result, layer=None, head="mean", token=None) -> dict:
     if result is None or result.attentions is None:
         return out
     try:
-        q = parse_token(result.layout, token)
+        q, out["error"] = resolve_token(result.layout, token, "focus token")
     except ValueError as err:
         q, out["error"] = result.layout.n - 1, f"{one_line(err)}; showing the last token"
     q = min(q, result.attentions.shape[-1] - 1)
@@ -452,10 +453,10 @@ def overlay_pictures(result, layer=None, head="mean", query="", segment="") -> t
     if result is None or result.attentions is None or not getattr(result, "visuals", None):
         return None, None, ""
     try:
-        q = parse_token(result.layout, query)
+        q, note = resolve_token(result.layout, query, "overlay query token")
         lay, hd = _layer_head(result, layer, head)
         overlay = figure_png(image_overlay(result, (segment or "").strip() or None, q, lay, hd))
-        return overlay, figure_png(visual_share_figure(result, q)), ""
+        return overlay, figure_png(visual_share_figure(result, q)), note
     except ValueError as err:  # SpecError (query), RunError (segment): one line
         return None, None, one_line(err)
 
@@ -479,7 +480,7 @@ def knockout_sweep(state: dict, q: str, k: str, window: int = 3, model_id: str =
         ko = knockout(spec, q or "*", k, window=int(window or 3), model=lm, target=target or None, **_backend_kw())
     except RUN_ERRORS as err:
         return {"error": app_message(err, name), "summary": "", "curve": None}
-    return {"error": "", "summary": ko.summary(), "curve": figure_png(knockout_figure(ko))}
+    return {"error": "", "summary": labelled("knockout", current(state), ko.summary()), "curve": figure_png(knockout_figure(ko))}
 
 
 # ---------------------------------------------------------------- compare
@@ -527,7 +528,7 @@ def compare_static(state: dict, choice: str = "snapshot", more=()) -> dict:
         specs = [picture_spec(sp)[0] for sp in specs]
     except SpecError as err:
         return {"error": one_line(err), "summary": "", "diff": None}
-    lines = _side_by_side(specs)
+    lines = [label("comparison", current(state))] + _side_by_side(specs)
     a = specs[0]
     big = [chr(65 + i) for i, sp in enumerate(specs) if sp.n > PICTURE_DENSE_MAX]
     if big:
@@ -560,7 +561,7 @@ def compare_runs(state: dict, choice: str = "snapshot", model_id: str = "", max_
         cmp = compare(a, b, model=lm, max_new_tokens=int(max_new_tokens or 0), **_backend_kw())
     except RUN_ERRORS as err:
         return {"error": app_message(err, name), "summary": "", "kl": None, "mass_diff": None}
-    return {"error": "", "summary": cmp.summary(), "kl": figure_png(kl_figure(cmp)),
+    return {"error": "", "summary": labelled("comparison on the model", current(state), cmp.summary()), "kl": figure_png(kl_figure(cmp)),
             "mass_diff": _png(mass_diff_figure(cmp))}
 
 
@@ -582,4 +583,4 @@ def evaluate_for_state(state: dict, task: str, n: int, baseline: str, model_id: 
                               model=model_name(model_id))
     except RUN_ERRORS as err:  # one line in the UI, never a traceback; the design stays
         return {"error": app_message(err, model_name(model_id)), "text": "", "figure": None}
-    return {"error": "", "text": out["text"], "figure": figure_png(out["figure"])}
+    return {"error": "", "text": labelled("evaluation", current(state), out["text"]), "figure": figure_png(out["figure"])}

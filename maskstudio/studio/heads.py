@@ -14,6 +14,7 @@ from ..errors import SpecError
 from .actions import RUN_ERRORS, _backend_kw, _ready, app_message, get_run, model_name, spec_b
 from .examples import run_blocker, with_examples
 from .pictures import Cache, figure_png
+from .provenance import labelled
 from .state import current
 from ..viz.attention_viewer import VIEWER  # noqa: F401 -- the HTML block's template, CSS and script
 
@@ -89,12 +90,13 @@ def knockout_experiment(state: dict, q: str, k: str, window=3, model_id: str = "
             if source is not None:
                 source, _ = with_examples(source, lm.tokenizer)
             effect = H.head_experiment(spec, heads, source=source, noise=_noise(noise), **kw)
-            return {"error": "", "summary": effect.summary(), "curve": figure_png(head_effect_figure(effect))}
+            return {"error": "", "summary": labelled("head experiment", current(state), effect.summary()), "curve": figure_png(head_effect_figure(effect))}
         ko = knockout(spec, q or "*", k, window=int(window or 3), **kw)
         H.knockout_band(ko, lm, samples=_noise(noise), **_backend_kw())
     except RUN_ERRORS as err:
         return {"error": app_message(err, name), "summary": "", "curve": None}
-    return {"error": "", "summary": ko.summary(), "curve": figure_png(knockout_band_figure(ko))}
+    return {"error": "", "summary": labelled("knockout", current(state), ko.summary()),
+            "curve": figure_png(knockout_band_figure(ko))}
 
 
 def compare_on_model(state: dict, choice: str = "snapshot", more=(), model_id: str = "", max_new_tokens: int = 0,
@@ -122,5 +124,6 @@ def compare_on_model(state: dict, choice: str = "snapshot", more=(), model_id: s
         return {"error": app_message(err, name), "summary": "", "kl": None, "mass_diff": None}
     letters = [f"{chr(66 + i)} ({sp.name})" for i, sp in enumerate(others)]
     text = "\n\n".join(f"== A ({a.name}) vs {n} ==\n{c.summary()}" for n, c in zip(letters, cmps))
-    return {"error": "", "summary": text, "kl": figure_png(compare_heads_figure(cmps, letters)),
+    return {"error": "", "summary": labelled("comparison on the model", current(state), text),
+            "kl": figure_png(compare_heads_figure(cmps, letters)),
             "mass_diff": figure_png(mass_diff_figure(cmps[0])) if cmps[0].mass_diff is not None else None}

@@ -29,7 +29,7 @@ from .. import knobs
 from ..segments import all_steps, expand_int_list, segment_size
 from ..spec import Spec
 from .budget import WORKDIR, deep_bytes, picture_path
-from .tables import parse_token
+from .tables import resolve_token
 
 VIEWS = ("mask", "positions", "distance", "flow", "reach")
 DRAW_ORDER = ("mask", "reach", "distance", "flow", "positions")  # slowest first, for the workers
@@ -212,7 +212,8 @@ def view_options(spec: Spec, options: dict | None = None) -> dict:
 
     Total: any value (a stale slider past this design's layers, a token box naming a segment of the
     previous design, a typo) is clamped or replaced by its default, and `warnings` says so per
-    control ({"reach_token": "...", "layer": "..."}) for the message next to it."""
+    control ({"reach_token": "...", "layer": "..."}) for the message next to it. `fresh` (the design
+    just changed): a query segment of the previous design quietly becomes this design's default."""
     from ..flow import default_layers
     from ..positions import default_query
     from ..tokens import token_labels
@@ -224,14 +225,16 @@ def view_options(spec: Spec, options: dict | None = None) -> dict:
     o["head"] = min(max(0, _int(o.get("head"), 0)), ctl["head_max"]) if ctl["varies_by_head"] else 0
     o["reach_layers"] = max(1, min(64, _int(o.get("reach_layers"), 0) or default_layers(spec)))
     try:
-        o["reach_token"] = parse_token(spec, o.get("reach_token"))
+        o["reach_token"], note = resolve_token(spec, o.get("reach_token"), "reach token")
+        if note:
+            warnings["reach_token"] = note
     except (SpecError, ValueError) as err:
         o["reach_token"] = spec.n - 1
-        warnings["reach_token"] = f"{err.message if isinstance(err, SpecError) else err}; showing the last token"
+        warnings["reach_token"] = f"{err}; showing the last token"
     names = [s["name"] for s in spec.segments]
     query = o.get("query")
     if query not in names:
-        if query:
+        if query and not o.get("fresh"):  # fresh: a new design, whose own default the picker now shows
             warnings["query"] = f"no segment named '{query}' in this design; showing '{names[default_query(spec)]}'"
         query = names[default_query(spec)]
     o["query"] = query

@@ -5,6 +5,9 @@ The state is a plain dict (what `gr.State` holds, one per browser tab / client s
     {"spec": Spec (the last *valid* design),
      "history": [older Specs]   (undo stack, newest last, at most knobs.HISTORY designs and
                                  knobs.HISTORY_BYTES of memory; "history_bytes" holds each one's size),
+     "future": [Specs]          (redo stack, bounded alike; a new edit empties it),
+     "unapplied": True          (only while the editors hold an invalid edit: Undo drops it first),
+     "restored": Spec           (the design restored from the browser's storage, until the next change),
      "snapshot": Spec or None    (design B for comparisons),
      "run_id": key of the last model run in this process's run cache, or None}
 
@@ -31,6 +34,9 @@ BLANK = {"maskstudio": 1, "name": "untitled",
          "segments": [{"name": "prompt", "modality": "text", "length": 12},
                       {"name": "answer", "modality": "text", "length": 8, "role": ["generate"]}],
          "mask": {"base": {"pattern": "causal"}}, "positions": {"scheme": "sequential"}}
+
+
+TRANSIENT = ("unapplied", "restored")  # what the editors and the card show now: gone with the next change
 
 
 # ---------------------------------------------------------------- the state
@@ -63,23 +69,31 @@ def one_line(err: BaseException) -> str:
 
 
 def _push(state: dict, spec: Spec) -> dict:
-    """A new state whose design is `spec`; the old design goes on the undo stack."""
-    new = dict(state)
+    """A new state whose design is `spec`; the old design goes on the undo stack, the redo stack
+    is dropped (a new edit starts a new branch) and no invalid edit is pending any more."""
+    new = {k: v for k, v in state.items() if k not in TRANSIENT}
     if spec == state["spec"]:
         return new
-    # undo keeps the validated data only: a fresh Spec without its cached token table, so a
-    # session's memory is its designs' data, bounded by count and by bytes
-    old = Spec.from_valid(state["spec"].to_dict())
-    longer = list(state.get("history", [])) + [old]
-    history, sizes = bounded_history(longer, history_sizes(state) + [deep_bytes(old)])
-    new["history"], new["history_bytes"], new["spec"] = history, sizes, spec
-    new["history_trimmed"] = state.get("history_trimmed", False) or len(history) < min(len(longer), knobs.HISTORY)
+    new["history"], new["history_bytes"], trimmed = _stacked(state, "history", state["spec"])
+    new["history_trimmed"] = state.get("history_trimmed", False) or trimmed
+    new["spec"], new["future"], new["future_bytes"] = spec, [], []
     return new
 
 
-def history_sizes(state: dict) -> list[int]:
-    """Bytes held by each undo step (measured when it was pushed; measured now for an older state)."""
-    history, sizes = state.get("history", []), state.get("history_bytes")
+def _stacked(state: dict, stack: str, spec: Spec) -> tuple[list, list[int], bool]:
+    """`state[stack]` ("history" or "future") with `spec` on top, bounded by count and bytes; and
+    whether older steps were let go. The stacks keep the validated data only: a fresh Spec without
+    its cached token table, so a session's memory is its designs' data."""
+    kept = Spec.from_valid(spec.to_dict())
+    longer = list(state.get(stack, [])) + [kept]
+    out, sizes = bounded_history(longer, history_sizes(state, stack) + [deep_bytes(kept)])
+    return out, sizes, len(out) < min(len(longer), knobs.HISTORY)
+
+
+def history_sizes(state: dict, stack: str = "history") -> list[int]:
+    """Bytes held by each undo (or redo: stack="future") step (measured when it was pushed; measured
+    now for an older state)."""
+    history, sizes = state.get(stack, []), state.get(f"{stack}_bytes")
     return list(sizes) if sizes is not None and len(sizes) == len(history) else [deep_bytes(h) for h in history]
 
 
@@ -95,13 +109,13 @@ def bounded_history(history: list, sizes: list[int]) -> tuple[list, list[int]]:
 
 
 def attempt(state: dict, make: Callable[[], Spec]) -> tuple[dict, str]:
-    """Make a new design (validating it once) and push it; on error the state is unchanged."""
+    """Make a new design (validating it once) and push it. On error the design is unchanged and
+    the state notes an invalid edit is pending (the editors show text that is not the design), so
+    Undo drops that edit first, not the valid one before it."""
     try:
         return _push(state, make()), ""
-    except SpecError as err:
-        return state, one_line(err)
-    except (ValueError, TypeError, KeyError) as err:  # a malformed cell: still one line, never a crash
-        return state, one_line(err)
+    except (SpecError, ValueError, TypeError, KeyError) as err:  # a malformed cell: still one line, never a crash
+        return {**state, "unapplied": True}, one_line(err)
 
 
 # ---------------------------------------------------------------- edits
@@ -146,15 +160,33 @@ def load_task_template(state: dict, task: str) -> tuple[dict, str]:
 
 
 def undo(state: dict) -> tuple[dict, str]:
+    """Drop a pending invalid edit (the editors show the design again), else go back one design
+    (the current one goes on the redo stack)."""
+    new = {k: v for k, v in state.items() if k not in TRANSIENT}
+    if state.get("unapplied"):
+        return new, ""
     history, sizes = list(state.get("history", [])), history_sizes(state)
     if not history and state.get("history_trimmed"):
-        return state, (f"nothing more to undo: older designs were let go to keep undo within "
-                       f"{size_text(knobs.HISTORY_BYTES)} per session")
+        return new, (f"nothing more to undo: older designs were let go to keep undo within "
+                     f"{size_text(knobs.HISTORY_BYTES)} per session")
     if not history:
-        return state, "nothing to undo"
-    new = dict(state)
+        return new, "nothing to undo"
+    new["future"], new["future_bytes"], _ = _stacked(state, "future", state["spec"])
     new["spec"] = history.pop()
     new["history"], new["history_bytes"] = history, sizes[:-1]
+    return new, ""
+
+
+def redo(state: dict) -> tuple[dict, str]:
+    """Forward one design again after an undo (until a new edit starts another branch)."""
+    new = {k: v for k, v in state.items() if k not in TRANSIENT}
+    future, sizes = list(state.get("future", [])), history_sizes(state, "future")
+    if not future:
+        return new, "nothing to redo"
+    new["history"], new["history_bytes"], trimmed = _stacked(state, "history", state["spec"])
+    new["history_trimmed"] = state.get("history_trimmed", False) or trimmed
+    new["spec"] = future.pop()
+    new["future"], new["future_bytes"] = future, sizes[:-1]
     return new, ""
 
 
@@ -186,7 +218,17 @@ def markdown_text(text: str) -> str:
     return html.escape(str(text), quote=False).replace("](", "]\\(").replace("]:", "]\\:").replace("|", "/")
 
 
-_md = markdown_text
+_EMPHASIS = str.maketrans({c: "\\" + c for c in "\\*_`~"})
+
+
+def card_text(text: str) -> str:
+    """`markdown_text` with Markdown's emphasis and code characters backslash-escaped too, for the
+    cards (read in the page only, never by an API client): `StartRecentKVCache.__call__` shows as
+    written, not as a bold "call"."""
+    return markdown_text(str(text).translate(_EMPHASIS))
+
+
+_md = card_text
 
 
 def preset_card(name: str) -> str:

@@ -6,7 +6,7 @@ Tables are lists of string rows (what a gr.Dataframe edits). Sizes are written `
 A table row that is unchanged keeps its exact previous JSON (so per-token attrs, one-name selector
 lists and the like survive a table edit). Parse errors are SpecErrors naming the cell's JSON path;
 apply_table_edit turns them into the one-line error of an edit, like every other edit (state.attempt).
-Token references (`12`, `answer`, `answer[3]`) are parsed here too (parse_token).
+Token references (`12`, `answer`, `answer[3]`) are parsed here too (resolve_token: a clamped index is said).
 """
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ TABLES_HELP = (f"<small>**Segments**: modality {' / '.join(MODALITIES)}; size `1
                f"<small>patterns: {', '.join(PATTERNS)}. Parameters as `size=4, causal=false`; layers/heads as "
                f"`0, 1` or `0:12:2`.</small>")
 
+TEXT_EDITOR_HELP = "the segment's text, multi-line (click a segment's row to edit it here; click outside to apply)"
 SEGMENT_COLUMNS = ["name", "modality", "size", "branch", "roles", "text"]
 TEXT_COLUMN = SEGMENT_COLUMNS.index("text")
 RULE_COLUMNS = ["kind", "q", "k", "pattern", "params", "layers", "heads"]
@@ -215,28 +216,42 @@ def parse_text(text: str):
     return text
 
 
-def parse_token(spec: Spec, text) -> int:
-    """'12' -> token 12; 'answer' -> the last token of segment answer; 'answer[3]' -> its 4th token;
-    '' / None -> the last token. Out-of-range indices are clamped."""
+def resolve_token(spec: Spec, text, field: str = "token") -> tuple[int, str]:
+    """(index, note) of a token reference: '12' -> token 12; 'answer' -> the last token of segment
+    answer; 'answer[3]' -> its 4th token; '' / None -> the last token. An index past the design or
+    past its segment (a segment that shrank since it was typed) gives the nearest token and a note
+    saying so, so a token never moves silently. An unknown segment is a SpecError at `field` (the
+    control's own name: 'reach token', 'focus token')."""
     t = spec.table
     n = t.n
     if text is None or (isinstance(text, str) and not text.strip()):
-        return n - 1
+        return n - 1, ""
     if isinstance(text, (int, float)):
-        return int(min(max(int(text), 0), n - 1))
+        text = str(int(text))
     text = text.strip()
     if re.fullmatch(r"-?\d+", text):
         i = int(text)
-        return min(max(i if i >= 0 else n + i, 0), n - 1)
+        got = min(max(i if i >= 0 else n + i, 0), n - 1)
+        moved = got != (i if i >= 0 else n + i)
+        return got, (f"{field}: token {i} is outside this design's {n:,} tokens; showing token {got} "
+                     f"({t.label(got)})" if moved else "")
     m = re.fullmatch(r"(.+?)(?:\[(-?\d+)\])?", text)
     name, local = m.group(1).strip(), m.group(2)
     if name not in t.names:
-        raise SpecError("reach.token", f"no segment named '{name}'{did_you_mean(name, t.names)}")
+        raise SpecError(field, f"no segment named '{name}' in this design{did_you_mean(name, t.names)}")
     s = t.names.index(name)
     size = t.sizes[s]
     j = size - 1 if local is None else int(local)
     j = j if j >= 0 else size + j
-    return t.starts[s] + min(max(j, 0), size - 1)
+    got = min(max(j, 0), size - 1)
+    note = "" if got == j else (f"{field}: {name} has {size:,} tokens ({name}[0] to {name}[{size - 1}]), so "
+                                f"{text} is not one; showing {name}[{got}]")
+    return t.starts[s] + got, note
+
+
+def parse_token(spec: Spec, text, field: str = "token") -> int:
+    """The index of `resolve_token` (callers that show no note: out-of-range indices clamped)."""
+    return resolve_token(spec, text, field)[0]
 
 
 # ---------------------------------------------------------------- spec -> tables
@@ -430,6 +445,32 @@ def apply_tables(state: dict, segments_rows, rules_rows, overlays_rows, scheme, 
         data["name"] = edited_name(spec.name)
         new["spec"] = Spec.from_valid(data)
     return new, ""
+
+
+def segment_text(state: dict, name) -> str:
+    """The text cell of segment `name` as the multi-line editor shows it ('' for none or no such segment)."""
+    rows = spec_to_tables(state["spec"])["segments"]
+    return next((r[TEXT_COLUMN] for r in rows if r[0] == name), "")
+
+
+def segment_pick(state: dict, row) -> tuple[str, str]:
+    """A clicked segments-table row (its values) -> (segment name, its text) for the multi-line editor."""
+    name = str(row[0]) if isinstance(row, (list, tuple)) and row else ""
+    return name, segment_text(state, name)
+
+
+def set_segment_text(state: dict, name, text) -> tuple[dict, str]:
+    """The multi-line text editor: segment `name`'s text cell replaced by `text` (kept as typed,
+    newlines and leading spaces too), applied like any table edit."""
+    if not (name or "").strip():
+        return state, "" if not (text or "").strip() else "text editor: click a segment's row first (its name goes there)"
+    t = spec_to_tables(state["spec"])
+    rows = [list(r) for r in t["segments"]]
+    hit = [r for r in rows if r[0] == name.strip()]
+    if not hit:
+        return state, f"text editor: no segment named '{name}' in this design; pick one from the list"
+    hit[0][TEXT_COLUMN] = "" if text is None else str(text)
+    return apply_tables(state, rows, t["rules"], t["overlays"], t["scheme"], t["position_params"])
 
 
 def tables_need_refresh(old: Spec, new: Spec) -> bool:

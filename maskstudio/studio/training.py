@@ -21,6 +21,7 @@ from .budget import BudgetError, disk_error_line, require_room, session_files
 from .examples import run_blocker
 from .jobs import require_model
 from .pictures import figure_png, sweep_workdir
+from .provenance import label
 from .state import current, one_line
 
 TRAIN_TASKS = tuple(TASKS)   # tasks whose parts are the design's segments (the Evaluate tab's templates)
@@ -145,7 +146,7 @@ def train_design(state: dict, task: str = "kv_retrieval", steps=20, lr=1e-4, lor
     losses = {k: ys for k, ys in losses.items() if ys}  # a Stop before a model's first step: no curve
     if not losses:
         return {"error": "stopped before the first training step: nothing to show", **failed}
-    summary = "\n".join([text, ""] + _loss_lines(losses))
+    summary = "\n".join([label("training", spec), text, ""] + _loss_lines(losses))
     curve = figure_png(loss_curve_figure(losses, f"{task}: training loss ({objective}, lr {rate:g}, batch {batch})"))
     config = {"spec": spec.to_dict(), "model": name or "embedded SmolLM2-135M-Instruct", "baseline": bool(baseline),
               "eval_n": eval_n if baseline else 0, **{k: v for k, v in kw.items() if k != "progress"}}

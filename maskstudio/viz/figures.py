@@ -2,8 +2,8 @@
 pieces every view uses (segment bands and ticks, frame cuts, the modality legend, a labelled
 heatmap). No computation lives here: a helper draws what it is given.
 
-Colours: MODALITY_COLORS; consecutive segments of one modality alternate a lighter shade
-(segment_colors) so neighbours stay apart, identically in every view.
+Colours: MODALITY_COLORS; segments of one modality get distinct colours around it
+(segment_colors: hue and lightness steps), identically in every view.
 """
 from __future__ import annotations
 
@@ -101,15 +101,29 @@ def layer_note(spec, layer, head) -> str:
 
 
 # ---------------------------------------------------------------- segments
+HUE_SPREAD = 0.13  # segments of one modality spread over this much hue around its colour (0..1 = a full turn)
+LIGHTNESS_STEPS = (0.0, 0.16, -0.1, 0.26)  # and cycle through these lightness shifts, so neighbours differ twice
+
+
 def segment_colors(spec) -> list:
-    """One colour per segment: its modality's, every second segment of a run a lighter shade."""
-    out, prev, flip = [], None, False
-    for seg in spec.segments:
-        mod = seg["modality"]
-        flip = (not flip) if mod == prev else False
-        base = np.array(to_rgb(MODALITY_COLORS[mod]))
-        out.append(tuple(base + (1 - base) * 0.45) if flip else tuple(base))
-        prev = mod
+    """One colour per segment, distinct within a modality: the modality's colour for its only
+    segment; k of n segments of one modality turned around its hue (`HUE_SPREAD`) and shifted in
+    lightness, so `path1`, `path2`, `path3` are three colours, still all of the text family."""
+    import colorsys
+
+    mods = [seg["modality"] for seg in spec.segments]
+    seen: dict[str, int] = {}
+    out = []
+    for mod in mods:
+        k, n = seen.get(mod, 0), mods.count(mod)
+        seen[mod] = k + 1
+        if n == 1:
+            out.append(to_rgb(MODALITY_COLORS[mod]))
+            continue
+        h, light, sat = colorsys.rgb_to_hls(*to_rgb(MODALITY_COLORS[mod]))
+        h = (h + HUE_SPREAD * (k / (n - 1) - 0.5)) % 1.0
+        light = min(0.82, max(0.22, light + LIGHTNESS_STEPS[k % len(LIGHTNESS_STEPS)]))
+        out.append(colorsys.hls_to_rgb(h, light, sat))
     return out
 
 

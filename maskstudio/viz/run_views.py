@@ -73,7 +73,8 @@ def attention_figure(result, layer: int, head: int | None, token: int | None = N
         _focus_box(ax, token, n)
         focus = f"\ntoken {token} {run_token_labels(result)[token]}: row (cyan) = what it attends to, " \
                 f"column (green) = what attends to it"
-    ax.set_title(f"{result.model}: attention, layer {layer}, {which} (sqrt scale){focus}", fontsize=9)
+    ax.set_title(f"{result.layout.name} on {result.model}: attention, layer {layer}, {which} (sqrt scale){focus}",
+                 fontsize=9)
     fig.colorbar(img, ax=ax, fraction=0.046, pad=0.04)
     tight(fig)
     return fig
@@ -149,8 +150,8 @@ def attention_grid_figure(result, layer: int | None = None, head: int | None = N
         for h in rows:
             ax.add_patch(Rectangle((layer * (c + gap) - 0.5 - gap / 2, h * (c + gap) - 0.5 - gap / 2), c + gap,
                                    c + gap, fill=False, edgecolor="#2ec4d6", lw=1.5))
-    ax.set_title(f"{result.model}: attention of every layer x head ({L} x {H}, sqrt scale); outlined: the map "
-                 f"shown above", fontsize=9)
+    ax.set_title(f"{result.layout.name} on {result.model}: attention of every layer x head ({L} x {H}, sqrt scale);"
+                 f" outlined: the map shown above", fontsize=9)
     tight(fig)
     return fig
 

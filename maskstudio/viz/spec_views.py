@@ -301,7 +301,7 @@ def view_distance(spec, fig, region, query=None, title=None, max_pairs: int = 2_
     naxes = ids.shape[0]
     colors = segment_colors(spec)
     qs = t.segment_slice(t.names.index(stats["query"]))
-    gs = region.subgridspec(naxes, 2, width_ratios=[1.6, 1], wspace=0.08, hspace=0.35)
+    gs = region.subgridspec(naxes, 2, width_ratios=[1.6, 1], wspace=0.32, hspace=0.35)  # room for the colour bar and its label
     heat_axes = []
     for a in range(naxes):
         ax = fig.add_subplot(gs[a, 0])
