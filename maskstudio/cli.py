@@ -187,7 +187,7 @@ def cmd_eval(args) -> int:
 TRAIN_DEFAULTS = {"model": None, "task": "kv_retrieval", "data": None, "steps": 100, "lr": 1e-4, "seed": 0,
                   "batch": 8, "n_train": 256, "lora": False, "objective": "next_token", "loss_on": None,
                   "eval_every": 0, "eval_n": 64, "warmup": 0, "save_every": 0, "backend": None, "pack_tokens": 0,
-                  "eval_data": None}
+                  "eval_data": None, "keep": 2, "resumable": False, "save_dtype": "bfloat16"}
 
 
 def cmd_train(args) -> int:
@@ -224,7 +224,8 @@ def _train_new(args, given: dict) -> None:
                   seed=opts["seed"], batch=opts["batch"], lora=opts["lora"], objective=opts["objective"],
                   out_dir=args.out, loss_on=opts["loss_on"], n_train=opts["n_train"], backend=opts["backend"],
                   warmup=opts["warmup"], save_every=opts["save_every"], progress=not args.quiet,
-                  pack_tokens=opts["pack_tokens"], eval_data=opts["eval_data"])
+                  pack_tokens=opts["pack_tokens"], eval_data=opts["eval_data"], keep=opts["keep"],
+                  resumable=opts["resumable"], save_dtype=opts["save_dtype"])
     if args.no_baseline:
         fitted = train(spec, eval_every=opts["eval_every"], eval_n=opts["eval_n"], eval_spec=args.eval_spec, **common)
         _report_fit(fitted, args.out)
@@ -324,7 +325,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=("eager", "flex"), help="default: flex on CUDA, eager on CPU")
     p.add_argument("--pack-tokens", type=int,
                    help="pack each step's examples into rows of at most N tokens (isolated; 0 = one forward each)")
-    p.add_argument("--out", help="run folder: config, metrics, checkpoints (safetensors)")
+    p.add_argument("--out", help="run folder: config, metrics, scores, checkpoints (save_pretrained form)")
+    p.add_argument("--keep", type=int, help=f"keep the K newest checkpoints (0: all; default {d['keep']})")
+    p.add_argument("--save-dtype", choices=("bfloat16", "float32"), help="dtype of the saved model (default bfloat16)")
+    p.add_argument("--resumable", action="store_true",
+                   help="also save the optimizer state and exact fp32 weights, so --resume can continue the run")
     p.add_argument("--resume", help="a run folder or checkpoint folder to continue, with its own settings and spec "
                                     "(flags given must agree; implies --no-baseline; writes into that folder)")
     p.add_argument("--override", action="store_true", help="with --resume: let the flags given change the run")

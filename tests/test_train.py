@@ -125,9 +125,12 @@ def test_bico_objective_alternates_causal_and_denoising_steps(tiny, prepared):
 
 
 def test_checkpoint_then_resume_gives_the_same_next_loss(tiny, prepared, tmp_path):
-    full = train(prefix_lm(), tiny, steps=4, save_every=2, out_dir=str(tmp_path / "a"), _prepared=prepared, **FAST)
+    full = train(prefix_lm(), tiny, steps=4, save_every=2, resumable=True, out_dir=str(tmp_path / "a"),
+                 _prepared=prepared, **FAST)
     ck = tmp_path / "a" / "checkpoints" / "step-000002"
-    assert {p.name for p in ck.iterdir()} == {"model.safetensors", "optimizer.safetensors", "spec.json", "state.json"}
+    assert {p.name for p in ck.iterdir()} == {"config.json", "generation_config.json", "model.safetensors",
+                                              "tokenizer.json", "tokenizer_config.json", "optimizer.safetensors",
+                                              "spec.json", "state.json"}
     assert Spec.load(str(ck / "spec.json")) == prefix_lm()
     metrics = json.loads((tmp_path / "a" / "metrics.json").read_text())
     assert [s["loss"] for s in metrics["steps"]] == full.losses
@@ -181,7 +184,7 @@ def test_lora_trains_adapters_only(tiny, prepared, tmp_path):
     fit = train(prefix_lm(), tiny, steps=2, lora=True, out_dir=str(tmp_path), _prepared=prepared, **FAST)
     from safetensors.torch import load_file
 
-    saved = load_file(str(tmp_path / "checkpoints" / "step-000002" / "model.safetensors"))
+    saved = load_file(str(tmp_path / "checkpoints" / "step-000002" / "adapter_model.safetensors"))
     assert saved and all("lora_" in k for k in saved)
     trained = dict(fit.lm.model.named_parameters())
     for name, p in tiny.model.named_parameters():  # base weights untouched
@@ -212,14 +215,14 @@ def test_cli_trains_writes_a_run_folder_and_resumes(tmp_path, capsys):
     spec_file.write_text(prefix_lm().to_json())
     out = tmp_path / "run"
     args = ["train", str(spec_file), "--model", "tiny-llama", "--batch", "2", "--n-train", "4", "--lr", "3e-3",
-            "--out", str(out), "-q"]
+            "--out", str(out), "--resumable", "-q"]
     assert main(args + ["--steps", "2", "--no-baseline"]) == 0
     assert "trained prefix lm: 2 steps" in capsys.readouterr().out
     assert {p.name for p in out.iterdir()} == {"config.json", "spec.json", "metrics.json", "checkpoints"}
     assert main(args + ["--steps", "3", "--resume", str(out)]) == 0
     assert len(json.loads((out / "metrics.json").read_text())["steps"]) == 3
     packed = tmp_path / "packed"
-    assert main(args[:-3] + ["--out", str(packed), "-q", "--steps", "1", "--no-baseline", "--pack-tokens", "4096"]) == 0
+    assert main(args[:-4] + ["--out", str(packed), "-q", "--steps", "1", "--no-baseline", "--pack-tokens", "4096"]) == 0
     assert json.loads((packed / "config.json").read_text())["pack_tokens"] == 4096
     assert json.loads((packed / "metrics.json").read_text())["steps"][0]["forwards"] == 1
     assert main(["train", str(spec_file), "--model", "tiny-llama", "--steps", "0"]) == 2
@@ -323,7 +326,7 @@ def test_packed_baseline_and_design_share_data_order_and_resume(tiny, prepared, 
     assert [s["tokens"] for s in base.steps] == [s["tokens"] for s in design.steps]
     assert all(s["forwards"] == 1 for s in base.steps + design.steps)
     # deterministic, and a resumed packed run continues bit-identically (bico: packed denoising rows)
-    kw = dict(FAST, objective="bico", pack_tokens=4096, _prepared=prepared)
+    kw = dict(FAST, objective="bico", pack_tokens=4096, resumable=True, _prepared=prepared)
     full = train(prefix_lm(), tiny, steps=4, save_every=2, out_dir=str(tmp_path / "a"), **kw)
     assert full.losses == train(prefix_lm(), tiny, steps=4, **kw).losses
     resumed = train(prefix_lm(), tiny, steps=4, resume=str(tmp_path / "a" / "checkpoints" / "step-000002"), **kw)

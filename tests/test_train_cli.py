@@ -21,7 +21,7 @@ def _spec_file(tmp_path):
     return path
 
 
-RUN = ["--model", "tiny-llama", "--batch", "2", "--lr", "1e-3", "--n-train", "8", "--seed", "3", "-q"]
+RUN = ["--model", "tiny-llama", "--batch", "2", "--lr", "1e-3", "--n-train", "8", "--seed", "3", "--resumable", "-q"]
 
 
 @pytest.fixture
@@ -79,6 +79,17 @@ def test_readme_resume_of_a_compared_design(tmp_path):
     assert main(["train", str(spec), *RUN, "--steps", "2", "--eval-n", "4", "--out", str(kv)]) == 0
     assert main(["train", "--resume", str(kv / "design"), "-q"]) == 0
     assert len(_metrics(kv / "design")) == 100
+
+
+def test_a_run_saved_without_resumable_is_refused_in_one_line(tmp_path, capsys):
+    """Checkpoints hold the model only unless --resumable (AdamW's state is twice the weights)."""
+    folder = tmp_path / "plain"
+    plain = [a for a in RUN if a != "--resumable"]
+    assert main(["train", str(_spec_file(tmp_path)), *plain, "--steps", "1", "--no-baseline", "--out", str(folder)]) == 0
+    assert not list(folder.rglob("optimizer.safetensors"))
+    assert main(["train", "--resume", str(folder), "--steps", "2", "-q"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "no optimizer state" in err and "--resumable" in err and len(err.splitlines()) == 1
 
 
 def _craft(folder, name):
@@ -160,8 +171,13 @@ def test_bad_settings_and_vision_models_are_refused(tmp_path, flag, value, says,
 def test_save_every_saves_only_every_kth_step(tmp_path):
     out = tmp_path / "r"
     assert main(["train", str(_spec_file(tmp_path)), *RUN, "--steps", "5", "--save-every", "2", "--no-baseline",
-                 "--out", str(out)]) == 0
+                 "--keep", "0", "--out", str(out)]) == 0
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000002", "step-000004", "step-000005"]
+    kept = tmp_path / "kept"  # the default keeps the two newest
+    assert main(["train", str(_spec_file(tmp_path)), *RUN, "--steps", "5", "--save-every", "2", "--no-baseline",
+                 "--out", str(kept)]) == 0
+    assert sorted(p.name for p in (kept / "checkpoints").iterdir()) == ["step-000004", "step-000005"]
+    assert json.loads((kept / "config.json").read_text())["keep"] == 2
     assert not list(out.rglob("*.pt")) and not list(out.rglob("*.bin"))
 
 

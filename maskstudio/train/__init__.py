@@ -17,11 +17,14 @@ baseline trained identically, and evaluate both with maskstudio.evaluate's stati
   same loss, data order and gradient. Evaluation in `compare` packs the same way.
 * Deterministic given `seed`: data order and BICO corruption are pure functions of (seed, step,
   example); a resumed run continues with the very next loss of the uninterrupted one.
-* `out_dir`: config.json, spec.json, metrics.json (per-step loss, evaluations) and
-  checkpoints/step-N/{model,optimizer}.safetensors + spec.json + state.json.
+* `out_dir`: config.json, spec.json, metrics.json (per-step loss, evaluations), scores.json (every
+  evaluated example) and checkpoints/step-N/: the model in `save_pretrained` form (a peft adapter
+  with LoRA) in `save_dtype`, the tokenizer, spec.json, state.json, and optimizer.safetensors only
+  when `resumable`; the `keep` newest checkpoints are kept (`train.checkpoint`).
 
 Modules: data (examples -> items, data order, BICO corruption), model (private trainable copy,
-LoRA, tiny model, memory estimate and refusal), loop (forward, loop, checkpoints, DDP).
+LoRA, tiny model, memory estimate and refusal), checkpoint (save_pretrained form, training state,
+keep K), loop (forward, loop, resume, DDP).
 """
 from __future__ import annotations
 
@@ -37,14 +40,15 @@ from ..run.inputs import as_spec
 from ..spec import Spec
 from .data import (FACT_TASKS, TRAIN_BREAKDOWN, TRAIN_TASKS, batch_indices, bico_item, causal_twin, encode_all,
                    fact_specs, held_out, pack, pack_rows, parent_facts, train_examples)
-from .loop import (OBJECTIVES, RESUMED, Fit, dist_info, evaluate_model, fit, item_loss, latest_checkpoint,
-                   resumed_settings, run_folder, score_packed)
+from .checkpoint import SAVE_DTYPES, checkpoint_bytes, latest_checkpoint
+from .loop import (OBJECTIVES, RESUMED, Fit, dist_info, evaluate_model, fit, item_loss, resumed_settings, run_folder,
+                   score_packed)
 from .model import TINY_TEXT, check_memory, estimate_bytes, model_id, source_model, tiny_lm, trainable_copy
 
 __all__ = ["train", "compare", "Fit", "causal_twin", "batch_indices", "bico_item", "tiny_lm", "TINY_TEXT",
            "estimate_bytes", "check_memory", "item_loss", "latest_checkpoint", "OBJECTIVES", "prepare_training",
            "fact_specs", "parent_facts", "held_out", "TRAIN_TASKS", "FACT_TASKS", "pack", "pack_rows",
-           "evaluate_model", "score_packed"]
+           "evaluate_model", "score_packed", "SAVE_DTYPES", "checkpoint_bytes"]
 
 
 def _check(steps, lr, batch, n_train, eval_n=1, **counts):
@@ -94,13 +98,19 @@ def train(spec, model=None, task: str | None = "kv_retrieval", data: str | None 
           eval_every: int = 0, eval_n: int = 32, out_dir: str | None = None, resume=None, loss_on=None,
           n_train: int = 256, eval_spec=None, backend: str | None = None, device=None, warmup: int = 0,
           save_every: int = 0, max_memory: int | None = None, progress: bool = True, on_step=None,
-          pack_tokens: int = 0, eval_data: str | None = None, override: bool = False, _prepared=None) -> Fit:
+          pack_tokens: int = 0, eval_data: str | None = None, override: bool = False, keep: int = 2,
+          save_dtype: str = "bfloat16", resumable: bool = False, _prepared=None) -> Fit:
     """Fine-tune `model` (LoadedModel, "tiny-llama", hub id, None = embedded SmolLM2-135M) under
     `spec` on a generated `task` (evaluate.TASKS) or your `data` JSONL. The model given is never
     modified: a private copy is trained and returned in `Fit.lm`. `on_step(record)` sees every
     step's metrics (a live loss curve) and may return True to stop. `pack_tokens=N` packs each
     step's examples into rows of at most N tokens (one forward per row). Raises RunError / ValueError
     with a one-line fix (including the memory refusal with its estimate).
+
+    Checkpoints (with `out_dir`, every `save_every` steps and at the end) hold the model in
+    `save_pretrained` form in `save_dtype` ("bfloat16" or "float32"; a LoRA adapter as peft saves
+    it), the optimizer state only when `resumable` (what `resume` needs), the `keep` newest kept
+    (0: every one).
 
     `resume` (a run folder or checkpoint): the run continues as it was configured — settings left
     at their defaults follow its config.json, an explicit one that contradicts it is refused
@@ -110,12 +120,15 @@ def train(spec, model=None, task: str | None = "kv_retrieval", data: str | None 
         given = {arg: value for arg, value in locals().items() if arg in _RESUMABLE}
         spec, settings, folder = _resumed(spec, resume, given, _DEFAULTS, override)
         model, task, data, lr, seed, batch, lora, objective, loss_on, n_train, eval_every, eval_n, warmup, \
-            save_every, pack_tokens, backend, eval_data = (settings[k] for k in _RESUMABLE)
+            save_every, pack_tokens, backend, eval_data, keep, resumable, save_dtype = \
+            (settings[k] for k in _RESUMABLE)
         out_dir = out_dir or str(folder)
     _check(steps, lr, batch, n_train, save_every=save_every, eval_every=eval_every, warmup=warmup,
-           eval_n=eval_n, pack_tokens=pack_tokens)
+           eval_n=eval_n, pack_tokens=pack_tokens, keep=keep)
     if objective not in OBJECTIVES:
         raise ValueError(f"unknown objective '{objective}'; use one of {', '.join(OBJECTIVES)}")
+    if save_dtype not in SAVE_DTYPES:
+        raise ValueError(f"save_dtype must be one of {', '.join(SAVE_DTYPES)}, got {save_dtype!r}")
     spec, src, examples, items = _prepared or prepare_training(spec, model, task, data, n_train, seed, loss_on, device,
                                                                eval_data)
     lm, module = trainable_copy(src, lora, seed)
@@ -125,7 +138,7 @@ def train(spec, model=None, task: str | None = "kv_retrieval", data: str | None 
               "lr": lr, "seed": seed, "batch": batch, "lora": lora, "objective": objective, "loss_on": loss_on,
               "n_train": n_train, "examples": len(examples), "eval_every": eval_every, "eval_n": eval_n,
               "warmup": warmup, "save_every": save_every, "pack_tokens": pack_tokens, "backend": backend,
-              "eval_data": eval_data,
+              "eval_data": eval_data, "keep": keep, "resumable": bool(resumable), "save_dtype": save_dtype,
               "resumed_from": str(latest_checkpoint(resume)) if resume else None}
     return fit(spec, lm, module, items, steps=steps, lr=lr, seed=seed, batch=batch, objective=objective,
                warmup=warmup, eval_every=eval_every, eval_examples=eval_examples,
@@ -133,7 +146,7 @@ def train(spec, model=None, task: str | None = "kv_retrieval", data: str | None 
                breakdown=None if (data or eval_data) else TRAIN_BREAKDOWN.get(task),
                out_dir=out_dir, save_every=save_every, resume=resume, backend=backend, max_memory=max_memory,
                progress=progress, config=config, desc=f"training {spec.name}", on_step=on_step,
-               pack_tokens=pack_tokens)
+               pack_tokens=pack_tokens, keep=keep, save_dtype=save_dtype, resumable=bool(resumable))
 
 
 def same_attention(a: Spec, b: Spec) -> bool:

@@ -38,6 +38,8 @@ from ..run.attention import ATTN_NAME, MaskContext, attn_impl, register
 from ..run.models import LoadedModel
 from ..run.pipeline import choose_backend
 from ..spec import Spec
+from .checkpoint import (SAVE_DTYPES, checkpoint_dir, latest_checkpoint, load_checkpoint, prune_checkpoints,
+                         read_json, save_checkpoint)
 from .data import Item, batch_indices, bico_item, causal_twin, encode, mask_token_id, pack_rows, packed_span, with_layout
 from .model import check_memory, trainable_parameters
 
@@ -54,6 +56,7 @@ class Fit:
     spec: Spec
     steps: list = field(default_factory=list)    # {"step", "loss", "tokens", "kind", "lr", "seconds"}
     evals: list = field(default_factory=list)    # {"step", "nll", "accuracy", ...}
+    scores: dict = field(default_factory=dict)   # step (str) -> every evaluated example's {"id", "nll", "correct"}
     out_dir: str | None = None
     memory: dict = field(default_factory=dict)
 
@@ -104,104 +107,12 @@ def item_loss(net, item: Item, num_heads: int, backend: str, device, autocast: b
     return torch.nn.functional.cross_entropy(logits, labels, reduction="sum")
 
 
-# ---------------------------------------------------------------- checkpoints
-def _ckpt_dir(out_dir, step: int) -> Path:
-    return Path(out_dir) / "checkpoints" / f"step-{step:06d}"
-
-
-def save_checkpoint(path: Path, module, opt, params: dict, step: int, spec: Spec, extra: dict) -> None:
-    """model.safetensors (trainable parameters by name), optimizer.safetensors (AdamW moments and
-    step counters), spec.json and state.json. Written to a temporary folder, then renamed."""
-    from safetensors.torch import save_file
-
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
-    save_file({n: p.detach().cpu().contiguous() for n, p in params.items()}, str(tmp / "model.safetensors"))
-    opt_state = {}
-    for n, p in params.items():
-        for k, v in opt.state.get(p, {}).items():
-            opt_state[f"{n}::{k}"] = (v if torch.is_tensor(v) else torch.tensor(v)).detach().cpu().contiguous()
-    save_file(opt_state, str(tmp / "optimizer.safetensors"))
-    (tmp / "spec.json").write_text(spec.to_json(), encoding="utf-8")
-    (tmp / "state.json").write_text(json.dumps({"step": step, **extra}, indent=1) + "\n")
-    if path.exists():
-        import shutil
-
-        shutil.rmtree(path)
-    tmp.rename(path)
-
-
-def latest_checkpoint(path) -> Path:
-    """`path` itself when it is a checkpoint folder, else the newest one under path/checkpoints."""
-    p = Path(path)
-    if (p / "state.json").exists():
-        return p
-    found = sorted((p / "checkpoints").glob("step-*[0-9]")) if (p / "checkpoints").is_dir() else []
-    if not found:
-        raise RunError(f"no checkpoint to resume from in '{path}' (expected state.json or checkpoints/step-*)")
-    return found[-1]
-
-
-def read_json(path: Path, what: str, kind: type = dict):
-    """A run folder's JSON file as `kind`, or RunError naming the file (crafted or damaged folders
-    get one line, never a traceback)."""
-    try:
-        value = json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise RunError(f"{path}: missing; is this a Mask Studio run folder?") from None
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as err:
-        reason = str(err).splitlines()[0][:120] if str(err) else type(err).__name__
-        raise RunError(f"{path}: unreadable {what} ({reason})") from None
-    if not isinstance(value, kind):
-        raise RunError(f"{path}: the {what} must be a JSON {'object' if kind is dict else 'list'}")
-    return value
-
-
-def checkpoint_step(path: Path) -> int:
-    """The step a checkpoint folder holds (state.json's "step", a non-negative integer)."""
-    step = read_json(path / "state.json", "checkpoint state").get("step")
-    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
-        raise RunError(f"{path / 'state.json'}: \"step\" must be a non-negative integer, got {step!r:.40}")
-    return step
-
-
-def _load_tensors(path: Path) -> dict:
-    from safetensors.torch import load_file
-
-    if not path.is_file():
-        raise RunError(f"{path}: missing; the checkpoint is incomplete")
-    try:
-        return load_file(str(path))
-    except Exception as err:  # safetensors raises its own error type for damaged files
-        raise RunError(f"{path}: not a readable safetensors file ({str(err).splitlines()[0][:100]})") from None
-
-
-def load_checkpoint(path: Path, opt, params: dict, device) -> dict:
-    step = checkpoint_step(path)
-    weights = _load_tensors(path / "model.safetensors")
-    missing = sorted(set(params) - set(weights))
-    if missing:
-        raise RunError(f"checkpoint {path} does not match this model/LoRA setting (missing {missing[0]}, ...)")
-    wrong = [n for n, p in params.items() if weights[n].shape != p.shape]
-    if wrong:
-        raise RunError(f"checkpoint {path} does not match this model ({wrong[0]}: {tuple(weights[wrong[0]].shape)} "
-                       f"vs {tuple(params[wrong[0]].shape)})")
-    with torch.no_grad():
-        for n, p in params.items():
-            p.copy_(weights[n].to(p.device, p.dtype))
-    state = _load_tensors(path / "optimizer.safetensors")
-    for n, p in params.items():
-        entry = {k.split("::", 1)[1]: v for k, v in state.items() if k.split("::", 1)[0] == n}
-        if entry:
-            opt.state[p] = {k: (v if k == "step" else v.to(device)) for k, v in entry.items()}
-    return {**read_json(path / "state.json", "checkpoint state"), "step": step}
-
-
 # what a resumed run keeps from its config.json (config key -> train() argument)
 RESUMED = {"model_id": "model", "task": "task", "data": "data", "lr": "lr", "seed": "seed", "batch": "batch",
            "lora": "lora", "objective": "objective", "loss_on": "loss_on", "n_train": "n_train",
            "eval_every": "eval_every", "eval_n": "eval_n", "warmup": "warmup", "save_every": "save_every",
-           "pack_tokens": "pack_tokens", "backend": "backend", "eval_data": "eval_data"}
+           "pack_tokens": "pack_tokens", "backend": "backend", "eval_data": "eval_data", "keep": "keep",
+           "resumable": "resumable", "save_dtype": "save_dtype"}
 
 
 def run_folder(resume) -> Path:
@@ -229,18 +140,22 @@ def resumed_settings(resume, given: dict, override: bool = False) -> dict:
     return out
 
 
-def _previous_metrics(path: Path, start: int) -> tuple[list, list]:
-    """(steps, evals) a resumed run keeps from its folder's metrics.json (up to its checkpoint)."""
+def _previous_metrics(path: Path, start: int) -> tuple[list, list, dict]:
+    """(steps, evals, per-example scores) a resumed run keeps from its folder's metrics.json and
+    scores.json (up to its checkpoint)."""
     if not path.exists():
-        return [], []
+        return [], [], {}
     prev = read_json(path, "metrics")
+    scores_file = path.with_name("scores.json")
+    scores = read_json(scores_file, "per-example scores") if scores_file.exists() else {}
+    kept = {k: v for k, v in scores.items() if k.isdigit() and int(k) <= start}
     out = []
     for key in ("steps", "evals"):
         rows = prev.get(key, [])
         if not isinstance(rows, list) or not all(isinstance(r, dict) and isinstance(r.get("step"), int) for r in rows):
             raise RunError(f"{path}: \"{key}\" must be a list of objects with an integer \"step\"")
         out.append([r for r in rows if r["step"] <= start])
-    return out[0], out[1]
+    return out[0], out[1], kept
 
 
 # ---------------------------------------------------------------- evaluation during / after training
@@ -307,15 +222,20 @@ def fit(spec: Spec, lm: LoadedModel, module, items: list[Item], *, steps: int, l
         eval_every: int = 0, eval_examples: list[Example] | None = None, eval_spec: Spec | None = None,
         breakdown: str | None = None, out_dir: str | None = None, save_every: int = 0, resume=None,
         backend: str | None = None, max_memory: int | None = None, progress: bool = True,
-        config: dict | None = None, desc: str = "training", on_step=None, pack_tokens: int = 0) -> Fit:
+        config: dict | None = None, desc: str = "training", on_step=None, pack_tokens: int = 0,
+        keep: int = 2, save_dtype: str = "bfloat16", resumable: bool = False) -> Fit:
     """Train `lm.model` (a private trainable copy) on `items` (encoded under `spec`).
 
     `on_step(record)` is called on rank 0 after every step with the step's metrics dict (and the
     latest evaluation under "eval" when one ran), e.g. to draw a live loss curve; returning True
     stops after this step (a checkpoint is written when out_dir is set). `pack_tokens`: pack each
-    step's examples into rows of at most that many tokens (see the module docstring)."""
+    step's examples into rows of at most that many tokens (see the module docstring).
+    Checkpoints (`checkpoint`): the model in save_pretrained form in `save_dtype`, the optimizer
+    state only when `resumable`, the `keep` newest kept (0: all)."""
     if objective not in OBJECTIVES:
         raise RunError(f"unknown objective '{objective}'; use one of {', '.join(OBJECTIVES)}")
+    if save_dtype not in SAVE_DTYPES:
+        raise RunError(f"save_dtype must be one of {', '.join(SAVE_DTYPES)}, got {save_dtype!r}")
     rank, world = dist_info()
     if batch % world:
         raise RunError(f"batch {batch} does not split over {world} processes; use a multiple of {world}")
@@ -347,7 +267,7 @@ def fit(spec: Spec, lm: LoadedModel, module, items: list[Item], *, steps: int, l
         start = load_checkpoint(ck, opt, params, device)["step"]
         if start >= steps:
             raise RunError(f"the run in {ck} is already at step {start}; pass more steps than that to continue it")
-        fitted.steps, fitted.evals = _previous_metrics(Path(ck).parent.parent / "metrics.json", start)
+        fitted.steps, fitted.evals, fitted.scores = _previous_metrics(Path(ck).parent.parent / "metrics.json", start)
     out = Path(out_dir) if out_dir else None
     if out and rank == 0:
         out.mkdir(parents=True, exist_ok=True)
@@ -391,9 +311,9 @@ def fit(spec: Spec, lm: LoadedModel, module, items: list[Item], *, steps: int, l
                 # kept per example; not for packed rows (their examples meet only in this step) nor
                 # denoising layouts (they change every step)
                 key = (kind, it.example)
-                keep = not it.members and kind != "denoise"
-                ctx = contexts.get(key) if keep else None
-                if keep and ctx is None and len(contexts) < CONTEXTS_KEPT:
+                reuse = not it.members and kind != "denoise"
+                ctx = contexts.get(key) if reuse else None
+                if reuse and ctx is None and len(contexts) < CONTEXTS_KEPT:
                     ctx = contexts[key] = MaskContext(it.layout, heads, backend, record=False)
                 with sync:
                     loss = item_loss(net, it, heads, backend, device, autocast, ctx)
@@ -418,6 +338,7 @@ def fit(spec: Spec, lm: LoadedModel, module, items: list[Item], *, steps: int, l
                 if rank == 0:
                     rows = evaluate_model(eval_spec or spec, lm, eval_examples, pack_tokens)
                     fitted.evals.append(eval_entry(done, rows, breakdown))
+                    fitted.scores[str(done)] = rows
                     bar.write(f"step {done}: eval NLL {fitted.evals[-1]['nll']:.4f}, "
                               f"accuracy {fitted.evals[-1]['accuracy']:.3f}")
                 _barrier(world)
@@ -428,8 +349,9 @@ def fit(spec: Spec, lm: LoadedModel, module, items: list[Item], *, steps: int, l
                 stop = bool(_all_sum(torch.tensor([float(stop)], device=device), world))
             if out and ((save_every and done % save_every == 0) or done == steps or stop):
                 if rank == 0:
-                    save_checkpoint(_ckpt_dir(out, done), module, opt, params, done, spec,
-                                    {"loss": mean, "seed": seed, "objective": objective})
+                    save_checkpoint(checkpoint_dir(out, done), module, lm.tokenizer, opt, params, done, spec,
+                                    {"loss": mean, "seed": seed, "objective": objective}, save_dtype, resumable)
+                    prune_checkpoints(out, keep, done)
                     write_metrics(fitted)
                 _barrier(world)
             if stop:
@@ -444,3 +366,5 @@ def write_metrics(fitted: Fit) -> None:
     if fitted.out_dir:
         path = Path(fitted.out_dir) / "metrics.json"
         path.write_text(json.dumps({"steps": fitted.steps, "evals": fitted.evals}, indent=1) + "\n")
+        if fitted.scores:  # every evaluated example, so each interval can be recomputed from the folder
+            path.with_name("scores.json").write_text(json.dumps(fitted.scores, indent=1, default=str) + "\n")

@@ -63,6 +63,7 @@ def trainable_copy(src: LoadedModel, lora: bool | dict, seed: int) -> tuple[Load
     for t in list(model.parameters()) + list(model.buffers()):  # not .float(): refused on GGUF-loaded models
         if t.is_floating_point():
             t.data = t.data.float()
+    _dequantized(model)
     model.train()
     outer = model
     if lora:
@@ -73,6 +74,18 @@ def trainable_copy(src: LoadedModel, lora: bool | dict, seed: int) -> tuple[Load
         outer = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **options))
         model = outer.get_base_model()
     return LoadedModel(model, src.tokenizer, src.name, src.device), outer
+
+
+def _dequantized(model) -> None:
+    """A copy of a GGUF-loaded model holds plain float weights (transformers dequantized them on
+    load): drop the quantizer's marks so it trains and saves (`save_pretrained`) as a plain model."""
+    if getattr(model, "hf_quantizer", None) is None:
+        return
+    model.hf_quantizer = None
+    if "is_quantized" in vars(model):
+        model.is_quantized = False
+    if getattr(model.config, "quantization_config", None) is not None:
+        del model.config.quantization_config
 
 
 def trainable_parameters(module) -> dict[str, torch.Tensor]:
