@@ -13,7 +13,7 @@ __all__ = ["Spec", "SpecError", "RunError", "analyze", "load_preset", "list_pres
 
 _NAMES = {"analyze": "analysis", "load_preset": "presets", "list_presets": "presets", "render": "viz",
           "flow_graph": "flow", "reachability": "flow", "compare": "run", "knockout": "run", "load_model": "run"}
-_MODULES = ("analysis", "bounds", "cli", "compile", "errors", "evaluate", "export", "flow", "knobs", "patterns", "train",
+_MODULES = ("analysis", "bounds", "cli", "errors", "evaluate", "export", "flow", "knobs", "patterns", "train",
             "positions", "presets", "program", "run", "schema", "segments", "studio", "tiled", "tokens", "viz")
 
 

@@ -14,8 +14,8 @@ import numpy as np
 import torch
 
 from . import knobs
-from .compile import block_states, compile_program, evaluate_block
-from .tiled import TiledMask
+from .lower import lowered
+from .tiled import TiledMask, block_states
 
 
 
@@ -227,12 +227,12 @@ def _target_leaks(spec, layer, head) -> list[str]:
     if not targets:
         return []
     tgt = torch.cat([torch.arange(t.starts[i], t.starts[i] + t.sizes[i]) for i in targets])
-    program = compile_program(spec, layer)
+    low = lowered(spec, layer)
     leaks = []
     rows = tgt[tgt > 0] - 1
     for c in range(0, len(rows), 1024):
         q = rows[c:c + 1024]
-        block = evaluate_block(program, t.attrs, q, tgt, head) & (tgt[None, :] > q[:, None])
+        block = low.evaluate(q, tgt, head) & (tgt[None, :] > q[:, None])
         if block.any():
             r, k = torch.nonzero(block)[0].tolist()
             leaks.append(f"token {int(q[r])} (predicting target token {int(q[r]) + 1}) sees target token "

@@ -495,6 +495,36 @@ def evaluate_tiles(root: E, env: dict, params, slots: dict, tables: dict | None 
     return Tri.of(_run(tape(root), env, params, slots, lambda a: tables[a], _interval_apply))
 
 
+def _decided(v):
+    """True / False when an interval value holds (fails) at every pair, else None."""
+    if isinstance(v, bool):
+        return v
+    if isinstance(v, Tri):
+        if bool(torch.as_tensor(v.must).all()):
+            return True
+        if not bool(torch.as_tensor(v.may).any()):
+            return False
+    return None
+
+
+def specialize(root: E, env: dict, params, slots: dict, tables: dict | None = None) -> E:
+    """The expression over a region (env: Intervals for q / kv, tables: their lookups' ranges)
+    with what the bounds decide there folded away: a bool node that holds or fails at every pair
+    becomes a constant, a where whose condition is decided becomes its branch. A query tile inside
+    one segment then runs that segment's row of the closed form, not a select over all of them."""
+    order = nodes(root)
+    val = _run(tape(root), env, params, slots, lambda a: tables[a], _interval_apply, every=True)
+    known = {id(n): _decided(v) for n, v in zip(order, val) if n.op not in LEAVES and n.is_bool}
+
+    def inner(n, args):
+        if known.get(id(n)) is not None:
+            return const(known[id(n)])
+        if n.op == "where" and args[0].is_const:
+            return args[1] if args[0].value else args[2]
+        return op(n.op, *args)
+    return _rebuild(root, lambda n: n, inner)
+
+
 # ---------------------------------------------------------------- source
 def magnitude_source(root: E, names: dict, param_ref) -> str | None:
     """Python source of an upper bound on |root| (names: a variable's bound, e.g. {"q": "n"};

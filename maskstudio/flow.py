@@ -1,6 +1,6 @@
 """Information flow through a mask: who feeds whom, and after how many layers.
 
-All of it is derived from the one compiled rule (compile.py); nothing here re-states a mask.
+All of it walks the layer's one lowered expression (tiled.py); nothing here re-states a mask.
 
   flow_graph(spec, level)        networkx.DiGraph, edge k -> q when q may read k, `density` =
                                  allowed pairs / all pairs of that (q, k) block
@@ -39,7 +39,6 @@ import torch
 
 from . import knobs
 from .analysis import analyze
-from .compile import compile_program, evaluate_block
 from .tiled import TiledMask
 
 
@@ -60,13 +59,6 @@ def default_layers(spec, minimum: int = 4) -> int:
     return max(minimum, top + 2)
 
 
-def dense(spec, layer: int = 0, head: int = 0) -> torch.Tensor:
-    """bool [N, N] from the compiled program evaluated on the whole index grid in one go (the
-    same evaluator as compile.dense_mask; one pass is fastest for the small N it is used at)."""
-    idx = torch.arange(spec.table.n)
-    return evaluate_block(compile_program(spec, layer), spec.table.attrs, idx, idx, head).contiguous()
-
-
 class _Layer:
     """One layer's relation A = M OR I, applied to token sets: A @ V (and A^T @ V)."""
 
@@ -74,7 +66,7 @@ class _Layer:
                  dense_limit: int = knobs.PICTURE_DENSE_MAX):
         self.n = spec.table.n
         if mask is not None or self.n <= dense_limit:
-            m = dense(spec, layer, head) if mask is None else mask
+            m = spec.dense_mask(layer, head) if mask is None else mask
             self.dense = (m | torch.eye(self.n, dtype=torch.bool)).float()
             self.tiles = None
         else:
@@ -118,7 +110,7 @@ class LayerMasks:
         """Dense bool [N, N] mask of `layer` (small N only), cached."""
         key = self.spec.layer_key(layer)
         if key not in self._masks:
-            self._masks[key] = dense(self.spec, layer, self.head)
+            self._masks[key] = self.spec.dense_mask(layer, self.head)
         return self._masks[key]
 
     def __getitem__(self, layer: int) -> _Layer:
@@ -243,7 +235,7 @@ def pair_counts(spec, groups: torch.Tensor, layer: int = 0, head: int = 0,
     groups = groups.long()
     g = int(groups.max()) + 1
     if n <= dense_limit:
-        m = dense(spec, layer, head).double()
+        m = spec.dense_mask(layer, head).double()
         onehot = torch.nn.functional.one_hot(groups, g).double()
         return (onehot.T @ m @ onehot).round().long()
     starts = (torch.nonzero(groups.diff() != 0).flatten() + 1).tolist()
@@ -322,7 +314,7 @@ def flow_graph(spec, level: str = "segment", layer: int = 0, head: int = 0, anal
         seg = t["segment"].tolist()
         nodes = [{"name": i, "segment": t.names[seg[i]], "modality": t.modalities[seg[i]], "tokens": 1,
                   "local": int(t["local"][i])} for i in range(t.n)]
-        g = _graph(nodes, dense(spec, layer, head).long(), list(range(t.n)))
+        g = _graph(nodes, spec.dense_mask(layer, head).long(), list(range(t.n)))
     else:
         raise ValueError(f"unknown level {level!r}; use 'segment', 'frame' or 'token'")
     g.graph.update(level=level, layer=layer, head=head, spec=spec.name, n=t.n)

@@ -34,6 +34,7 @@ from .program import Program, compile_program, evaluate as run_program
 
 INT32_MAX = (1 << 31) - 1
 DENSE_CHUNK = 1 << 22  # (q, k) pairs per step of Lowered.dense
+SPECIALIZE_MIN = 1 << 14  # (q, k) pairs from which Lowered.evaluate specialises the expression first
 
 
 # ---------------------------------------------------------------- lowering
@@ -300,15 +301,42 @@ class Lowered:
         return torch.stack([_values(self.keys, sp, self.params.dtype) for sp in specs])
 
     # -- evaluations
+    def evaluate(self, q_idx: torch.Tensor, k_idx: torch.Tensor, head: int = 0, b: int = 0) -> torch.Tensor:
+        """bool [len(q_idx), len(k_idx)]: the expression over these query and key indices. A large
+        grid first runs the expression specialised to the indices' ranges (expr.specialize: the
+        selects and rules the bounds decide there folded away), then the rest per pair."""
+        shape = (len(q_idx), len(k_idx))
+        h = torch.tensor(head)
+        if shape[0] * shape[1] < SPECIALIZE_MIN or not shape[0] or not shape[1]:
+            out = self.mask_mod(torch.tensor(b), h, q_idx[:, None], k_idx[None, :])
+            return torch.broadcast_to(torch.as_tensor(out), shape)
+        row = self.params[b] if self.batched else self.params
+        env = {"q": Interval(q_idx.min(), q_idx.max()), "kv": Interval(k_idx.min(), k_idx.max()), "h": h}
+        ranges = {}
+        for name, col in self.tables:
+            for side, idx in (("q", q_idx), ("kv", k_idx)):
+                vals = col[idx]
+                ranges[(name, side)] = Interval(vals.min(), vals.max())
+        steps = expr.tape(expr.specialize(self.guarded, env, row, self.slots, ranges))
+        if row.dtype == torch.int64:
+            q_idx, k_idx = q_idx.to(torch.int64), k_idx.to(torch.int64)
+        out = expr.run_tape(steps, {"q": q_idx[:, None], "kv": k_idx[None, :], "h": h}, row, self.slots,
+                            dict(self.tables))
+        return torch.broadcast_to(out, shape)
+
+    def tile_states(self, q_cuts, k_cuts, head: int = 0) -> tuple:
+        """(must, may) bool [Tq, Tk] over tiles [cuts[i], cuts[i+1]) from interval bounds alone:
+        tiles surely all-allowed / possibly any-allowed (one layout)."""
+        from .lower_blocks import classify_ranges
+        return classify_ranges(self, torch.as_tensor(q_cuts), torch.as_tensor(k_cuts), head)
+
     def dense(self, head: int = 0, b: int = 0, n: int | None = None, q_start: int = 0) -> torch.Tensor:
         """bool [n - q_start, n]: rows q_start.. by broadcasting the mask_mod over index grids, in
-        chunks of rows (the runner's eager rows and KV-cache steps; tests compare it with dense_mask)."""
+        chunks of rows (the runner's eager rows and KV-cache steps)."""
         n = n or self.lengths[b]
         idx = torch.arange(n, device=self.params.device)
-        bb, hh = torch.tensor(b), torch.tensor(head)
         step = max(1, DENSE_CHUNK // max(n, 1))
-        rows = [self.mask_mod(bb, hh, idx[r:r + step, None], idx[None, :]).expand(min(step, n - r), n)
-                for r in range(q_start, n, step)]
+        rows = [self.evaluate(idx[r:r + step], idx, head, b) for r in range(q_start, n, step)]
         return torch.cat(rows) if rows else torch.zeros(0, n, dtype=torch.bool)
 
     def block_mask(self, block_size: int = 128, device=None, num_heads: int | None = None,

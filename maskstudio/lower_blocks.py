@@ -23,7 +23,6 @@ import torch.nn.functional as F
 
 from . import expr, knobs
 from .bounds import Interval
-from .compile import kv_blocks
 
 CHUNK_ELEMENTS = 1 << 24  # tokens evaluated per step in partial tiles
 GRAPH_CACHE = 16           # captured builds kept (least recently used dropped)
@@ -77,6 +76,44 @@ def classify(low, params, tables: dict, block: int, length: int, h: torch.Tensor
     # `|` broadcasts a constant result (a CPU scalar) onto the device without a copy
     must = torch.zeros(shape, dtype=torch.bool, device=params.device) | res.must
     return padding_never_full(must, length, block), must | res.may
+
+
+def _reduce_tiles(col: torch.Tensor, cuts: torch.Tensor) -> tuple:
+    """Per-tile (min, max) of a per-token column over tiles [cuts[i], cuts[i+1])."""
+    starts = cuts[:-1].to(col.device)
+    if len(starts) and bool((cuts.diff() == cuts[1] - cuts[0]).all()):  # equal tiles: one view
+        t, size = len(starts), int(cuts[1] - cuts[0])
+        tiles = col[:t * size].view(t, size)
+        return tiles.amin(1), tiles.amax(1)
+    owner = torch.repeat_interleave(torch.arange(len(starts), device=col.device), cuts.diff().to(col.device))
+    lo = torch.full((len(starts),), torch.iinfo(col.dtype).max, dtype=col.dtype, device=col.device)
+    hi = torch.full((len(starts),), torch.iinfo(col.dtype).min, dtype=col.dtype, device=col.device)
+    return lo.scatter_reduce(0, owner, col, "amin"), hi.scatter_reduce(0, owner, col, "amax")
+
+
+def classify_ranges(low, q_cuts: torch.Tensor, k_cuts: torch.Tensor, head: int = 0) -> tuple:
+    """(must, may) bool [Tq, Tk] of one layout and head over tiles cut at arbitrary places (a
+    segment start, a generation start): index intervals and each lookup table's per-tile range."""
+    q_lo, q_hi = q_cuts[:-1, None], q_cuts[1:, None] - 1
+    k_lo, k_hi = k_cuts[None, :-1], k_cuts[None, 1:] - 1
+    env = {"q": Interval(q_lo, q_hi), "kv": Interval(k_lo, k_hi), "h": torch.tensor(head)}
+    tables = {}
+    for name, col in low.tables:
+        lo, hi = _reduce_tiles(col, q_cuts)
+        tables[(name, "q")] = Interval(lo[:, None], hi[:, None])
+        lo, hi = _reduce_tiles(col, k_cuts)
+        tables[(name, "kv")] = Interval(lo[None, :], hi[None, :])
+    res = expr.evaluate_tiles(low.guarded, env, low.params, low.slots, tables)
+    shape = (len(q_cuts) - 1, len(k_cuts) - 1)
+    must = torch.broadcast_to(torch.as_tensor(res.must), shape).clone()
+    return must, must | torch.broadcast_to(torch.as_tensor(res.may), shape)
+
+
+def kv_blocks(blocks: torch.Tensor):
+    """bool [..., Tq, Tk] -> (num [..., Tq] int32, indices [..., Tq, Tk] int32), ascending."""
+    num = blocks.sum(-1, dtype=torch.int32)
+    order = torch.argsort((~blocks).to(torch.int8), dim=-1, stable=True).to(torch.int32)
+    return num, order
 
 
 def tile_grid(q_tiles, k_tiles, block: int, length, side: int | None = None):
@@ -205,7 +242,7 @@ def _tile_tokens(steps, slots, batched, block, params, tables, rows, length, sid
 _COMPILED: dict = {}
 
 
-def _token_stage(low, block: int, compiled: bool):
+def token_stage(low, block: int, compiled: bool):
     """The token stage for this structure: plain, or compiled once per structure and block size
     (called on tile lists padded to a power of two, so few shapes appear)."""
     if not compiled:
@@ -285,7 +322,7 @@ class _CapturedBuild:
 
         self.build, self.graph = build_with(stage), None
         if knobs.COMPILE_BUILD:  # compiled whole, its token stage inlined (not a nested compile)
-            self.build = _compiled_build(build_with(_token_stage(low, block, False)), fallback=self.build)
+            self.build = _compiled_build(build_with(token_stage(low, block, False)), fallback=self.build)
         if device.type != "cuda":
             return
         side = torch.cuda.Stream(device)
@@ -378,7 +415,7 @@ def build_block_mask(low, block_size: int = 128, device=None, num_heads: int | N
         if num_heads is None:
             raise ValueError("this spec has per-head rules: pass num_heads=<the model's query heads>")
         heads = num_heads
-    stage = _token_stage(low, block_size, compiled)
+    stage = token_stage(low, block_size, compiled)
     if graph:
         indices = _graph_indices(low, block_size, length, heads, stage)
     else:

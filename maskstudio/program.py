@@ -1,21 +1,17 @@
-"""Rule composition -> one evaluator (a `Program`) that every backend runs.
+"""Rule composition: the one statement of base -> rules -> overlays semantics.
 
 A compiled `Program` is the spec's base pattern, its rules and its overlays for one layer.
-`evaluate(program, q, k, h)` runs it over token views; what the views hold decides the
-backend:
-  - FlexAttention mask_mod: 0-d index tensors (vmapped by torch),
-  - dense masks: broadcast index grids, only where tiles are undecided,
-  - tiles: attribute intervals (bounds.py), deciding whole blocks at once.
+`evaluate(program, q, k, h)` runs it over token views; lower.py runs it over symbolic views
+(symbolic.SegTok / TableTok) to build the layer's one expression, which every backend evaluates.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from . import patterns
-from .bounds import Interval, Tri, where
+from .bounds import where
 from .segments import expand_int_list
 
 
@@ -112,72 +108,3 @@ def evaluate(program: Program, q, k, h=0):
         else:  # and_not
             allow = allow & ~hit
     return allow
-
-
-# ---------------------------------------------------------------- token views
-class Tok:
-    """Token view over index tensors: `tok.frame` -> the frame ids of those tokens. Every public
-    name is a token attribute; the view's own names start with `_`, which attribute names never do."""
-
-    def __init__(self, attrs: dict, idx):
-        self._attrs, self._idx = attrs, idx
-
-    def __getattr__(self, name):
-        if name.startswith("_"):
-            raise AttributeError(name)
-        return self._attrs[name][self._idx]
-
-    def _in_segments(self, sel):
-        return sel[self._attrs["segment"][self._idx]]
-
-
-class TileTok:
-    """Token view over tiles: every attribute is an Interval [min, max] over the tile's tokens."""
-
-    def __init__(self, lo: dict, hi: dict, shape):
-        self._lo, self._hi, self._shape = lo, hi, shape
-
-    def __getattr__(self, name):
-        if name.startswith("_"):
-            raise AttributeError(name)
-        return Interval(self._lo[name].view(self._shape), self._hi[name].view(self._shape))
-
-    def _in_segments(self, sel):
-        counts = torch.cat([torch.zeros(1, dtype=torch.long), sel.long().cumsum(0)])
-        lo, hi = self._lo["segment"].view(self._shape), self._hi["segment"].view(self._shape)
-        hits = counts[hi + 1] - counts[lo]
-        return Tri(hits == hi - lo + 1, hits > 0)
-
-
-def tile_bounds(attrs: dict, cuts: np.ndarray):
-    """Per-tile min and max of every attribute; tiles are [cuts[i], cuts[i+1])."""
-    lo, hi = {}, {}
-    starts = cuts[:-1]
-    for name, col in attrs.items():
-        arr = col.cpu().numpy()
-        lo[name] = torch.from_numpy(np.minimum.reduceat(arr, starts))
-        hi[name] = torch.from_numpy(np.maximum.reduceat(arr, starts))
-    return lo, hi
-
-
-def make_cuts(n: int, step: int, extra=()) -> np.ndarray:
-    """Tile boundaries: multiples of `step`, plus `extra` (e.g. segment starts), plus n."""
-    return np.unique(np.concatenate([np.arange(0, n, step), np.asarray(list(extra), dtype=np.int64),
-                                     [n]])).astype(np.int64)
-
-
-def classify_tiles(program: Program, attrs: dict, q_cuts, k_cuts, h=0):
-    """(must, may) bool [Tq, Tk]: tiles surely all-allowed / possibly any-allowed."""
-    qlo, qhi = tile_bounds(attrs, q_cuts)
-    klo, khi = tile_bounds(attrs, k_cuts)
-    tq, tk = len(q_cuts) - 1, len(k_cuts) - 1
-    res = Tri.of(evaluate(program, TileTok(qlo, qhi, (tq, 1)), TileTok(klo, khi, (1, tk)), h))
-    must = torch.broadcast_to(res.must, (tq, tk)).clone()
-    may = torch.broadcast_to(res.may, (tq, tk)).clone()
-    return must, may | must
-
-
-def evaluate_block(program: Program, attrs: dict, q_idx: torch.Tensor, k_idx: torch.Tensor, h=0):
-    """Dense allow for the given query and key index vectors -> bool [len(q), len(k)]."""
-    out = evaluate(program, Tok(attrs, q_idx[:, None]), Tok(attrs, k_idx[None, :]), h)
-    return torch.broadcast_to(torch.as_tensor(out), (len(q_idx), len(k_idx)))

@@ -13,7 +13,7 @@ import re
 from functools import cached_property
 from typing import Any
 
-from . import compile, knobs, patterns, positions
+from . import knobs, patterns, positions, tiled
 from .errors import MAX_INT, SpecError, check_keys as _check_keys, did_you_mean, is_int as _is_int, require as _require
 from .segments import (GRID_DIMS, MODALITIES, OVERLAY_OPS, all_steps, layer_key, layer_sets,
                        resized_segments, resolve_selector, segment_size)
@@ -527,7 +527,7 @@ class Spec:
         return self.lowered(layer).on(device or "cpu").mask_mod
 
     def dense_mask(self, layer: int = 0, head: int = 0):
-        return compile.dense_mask(self, layer=layer, head=head)
+        return tiled.dense_mask(self, layer=layer, head=head)
 
     def block_mask(self, block_size: int = 128, device="cpu", layer: int = 0, num_heads: int | None = None):
         """BlockMask built on `device` from tile bounds (lower_blocks.py); heads: num_heads when the

@@ -1,28 +1,35 @@
-"""The tiled evaluator: one layer and head of a spec's mask, cut into tiles.
+"""The tile walk: one layer and head of a spec's mask, cut into tiles, on the lowered expression.
 
-Interval bounds (bounds.py) decide most tiles wholesale: `must` tiles are all-allowed, tiles
-outside `may` all-masked. Only the undecided rest (diagonals, segment boundaries, windows) is
-evaluated token by token, on demand. Dense masks, block states, analysis, flow and the run package's
-attention context all walk masks through this one class, so the walk is written once.
+Every mask evaluation runs the layer's one lowered expression (lower.lowered: the same expression
+FlexAttention, the eager runner, generation steps and the export run). Its interval bounds decide
+most tiles wholesale: `must` tiles are all-allowed, tiles outside `may` all-masked. Only the
+undecided rest (diagonals, segment boundaries, windows) is evaluated token by token, on demand.
+Dense masks, block states, analysis, flow and reachability all walk masks through this one class.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from . import knobs
-from .program import Program, classify_tiles, compile_program, evaluate_block, make_cuts
+from .lower import lowered
+from .lower_blocks import block_states as lowered_block_states, token_stage
 
 _ROW_CACHE_BYTES = 256 << 20  # undecided rows kept for repeated walks (reachability propagates many times)
+
+
+def make_cuts(n: int, step: int, extra=()) -> np.ndarray:
+    """Tile boundaries: multiples of `step`, plus `extra` (e.g. segment starts), plus n."""
+    return np.unique(np.concatenate([np.arange(0, n, step), np.asarray(list(extra), dtype=np.int64),
+                                     [n]])).astype(np.int64)
 
 
 class TiledMask:
     """bool mask [N, N] of (layer, head), held as tiles cut every `tile` tokens and at `extra_cuts`."""
 
-    def __init__(self, spec, layer: int = 0, head: int = 0, tile: int | None = None, extra_cuts=(),
-                 program: Program | None = None):
-        t = spec.table
-        self.attrs, self.n, self.head = t.attrs, t.n, head
-        self.program = program if program is not None else compile_program(spec, layer)
+    def __init__(self, spec, layer: int = 0, head: int = 0, tile: int | None = None, extra_cuts=()):
+        self.n, self.head = spec.table.n, head
+        self.low = lowered(spec, layer)
         self.cuts = make_cuts(self.n, tile or knobs.TILE, extra_cuts)
         self._rows: dict[int, tuple] = {}
         self._row_bytes = 0
@@ -31,7 +38,8 @@ class TiledMask:
     def _classify(self) -> None:
         """Decide the tiles (on first use: small layouts asked for dense rows never need it)."""
         if not self._classified:
-            self._must, may = classify_tiles(self.program, self.attrs, self.cuts, self.cuts, self.head)
+            cuts = torch.from_numpy(self.cuts)
+            self._must, may = self.low.tile_states(cuts, cuts, self.head)
             self._unknown = may & ~self._must
             self._classified = True
 
@@ -56,7 +64,7 @@ class TiledMask:
 
     def evaluate(self, q_idx: torch.Tensor, k_idx: torch.Tensor) -> torch.Tensor:
         """Token-level allow for the given query and key indices -> bool [len(q), len(k)]."""
-        return evaluate_block(self.program, self.attrs, q_idx, k_idx, self.head)
+        return self.low.evaluate(q_idx, k_idx, self.head)
 
     def undecided_rows(self) -> list[int]:
         """Query tiles that have at least one undecided tile."""
@@ -106,3 +114,19 @@ class TiledMask:
             k_idx = torch.cat([self.tile_range(j) for j in js])
             out[lo - q_start:hi - q_start, k_idx] = self.evaluate(torch.arange(lo, hi), k_idx)
         return out
+
+
+def dense_mask(spec, layer: int = 0, head: int = 0) -> torch.Tensor:
+    """bool [N, N], True = may attend: the whole grid at once for small N, else decided tiles filled
+    wholesale and only undecided tiles evaluated token by token."""
+    return TiledMask(spec, layer, head, tile=knobs.TILE).dense()
+
+
+def block_states(spec, block_size: int = 128, layer: int = 0, head: int = 0, device=None):
+    """Exact per-block state on the block grid: (full, partial) bool [Tq, Tk], by the same tile
+    bounds, probe and token stage that build the BlockMask (blocks past N count as masked)."""
+    low = lowered(spec, layer).on(device or "cpu")
+    h = [torch.full((), head, dtype=torch.int64, device=low.params.device)]
+    full, partial, _ = lowered_block_states(low, low.params, dict(low.tables), block_size, low.n, h,
+                                            token_stage(low, block_size, False))
+    return full[0, 0], partial[0, 0]

@@ -10,7 +10,7 @@ import torch
 
 from maskstudio import Spec, SpecError
 from maskstudio.cli import main
-from maskstudio.compile import mask_mod as comp_mask_mod
+from reference import mask_mod as comp_mask_mod
 from maskstudio.export import flex_code
 from maskstudio.schema import SCHEMA_PATH, build_schema
 

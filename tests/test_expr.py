@@ -214,3 +214,23 @@ def test_every_op_traces_whole_under_torch_compile():
         assert torch.equal(must, ref[0]) and torch.equal(may, ref[1])
         blocks = full.reshape(12, 8, 12, 8)  # the tiles bound the dense mask
         assert bool((blocks.all(3).all(1) | ~must).all()) and bool((~blocks.any(3).any(1) | may).all())
+
+
+def test_specialize_folds_what_the_region_decides():
+    """expr.specialize over a region: a where whose condition the bounds decide becomes its branch,
+    a bool decided everywhere a constant; the result equals the original at every pair there."""
+    from maskstudio.bounds import Interval
+    from maskstudio.expr import specialize, var
+
+    q, kv = var("q"), var("kv")
+    root = E.symbolic_where(q >= 10, kv <= q, (kv < 3) | (q - kv > 100))
+    inside = specialize(root, {"q": Interval(12, 20), "kv": Interval(0, 30)}, None, {})
+    assert inside is (kv <= q)                          # the select is gone
+    below = specialize(root, {"q": Interval(0, 9), "kv": Interval(0, 2)}, None, {})
+    assert below.is_const and below.value is True       # kv < 3 holds at every pair there
+    for region, (q_lo, q_hi), (k_lo, k_hi) in (("inside", (12, 20), (0, 30)), ("below", (0, 9), (0, 2))):
+        special = inside if region == "inside" else below
+        qi, ki = torch.arange(q_lo, q_hi + 1)[:, None], torch.arange(k_lo, k_hi + 1)[None, :]
+        env = {"q": qi, "kv": ki, "h": torch.tensor(0)}
+        want = expr.run_tape(expr.tape(root), env, None, {})
+        assert torch.equal(expr.run_tape(expr.tape(special), env, None, {}).expand_as(want), want)

@@ -14,7 +14,7 @@ from test_properties import specs
 from torch.nn.attention.flex_attention import create_block_mask
 
 from maskstudio import Spec
-from maskstudio.compile import mask_mod as table_mask_mod
+from reference import mask_mod as table_mask_mod
 from maskstudio.lower import lower
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]

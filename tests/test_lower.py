@@ -11,7 +11,7 @@ from test_properties import FAST, specs
 from torch.nn.attention.flex_attention import create_block_mask, create_mask
 
 from maskstudio import Spec, SpecError, expr
-from maskstudio.compile import mask_mod as table_mask_mod  # the table-driven reference
+from reference import mask_mod as table_mask_mod  # the tests' oracle (tests/reference.py)
 from maskstudio.lower import lower
 
 PRESETS = sorted(glob.glob("presets/*.json"))
@@ -130,7 +130,7 @@ def test_static_capacity_builds_are_exact_or_say_they_overflowed(raw, extra, cap
     """The CUDA-graph build runs with fixed rooms for undecided tiles and for those the probe
     leaves (no host sync): with room enough it equals the exact build, bit for bit; short of room
     its counts say so."""
-    from maskstudio.lower_blocks import _token_stage, block_states
+    from maskstudio.lower_blocks import token_stage as _token_stage, block_states
 
     spec = Spec.load(raw)
     batch = lower(spec).batch([spec, spec.with_sizes(grown(raw, extra))])

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from maskstudio.compile import block_states
+from maskstudio.tiled import block_states
 from maskstudio import Spec
 from maskstudio import run as R
 from maskstudio.run import LoadedModel, RunError

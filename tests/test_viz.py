@@ -85,7 +85,7 @@ def test_mask_token_labels_option_and_tokenizer():
 
 
 def test_block_view_past_threshold_matches_block_states():
-    from maskstudio.compile import block_states
+    from maskstudio.tiled import block_states
 
     spec = video(frames=4, h=16, w=20, text=50)   # 1380 tokens
     fig = viz.render(spec, "mask", block_threshold=1000)

@@ -15,10 +15,10 @@ How a spec reaches the model
     attention function's **kwargs (transformers then builds no mask of its own: attention_mask=None).
     The function reads `module.layer_idx`, so per-layer and per-head rules are honoured, and it
     records probabilities itself (no output_attentions).
-  * Backends: "eager" (dense bool rows from tiled.TiledMask, float32 softmax, probabilities
-    recorded) and "flex" (FlexAttention with a BlockMask built from segment structure; no N^2 mask).
-    The flex mask_mod is data-driven (a lookup into the partial blocks' bits), so the compiled kernel
-    is the same for every spec: compiled once per process, no recompiles when the spec changes.
+  * Backends: "eager" (dense bool rows from the layer's lowered expression, float32 softmax, probabilities
+    recorded) and "flex" (FlexAttention on the same expression as a mask_mod, its BlockMask built on
+    the device from tile bounds; no N^2 mask; compiled with static shapes once per structure and
+    length bucket, so other sizes of a design reuse the kernel).
   * Position ids come from the spec (1-D; 3-D only for models with M-RoPE).
   * Generation appends to the `generate` segment (else a new trailing segment "generated") with
     Spec.with_tokens_appended and obeys the spec's rules for it: full recompute, or the KV cache when

@@ -26,7 +26,7 @@ Spec views:
   reach      receptive field of a token after 1..L layers (residual stream counted, per-layer rules
              honoured) and the table "layers until every token of A sees B".
   blocks     the BlockMask grid at block_size (16..1024): full / partial / empty blocks from
-             compile.block_states and kv_num_blocks per query block (what the kernel skips).
+             tiled.block_states and kv_num_blocks per query block (what the kernel skips).
   summary    Analysis.summary() and the reach table as a monospace text block (summary_text()
              returns the same text without a picture).
   all        ONE figure holding every view above (render(spec, "all"), same as render_all(spec)).

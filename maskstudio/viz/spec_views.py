@@ -448,9 +448,9 @@ BLOCK_STATE_COLORS = (MASKED_COLOR, "#e08a2c", ALLOWED_COLOR)  # empty, partial,
 
 def view_blocks(spec, fig, region, block_size=BLOCK, layer=0, head=0, title=None, **_):
     """The BlockMask grid at `block_size`: every query block x key block full (kernel runs it without
-    a mask_mod), partial (runs it with the mask_mod) or empty (skipped), from compile.block_states,
+    a mask_mod), partial (runs it with the mask_mod) or empty (skipped), from tiled.block_states,
     and kv_num_blocks (blocks visited) per query block beside it."""
-    from ..compile import block_states
+    from ..tiled import block_states
 
     full, partial = block_states(spec, int(block_size), layer, head)
     states = full.to(torch.uint8) * 2 + partial.to(torch.uint8)
