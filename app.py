@@ -3,9 +3,8 @@
 
     python app.py            # serves on 0.0.0.0:7860 ($GRADIO_SERVER_NAME / $GRADIO_SERVER_PORT, or $HOST / $PORT)
 
-The layout is built section by section (`_design_column`, `_see_column`, `_run_tab`, ...), each adding its
-components to one namespace `ui`; the `_wire_*` functions connect them. Every edit of the design (preset, blank,
-undo, tables, JSON, upload, task template) goes through `wire_edit`: `(state, *inputs) -> (state, error)`.
+The layout is built section by section (`_design_column`, `_see_column`, ...) into one namespace `ui`; `_wire_*`
+connect them. Every edit of the design goes through `wire_edit`: `(state, *inputs) -> (state, error)`.
 """
 from __future__ import annotations
 
@@ -98,8 +97,7 @@ def edit_handler(edit, n_inputs: int, box: str, keep_tables=False):
     def handler(state, *args):
         try:
             new, error = edit(state, *studio.plain_text(args[:n_inputs]))
-            return _design(new, error, _view_opts(*args[n_inputs:]), box, keep_tables,
-                           old=studio.current(state))
+            return _design(new, error, _view_opts(*args[n_inputs:]), box, keep_tables, old=studio.current(state))
         except Exception as err:  # noqa: BLE001 -- a bug must not leave the page in "Error"
             log.exception("edit %s failed", getattr(edit, "__name__", edit))
             return _failed(state, box, f"could not apply this edit ({type(err).__name__}: {err}); the last good design is kept")
@@ -159,16 +157,16 @@ def on_export(state, fmt, layer, head):
     return path, (f"<small>{studio.markdown_text(message)}</small>" if message else "") if path else _error_md(message)
 
 
-@total(17, 1, "run")
+@total(18, 1, "run")
 def on_run(state, model_id, max_new_tokens, images=None, progress=gr.Progress()):
     state, out = studio.run_model(state, model_id, max_new_tokens, progress=progress, images=images)
     if out["error"]:
-        return [state, _error_md(out["error"])] + [gr.skip()] * 15
-    return [state, "", out["summary"], out["tokens"], out["top_k"], out["continuation"], out["nll"],
-            out["attention"], out["mass"], out["curves"], out["rollout"],
-            gr.update(maximum=max(out["layers"] - 1, 1), value=max(out["layers"] - 1, 0)),
+        return [state, _error_md(out["error"])] + [gr.skip()] * 16
+    last, keys = max(out["layers"] - 1, 0), "summary tokens top_k continuation nll attention mass curves rollout".split()
+    return [state, ""] + [out[k] for k in keys] + [gr.update(maximum=max(last, 1), value=last),
             gr.update(choices=["mean"] + [str(h) for h in range(out["heads"])], value="mean"),
-            gr.update(choices=out["token_choices"], value=out["token"]), out["focus"], out["grid"], ""]
+            gr.update(choices=out["token_choices"], value=out["token"]), out["focus"], out["grid"], "",
+            studio.viewer_for_state(state)]  # the last: the in-browser viewer's payload
 
 
 @total(5, 4)
@@ -210,9 +208,9 @@ def on_overlay(state, layer, head, query, segment):
 
 
 @total(3, 0, "knockout")
-def on_knockout(state, q, k, window, model_id, target="", progress=gr.Progress()):
-    return _said(studio.knockout_sweep(state, q, k, window, model_id, progress=progress, target=target),
-                 "summary", "curve")
+def on_knockout(state, q, k, window, model_id, target, heads, mode, noise, b, progress=gr.Progress()):
+    return _said(studio.knockout_experiment(state, q, k, window, model_id, target, heads, mode, b, noise,
+                                            progress=progress), "summary", "curve")
 
 
 @total(2, 1)
@@ -226,9 +224,8 @@ def on_compare(state, choice, more=()):
 
 
 @total(4, 0, "compare on the model")
-def on_compare_run(state, choice, model_id, max_new_tokens, progress=gr.Progress()):
-    return _said(studio.compare_runs(state, choice, model_id, max_new_tokens, progress=progress),
-                 "summary", "kl", "mass_diff")
+def on_compare_run(state, choice, model_id, max_new, more=(), progress=gr.Progress()):
+    return _said(studio.compare_on_model(state, choice, more, model_id, max_new, progress=progress), "summary", "kl", "mass_diff")
 
 
 @total(3, 0, "evaluate")
@@ -360,6 +357,7 @@ def _run_results(ui):
             ui.tokens = gr.Dataframe(headers=["segment", "tokens", "text"], label="tokens per segment",
                                      interactive=False, wrap=True)
             ui.top_k = gr.Dataframe(headers=["token", "p"], label="top-k at the last position", interactive=False)
+        ui.viewer = gr.HTML(None, elem_id="att-viewer", **studio.VIEWER)  # drawn in the browser (attention_viewer.js)
         with gr.Row():
             ui.att_layer = gr.Slider(0, 29, value=29, step=1, label="attention layer", elem_id="att-layer")
             ui.att_head = gr.Dropdown(["mean"], value="mean", label="head", allow_custom_value=True)
@@ -390,13 +388,16 @@ def _run_results(ui):
 
 
 def _knockout_panel(ui):
-    with gr.Accordion("Knockout sweep (block q -> k in a sliding window of layers)", open=False):
+    with gr.Accordion("Knockout and patching: q -> k over windows of layers, or chosen heads; a noise band", open=False):
         with gr.Row():
             ui.ko_q = gr.Dropdown(["*"], value="*", label="q (reading)", allow_custom_value=True)
             ui.ko_k = gr.Dropdown([], label="k (blocked source)", allow_custom_value=True)
             ui.ko_window = gr.Slider(1, 32, value=3, step=1, label="window (layers)")
             ui.ko_target = gr.Textbox("", label="target token (empty: the current top-1)", placeholder='e.g. " Rome"')
-            ui.ko_btn = gr.Button("Sweep", elem_id="ko-btn")
+            ui.ko_heads = gr.Textbox("", label="or heads (layer.head)", info=studio.KNOCKOUT_HELP, elem_id="ko-heads")
+            ui.ko_mode = gr.Radio([("knock out", "knockout"), ("patch from B", "patch")], value="knockout", elem_id="ko-mode")
+            ui.ko_noise = gr.Slider(0, 64, value=16, step=1, label="noise band: random edits", elem_id="ko-noise")
+            ui.ko_btn = gr.Button("Sweep / edit heads", elem_id="ko-btn")
         _job_row(ui, "ko", "ko-error")
         ui.ko_img, ui.ko_text = _img("knockout", visible=False), gr.Textbox(label="knockout summary", lines=8)
 
@@ -406,9 +407,9 @@ def _compare_tab(ui):
     with gr.Row():
         ui.snap_btn = gr.Button("Keep snapshot as B", elem_id="snapshot")
         ui.b_choice = gr.Dropdown(designs, value="snapshot", label="B", elem_id="b-choice")
-        ui.more_choice = gr.Dropdown(designs, value=[], multiselect=True, label="C, D, … (masks only)", elem_id="more-choice")
+        ui.more_choice = gr.Dropdown(designs, value=[], multiselect=True, label="C, D, …", elem_id="more-choice")
         ui.cmp_btn = gr.Button("Compare masks", elem_id="compare-btn")
-        ui.cmp_run_btn = gr.Button("Compare A and B on the model", variant="primary", elem_id="cmp-run-btn")
+        ui.cmp_run_btn = gr.Button("Compare A, B, C… on the model", variant="primary", elem_id="cmp-run-btn")
     _job_row(ui, "cmp_run", "cmp-error")
     ui.snap_md, ui.cmp_error = gr.Markdown(""), ui.cmp_run_error
     ui.cmp_text = gr.Textbox(label="A (the design) vs B, C, …: ≠ marks the lines that differ", lines=18,
@@ -496,8 +497,7 @@ def _wire_design(ui):
               studio.apply_tables, [ui.segs, ui.rules, ui.overlays, ui.scheme, ui.pos_params], "edit_tables",
               "tables", keep_tables=True, trigger_mode="always_last")
     wire_edit(ui, [ui.apply_json.click, ui.code.blur], studio.apply_json_edit, [ui.code], "edit_json", "json", trigger_mode="always_last")
-    wire_edit(ui, [ui.upload.upload], studio.import_file, [ui.upload], "import_spec", "upload",
-              extra_outputs=[ui.upload])
+    wire_edit(ui, [ui.upload.upload], studio.import_file, [ui.upload], "import_spec", "upload", extra_outputs=[ui.upload])
     wire_edit(ui, [ui.ev_template.click], studio.load_task_template, [ui.ev_task], "eval_template", "template")
     wire_edit(ui, [ui.tr_template.click], studio.load_task_template, [ui.tr_task], "train_template", "train_template")
     # .input: a drag, the arrow keys and the number box alike (release misses the last two)
@@ -529,7 +529,7 @@ def _wire_run(ui):
     _model_event(ui, "run", on_run, [ui.state, ui.model_id, ui.max_new, ui.run_images],
                  [ui.state, ui.run_error, ui.run_summary, ui.tokens, ui.top_k, ui.continuation, ui.nll,
                   ui.att_img, ui.mass_img, ui.curves_img, ui.rollout_img, ui.att_layer, ui.att_head,
-                  ui.att_token, ui.focus_img, ui.grid_img, ui.focus_msg], "run_model") \
+                  ui.att_token, ui.focus_img, ui.grid_img, ui.focus_msg, ui.viewer], "run_model") \
         .then(lambda s: show_filled(studio.get_run(s), None if studio.get_run(s) else 1), ui.state,
               [ui.run_out, ui.run_hint], api_name=False).then(on_overlay, *overlay_io, api_name=False) \
         .then(show_filled, overlay_io[1][:2], overlay_io[1][:2], api_name=False)
@@ -540,7 +540,8 @@ def _wire_run(ui):
           [ui.att_img, ui.focus_img, ui.grid_img, ui.rollout_img, ui.focus_msg], api_name="attention_map",
           trigger_mode="always_last")
     ui.run_dl_btn.click(on_run_download, [ui.state], [ui.run_files, ui.run_dl_msg], api_name="download_run")
-    _model_event(ui, "ko", on_knockout, [ui.state, ui.ko_q, ui.ko_k, ui.ko_window, ui.model_id, ui.ko_target],
+    _model_event(ui, "ko", on_knockout, [ui.state, ui.ko_q, ui.ko_k, ui.ko_window, ui.model_id, ui.ko_target, ui.ko_heads,
+                                         ui.ko_mode, ui.ko_noise, ui.b_choice],
                  [ui.ko_error, ui.ko_text, ui.ko_img], "knockout", [ui.ko_img])
 
 
@@ -548,7 +549,7 @@ def _wire_compare_evaluate_export(ui):
     ui.snap_btn.click(on_snapshot, [ui.state], [ui.state, ui.snap_md], api_name="keep_snapshot")
     ui.cmp_btn.click(on_compare, [ui.state, ui.b_choice, ui.more_choice], [ui.cmp_error, ui.cmp_text, ui.diff_img],
                      api_name="compare_masks").then(show_filled, ui.diff_img, ui.diff_img, api_name=False)
-    _model_event(ui, "cmp_run", on_compare_run, [ui.state, ui.b_choice, ui.model_id, ui.max_new],
+    _model_event(ui, "cmp_run", on_compare_run, [ui.state, ui.b_choice, ui.model_id, ui.max_new, ui.more_choice],
                  [ui.cmp_error, ui.cmp_text, ui.kl_img, ui.mdiff_img], "compare_runs", [ui.kl_img, ui.mdiff_img])
     _model_event(ui, "ev", on_evaluate, [ui.state, ui.ev_task, ui.ev_n, ui.ev_base, ui.model_id],
                  [ui.ev_error, ui.ev_text, ui.ev_img], "evaluate", [ui.ev_img])

@@ -2,7 +2,8 @@
 C, ...: plain functions over the session state that return values and an error line (never raise).
 
   viewer_for_state   the session's last run as the in-browser viewer's payload (viz.attention_viewer),
-                     kept per run so a layer fetched on demand ("layer" mode) costs one slice
+                     built once per run; `viewer_layer`: the page's server function for one layer
+                     ("layer" mode); VIEWER: the gr.HTML block's arguments
   knockout_experiment  the knockout panel: the q -> k sweep with its noise band, or chosen heads
                      knocked out / patched from design B, against random heads of the same count
   compare_on_model   A against B, C, ... on one model: KL per position and per-head differences
@@ -16,19 +17,9 @@ from .examples import run_blocker, with_examples
 from .pictures import Cache, figure_png
 from .provenance import labelled
 from .state import current
-from ..viz.attention_viewer import VIEWER  # noqa: F401 -- the HTML block's template, CSS and script
+from ..viz.attention_viewer import HELP as VIEWER_HELP
+from ..viz.attention_viewer import VIEWER as _PAGE
 
-VIEWER_HELP = (
-    "**Attention viewer** (drawn in your browser: hovering and clicking ask nothing of the server). "
-    "*Grid*: every layer (columns) × head (rows) as a thumbnail; click one to show that layer and head. "
-    "*Head chips*: toggle heads (the map shows the mean of the heads on; shift-click shows one head); each head "
-    "has its colour in the grid outline and the lines. *Map*: query tokens are rows, key tokens columns, colour = "
-    "√ attention; grey cells are masked by the design and the teal line outlines the design's mask, so attention "
-    "is always inside it. Hover a cell to focus its query (cyan row) and key (green column); click to pin, click "
-    "again to release. *Lines*: the left column reads (queries), the right one is read (keys); hover a left token "
-    "for what it attends to, a right token for what attends to it. *Text*: tokens shaded by the focus row (what "
-    "the focus token attends to) or its column (what attends to it), as the two buttons choose. The line above "
-    "the grid states how much of the run is in the page and what, past that bound, comes from the server.")
 KNOCKOUT_HELP = (
     "Empty **heads**: block the q → k edge in a sliding window of layers. **Heads** given (`layer.head`, e.g. "
     "`4.2, 5.*, 7.0-3`): knock those heads out (their output zeroed before the output projection) or patch them "
@@ -38,10 +29,10 @@ KNOCKOUT_HELP = (
 _PAYLOADS = Cache(knobs.RUNS_KEPT)  # run id -> the viewer's payload (its thumbnails and masks are built once)
 
 
-def viewer_for_state(state: dict, layer=None) -> dict | None:
-    """The viewer's payload of the session's last run (None before a run or without attention);
-    `layer` in "layer" mode: that layer's maps (the page asked for them)."""
-    from ..viz.attention_viewer import viewer_payload, with_layer
+def viewer_for_state(state: dict) -> dict | None:
+    """The viewer's payload of the session's last run (None before a run or without attention),
+    with the run's key: the page names it when it asks for a layer ("layer" mode)."""
+    from ..viz.attention_viewer import viewer_payload
 
     result = get_run(state)
     if result is None or result.attentions is None:
@@ -49,13 +40,25 @@ def viewer_for_state(state: dict, layer=None) -> dict | None:
     key = state.get("run_id")
     payload = _PAYLOADS.get(key)
     if payload is None:
-        payload = _PAYLOADS.put(key, viewer_payload(result))
-    if layer is not None and payload["mode"] == "layer":
-        try:
-            return with_layer(payload, result, int(layer))
-        except (TypeError, ValueError):
-            return payload
+        payload = _PAYLOADS.put(key, dict(viewer_payload(result), run=key))
     return payload
+
+
+def viewer_layer(data) -> dict:
+    """The viewer's server function ("layer" mode): {"run": key, "layer": i} -> {"layer", "maps"}
+    of that run (a key is a random 128-bit id only its own page holds); an unknown run: no maps."""
+    from ..viz.attention_viewer import layer_request
+
+    data = data[0] if isinstance(data, list) and data else data
+    if not isinstance(data, dict) or not isinstance(data.get("run"), str):
+        return {"layer": None, "maps": {}}
+    result = get_run({"run_id": data["run"]})
+    if result is None or result.attentions is None:
+        return {"layer": None, "maps": {}}
+    return layer_request(result, data.get("layer"))
+
+
+VIEWER = dict(_PAGE, server_functions=[viewer_layer])  # gr.HTML(**VIEWER): template, CSS, script, the layer fetch
 
 
 def _noise(value) -> int:

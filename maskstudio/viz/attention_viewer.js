@@ -1,7 +1,7 @@
 // Mask Studio attention viewer: the js_on_load of a gr.HTML block (element, trigger, props, watch).
 // Draws a run's recorded attention (attention_viewer.py's payload) in the page; every look (layer,
 // head, focus token, cell) is drawn here with no server request. Only in "layer" mode does a click
-// on another layer ask the server for that layer's maps (trigger('layer', {layer})).
+// on another layer ask the server for that layer's maps (server.viewer_layer({run, layer})).
 (function () {
   const F16 = new Float32Array(65536);           // float16 bits -> float32, once
   for (let i = 0; i < 65536; i++) {
@@ -65,12 +65,14 @@
       S = { layer: P.layer, heads: new Set([...Array(P.heads).keys()]), fq: P.n - 1, fk: P.n - 1, pinned: false,
             dir: "from", mkey: null, m: null, waiting: null };
     } else {
-      for (const k in layers) if (!P.maps[k]) delete layers[k];
-      if (S.waiting !== null && P.maps[String(S.waiting)]) { S.layer = S.waiting; S.waiting = null; }
-      S.mkey = null;
+      for (const k in layers) delete layers[k];
+      if (!P.maps[String(S.layer)] && P.mode !== "off") S.layer = P.layer;
+      S.waiting = null; S.mkey = null;
     }
     D = { root };
     root.append(el("div", "av-info", `${P.model} · ${P.design} · ${P.n} tokens · ${P.layers} layers × ${P.heads} heads. ${P.bound}`));
+    const help = el("details", "av-help"); help.append(el("summary", "", "How to read this viewer"), el("div", "", P.help || ""));
+    root.append(help);
     const bar = el("div", "av-bar");
     D.layerLabel = el("span", "av-layer");
     bar.append(D.layerLabel, el("span", "av-sep", "heads:"));
@@ -152,7 +154,13 @@
   }
   function setLayer(l) {
     if (P.mode === "layer" && !P.maps[String(l)]) {  // the one server trip: this layer's maps
-      S.waiting = l; render(); trigger("layer", { layer: l }); return;
+      S.waiting = l; render();
+      server.viewer_layer({ run: P.run, layer: l }).then((res) => {
+        if (!res || !res.maps || !res.maps[String(l)] || S.waiting !== l) return;
+        P.maps = res.maps; for (const k in layers) delete layers[k];   // one layer in the page at a time
+        S.layer = l; S.waiting = null; S.mkey = null; render();
+      }).catch(() => { S.waiting = null; render(); });
+      return;
     }
     S.layer = l; S.waiting = null; render();
   }
@@ -173,7 +181,7 @@
 
   // ------------------------------------------------------------ the map with the mask outlined
   function setupMap() {
-    const size = Math.max(260, Math.min(520, P.n * 6));
+    const size = Math.max(360, Math.min(560, P.n * 8));
     D.size = size;
     D.map.width = P.n; D.map.height = P.n;
     D.map.style.width = D.map.style.height = D.over.style.width = D.over.style.height = size + "px";

@@ -12,7 +12,8 @@ still show them); `bound` says which in words.
 `attention_viewer.js` (beside this file) draws it: hover or click a token / cell to focus it (its
 row and column), lines between tokens coloured by head (heads toggled), the layers x heads grid
 (click a map), the text coloured by attention from / to the focus token, the mask outlined on the
-map. `VIEWER` holds the strings an HTML block needs (template, CSS, script).
+map. `VIEWER` holds the strings an HTML block needs (template, CSS, script); in "layer" mode the
+page asks the server function `viewer_layer` (studio.heads) for a layer: `layer_request`.
 """
 from __future__ import annotations
 
@@ -27,6 +28,19 @@ from .run_views import run_token_labels
 
 HERE = Path(__file__).resolve().parent
 THUMB_CELLS = 24  # thumbnails of the grid: at most this many cells a side
+HELP = (  # shown in the viewer ("How to read this viewer"), in the README and the app's help
+    "Everything here is drawn in your browser: hovering and clicking ask nothing of the server. "
+    "GRID: every layer (columns) x head (rows) as a thumbnail; click one to show that layer and head. "
+    "HEAD CHIPS: toggle heads; the map shows the mean of the heads that are on (shift-click: that head alone); each "
+    "head keeps its colour in the grid outline and in the lines. MAP: query tokens are rows, key tokens columns, "
+    "colour = square root of the attention probability; grey cells are masked by the design and a teal line outlines "
+    "the design's mask, so all attention falls inside it. Hover a cell to focus its query (cyan row) and its key "
+    "(green column); click to pin the focus, click again to release it. LINES: the left column reads (queries), the "
+    "right column is read (keys); hover a left token for what it attends to, a right token for what attends to it; "
+    "line opacity = attention, one colour per head. TEXT: the tokens shaded by the focus row (what the focus token "
+    "attends to) or by its column (what attends to it), as the two buttons choose; hover or click a token to focus "
+    "it. The line at the top says how much of the run is in the page; past that bound a layer is fetched from the "
+    "server when you click it.")
 
 
 def _b64(array: np.ndarray) -> str:
@@ -72,8 +86,8 @@ def masks(layout, layers: int, heads: int, n: int) -> tuple[list[str], list[list
     """The design's mask of every (layer, head) as packed bits (row-major [N, N], np.packbits order),
     one entry per distinct mask, and the index of each layer's heads' mask."""
     by_head = layout.varies_by_head
-    keys: dict = {}
-    packed: list[str] = []
+    keys: dict = {}      # (layer key, head) -> index: each distinct rule set evaluated once
+    packed: dict = {}    # packed bits -> index: each distinct mask sent once
     index = []
     for lay in range(layers):
         row = []
@@ -81,11 +95,10 @@ def masks(layout, layers: int, heads: int, n: int) -> tuple[list[str], list[list
             key = (layout.layer_key(lay), h if by_head else 0)
             if key not in keys:
                 m = layout.dense_mask(lay, h if by_head else 0)[:n, :n].numpy().astype(bool)
-                keys[key] = len(packed)
-                packed.append(_b64(np.packbits(m.reshape(-1))))
+                keys[key] = packed.setdefault(_b64(np.packbits(m.reshape(-1))), len(packed))
             row.append(keys[key])
         index.append(row)
-    return packed, index
+    return list(packed), index
 
 
 def layer_maps(att, layers) -> dict:
@@ -112,15 +125,18 @@ def viewer_payload(result, layer: int | None = None, budget: int = VIEWER_MAX_BY
     return {"v": 1, "model": result.model, "design": layout.name, "n": n, "layers": L, "heads": H,
             "tokens": run_token_labels(result)[:n], "segments": segs, "mode": mode, "bound": bound, "layer": lay,
             "maps": maps, "thumbs": _b64(thumbs), "cells": c, "masks": packed, "mask_of": mask_of,
-            "lines_max": VIEWER_LINES_MAX}
+            "lines_max": VIEWER_LINES_MAX, "help": HELP}
 
 
-def with_layer(payload: dict, result, layer: int) -> dict:
-    """The payload in "layer" mode with `layer`'s maps instead of the last one's (one server trip
-    per layer change; everything else is the same)."""
+def layer_request(result, layer) -> dict:
+    """{"layer", "maps"}: one layer's maps, what the page asks for in "layer" mode (one server trip
+    per layer change); a layer out of range is clamped, one that is no number gives no maps."""
     L = int(result.attentions.shape[0])
-    lay = min(max(int(layer), 0), L - 1)
-    return dict(payload, layer=lay, maps=layer_maps(result.attentions, [lay]))
+    try:
+        lay = min(max(int(layer), 0), L - 1)
+    except (TypeError, ValueError, OverflowError):
+        return {"layer": None, "maps": {}}
+    return {"layer": lay, "maps": layer_maps(result.attentions, [lay])}
 
 
 def payload_bytes(payload: dict | None) -> int:
