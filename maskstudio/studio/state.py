@@ -134,7 +134,7 @@ def load_blank(state: dict) -> tuple[dict, str]:
 def apply_json_edit(state: dict, text: str) -> tuple[dict, str]:
     if not isinstance(text, str) or not text.strip():
         return state, "the JSON editor is empty; paste a spec or pick a preset"
-    return attempt(state, lambda: Spec.from_json(text))  # JSON text only: never a path on the server
+    return attempt(state, lambda: renamed_if_edited(state["spec"], Spec.from_json(text)))  # JSON text only, never a path
 
 
 def import_file(state: dict, path) -> tuple[dict, str]:
@@ -262,9 +262,25 @@ def preset_of(spec: Spec) -> str | None:
 
 
 def edited_name(name: str) -> str:
-    """The name of an edited preset ('prefix_lm' -> 'prefix_lm-edited'), so Compare, exports and
-    the card do not present an edited design as the published one."""
+    """The name of an edited preset ('prefix_lm' -> 'prefix_lm-edited') or task template
+    ('kv_retrieval (causal)' -> 'kv_retrieval (edited)'), so titles, legends, tables, Compare,
+    exports and the card do not present an edited design as the published one."""
+    from ..evaluate import TASKS
+
+    task = name[:-len(" (causal)")] if name.endswith(" (causal)") else None
+    if task in TASKS:
+        return f"{task} (edited)"
     return f"{name}-edited" if name in preset_names() else name
+
+
+def renamed_if_edited(old: Spec, new: Spec) -> Spec:
+    """`new` under its edited name when an edit changed the design but kept a published name (a
+    preset's or a task template's); any other design as it is (a name the user typed is theirs)."""
+    if new is old or new.name != old.name or new == old or edited_name(new.name) == new.name:
+        return new
+    data = new.to_dict()
+    data["name"] = edited_name(new.name)
+    return Spec.from_valid(data)
 
 
 def design_card(spec: Spec) -> str:

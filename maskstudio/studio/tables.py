@@ -19,7 +19,7 @@ from ..errors import SpecError, did_you_mean
 from ..patterns import PATTERNS
 from ..segments import MODALITIES, OVERLAY_OPS
 from ..spec import Spec
-from .state import attempt, edited_name
+from .state import attempt, renamed_if_edited
 
 TABLES_HELP = (f"<small>**Segments**: modality {' / '.join(MODALITIES)}; size `12`, `24x24`, `8x16x16` or `4+4+4` "
                f"(frames); roles `a, b`. **Rules**: one `base` row, then rules (last match wins). **Overlays**: op "
@@ -439,11 +439,7 @@ def apply_tables(state: dict, segments_rows, rules_rows, overlays_rows, scheme, 
     new, error = apply_table_edit(state, segments_rows, rules_rows, overlays_rows, (scheme, position_params))
     if error:
         return new, where_in_tables(error, segments_rows, rules_rows, overlays_rows)
-    spec = new["spec"]
-    if spec is not old and spec.name == old.name and edited_name(spec.name) != spec.name:
-        data = spec.to_dict()
-        data["name"] = edited_name(spec.name)
-        new["spec"] = Spec.from_valid(data)
+    new["spec"] = renamed_if_edited(old, new["spec"])
     return new, ""
 
 

@@ -299,7 +299,7 @@ def masks_compare_figure(specs: list, names: list[str]) -> Figure:
             note = f"{differ[-1]:,} pairs differ from A"
         ax.imshow(rgb, interpolation="nearest")
         segment_ticks(ax, sp)
-        ax.set_title(f"{chr(65 + i) if i < 26 else i}: {names[i][:32]}\n{note}", fontsize=9)
+        ax.set_title(f"{chr(65 + i) if i < 26 else i}: {_wrapped(names[i], 36)}\n{note}", fontsize=9)
     if k > len(specs):
         stack = torch_stack([m for m, ok in zip(masks, same) if ok])
         allowed = stack.sum(0)
@@ -446,7 +446,7 @@ def evaluation_figure(summary: dict) -> Figure:
     ax_b.set_ylabel("exact-match accuracy", fontsize=8)
     ax_b.legend(fontsize=7, frameon=False)
     ax_b.set_title(f"{summary.get('task', '')}: accuracy with bootstrap 95% CI (n={summary.get('n')})", fontsize=9)
-    ax_n.set_yticks(range(len(specs)), [e["name"][:18] for e in specs], fontsize=7)
+    ax_n.set_yticks(range(len(specs)), [_wrapped(e["name"], 22) for e in specs], fontsize=7)
     ax_n.set_xlabel("target NLL (nats/token)", fontsize=8)
     ax_n.invert_yaxis()
     ax_n.set_title("mean NLL, 95% CI", fontsize=9)
@@ -455,6 +455,14 @@ def evaluation_figure(summary: dict) -> Figure:
 
 
 # ---------------------------------------------------------------- training
+def _wrapped(name: str, width: int) -> str:
+    """A name whole, broken into lines of about `width` characters (never cut: an edited design's
+    name differs from its template's only at the end)."""
+    import textwrap
+
+    return "\n".join(textwrap.wrap(name, width, break_long_words=True, break_on_hyphens=False)) or name
+
+
 def loss_curve_figure(losses_by_name: dict, title: str = "training loss") -> Figure:
     """Per-step training loss of each named run (e.g. the causal baseline and the design), one
     line each; a moving average is drawn over the raw steps when a run is long enough to be noisy."""
