@@ -28,7 +28,7 @@ RENDER_CONCURRENCY = int(os.environ.get("MASKSTUDIO_RENDER_CONCURRENCY", "4"))
 CSS = """
 .error-line p { color: #b3261e; font-weight: 600; margin: 0; }
 .ok-line p { color: #2e7d32; margin: 0; } .picture > label[data-testid="block-label"] { position: static; } /* not on titles */
-#checks textarea, #run-summary textarea, #compare-text textarea, #eval-text textarea, #train-text textarea { font-family: "DejaVu Sans Mono", monospace; font-size: 12px; }
+#checks textarea, #run-summary textarea, #compare-text textarea, #eval-text textarea, #train-text textarea, #audit-text textarea { font-family: "DejaVu Sans Mono", monospace; font-size: 12px; }
 .status-line { min-height: 3.2em; } .status-line p { margin: 0; color: #555; }
 """
 MODEL = dict(concurrency_limit=knobs.MODEL_QUEUE_MAX + 4, concurrency_id="model")  # queued in studio.jobs, not here
@@ -44,8 +44,7 @@ def _error_md(error: str) -> str:
     return f"⚠ {studio.markdown_text(studio.plain_text(error))}" if error else ""
 
 
-def _said(out: dict, *keys) -> list:
-    """A studio answer as outputs: its error line first, then `keys`."""
+def _said(out: dict, *keys) -> list:  # a studio answer as outputs: its error line first, then `keys`
     return [_error_md(out["error"])] + [out[k] for k in keys]
 
 
@@ -113,8 +112,7 @@ def wire_edit(ui, triggers, edit, inputs: list, api_name: str, box: str, keep_ta
     if extra_outputs:  # the upload box: cleared when the upload was refused
         handler = (lambda base: lambda *a: (out := base(*a)) + [None if out[7] else gr.skip()])(handler)
     args = (handler, [ui.state] + inputs + ui.view_opts, outputs + list(extra_outputs))
-    dep = after.then(*args, api_name=api_name, **kw) if after is not None else gr.on(triggers, *args,
-                                                                                      api_name=api_name, **kw)
+    dep = after.then(*args, api_name=api_name, **kw) if after is not None else gr.on(triggers, *args, api_name=api_name, **kw)
     dep.then(functools.partial(on_blocks, live=False), *ui.blocks_io, api_name=False)
     dep.then(studio.stored_design, ui.state, ui.saved, api_name=False)  # kept in the browser: a reload restores it
 
@@ -195,8 +193,7 @@ def on_segment_pick(state, evt: gr.SelectData):  # a segments-table row: its nam
     return studio.segment_pick(state, evt.row_value)
 
 
-def show_filled(*values):
-    """Show the picture boxes that hold a picture, hide the empty ones (chained after a handler)."""
+def show_filled(*values):  # show the picture boxes that hold a picture, hide the empty ones (after a handler)
     out = [gr.update(visible=v is not None) for v in values]
     return out if len(out) > 1 else out[0]
 
@@ -240,8 +237,7 @@ def on_train(state, task, steps, lr, lora, objective, baseline, model_id, progre
 
 
 # ---------------------------------------------------------------- layout: design (left)
-def _message(elem_id: str) -> gr.Markdown:
-    """An error line placed next to the control whose input it is about."""
+def _message(elem_id: str) -> gr.Markdown:  # an error line placed next to the control whose input it is about
     return gr.Markdown("", elem_id=elem_id, elem_classes=["error-line"])
 
 
@@ -312,25 +308,21 @@ def _see_column(ui):
         with gr.Tab("Positions", id="see-positions"):
             ui.pos_img = _img("position ids", "positions-img", show_label=False)
             ui.query = gr.Dropdown([], label="RoPE distance from query segment", elem_id="query", allow_custom_value=True)
-            ui.query_msg = _message("query-error")
-            ui.dist_img = _img("RoPE distance", "distance-img", show_label=False)
+            ui.query_msg, ui.dist_img = _message("query-error"), _img("RoPE distance", "distance-img", show_label=False)
         with gr.Tab("Flow", id="see-flow"):
             ui.flow_level = gr.Radio(["segment", "frame", "token"], value="segment", label="level", elem_id="flow-level")
-            ui.flow_msg = _message("flow-error")
-            ui.flow_img = _img("flow graph", "flow-img", show_label=False)
+            ui.flow_msg, ui.flow_img = _message("flow-error"), _img("flow graph", "flow-img", show_label=False)
             ui.density = gr.Dataframe(label="segment density (rows: query, cols: key)", interactive=False, elem_id="density")
         with gr.Tab("Reachability", id="see-reach"):
             with gr.Row():
                 ui.reach_layers = gr.Slider(1, 32, value=4, step=1, label="layers")
                 ui.reach_token = gr.Textbox("", label="token (index, segment or segment[i])", placeholder="last token",
                                             elem_id="reach-token")
-            ui.reach_msg = _message("reach-error")
-            ui.reach_img = _img("reachability", "reach-img", show_label=False)
+            ui.reach_msg, ui.reach_img = _message("reach-error"), _img("reachability", "reach-img", show_label=False)
         with gr.Tab("Blocks", id="see-blocks") as ui.blocks_tab:
             ui.block_size = gr.Radio(list(studio.BLOCK_SIZES), value=knobs.BLOCK, elem_id="block-size", label="BlockMask "
                                      "block size (tokens): full / partial / empty blocks, what a FlexAttention kernel skips")
-            ui.blocks_msg = _message("blocks-error")
-            ui.blocks_img = _img("block grid", "blocks-img", show_label=False)
+            ui.blocks_msg, ui.blocks_img = _message("blocks-error"), _img("block grid", "blocks-img", show_label=False)
         with gr.Tab("Checks", id="see-checks"):
             ui.checks = gr.Textbox(label="checks", lines=24, max_lines=60, elem_id="checks")
 
@@ -455,21 +447,30 @@ def _train_tab(ui):
     ui.tr_text = gr.Textbox(label="results", lines=14, elem_id="train-text")
 
 
+def _audit_tab(ui):  # a model's own masks on this layout, against the design (studio.audit_for_state)
+    ui.au_model = gr.Dropdown(studio.AUDIT_MODELS, value="tiny-gemma3-vision", allow_custom_value=True, label="model",
+                              info=studio.AUDIT_HELP, elem_id="audit-model")
+    ui.au_btn = gr.Button("Audit the model on this layout", variant="primary", elem_id="audit-btn")
+    ui.au_out = [_message("audit-error"), gr.Textbox(label=studio.AUDIT_TEXT, lines=16, elem_id="audit-text"),
+                 gr.Gallery(label=studio.AUDIT_PICTURES, columns=3), gr.Code(language="json", label=studio.AUDIT_SPEC)]
+    ui.au_btn.click(total(4, 0)(lambda *a: _said(studio.audit_for_state(*a), "summary", "pictures", "spec")),
+                    [ui.state, ui.au_model], ui.au_out, api_name="audit")
+
+
 def _export_tab(ui):
     with gr.Row():
         ui.fmt = gr.Radio([("JSON spec (canonical)", "json"), ("FlexAttention .py", "flex"), ("mask .npy", "npy"),
                            ("positions .npy", "positions"), ("pictures (PNG zip)", "png")], value="json", label="format",
                           elem_id="fmt")
         ui.export_btn = gr.Button("Export", variant="primary", elem_id="export-btn")
-    ui.export_error = gr.Markdown("", elem_id="export-message")
-    ui.download = gr.File(label="download", elem_id="download")
+    ui.export_error, ui.download = gr.Markdown("", elem_id="export-message"), gr.File(label="download", elem_id="download")
     ui.upload = gr.File(label="import a JSON spec", file_types=[".json"], elem_id="upload")
     ui.errors["upload"] = _message("upload-error")
 
 
 def _lower_tabs(ui):
-    parts = {"Run": (_run_controls, _run_results, _knockout_panel), "Compare": (_compare_tab,),
-             "Evaluate": (_evaluate_tab,), "Train": (_train_tab,), "Export / Import": (_export_tab,)}
+    parts = {"Run": (_run_controls, _run_results, _knockout_panel), "Compare": (_compare_tab,), "Evaluate": (_evaluate_tab,),
+             "Train": (_train_tab,), "Audit": (_audit_tab,), "Export / Import": (_export_tab,)}
     with gr.Tabs():
         for title, fns in parts.items():
             with gr.Tab(title, id=title.split()[0].lower()):
@@ -524,8 +525,7 @@ def _model_event(ui, key, fn, inputs, outputs, api_name, shown=()):
 
 
 def _wire_run(ui):
-    overlay_io = ([ui.state, ui.att_layer, ui.att_head, ui.ov_query, ui.ov_segment],
-                  [ui.ov_img, ui.share_img, ui.ov_error])
+    overlay_io = ([ui.state, ui.att_layer, ui.att_head, ui.ov_query, ui.ov_segment], [ui.ov_img, ui.share_img, ui.ov_error])
     _model_event(ui, "run", on_run, [ui.state, ui.model_id, ui.max_new, ui.run_images],
                  [ui.state, ui.run_error, ui.run_summary, ui.tokens, ui.top_k, ui.continuation, ui.nll,
                   ui.att_img, ui.mass_img, ui.curves_img, ui.rollout_img, ui.att_layer, ui.att_head,

@@ -14,7 +14,7 @@ OPTS = (0, 0, 4, "", None, "segment")  # layer, head, reach layers, reach token,
 PICS = slice(7, 12)                     # mask, positions, distance, flow, reach in a design response
 ENDPOINTS = {"/load_preset", "/new_blank", "/undo", "/edit_tables", "/edit_json", "/import_spec", "/render", "/reach",
              "/export", "/run_model", "/attention_map", "/knockout", "/keep_snapshot", "/compare_masks",
-             "/compare_runs", "/eval_template", "/evaluate", "/image_overlay", "/train_template", "/train",
+             "/compare_runs", "/eval_template", "/evaluate", "/image_overlay", "/train_template", "/train", "/audit",
              "/block_grid", "/download_run", "/redo", "/edit_text"}
 
 pytestmark = pytest.mark.slow
@@ -33,6 +33,19 @@ def spec_json(out) -> dict:
 
 def test_every_endpoint_is_named(client):
     assert set(client.view_api(return_format="dict")["named_endpoints"]) == ENDPOINTS
+
+
+def test_audit_tab_compares_the_design_with_a_models_own_masks(client):
+    client.predict("prefix_lm", *OPTS, api_name="/load_preset")
+    error, text, pictures, spec = client.predict("tiny-gemma2", api_name="/audit")
+    assert error == "" and text.startswith("audit: tiny-gemma2 (gemma2, 4 layers) on 'prefix_lm'")
+    assert "layers 0, 2 (sliding_attention)" in text and "verdict: your design differs" in text
+    assert [p["caption"] for p in pictures] == ["every layer against your design", "layer 0: the model's own mask",
+                                                "the position ids the model uses"]
+    assert all(os.path.exists(p["image"]) for p in pictures)
+    assert json.loads(spec)["mask"]["overlays"][0]["layers"] == [0, 2]
+    error, text, pictures, spec = client.predict("/etc", api_name="/audit")
+    assert "names a path on this server" in error and text == "" and spec == ""
 
 
 def test_preset_edit_undo_and_error_keeps_pictures(client):

@@ -323,11 +323,14 @@ def test_app_handler_draws_and_refuses_server_paths(tmp_path):
     from maskstudio.studio.audit import audit_for_state
 
     state = studio.new_state()
-    out = audit_for_state(state, "tiny-gemma3-vision", 99)
+    out = audit_for_state(state, "tiny-gemma3-vision")
     assert out["error"] == "" and out["summary"].startswith("audit: tiny-gemma3-vision")
-    assert all(out[k] and out[k].endswith(".png") for k in ("layers", "layer", "positions"))
+    assert [c for _, c in out["pictures"]] == ["every layer against your design", "layer 0: the model's own mask",
+                                               "the position ids the model uses"]
+    assert all(p.endswith(".png") for p, _ in out["pictures"])
     assert Spec.from_json(out["spec"]).name == "tiny-gemma3-vision: attention"
+    assert audit_for_state(state, "tiny-gemma2", layer=99)["pictures"][1][1] == "layer 3: the model's own mask"
     assert audit_for_state(state, json.dumps(TINY_CONFIGS["tiny-llama"]))["error"] == ""
     refused = audit_for_state(state, str(tmp_path))
-    assert "names a path on this server" in refused["error"] and refused["layers"] is None
+    assert "names a path on this server" in refused["error"] and refused["pictures"] == []
     assert studio.current(state).name == state["spec"].name  # the design stays

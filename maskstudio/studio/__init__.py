@@ -16,6 +16,7 @@ widgets and wires events; tests/test_studio.py drives these without a browser).
   heads     the Run tab's in-browser attention viewer (payload per run), head knockout / patching with
             noise bands, Compare on the model for A, B, C, ... with per-head differences
   training  the Train tab: fine-tune the design (and its causal baseline), loss curves
+  audit     the Audit tab: a transformers model's own masks on the layout against the design
 
 Every name below is importable as `maskstudio.studio.<name>`.
 """
@@ -45,3 +46,4 @@ from .tables import (OVERLAY_COLUMNS, RULE_COLUMNS, SEGMENT_COLUMNS, TABLES_HELP
                      tables_to_spec_dict)
 from .heads import KNOCKOUT_HELP, VIEWER, VIEWER_HELP, compare_on_model, knockout_experiment, viewer_for_state
 from .training import TRAIN_BATCH, TRAIN_HELP, TRAIN_MAX_STEPS, TRAIN_TASKS, train_design
+from .audit import AUDIT_HELP, AUDIT_MODELS, AUDIT_PICTURES, AUDIT_SPEC, AUDIT_TEXT, audit_for_state

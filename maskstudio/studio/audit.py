@@ -12,26 +12,30 @@ from .pictures import figure_png, picture_spec
 from .state import current, one_line
 
 AUDIT_MODELS = list(TINY_CONFIGS)
-AUDIT_HELP = ("**Audit a model**: run a transformers model's own mask construction (per layer: sliding and "
-              "global layers, chunks, Gemma 3's bidirectional image blocks, Qwen2-VL's M-RoPE ids) on this design's "
-              "layout, see what it really uses, get it as a spec, and where your design differs, cell by cell. "
-              "Model: a tiny local config below, a hub id (only its config.json is read; built with tiny widths, "
-              "every layer and attention setting kept) or a config as JSON text.")
-EMPTY = {"error": "", "summary": "", "layers": None, "layer": None, "positions": None, "spec": ""}
+AUDIT_HELP = ("run the model's own mask construction on this design's layout (per layer: sliding and global "
+              "layers, chunks, Gemma 3's bidirectional image blocks, Qwen2-VL's M-RoPE ids) and compare it with "
+              "your design, cell by cell. A tiny local config, a hub id (only its config.json is read: built with "
+              "tiny widths, every layer and attention setting kept) or a config as JSON text.")
+AUDIT_TEXT = "the model, layer by layer, against your design"
+AUDIT_PICTURES = "every layer against your design · one layer: the model's own mask · its position ids"
+AUDIT_SPEC = "the model's attention as a spec (load it as a design to start from what the model does)"
 
 
-def audit_for_state(state: dict, model_text: str = "", layer=0) -> dict:
-    """{"error", "summary", "layers" (PNG: every layer against the design), "layer" (PNG: one layer's
-    own mask and the difference), "positions" (PNG), "spec" (the model's attention as spec JSON)}."""
+def audit_for_state(state: dict, model_text: str = "", layer=None) -> dict:
+    """{"error", "summary", "pictures" ([(PNG, caption)]: every layer against the design; one layer
+    (`layer`, default the first that differs) with its own mask; the position ids), "spec" (the
+    model's attention as spec JSON)}. Bad input is one line; the design stays."""
     try:
         spec, sizing = picture_spec(current(state))
         report = audit((model_text or "").strip() or AUDIT_MODELS[0], spec, allow_paths=False)
-        chosen = min(max(int(float(layer or 0)), 0), report.model.num_layers - 1)
-    except (ValueError, OverflowError) as err:  # SpecError, RunError: one line; the design stays
-        return {**EMPTY, "error": one_line(err)}
-    summary = report.summary() + (f"\nnote: {sizing}" if sizing else "")
+        first = next((d.layer for d in report.layers if not d.same), 0)
+        chosen = first if layer is None else min(max(int(float(layer)), 0), report.model.num_layers - 1)
+    except (ValueError, OverflowError) as err:  # SpecError, RunError: one line
+        return {"error": one_line(err), "summary": "", "pictures": [], "spec": ""}
+    pictures = [(figure_png(audit_layers_figure(report)), "every layer against your design"),
+                (figure_png(audit_layer_figure(report, chosen)), f"layer {chosen}: the model's own mask")]
     positions = audit_positions_figure(report)
-    return {"error": "", "summary": summary, "layers": figure_png(audit_layers_figure(report)),
-            "layer": figure_png(audit_layer_figure(report, chosen)),
-            "positions": figure_png(positions) if positions is not None else None,
+    if positions is not None:
+        pictures.append((figure_png(positions), "the position ids the model uses"))
+    return {"error": "", "summary": report.summary() + (f"\nnote: {sizing}" if sizing else ""), "pictures": pictures,
             "spec": report.model_spec.to_json() if report.model_spec is not None else ""}
