@@ -157,8 +157,13 @@ class _GradioQueue:
 
 
 def test_event_alive_reads_gradios_marks():
-    assert jobs.event_alive(_GradioQueue(), "e1")() and not jobs.event_alive(_GradioQueue(), "e2")()
-    assert jobs.event_alive(_GradioQueue(), "gone")()
+    q = _GradioQueue()
+    assert jobs.event_alive(q, "e1")() and not jobs.event_alive(q, "e2")()
+    assert jobs.event_alive(q, "never queued")()
+    probe = jobs.event_alive(q, "e1")
+    assert probe()
+    q.active_jobs = [None]          # cancelled: Gradio dropped the event while our thread runs
+    assert not probe()
 
 
 # ---------------------------------------------------------------- model names and the cache

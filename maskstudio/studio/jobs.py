@@ -258,12 +258,19 @@ def require_model(name) -> None:
 
 
 def event_alive(gradio_queue, event_id) -> Callable[[], bool]:
-    """A probe for a job's `alive`: False once Gradio's queue has marked the event's client gone
-    (a closed page or a dropped API client: Gradio sets `alive = False` on its running events)."""
+    """A probe for a job's `alive`: False once Gradio's queue has given the event up: its client
+    left (a closed page or a dropped API client: Gradio sets `alive = False`), or it was cancelled
+    (Gradio's `cancels=` or an API client's cancel: the event leaves `active_jobs` while our thread
+    still runs). An event never seen there (run outside the queue) stays alive."""
+    seen = [False]
+
     def alive() -> bool:
-        jobs = getattr(gradio_queue, "active_jobs", None) or []
-        return not any(getattr(e, "_id", None) == event_id and not getattr(e, "alive", True)
-                       for job in jobs if job for e in job)
+        events = [e for job in (getattr(gradio_queue, "active_jobs", None) or []) if job for e in job
+                  if getattr(e, "_id", None) == event_id]
+        if events:
+            seen[0] = True
+            return all(getattr(e, "alive", True) for e in events)
+        return not seen[0]
     return alive
 
 
