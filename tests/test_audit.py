@@ -334,3 +334,28 @@ def test_app_handler_draws_and_refuses_server_paths(tmp_path):
     refused = audit_for_state(state, str(tmp_path))
     assert "names a path on this server" in refused["error"] and refused["pictures"] == []
     assert studio.current(state).name == state["spec"].name  # the design stays
+
+
+def test_readme_audit_commands_run_as_written(tmp_path, monkeypatch, capsys):
+    """The README's "Audit a model" commands, as written (from a folder holding the repo's examples and
+    presets, so --out lands there), with the output lines it quotes."""
+    import re
+    import shlex
+    from pathlib import Path
+
+    from maskstudio.cli import main
+
+    root = Path(__file__).resolve().parents[1]
+    section = (root / "README.md").read_text().split("## Audit a model", 1)[1].split("\n## ", 1)[0]
+    block = section.split("```bash\n", 1)[1].split("```", 1)[0]
+    commands = [line.split("#", 1)[0] for line in block.splitlines() if line.startswith("maskstudio audit")]
+    quoted = [re.sub(r"\s+", " ", line.lstrip("# ")) for line in block.splitlines() if line.startswith("#   layer")]
+    assert len(commands) == 2 and quoted
+    for name in ("examples", "presets"):
+        (tmp_path / name).symlink_to(root / name)
+    monkeypatch.chdir(tmp_path)
+    codes = [main(shlex.split(command)[1:]) for command in commands]
+    assert codes == [1, 0]
+    out = re.sub(r"\s+", " ", capsys.readouterr().out)
+    assert all(q.rstrip(". ") in out for q in quoted if "..." not in q)
+    assert (tmp_path / "audit" / "model_spec.json").exists()
