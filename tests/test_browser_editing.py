@@ -183,3 +183,25 @@ def test_cards_and_result_pictures_read_cleanly(page):
     picture = img.bounding_box()
     assert label["y"] + label["height"] <= picture["y"] + 1, (label, picture)  # the badge sits above the figure
     time.sleep(0.5)
+
+
+@pytest.mark.model
+def test_a_run_says_its_design_and_a_bad_focus_token_its_field(page):
+    """The issue's own case: a run of streaming_llm, then the design becomes prefix_lm."""
+    pick_preset(page, "streaming_llm")
+    page.get_by_role("tab", name="Run").click()
+    page.locator("#max-new input[type=number]").fill("0")
+    page.locator("#max-new input[type=number]").press("Tab")
+    page.locator("#run-btn").click()
+    page.wait_for_function("() => (document.querySelector('#run-summary textarea')?.value || '')"
+                           ".startsWith('Run of streaming_llm  [design ')", timeout=240_000)
+    settle(page)
+    box = page.locator("#att-token input")
+    box.fill("tokns[3]")
+    box.press("Enter")
+    focus = page.locator("#focus-error")
+    focus.get_by_text("focus token: no segment named 'tokns'").wait_for()
+    assert "reach.token" not in focus.inner_text() and "did you mean 'tokens'" in focus.inner_text()
+    pick_preset(page, "prefix_lm")
+    page.locator("#results-note").get_by_text("This run is of streaming_llm; the design is now prefix_lm").wait_for()
+    settle(page)

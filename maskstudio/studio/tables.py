@@ -23,7 +23,8 @@ from .state import attempt, renamed_if_edited
 
 TABLES_HELP = (f"<small>**Segments**: modality {' / '.join(MODALITIES)}; size `12`, `24x24`, `8x16x16` or `4+4+4` "
                f"(frames); roles `a, b`. **Rules**: one `base` row, then rules (last match wins). **Overlays**: op "
-               f"{' / '.join(OVERLAY_OPS)}. Edit a cell and press Enter.</small>",
+               f"{' / '.join(OVERLAY_OPS)}. Click a cell and type to replace it (double-click to edit inside it); Enter "
+               f"applies, Escape cancels.</small>",
                f"<small>patterns: {', '.join(PATTERNS)}. Parameters as `size=4, causal=false`; layers/heads as "
                f"`0, 1` or `0:12:2`.</small>")
 
