@@ -74,23 +74,24 @@ DENSE_CHUNK = 1 << 22  # (q, k) pairs evaluated per step of a dense mask
 
 
 class _Columns:
-    """Size parameter `slot` of each token's document: rows[..., slot] (rows: P of each token's document)."""
+    """Size parameter `slot` of each token's document: params[b, doc, slot], indexed in one step
+    (compiled FlexAttention on CPU miscomputes params[b, doc][..., slot])."""
 
-    def __init__(self, rows):
-        self.rows = rows
+    def __init__(self, params, b, doc):
+        self.params, self.b, self.doc = params, b, doc
 
     def __getitem__(self, slot):
-        return self.rows[..., slot]
+        return self.params[self.b, self.doc, slot]
 
 
 class _Along:
-    """A per-token table laid along a packed row, read at a document's local index (+ its start)."""
+    """A per-token table laid along row b of a batch, read at a document's local index (+ its start)."""
 
-    def __init__(self, column, offset):
-        self.column, self.offset = column, offset
+    def __init__(self, table, b, offset):
+        self.table, self.b, self.offset = table, b, offset
 
     def __getitem__(self, local):
-        return self.column[(local + self.offset).clamp(0, self.column.shape[-1] - 1)]
+        return self.table[self.b, (local + self.offset).clamp(0, self.table.shape[-1] - 1)]
 
 
 def _lookups():
@@ -146,8 +147,8 @@ class DesignBatch:
     def _allow(self, fn, div, lookups, b, h, q, kv, window):
         dq, dk = self.doc[b, q], self.doc[b, kv]
         off = self.offsets[b, dq]
-        T = {a: _Along(self.tables[a][b], off) for a in lookups}
-        allow = fn(_Columns(self.params[b, dq]), T, h, q - off, kv - off, div) & (dq == dk) & (dq < self.slots)
+        T = {a: _Along(self.tables[a], b, off) for a in lookups}
+        allow = fn(_Columns(self.params, b, dq), T, h, q - off, kv - off, div) & (dq == dk) & (dq < self.slots)
         return allow & (q - kv < window) if window else allow
 
     def dense(self, layer, num_heads=1, window=None):

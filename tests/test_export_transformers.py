@@ -190,8 +190,8 @@ def library_logits(lm, spec: Spec, ids: torch.Tensor) -> torch.Tensor:
                         **{ATTN_NAME: MaskContext(spec, HEADS, "eager", record=False)}).logits[0]
 
 
-@pytest.mark.parametrize("backend", ["eager", "sdpa"])
-@pytest.mark.parametrize("pack", [0, 10_000])
+@pytest.mark.parametrize("backend, pack", [("eager", 10_000), ("sdpa", 0), pytest.param("eager", 0, marks=pytest.mark.slow),
+                                           pytest.param("sdpa", 10_000, marks=pytest.mark.slow)])
 def test_exported_path_gives_the_library_logits(design, lm, backend, pack):
     feats = features(design, [None, {"answer": 2, "doc1": 5}, {"question": 4}], seed=1)
     batch = design.Collator(pad_token_id=0, pack_tokens=pack)(feats)
@@ -210,6 +210,25 @@ def test_exported_path_gives_the_library_logits(design, lm, backend, pack):
             want = library_logits(lm, records().with_sizes(feats[i]["sizes"] or {}), ids)
             torch.testing.assert_close(logits[r, at:at + len(ids)], want, atol=2e-5, rtol=1e-4)
             at += len(ids)
+
+
+@pytest.mark.slow  # transformers compiles FlexAttention (inductor, CPU)
+def test_flex_attention_path_gives_the_sdpa_logits_on_cpu(design, lm):
+    """The flex_attention function (transformers' own compiled FlexAttention with the design's
+    BlockMask) on a packed batch: the sdpa path's logits. Compiled FlexAttention on CPU once
+    miscomputed `params[b, doc][..., slot]` in a mask_mod (0.6 off); the file indexes in one step."""
+    feats = features(design, [None, {"answer": 2, "doc1": 5}], seed=3)
+    batch = design.Collator(pad_token_id=0, pack_tokens=10_000, pad_to_multiple_of=128)(feats)
+    n = sum(len(f["input_ids"]) for f in feats)
+    try:
+        with torch.no_grad():
+            design.use(lm.model, "sdpa")
+            want = lm.model(**batch).logits[0, :n]
+            design.use(lm.model, "flex_attention")
+            got = lm.model(**batch).logits[0, :n]
+    finally:
+        lm.model.set_attn_implementation("eager")
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("backend", ["eager", "sdpa"])
