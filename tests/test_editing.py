@@ -173,3 +173,11 @@ def test_the_distance_colour_bar_label_is_not_covered():
     cbar = [ax for ax in fig.axes if ax.get_ylabel() == "share of (query, key) pairs"][0]
     label = cbar.yaxis.label.get_window_extent(renderer)
     assert label.x1 < bars.x0, (label, bars)          # the label ends before the bars begin
+
+
+def test_a_design_too_large_for_the_browser_is_not_kept():
+    from maskstudio.studio import browser
+
+    big = Spec.load({**SPEC, "description": "x" * (browser.STORE_MAX_CHARS + 1)})
+    assert studio.stored_design(studio.new_state(big)) == ""
+    assert studio.restore_design(studio.new_state(), big.to_json())[0]["history"] == []

@@ -13,21 +13,22 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .. import knobs
 from ..spec import Spec
 from .state import attempt, design_card
 
 PAGE_HEAD = f"<script>\n{(Path(__file__).with_name('page.js')).read_text(encoding='utf-8')}\n</script>"
 STORAGE_KEY = "maskstudio-design"  # the browser's localStorage key (Gradio encrypts the value)
 SECRET = os.environ.get("MASKSTUDIO_STORAGE_SECRET")  # None: Gradio's random key, so a restarted server forgets
+STORE_MAX_CHARS = 1 << 20  # a design kept in the browser: localStorage holds ~5 M characters per site, encrypted larger
 RESTORED = ("*Restored the design this browser kept from your last visit. **Undo** starts fresh from the default "
             "design; **New from scratch** starts blank.*")
 
 
 def stored_design(state: dict) -> str:
-    """What the browser keeps: the design's canonical JSON ('' for one too large to keep)."""
+    """What the browser keeps: the design's canonical JSON ('' for one past STORE_MAX_CHARS: a reload
+    then starts from the default design rather than failing to store)."""
     text = state["spec"].to_json()
-    return text if len(text) <= knobs.MAX_SPEC_BYTES else ""
+    return text if len(text) <= STORE_MAX_CHARS else ""
 
 
 def restore_design(state: dict, stored) -> tuple[dict, str]:
@@ -35,7 +36,7 @@ def restore_design(state: dict, stored) -> tuple[dict, str]:
     the undo stack). Nothing kept, or the same design: the state as it is. A kept value that is
     not a valid spec (an older version, a hand-edited storage) is dropped without a word: the
     visitor did not ask for it, the default design stays."""
-    if not isinstance(stored, str) or not stored.strip() or len(stored) > knobs.MAX_SPEC_BYTES:
+    if not isinstance(stored, str) or not stored.strip() or len(stored) > STORE_MAX_CHARS:
         return state, ""
     new, error = attempt(state, lambda: Spec.from_json(stored))  # JSON text only: never a path on the server
     if error:
