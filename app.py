@@ -53,10 +53,9 @@ def _view_opts(*values) -> dict:  # the values of ui.view_opts, in order
 
 
 def _pictures(state, opts) -> list:
-    """The picture outputs: five views, checks, density, pickers, the note and the messages next to their controls."""
-    out = studio.design_views(studio.current(state), opts)
-    o = out["options"]
-    warn = o["warnings"]
+    """The picture outputs: five views, checks, density, pickers, the note, messages, the button adopting run sizes."""
+    out = studio.design_views(studio.current(state), {**opts, "sizes_by": state.get("sizes_by")})
+    o, warn = out["options"], out["options"]["warnings"]
     return [out["mask"], out["positions"], out["distance"], out["flow"], out["reach"], out["checks"],
             gr.update(value=out["density"]["data"], headers=out["density"]["headers"]),
             gr.update(visible=out["varies_by_layer"], maximum=out["layer_max"], value=o["layer"]),
@@ -64,10 +63,10 @@ def _pictures(state, opts) -> list:
             gr.update(choices=out["segments"], value=o["query"]),
             gr.update(choices=["*"] + out["segments"]), gr.update(choices=out["segments"]),
             out["note"], _error_md(warn.get("reach_token", "")), _error_md(warn.get("query", "")),
-            _error_md(warn.get("flow_level", ""))]
+            _error_md(warn.get("flow_level", "")), gr.update(visible=out["sizes_differ"])]
 
 
-N_PICTURE_OUTPUTS, NOTE = 16, 12  # the picture outputs, the note's place among them
+N_PICTURE_OUTPUTS, NOTE = 17, 12  # the picture outputs, the note's place among them
 
 
 def _failed(state, box, error) -> list:  # what the user typed stays in the editor and the tables
@@ -298,7 +297,7 @@ def _design_column(ui, init, presets):
 
 # ---------------------------------------------------------------- layout: see (right)
 def _see_column(ui):
-    ui.note = gr.Markdown("", elem_id="note")
+    ui.note, ui.adopt = gr.Markdown("", elem_id="note"), gr.Button(studio.ADOPT_LABEL, visible=False, elem_id="adopt-sizes")
     with gr.Tabs():
         with gr.Tab("Mask", id="see-mask"):
             with gr.Row():
@@ -460,8 +459,8 @@ def _audit_tab(ui):  # a model's own masks on this layout, against the design (s
 def _export_tab(ui):
     with gr.Row():
         ui.fmt = gr.Radio([("JSON spec (canonical)", "json"), ("FlexAttention .py", "flex"), ("mask .npy", "npy"),
-                           ("positions .npy", "positions"), ("pictures (PNG zip)", "png")], value="json", label="format",
-                          elem_id="fmt")
+                           ("positions .npy", "positions"), ("pictures (PNG zip)", "png"),
+                           ("the last run's layout (JSON spec)", "run_layout")], value="json", label="format", elem_id="fmt")
         ui.export_btn = gr.Button("Export", variant="primary", elem_id="export-btn")
     ui.export_error, ui.download = gr.Markdown("", elem_id="export-message"), gr.File(label="download", elem_id="download")
     ui.upload = gr.File(label="import a JSON spec", file_types=[".json"], elem_id="upload")
@@ -483,13 +482,14 @@ def _wire_design(ui):
     """Every edit of the design, and the picture options."""
     ui.view_opts = [ui.layer, ui.head, ui.reach_layers, ui.reach_token, ui.query, ui.flow_level]
     ui.pictures = [ui.mask_img, ui.pos_img, ui.dist_img, ui.flow_img, ui.reach_img, ui.checks, ui.density,
-                   ui.layer, ui.head, ui.query, ui.ko_q, ui.ko_k, ui.note, ui.reach_msg, ui.query_msg, ui.flow_msg]
+                   ui.layer, ui.head, ui.query, ui.ko_q, ui.ko_k, ui.note, ui.reach_msg, ui.query_msg, ui.flow_msg, ui.adopt]
     ui.blocks_io = ([ui.state, ui.block_size, ui.layer, ui.head], [ui.blocks_img, ui.blocks_msg])
     ui.design_head = [ui.state, ui.code, ui.segs, ui.rules, ui.overlays, ui.scheme, ui.pos_params]
     wire_edit(ui, [ui.preset.input], studio.load_preset_into_state, [ui.preset], "load_preset", "preset")
     wire_edit(ui, None, studio.load_preset_into_state, [ui.preset], False, "preset",
               after=ui.gallery.select(on_gallery_pick, None, ui.preset, api_name=False))
     wire_edit(ui, [ui.blank.click], studio.load_blank, [], "new_blank", "preset")
+    wire_edit(ui, [ui.adopt.click], studio.adopt_run_sizes, [ui.model_id], "adopt_run_sizes", "preset")
     wire_edit(ui, [ui.undo.click], studio.undo, [], "undo", "preset")
     wire_edit(ui, [ui.redo.click], studio.redo, [], "redo", "preset")
     wire_edit(ui, [ui.text_box.blur], studio.set_segment_text, [ui.text_seg, ui.text_box], "edit_text", "tables")

@@ -15,7 +15,7 @@ PICS = slice(7, 12)                     # mask, positions, distance, flow, reach
 ENDPOINTS = {"/load_preset", "/new_blank", "/undo", "/edit_tables", "/edit_json", "/import_spec", "/render", "/reach",
              "/export", "/run_model", "/attention_map", "/knockout", "/keep_snapshot", "/compare_masks",
              "/compare_runs", "/eval_template", "/evaluate", "/image_overlay", "/train_template", "/train", "/audit",
-             "/block_grid", "/download_run", "/redo", "/edit_text"}
+             "/block_grid", "/download_run", "/redo", "/edit_text", "/adopt_run_sizes", "/stop"}
 
 pytestmark = pytest.mark.slow
 

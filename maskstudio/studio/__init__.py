@@ -7,6 +7,7 @@ widgets and wires events; tests/test_studio.py drives these without a browser).
   provenance  every result labelled with the design it was computed for; the line saying the design changed since
   tables    the table codec: spec <-> segments / rules / overlays rows, cell parsers, table edits
   browser   the page script (table cells typed over, Escape cancels) and the design kept in the browser's storage
+  sizing    text segments' declared sizes against a run's tokenizer: the line, the button adopting them
   pictures  the design's pictures as cached PNG files, the checks, the render workers, `Cache`
   examples  example inputs for designs without text; what a model can take, said before loading it
   jobs      fair use of the model: one job at a time, one per visitor, its place and steps on a status
@@ -30,6 +31,7 @@ from .budget import (BudgetError, deep_bytes, end_session, folder_bytes, image_p
 from .examples import example_text, examples_note, needs_examples, run_blocker, with_examples
 from .jobs import QUEUE, Queue, Refused, call_as_job, capped, event_alive, job_line, leave, require_model, run_job, stop_job
 from ..progress import Stopped
+from .sizing import ADOPT_LABEL, adopt_run_sizes, model_key, run_tokenizer, size_differences, size_line
 from .pictures import (BLOCK_SIZES, DPI, TOKEN_FLOW_READABLE, VIEWS, Cache, block_view, analysis_for, check_text, controls, density_rows, design_views, figure_png,
                        size_warning,
                        picture_spec, render_processes, render_views, tokenizer_at_hand, view_options, warm_up)

@@ -30,6 +30,7 @@ from .jobs import capped, require_model
 from .pictures import (VIEWS, Cache, analysis_for, digest, figure_png, picture_spec, render_views,
                        sweep_workdir, tokenizer_at_hand)
 from .provenance import label, label_result, labelled
+from .sizing import size_line
 from .state import current, one_line, preset_names, snapshot
 from .tables import resolve_token
 
@@ -181,10 +182,17 @@ def export_spec(state: dict) -> tuple[Spec, str]:
 
 def export_for_state(state: dict, fmt: str, layer=0, head=0) -> tuple[str | None, str]:
     """(path, note) or (None, error line). Designs sized by the tokenizer export the last run's
-    layout (or the loaded tokenizer's sizes), and the note says which."""
+    layout (or the loaded tokenizer's sizes), and the note says which; declared sizes that differ
+    from a run's are said. fmt "run_layout": the last run's materialized layout as a JSON spec."""
     try:
+        if fmt == "run_layout":  # the layout the last run's model saw (texts tokenized), as a spec
+            run = get_run(state)
+            if run is None:
+                raise SpecError("", "no run yet: press Run / Generate on the Run tab, then export the run's layout")
+            layout = Spec.from_valid({**run.layout.to_dict(), "name": f"{run.layout.name} (run layout)"})
+            return export_file(layout, "json"), "the last run's layout: sizes are its model's token counts"
         spec, note = export_spec(state) if fmt in ("npy", "positions", "flex") else (current(state), "")
-        return export_file(spec, fmt, int(layer or 0), int(head or 0)), note
+        return export_file(spec, fmt, int(layer or 0), int(head or 0)), note or size_line(spec, state.get("sizes_by"))
     except ValueError as err:  # unknown format, unsized spec, past the disk budget
         return None, one_line(err)
     except OSError as err:  # a full disk: said without the server's paths

@@ -29,6 +29,8 @@ from .. import knobs
 from ..segments import all_steps, expand_int_list, segment_size
 from ..spec import Spec
 from .budget import WORKDIR, deep_bytes, picture_path
+from .sizing import size_line
+from .state import markdown_text
 from .tables import resolve_token
 
 VIEWS = ("mask", "positions", "distance", "flow", "reach")
@@ -458,14 +460,19 @@ def size_warning(spec: Spec) -> str:
 
 def design_views(spec: Spec, options: dict | None = None) -> dict:
     """Everything the app's picture column shows for a design: `render_views` plus the pickers'
-    ranges ("segments", "varies_by_layer", "layer_max", ...) and one note (sizes, scale)."""
+    ranges ("segments", "varies_by_layer", "layer_max", ...) and one note (sizes, scale). When text
+    segments' declared sizes differ from a run's (options["sizes_by"]: the model whose tokenizer
+    sizes them, None the embedded one), the note and the checks start with that line and
+    "sizes_differ" is True (the app then shows the button that adopts the run's sizes)."""
     out = render_views(spec, options)
+    line = size_line(spec, (options or {}).get("sizes_by"))
     spec, _ = picture_spec(spec)
     ctl = controls(spec)
     notes = [n for n in (out["note"], size_warning(spec)) if n]
     out.update(segments=ctl["segments"], varies_by_layer=ctl["varies_by_layer"],
-               varies_by_head=ctl["varies_by_head"], layer_max=ctl["layer_max"],
-               head_max=ctl["head_max"], note="  \n".join(f"<small>{n}</small>" for n in notes))
+               varies_by_head=ctl["varies_by_head"], layer_max=ctl["layer_max"], head_max=ctl["head_max"],
+               note="  \n".join([f"⚠ **{markdown_text(line)}**"] * bool(line) + [f"<small>{n}</small>" for n in notes]),
+               sizes_differ=bool(line), checks=f"{line}\n\n{out['checks']}" if line else out["checks"])
     return out
 
 
