@@ -93,8 +93,16 @@ def _global(program) -> E | None:
         return None
 
 
-def _touches(step, a: int, b: int) -> bool:
-    return (step.q_sel is None or bool(step.q_sel[a])) and (step.k_sel is None or bool(step.k_sel[b]))
+def _touched(steps, n_seg: int) -> list[list[bool]]:
+    """[a][b]: whether any of `steps` (segment-restricted rules / overlays) applies to the segment
+    pair (a, b); one outer product per step (a per-pair, per-step test cost 30 s at 256 segments)."""
+    every = torch.ones(n_seg, dtype=torch.bool)
+    hit = torch.zeros(n_seg, n_seg, dtype=torch.bool)
+    for st in steps:
+        q = every if st.q_sel is None else st.q_sel.bool().cpu()
+        k = every if st.k_sel is None else st.k_sel.bool().cpu()
+        hit |= q[:, None] & k[None, :]
+    return hit.tolist()
 
 
 def lower_expression(spec, layer: int = 0) -> E:
@@ -115,12 +123,13 @@ def lower_expression(spec, layer: int = 0) -> E:
     free = Program(program.base, [st for st in program.rules if id(st) not in chosen],
                    [st for st in program.overlays if id(st) not in chosen])
     default = _global(free) if selected else None
+    touched = _touched(selected, n_seg) if default is not None else None
     rows = []
     for a in range(n_seg):
         q = SegTok(spec, "q", a, user, consts)
         pairs = []
         for b in range(n_seg):
-            if default is not None and not any(_touches(st, a, b) for st in selected):
+            if default is not None and not touched[a][b]:
                 pairs.append(default)
                 continue
             pairs.append(expr.const(run_program(program, q, SegTok(spec, "kv", b, user, consts), var("h"))))
