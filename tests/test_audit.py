@@ -247,6 +247,14 @@ def test_a_hub_id_offline_says_what_to_do(monkeypatch):
     assert "tiny-gemma3" in str(err.value)
 
 
+def test_a_config_that_does_not_shrink_is_refused_before_it_is_built(monkeypatch):
+    from maskstudio.audit import capture
+
+    monkeypatch.setattr(capture, "MAX_PARAMS", 1000)
+    with pytest.raises(RunError, match=r"llama model from this config has [\d,]+ parameters even with tiny widths \(limit 1,000\)"):
+        audit("tiny-llama", TEXT)
+
+
 def test_layout_limits(monkeypatch):
     with pytest.raises(SpecError, match="have text but no length"):
         audit("tiny-llama", {"segments": [{"name": "t", "text": "hello there"}]})
@@ -275,6 +283,14 @@ def test_full_size_configs_shrink_and_keep_their_attention():
     small = shrunk(config)
     assert small.text_config.head_dim == Gemma3Config().text_config.head_dim
     assert small.text_config.vocab_size <= 1024 and small.image_token_id < 1024
+    from transformers import Gemma3nTextConfig, Llama4Config
+
+    gemma3n = audit(Gemma3nTextConfig().to_dict(), TEXT)  # per-layer MLP sizes and per-layer embeddings shrink too
+    assert gemma3n.expressed.exact == [True] * Gemma3nTextConfig().num_hidden_layers
+    llama4 = audit(Llama4Config().to_dict(), TEXT)  # its multimodal wrapper fails in 5.24: the text model is audited
+    assert any("its text model llama4_text was audited" in n for n in llama4.model.notes)
+    assert llama4.model.layer_types[:4] == ["chunked_attention"] * 3 + ["full_attention"]
+    assert any("use no rotary positions (NoPE)" in n for n in llama4.model.notes)
     qwen = audit(Qwen2VLConfig().to_dict(), VLM)
     assert qwen.expressed.positions == {"scheme": "mrope", "after": "hw"}
     assert qwen.model.positions[:, 3:9].tolist() == audit("tiny-qwen2-vl", VLM).model.positions[:, 3:9].tolist()
@@ -318,6 +334,7 @@ def test_audit_pictures_say_what_they_show():
     assert audit_positions_figure(audit("tiny-qwen2-vl", VLM)).maskstudio["positions"]["three_d"]
 
 
+@pytest.mark.slow  # draws every picture of the audit (CI runs this tier)
 def test_app_handler_draws_and_refuses_server_paths(tmp_path):
     from maskstudio import studio
     from maskstudio.studio.audit import audit_for_state
@@ -336,6 +353,7 @@ def test_app_handler_draws_and_refuses_server_paths(tmp_path):
     assert studio.current(state).name == state["spec"].name  # the design stays
 
 
+@pytest.mark.slow  # draws every picture of the audit (CI runs this tier)
 def test_readme_audit_commands_run_as_written(tmp_path, monkeypatch, capsys):
     """The README's "Audit a model" commands, as written (from a folder holding the repo's examples and
     presets, so --out lands there), with the output lines it quotes."""

@@ -30,6 +30,7 @@ from ..errors import RunError, one_line
 ATTN_NAME = "maskstudio_audit"
 SMALL_VOCAB = 1024
 TEXT_TOKEN = 11  # any ordinary token id: masks never read text ids
+MAX_PARAMS = 200_000_000  # parameters of the tiny-width model; past this a config is refused (it did not shrink)
 _SMALL = dict(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
               vocab_size=128, max_position_embeddings=4096)
 _VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
@@ -140,8 +141,12 @@ def _sub_configs(config) -> list:
 
 
 def _set(cfg, **values) -> None:
+    """Set the integer fields `cfg` has (a per-layer list of them too, e.g. Gemma 3n's MLP sizes)."""
     for key, value in values.items():
-        if isinstance(getattr(cfg, key, None), int) and not isinstance(getattr(cfg, key), bool):
+        old = getattr(cfg, key, None)
+        if isinstance(old, list) and old and all(isinstance(v, int) and not isinstance(v, bool) for v in old):
+            setattr(cfg, key, [value] * len(old))
+        elif isinstance(old, int) and not isinstance(old, bool):
             setattr(cfg, key, value)
 
 
@@ -151,7 +156,7 @@ def shrunk(config):
     small MLP and vocabulary (special token ids moved into it); other towers get one small layer."""
     text = config.get_text_config()
     heads = getattr(text, "num_attention_heads", 1) or 1
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    head_dim = getattr(text, "head_dim", None) or getattr(text, "hidden_size", 64) // heads
     _set(text, hidden_size=head_dim, num_attention_heads=1, num_key_value_heads=1, intermediate_size=16,
          intermediate_size_mlp=16, moe_intermediate_size=16, shared_expert_intermediate_size=16,
          num_local_experts=1, num_experts=1, n_routed_experts=1, num_experts_per_tok=1, n_shared_experts=1)
@@ -161,6 +166,9 @@ def shrunk(config):
         if sub is not text:
             _set(sub, num_hidden_layers=1, depth=1, hidden_size=16, embed_dim=16, intermediate_size=16,
                  num_attention_heads=1, num_heads=1)
+    if (getattr(text, "vocab_size_per_layer_input", 0) or 0) > SMALL_VOCAB:  # Gemma 3n's per-layer embeddings
+        text.vocab_size_per_layer_input = SMALL_VOCAB
+    _set(text, hidden_size_per_layer_input=8)
     if getattr(text, "vocab_size", 0) > SMALL_VOCAB:
         _move_special_ids(config, text)
         text.vocab_size = SMALL_VOCAB
@@ -280,11 +288,19 @@ def build_model(config):
     from transformers import AutoModel
 
     register()
+    try:
+        with torch.device("meta"):  # count first: a config the widths above do not shrink is refused, not built
+            params = sum(p.numel() for p in AutoModel.from_config(config, attn_implementation=ATTN_NAME).parameters())
+    except Exception:  # noqa: BLE001 -- a model that cannot be built on the meta device is counted when built
+        params = 0
+    if params > MAX_PARAMS:
+        raise RunError(f"a {config.model_type} model from this config has {params:,} parameters even with tiny widths "
+                       f"(limit {MAX_PARAMS:,}); give a config with fewer layers or a smaller vocabulary")
     with torch.random.fork_rng():
         torch.manual_seed(0)
         try:
             model = AutoModel.from_config(config, attn_implementation=ATTN_NAME, dtype=torch.float32)
-        except (ValueError, KeyError, TypeError, AttributeError) as err:
+        except (ValueError, KeyError, TypeError, AttributeError, RuntimeError, ImportError, AssertionError) as err:
             raise RunError(f"cannot build a {config.model_type} model from this config: {one_line(err)[:200]}") from None
     return model.eval()
 
@@ -312,7 +328,7 @@ def _forward(model, inputs: dict) -> tuple[list, list]:
     return record, seen
 
 
-_FAILURES = (ValueError, RuntimeError, IndexError, TypeError, AttributeError, KeyError)
+_FAILURES = (ValueError, RuntimeError, IndexError, TypeError, AttributeError, KeyError, AssertionError)
 
 
 def model_attention(source, layout, allow_paths: bool = True, small: bool = True) -> ModelAttention:
