@@ -206,6 +206,18 @@ def test_the_models_own_spec_as_design_matches_and_one_extra_cell_is_found():
     assert cut.layers[5].model_only == 7 * 3 and "q[0] -> sys[0]" in cut.layers[5].body
 
 
+def test_a_bidirectional_gemma3_is_a_full_base_with_a_two_sided_window():
+    """EmbeddingGemma-style use_bidirectional_attention: full layers see everything, sliding layers
+    keep |q - k| < W // 2 + 1 (the config halves its window)."""
+    config = dict(TINY_CONFIGS["tiny-gemma3"], use_bidirectional_attention=True)
+    report = audit(config, TEXT)
+    q, k = torch.arange(N_TEXT)[:, None], torch.arange(N_TEXT)[None, :]
+    assert torch.equal(report.model.masks[0], (q - k).abs() < W // 2 + 1)
+    assert bool(report.model.masks[5].all()) and report.expressed.exact == [True] * 6
+    assert report.model_spec.mask["base"] == {"pattern": "full"}
+    assert report.expressed.descriptions[0] == "bidirectional, two-sided window (|query - key| < 3)"
+
+
 def test_design_notes_heads_and_layers_past_the_model():
     data = {**TEXT, "mask": {"base": {"pattern": "causal"},
                              "overlays": [{"pattern": "first", "size": 1, "op": "or", "heads": [1], "layers": [9]}]}}

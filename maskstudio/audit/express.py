@@ -130,8 +130,12 @@ def describe(program: dict | None, n: int) -> str:
     for o in program["overlays"]:
         size = o["chunk"] if o["pattern"] == "chunked" else abs(o["size"])
         longer = f", longer than this layout's {n} tokens" if size >= n else ""
-        words.append(f"chunks of {size} tokens{longer}" if o["pattern"] == "chunked"
-                     else f"sliding window of {size} keys (key > query - {size}{longer})")
+        if o["pattern"] == "chunked":
+            words.append(f"chunks of {size} tokens{longer}")
+        elif o.get("causal") is False:
+            words.append(f"two-sided window (|query - key| < {size}{longer})")
+        else:
+            words.append(f"sliding window of {size} keys (key > query - {size}{longer})")
     for r in program["rules"]:
         names = r["q"] if isinstance(r["q"], list) else [r["q"]]
         words.append(f"bidirectional block {' + '.join(names)}")

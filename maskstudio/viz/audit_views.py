@@ -6,6 +6,8 @@ model.
 """
 from __future__ import annotations
 
+import textwrap
+
 import numpy as np
 import torch
 from matplotlib.figure import Figure
@@ -108,8 +110,8 @@ def audit_layer_figure(report, layer: int = 0) -> Figure:
               extent=(-0.5, n - 0.5, n - 0.5, -0.5))
     segment_ticks(ax, report.design)
     ax.set_title(f"your design against it: {'same' if d.same else f'{d.cells:,} cells differ'}", fontsize=10)
-    words = d.body if len(d.body) <= 160 else d.body[:157] + "..."
-    fig.text(0.5, 0.955, f"layer {layer}: {words}", ha="center", fontsize=9, wrap=True)
+    words = textwrap.fill(textwrap.shorten(f"layer {layer}: {d.body}", 330, placeholder=" ..."), 165)
+    fig.text(0.5, 0.985, words, ha="center", va="top", fontsize=9)
     _legend(fig)
     info(fig, "audit_layer", layer=layer, cells=d.cells, yours_only=d.yours_only, model_only=d.model_only)
     return fig
