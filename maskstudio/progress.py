@@ -32,6 +32,7 @@ class Job:
         self.report, self.deadline, self.alive, self.budget_s = report, deadline, alive, budget_s
         self.reason = ""
         self.message = ""
+        self.note = ""  # how the job ended, where the work knows better than "what was computed is shown"
         self.started = time.monotonic()
         self._flag = threading.Event()
 

@@ -246,3 +246,99 @@ def test_app_refuses_a_server_path_on_a_space_before_loading(monkeypatch, tmp_pa
     assert "never a path on the server" in out["error"]
     out = studio.train_design(state, "kv_retrieval", 2, 1e-3, model_id="../m")
     assert "never a path on the server" in out["error"]
+
+
+# ---------------------------------------------------------------- Stop during a model load (#25 item 1)
+def _slow_load(release, calls, name_seen=None):
+    """A model load that says a line, then blocks until `release` (a GGUF load cannot be interrupted)."""
+    def load(name, progress=None):
+        calls.append(name)
+        progress(0.4, f"loading {os.path.basename(name)} weights")
+        assert release.wait(10), "never released"
+        return models.load_model(name, device="cpu", progress=progress)
+    return load
+
+
+def test_stop_during_a_model_load_answers_at_once_and_the_load_goes_on(tmp_path, monkeypatch):
+    monkeypatch.setattr(models, "_MODELS", {})
+    _tiny_folder(tmp_path / "m")
+    folder, q, out, release, calls, said = str(tmp_path / "m"), jobs.Queue(), {}, threading.Event(), [], []
+
+    def target():
+        try:
+            out["a"] = jobs.run_job("a", "run", lambda say: jobs.load_model(folder, say, _slow_load(release, calls)),
+                                    progress=lambda frac, desc=None: said.append(desc), queue=q)
+        except Exception as err:  # noqa: BLE001
+            out["a"] = err
+    t = threading.Thread(target=target)
+    try:
+        t.start()
+        _wait(lambda: "loading m weights" in q.line("a"))      # the status line says the load's own line
+        time.sleep(0.5)
+        t0 = time.perf_counter()
+        assert q.stop("a").startswith("stopping")
+        t.join(3)
+        took = time.perf_counter() - t0
+        assert not t.is_alive() and took < 1.0, took              # the load takes as long as it likes
+        assert isinstance(out["a"], progress.Stopped) and "while the model was loading" in str(out["a"])
+        line = q.line("a")
+        assert line.startswith("run stopped at once (stopped by you) while the model was loading") and \
+            "goes on in the background" in line and q.busy() == 0
+        assert models.cached_model(folder) is None                # still loading, nobody waits
+    finally:
+        release.set()
+    _wait(lambda: models.cached_model(folder) is not None)        # ... and lands in the cache
+    again = []
+    lm = jobs.run_job("b", "run", lambda say: jobs.load_model(folder, say, _slow_load(threading.Event(), again)), queue=q)
+    assert lm is models.cached_model(folder) and again == [] and calls == [folder]
+
+
+def test_jobs_share_one_load_and_a_queued_load_nobody_waits_for_is_dropped(tmp_path, monkeypatch):
+    monkeypatch.setattr(models, "_MODELS", {})
+    for n in "xy":
+        _tiny_folder(tmp_path / n)
+    x, y = str(tmp_path / "x"), str(tmp_path / "y")
+    release, calls, out = threading.Event(), [], {}
+
+    def job(session, name):  # separate queues: two jobs at once, as two processes' worth of visitors would be
+        def target():
+            try:
+                out[session] = jobs.run_job(session, "run", lambda say: jobs.load_model(name, say, _slow_load(release, calls)),
+                                            queue=queues[session])
+            except Exception as err:  # noqa: BLE001
+                out[session] = err
+        t = threading.Thread(target=target)
+        t.start()
+        return t
+    queues = {s: jobs.Queue() for s in ("a", "b", "c")}
+    try:
+        a = job("a", x)
+        _wait(lambda: calls == [x])
+        b = job("b", x)                                            # the same model: waits on a's load
+        c = job("c", y)                                            # another model: queued behind x's load
+        _wait(lambda: "waiting for another model's load" in queues["c"].line("c"))
+        queues["c"].stop("c")
+        c.join(2)
+        assert isinstance(out["c"], progress.Stopped) and "not begun yet, is dropped" in str(out["c"])
+        queues["a"].stop("a")
+        a.join(2)
+        assert isinstance(out["a"], progress.Stopped) and "goes on in the background" in str(out["a"])
+        assert b.is_alive()
+    finally:
+        release.set()
+    b.join(10)
+    assert out["b"] is models.cached_model(x) and calls == [x]     # one load of x; y's never began
+    time.sleep(0.3)
+    assert models.cached_model(y) is None and calls == [x]
+
+
+def test_outside_a_job_the_load_is_a_plain_call(tmp_path, monkeypatch):
+    monkeypatch.setattr(models, "_MODELS", {})
+    _tiny_folder(tmp_path / "m")
+    threads = []
+
+    def load(name, progress=None):
+        threads.append(threading.current_thread())
+        return models.load_model(name, device="cpu", progress=progress)
+    lm = jobs.load_model(str(tmp_path / "m"), lambda f, m: None, load)
+    assert threads == [threading.current_thread()] and lm is models.cached_model(str(tmp_path / "m"))

@@ -131,6 +131,12 @@ def _remember(key: tuple, lm: LoadedModel, budget: int | None = None) -> LoadedM
             del _MODELS[k]
 
 
+def cached_model(name=None, device=None) -> LoadedModel | None:
+    """What `load_model(name, device)` would return at once, when this process holds it (never loads)."""
+    device = torch.device(device) if device is not None else default_device()
+    return _cached((model_key(name), str(device)))
+
+
 def loaded_models() -> list[LoadedModel]:
     """The models this process has loaded so far (never loads one)."""
     seen: dict[int, LoadedModel] = {}

@@ -26,7 +26,7 @@ from ..spec import Spec
 from .budget import (BudgetError, deep_bytes, disk_error_line, image_problem, require_room, safe_stem,
                      session_files)
 from .examples import examples_note, run_blocker, with_examples
-from .jobs import capped, require_model
+from .jobs import capped, load_model, require_model
 from .pictures import (VIEWS, Cache, analysis_for, digest, figure_png, picture_spec, render_views,
                        sweep_workdir, tokenizer_at_hand)
 from .provenance import label, label_result, labelled
@@ -78,13 +78,11 @@ def app_message(error: BaseException | str, model=None) -> str:
 def _ready(spec: Spec, model, progress):
     """Check what the model can take (before loading it), load it, and give the design example
     text where it has none. Returns (loaded model, spec to run, note)."""
-    from ..run import load_model
-
     require_model(model)
     blocker = run_blocker(spec, model)
     if blocker:
         raise SpecError("", blocker)
-    lm = load_model(model, progress=_progress_adapter(progress))
+    lm = load_model(model, progress=_progress_adapter(progress))  # in a job: Stop does not wait for the load
     spec, filled = with_examples(spec, lm.tokenizer)
     return lm, spec, examples_note(filled)
 
@@ -587,6 +585,7 @@ def evaluate_for_state(state: dict, task: str, n: int, baseline: str, model_id: 
         return {"error": "no snapshot kept yet: use Compare → Keep snapshot as B", "text": "", "figure": None}
     try:
         require_model(model_name(model_id))
+        load_model(model_name(model_id), progress=say)  # Stop answers during the load; evaluate finds it cached
         out = evaluate_design(current(state), task, capped(n, knobs.EVAL_MAX_EXAMPLES, "examples"), baseline=base,
                               model=model_name(model_id))
     except RUN_ERRORS as err:  # one line in the UI, never a traceback; the design stays

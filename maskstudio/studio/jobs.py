@@ -20,12 +20,15 @@ import re
 import threading
 import time
 from collections import deque
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import Callable
 
 from .. import knobs
-from ..progress import Job, Stopped, running
+from ..progress import Job, Stopped, current, running, tick
 
+LOAD_POLL_S = 0.2    # a job waiting for its model's load looks at Stop this often
 GUESS_S = 30.0       # a kind of job's duration before one has been timed (for the estimate)
 HEARTBEAT_S = 1.0    # the status line's elapsed seconds tick this often while a step runs long (a model load)
 SESSIONS_KEPT = 10_000  # sessions whose used model time is remembered (the oldest go first)
@@ -207,11 +210,12 @@ def run_job(session, what: str, work: Callable[[Callable], object], progress=Non
         with running(job):
             out = work(say)
         took = time.monotonic() - ticket.started
-        line = (f"{what} stopped after {took:.1f} s ({job.reason}); what was computed is shown" if job.reason
+        line = (f"{what} {job.note}" if job.note else
+                f"{what} stopped after {took:.1f} s ({job.reason}); what was computed is shown" if job.reason
                 else f"{what} done in {took:.1f} s")
         return out
     except Stopped as err:
-        line = f"{what}: {err}"
+        line = f"{what} {job.note}" if job.note else f"{what}: {err}"
         raise
     except BaseException:
         line = f"{what} failed (the error is shown)"
@@ -234,6 +238,85 @@ def leave(session) -> None:
 def job_line(session) -> str:
     """The session's status line now (its job's place or step, else how its last job ended)."""
     return QUEUE.line(_sid(session))
+
+
+# ---------------------------------------------------------------- model loads Stop does not wait for
+@dataclass
+class _Load:
+    """One model load in flight: the loader thread's latest line and how many jobs wait on it."""
+    future: Future
+    message: str = "waiting for another model's load to finish"
+    fraction: float | None = None
+    waiting: int = 0
+
+
+_LOADS: dict = {}              # model key -> its _Load while in flight
+_LOADS_LOCK = threading.Lock()
+_ONE_LOAD = threading.Lock()   # loads run one at a time
+
+
+def _load_into(entry: _Load, key, name, load: Callable) -> None:
+    """A loader thread (a daemon: a stalled download never holds the server's exit): `load`
+    reporting to `entry`, read by whichever jobs wait on it; a load dropped while queued is skipped."""
+    def say(fraction, message):
+        entry.fraction, entry.message = fraction, message
+    with _ONE_LOAD:
+        try:
+            if entry.future.set_running_or_notify_cancel():
+                entry.future.set_result(load(name, progress=say))
+        except BaseException as err:  # noqa: BLE001 -- handed to the jobs waiting on it
+            entry.future.set_exception(err)
+        finally:
+            with _LOADS_LOCK:
+                if _LOADS.get(key) is entry:
+                    del _LOADS[key]
+
+
+def load_model(name=None, progress: Callable | None = None, load: Callable | None = None):
+    """`run.load_model(name)` for the current job, such that Stop answers at once: a model load
+    cannot be interrupted (a GGUF dequantized in one call, ~20 s), so it runs on a loader thread
+    and the job waits on it, looking at Stop, the visitor and its time budget every LOAD_POLL_S.
+    A stopped job leaves at once and the load goes on into the model cache, so the next job starts
+    sooner; jobs wanting a model already loading wait on that one load (never a second copy), and
+    loads run one at a time (a load nobody waits for any more and not yet begun is dropped).
+    `progress(fraction, message)` gets the load's lines. Outside a job: `load` called directly."""
+    from ..run import models
+
+    load = load or models.load_model
+    if current() is None:
+        return load(name, progress=progress)
+    lm = models.cached_model(name)
+    if lm is not None:
+        return lm
+    key = models.model_key(name)
+    with _LOADS_LOCK:
+        entry = _LOADS.get(key)
+        if entry is None or entry.future.cancelled():
+            entry = _LOADS[key] = _Load(Future())
+            threading.Thread(target=contextvars.Context().run, args=(_load_into, entry, key, name, load),
+                             name="maskstudio-load", daemon=True).start()
+        entry.waiting += 1
+    shown = None
+    try:
+        while True:
+            try:
+                return entry.future.result(timeout=LOAD_POLL_S)
+            except FutureTimeout:
+                pass
+            if progress is not None and entry.message != shown:
+                shown = entry.message
+                progress(entry.fraction, shown)
+            if tick():
+                job = current()
+                load = ("the load goes on in the background, so the next job starts sooner"
+                        if entry.future.running() or entry.waiting > 1 else "its load, not begun yet, is dropped")
+                job.note = f"stopped at once ({job.reason}) while the model was loading: nothing computed; {load}"
+                raise Stopped(f"{job.reason} while the model was loading: nothing computed yet; {load}")
+    finally:
+        with _LOADS_LOCK:
+            entry.waiting -= 1
+            if entry.waiting == 0 and entry.future.cancel() and _LOADS.get(key) is entry:
+                del _LOADS[key]
 
 
 def capped(value, top: int, what: str) -> int:

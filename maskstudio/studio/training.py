@@ -19,7 +19,7 @@ from ..train import OBJECTIVES, TINY_TEXT, compare, train
 from .actions import RUN_ERRORS, _backend_kw, _progress_adapter, app_message, model_name
 from .budget import BudgetError, disk_error_line, require_room, session_files
 from .examples import run_blocker
-from .jobs import require_model
+from .jobs import load_model, require_model
 from .pictures import figure_png, sweep_workdir
 from .provenance import label
 from .state import current, one_line
@@ -114,7 +114,6 @@ def train_design(state: dict, task: str = "kv_retrieval", steps=20, lr=1e-4, lor
     identically and both are scored before and after on the same held-out examples. Returns
     {"error" ("" when fine), "summary" (text), "curve" (PNG path), "run_dir"}; never raises for
     what the user can fix, and never changes the session's design."""
-    from ..run import load_model
     from ..viz import loss_curve_figure
 
     name = model_name(model_id)
