@@ -73,9 +73,10 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--before", required=True)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--cases", default="dense_8k,presets_all,pictures_16k,analysis_131k")
     args = ap.parse_args()
     sides = {"before": os.path.abspath(args.before), "after": ROOT}
-    for case in ("dense_8k", "presets_all", "pictures_16k", "analysis_131k"):
+    for case in args.cases.split(","):
         got = {k: [] for k in sides}
         for _ in range(args.rounds):
             for name, path in sides.items():

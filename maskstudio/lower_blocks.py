@@ -91,22 +91,56 @@ def _reduce_tiles(col: torch.Tensor, cuts: torch.Tensor) -> tuple:
     return lo.scatter_reduce(0, owner, col, "amin"), hi.scatter_reduce(0, owner, col, "amax")
 
 
+def _segment_runs(low, q_cuts: torch.Tensor) -> list[tuple[int, int]]:
+    """[first, last) query tiles of each run of tiles that start and end in the same segments: a
+    closed form specialised to one run drops its select over the query's segment."""
+    t = len(q_cuts) - 1
+    if low.form != "closed" or low.batched or t == 0:
+        return [(0, t)]
+    starts = torch.tensor(low.spec.table.starts, dtype=q_cuts.dtype)
+    first = torch.searchsorted(starts, q_cuts[:-1], right=True)
+    last = torch.searchsorted(starts, q_cuts[1:] - 1, right=True)
+    key = first * (len(starts) + 1) + last
+    edges = [0] + (torch.nonzero(key.diff() != 0).flatten() + 1).tolist() + [t]
+    runs = list(zip(edges[:-1], edges[1:]))
+    return runs if len(runs) <= SPECIALIZED_RUNS else [(0, t)]
+
+
+SPECIALIZED_RUNS = 256  # query-tile runs classified one by one (past it: one pass over the whole grid)
+
+
 def classify_ranges(low, q_cuts: torch.Tensor, k_cuts: torch.Tensor, head: int = 0) -> tuple:
     """(must, may) bool [Tq, Tk] of one layout and head over tiles cut at arbitrary places (a
-    segment start, a generation start): index intervals and each lookup table's per-tile range."""
-    q_lo, q_hi = q_cuts[:-1, None], q_cuts[1:, None] - 1
+    segment start, a generation start): index intervals and each lookup table's per-tile range.
+    Query tiles are taken in runs inside the same segments, each with the expression specialised
+    to its range (expr.specialize), so the grid never runs the select over every segment."""
     k_lo, k_hi = k_cuts[None, :-1], k_cuts[None, 1:] - 1
-    env = {"q": Interval(q_lo, q_hi), "kv": Interval(k_lo, k_hi), "h": torch.tensor(head)}
-    tables = {}
+    kv_tables, whole = {}, {}
     for name, col in low.tables:
-        lo, hi = _reduce_tiles(col, q_cuts)
-        tables[(name, "q")] = Interval(lo[:, None], hi[:, None])
         lo, hi = _reduce_tiles(col, k_cuts)
-        tables[(name, "kv")] = Interval(lo[None, :], hi[None, :])
-    res = expr.evaluate_tiles(low.guarded, env, low.params, low.slots, tables)
+        kv_tables[(name, "kv")] = Interval(lo[None, :], hi[None, :])
+        whole[(name, "kv")] = Interval(col.min(), col.max())
+    h = torch.tensor(head)
     shape = (len(q_cuts) - 1, len(k_cuts) - 1)
-    must = torch.broadcast_to(torch.as_tensor(res.must), shape).clone()
-    return must, must | torch.broadcast_to(torch.as_tensor(res.may), shape)
+    must, may = torch.empty(shape, dtype=torch.bool), torch.empty(shape, dtype=torch.bool)
+    runs = _segment_runs(low, q_cuts)
+    for a, b in runs:
+        cuts = q_cuts[a:b + 1]
+        env = {"q": Interval(cuts[:-1, None], cuts[1:, None] - 1), "kv": Interval(k_lo, k_hi), "h": h}
+        tables = dict(kv_tables)
+        ranges = dict(whole)
+        for name, col in low.tables:
+            lo, hi = _reduce_tiles(col, cuts)
+            tables[(name, "q")] = Interval(lo[:, None], hi[:, None])
+            ranges[(name, "q")] = Interval(lo.min(), hi.max())
+        root = low.guarded
+        if len(runs) > 1:
+            region = {"q": Interval(cuts[0], cuts[-1] - 1), "kv": Interval(k_cuts[0], k_cuts[-1] - 1), "h": h}
+            root = expr.specialize(root, region, low.params, low.slots, ranges)
+        res = expr.evaluate_tiles(root, env, low.params, low.slots, tables)
+        must[a:b] = torch.as_tensor(res.must)
+        may[a:b] = torch.as_tensor(res.may)
+    return must, must | may
 
 
 def kv_blocks(blocks: torch.Tensor):
