@@ -579,7 +579,7 @@ def build() -> gr.Blocks:
         wire_edit(ui, [demo.load], studio.restore_design, [ui.saved], False, "preset")  # the design this browser kept
         texts = [ui.run_summary, ui.ko_text, ui.cmp_text, ui.ev_text, ui.tr_text]  # results of another design: said
         gr.on([ui.state.change] + [t.change for t in texts], studio.results_note, [ui.state] + texts, ui.results_note,
-              api_name=False, trigger_mode="always_last")
+              api_name=False, trigger_mode="always_last", show_progress="hidden")
         demo.unload(lambda: [f(gr.context.LocalContext.request.get(None)) for f in (studio.end_session, studio.leave)])
     demo.queue(default_concurrency_limit=RENDER_CONCURRENCY)
     return demo

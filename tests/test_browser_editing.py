@@ -76,6 +76,7 @@ def test_results_say_which_design_they_are_of(page):
     page.locator("#compare-btn").click()
     page.wait_for_function("() => (document.querySelector('#compare-text textarea')?.value || '')"
                            ".startsWith('Comparison of multiverse  [design ')")
+    settle(page)
     assert page.locator("#results-note").inner_text().strip() == ""
     pick_preset(page, "prefix_lm")
     page.locator("#results-note").get_by_text("This comparison is of multiverse; the design is now prefix_lm").wait_for()
