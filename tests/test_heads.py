@@ -198,6 +198,32 @@ def test_knockout_band_blocks_random_windows(tiny_lm):
     assert "noise band" in ko.summary() and ko.band[0] <= ko.band[1]
 
 
+def _stop_at(line: str):
+    """A job that records its step lines and stops itself at the first one starting with `line`."""
+    from maskstudio import progress
+
+    lines = []
+    job = progress.Job(report=lambda m: (lines.append(m), m.startswith(line) and job.stop("stopped by you")))
+    return job, lines
+
+
+def test_noise_bands_report_their_draws_and_stop_keeps_those_drawn(tiny_lm):
+    from maskstudio import progress
+
+    ko = R.knockout(A, "q", "ctx", window=2, model=tiny_lm)
+    full = H.knockout_band(ko, tiny_lm, samples=4, seed=3)
+    job, lines = _stop_at("noise band: random window 3/4")
+    with progress.running(job):
+        kept = H.knockout_band(ko, tiny_lm, samples=4, seed=3)
+    assert lines == [f"noise band: random window {i}/4" for i in (1, 2, 3)] and kept == full[:2] and ko.noise == kept
+    eff = H.head_experiment(A, "1.2, 2.0", tiny_lm, noise=3, seed=1)
+    job, lines = _stop_at("noise band: random edit 2/3")
+    with progress.running(job):
+        cut = H.head_experiment(A, "1.2, 2.0", tiny_lm, noise=3, seed=1)
+    assert lines == ["head 1/2 alone", "head 2/2 alone", "noise band: random edit 1/3", "noise band: random edit 2/3"]
+    assert cut.per_head == eff.per_head and cut.noise == eff.noise[:1] and "of 1 random edits" in cut.summary()
+
+
 def test_compare_many_per_head_differences(tiny_lm):
     same, other = H.compare_many(A, [A, B], tiny_lm)
     assert same.head_diff.shape == (3, 4) and float(same.head_diff.abs().max()) == 0.0

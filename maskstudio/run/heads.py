@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import RunError
+from ..progress import tick
 from ..segments import resolve_selector
 from .attention import HeadEdits, editing
 from .experiments import Comparison, Knockout, comparison, target_token
@@ -166,10 +167,16 @@ def head_experiment(spec, heads, model=None, source=None, target: str | None = N
         return HeadEdits(zero=set(hs)) if outputs is None else HeadEdits(patch={h: outputs[h] for h in hs})
     prob = _p(layout, lm, tid, edit(heads), **kw)
     pb = float(p_base[tid])
-    alone = [_p(layout, lm, tid, edit([h]), **kw) - pb for h in heads] if per_head and len(heads) > 1 else []
-    rng = random.Random(seed)
-    draws = [_p(layout, lm, tid, edit(random_heads(len(heads), lm.num_layers, lm.num_heads, rng, heads)), **kw) - pb
-             for _ in range(max(int(noise), 0))]
+    alone, draws, rng = [], [], random.Random(seed)
+    for h in (heads if per_head and len(heads) > 1 else []):
+        if tick(f"head {len(alone) + 1}/{len(heads)} alone"):  # Stop keeps the heads measured so far
+            break
+        alone.append(_p(layout, lm, tid, edit([h]), **kw) - pb)
+    for i in range(max(int(noise), 0)):
+        if tick(f"noise band: random edit {i + 1}/{noise}"):   # ... and the draws so far
+            break
+        draws.append(_p(layout, lm, tid, edit(random_heads(len(heads), lm.num_layers, lm.num_heads, rng, heads)),
+                        **kw) - pb)
     return HeadEffect("knockout" if source is None else "patch", list(heads), lm.tokenizer.decode([tid]), tid, pb,
                       prob, p_src, alone, draws, layout.name, src_name)
 
@@ -190,7 +197,9 @@ def knockout_band(ko: Knockout, model=None, samples: int = NOISE_SAMPLES, seed: 
     size, last = int(cols.sum()), int(rows.nonzero().max()) if rows.any() else layout.n - 1
     rng = random.Random(seed)
     deltas = []
-    for _ in range(max(int(samples), 0)):
+    for i in range(max(int(samples), 0)):
+        if tick(f"noise band: random window {i + 1}/{samples}"):  # Stop keeps the draws so far
+            break
         start = rng.randint(0, max(last + 1 - size, 0))
         keys = torch.zeros(layout.n, dtype=torch.bool)
         keys[start:start + size] = True
