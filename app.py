@@ -451,7 +451,7 @@ def _audit_tab(ui):  # a model's own masks on this layout, against the design (s
                               info=studio.AUDIT_HELP, elem_id="audit-model")
     ui.au_btn = gr.Button("Audit the model on this layout", variant="primary", elem_id="audit-btn")
     ui.au_out = [_message("audit-error"), gr.Textbox(label=studio.AUDIT_TEXT, lines=16, elem_id="audit-text"),
-                 gr.Gallery(label=studio.AUDIT_PICTURES, columns=3), gr.Code(language="json", label=studio.AUDIT_SPEC)]
+                 gr.Gallery(label=studio.AUDIT_PICTURES, columns=3, object_fit="contain"), gr.Code(language="json", label=studio.AUDIT_SPEC)]
     ui.au_btn.click(total(4, 0)(lambda *a: _said(studio.audit_for_state(*a), "summary", "pictures", "spec")),
                     [ui.state, ui.au_model], ui.au_out, api_name="audit")
 

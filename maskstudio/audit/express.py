@@ -258,6 +258,10 @@ def _keys(n: int) -> str:
     return f"{n} key{'s' if abs(n) != 1 else ''}"
 
 
+LOCAL_WORDS = {"window": "the model's layer is a sliding window of {0} keys (key > query - {0})",
+               "chunked": "the model attends within chunks of {0} tokens"}
+
+
 def _band_words(yours, model) -> str | None:
     """What the lower triangles' difference amounts to, when both are plain bands."""
     (yk, ys), (mk, ms) = yours, model
@@ -266,11 +270,8 @@ def _band_words(yours, model) -> str | None:
     if yk == mk == "window":
         d = ys - ms
         return f"your window is {_keys(abs(d))} {'wider' if d > 0 else 'narrower'} than the model's ({ys} vs {ms} keys)"
-    if mk == "window":
-        return (f"the model's layer is a sliding window of {ms} keys (key > query - {ms}); "
-                + ("your design sees every earlier key" if yk == "causal" else f"yours is {yk} {ys}"))
-    if mk == "chunked":
-        return (f"the model attends within chunks of {ms} tokens; "
+    if mk in LOCAL_WORDS:
+        return (LOCAL_WORDS[mk].format(ms) + "; "
                 + ("your design sees every earlier key" if yk == "causal" else f"yours is {yk} {ys}"))
     if mk == "causal":
         return f"the model sees every earlier key; your {yk} of {ys} cuts some of them"
@@ -316,8 +317,16 @@ def layer_diff(layout, layer: int, kind: str, yours: torch.Tensor, model: torch.
         return LayerDiff(layer, kind, 0, 0, 0, "same as your design")
     words = []
     if not torch.equal(torch.tril(yours), torch.tril(model)):
-        band = _band_words(_band(yours), _band(model))
-        words += [band] if band else _pair_words(layout, yours, model, later=False)
+        ours, theirs = _band(yours), _band(model)
+        band = _band_words(ours, theirs)
+        if band:
+            words.append(band)
+        elif theirs[0] in ("window", "chunked"):  # a local model layer against a design that is no band: say
+            # the layer once, then only what the design cuts that the model keeps (the window explains the rest)
+            words.append(LOCAL_WORDS[theirs[0]].format(theirs[1]) + "; your design is no such band")
+            words += _pair_words(layout, yours & model, model, later=False)
+        else:
+            words += _pair_words(layout, yours, model, later=False)
     words += _pair_words(layout, yours, model, later=True)
     t = layout.table
     counts = []
