@@ -76,9 +76,10 @@ def reference_rows(spec: Spec, feats, pack_tokens, module):
 
 
 # ---------------------------------------------------------------- the file
-def test_the_file_is_the_flex_export_plus_the_transformers_section(code, design):
-    spec = records()
-    flex = flex_code(spec)
+def test_the_file_is_the_flex_export_plus_the_transformers_section(design):
+    spec = Spec.load({"name": "prefix", "segments": [{"name": "p", "length": 3}, {"name": "t", "length": 2}],
+                      "mask": {"rules": [{"q": "*", "k": "p", "pattern": "full", "layers": [1]}]}})
+    code, flex = transformers_code(spec), flex_code(spec)
     body = flex[flex.index('\n"""\n') + 5:flex.rindex('\nif __name__ == "__main__":')]
     assert body in code  # the mask, sizes and positions keep their one definition
     assert code.endswith(flex[flex.rindex('\nif __name__ == "__main__":'):])

@@ -97,3 +97,83 @@ def test_exported_file_runs_compiled_flex_attention_on_cuda(tmp_path):
         ours = flex(q, k, v, block_mask=bm)
         ref = flex(q, k, v, block_mask=lower(spec).block_mask(128, "cuda"))
         assert (ours - ref).abs().max() < 1e-5, name
+
+# ---------------------------------------------------------------- #26: the transformers export on flex_attention
+def _records_on_cuda(tmp_path):
+    from test_export_transformers import load, records
+
+    from maskstudio.export import transformers_code
+    from maskstudio.train import tiny_lm
+
+    lm = tiny_lm()
+    lm.model.to("cuda")
+    lm.device = torch.device("cuda")
+    return records(), lm, load(transformers_code(records()), tmp_path, "design_records_cuda")
+
+
+def test_transformers_export_on_flex_attention_gives_the_library_logits(tmp_path):
+    """The exported module's flex_attention function (transformers' own FlexAttention call with the
+    design's BlockMask, per layer and head) on padded and packed batches gives the logits of Mask
+    Studio's own flex path for each example (fp32)."""
+    from test_export_transformers import HEADS, features
+
+    from maskstudio.run.attention import ATTN_NAME, MaskContext, attn_impl, register
+
+    spec, lm, design = _records_on_cuda(tmp_path)
+    feats = features(design, [None, {"answer": 2, "doc1": 5}, {"question": 4}], seed=1)
+    register()
+    for pack in (0, 10_000):
+        batch = design.Collator(pad_token_id=0, pack_tokens=pack, pad_to_multiple_of=128)(feats)
+        batch = {k: v.to("cuda") for k, v in batch.items()}
+        design.use(lm.model, "flex_attention")
+        with torch.no_grad():
+            logits = lm.model(**batch).logits
+        lm.model.set_attn_implementation("eager")
+        for r, row in enumerate(design.pack_in_order([len(f["input_ids"]) for f in feats], pack)):
+            at = 0
+            for i in row:
+                ids = torch.tensor(feats[i]["input_ids"], device="cuda")
+                sized = spec.with_sizes(feats[i]["sizes"] or {})
+                with attn_impl(lm.model, ATTN_NAME), torch.no_grad():
+                    want = lm.model(input_ids=ids[None], position_ids=sized.position_ids()[None].cuda(),
+                                    use_cache=False, **{ATTN_NAME: MaskContext(sized, HEADS, "flex", record=False)})
+                torch.testing.assert_close(logits[r, at:at + len(ids)], want.logits[0], atol=1e-4, rtol=1e-4)
+                at += len(ids)
+
+
+def test_trainer_step_with_the_exported_flex_mask_matches_maskstudio_train(tmp_path):
+    """One transformers.Trainer step (bf16 autocast, as maskstudio.train on CUDA) with the exported
+    flex_attention function, against maskstudio.train's flex step on the same examples and seed:
+    the same loss (bf16 rounding) and the same AdamW update in nearly every weight (a first AdamW
+    step moves each weight by about lr * sign(gradient); only near-zero gradients may flip)."""
+    import copy
+
+    from transformers import Trainer, TrainingArguments
+
+    from maskstudio.train import batch_indices, prepare_training, train
+
+    spec, lm, design = _records_on_cuda(tmp_path)
+    start = copy.deepcopy(lm.model).float()
+    prepared = prepare_training(spec, lm, "kv_retrieval", n_train=4, seed=0)
+    lr = 1e-3
+    fit = train(spec, lm, steps=1, batch=4, lr=lr, n_train=4, backend="flex", progress=False, _prepared=prepared)
+    items = prepared[3]
+    rows = [{"input_ids": items[i].ids.tolist(), "labels": torch.where(items[i].targets, items[i].ids, -100).tolist(),
+             "sizes": {s["name"]: s["length"] for s in items[i].layout.segments}} for i in batch_indices(4, 4, 0, 0)]
+    model = copy.deepcopy(start)
+    design.use(model, "flex_attention")
+    args = TrainingArguments(output_dir=str(tmp_path / "t"), per_device_train_batch_size=4, max_steps=1,
+                             learning_rate=lr, lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=1.0,
+                             optim="adamw_torch", bf16=True, remove_unused_columns=False, report_to=[],
+                             logging_steps=1, save_strategy="no", disable_tqdm=True)
+    trainer = Trainer(model=model, args=args, train_dataset=rows,
+                      data_collator=design.Collator(lm.tokenizer.pad_token_id, pad_to_multiple_of=128))
+    trainer.train()
+    loss = [h["loss"] for h in trainer.state.log_history if "loss" in h][0]
+    assert loss == pytest.approx(fit.losses[0], rel=1e-2)
+    ref, init = dict(fit.lm.model.named_parameters()), dict(start.named_parameters())
+    moved = torch.cat([(p.detach() - init[n]).flatten() for n, p in model.named_parameters()])
+    theirs = torch.cat([(ref[n].detach() - init[n]).flatten() for n, _ in model.named_parameters()])
+    same = ((moved - theirs).abs() < lr / 4).float().mean().item()
+    print(f"loss {loss:.5f} vs {fit.losses[0]:.5f}; same update in {same:.4%} of weights")
+    assert moved.abs().max() > lr / 2 and same > 0.98
