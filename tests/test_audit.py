@@ -226,6 +226,21 @@ def test_design_notes_heads_and_layers_past_the_model():
 
 
 # ---------------------------------------------------------------- inputs and refusals
+def test_adjacent_images_one_gemma3_block_and_refused_by_qwen2_vl():
+    """Gemma 3 groups image tokens by contiguity: two images with nothing between them are one
+    bidirectional block (one rule over both). Qwen2-VL's get_rope_index would read them as one image
+    of the wrong size, so the audit refuses the layout in one line instead of auditing something else."""
+    layout = {"segments": [{"name": "a", "length": 2}, {"name": "i1", "modality": "image", "grid": [1, 2]},
+                           {"name": "i2", "modality": "image", "grid": [1, 3]}, {"name": "b", "length": 2},
+                           {"name": "i3", "modality": "image", "grid": [2, 2]}, {"name": "c", "length": 3}]}
+    report = audit("tiny-gemma3-vision", layout)
+    assert report.expressed.exact == [True] * 6
+    assert [r["q"] for r in report.model_spec.mask["rules"]] == [["i1", "i2"], "i3"]
+    assert bool(report.model.masks[5][2, 6]) and not bool(report.model.masks[5][2, 9])  # i1 sees i2, not i3
+    with pytest.raises(RunError, match="'i1' and 'i2' are adjacent image segments: qwen2_vl's get_rope_index"):
+        audit("tiny-qwen2-vl", layout)
+
+
 def test_a_text_model_reads_an_image_segment_as_text():
     report = audit("tiny-llama", VLM)
     assert any("llama takes no image input: segment 'img' is audited as text tokens" in n for n in report.model.notes)

@@ -267,6 +267,10 @@ def model_inputs(layout, model, config) -> tuple[dict, list[str], list[str]]:
                          "as text tokens")
             continue
         sl = table.segment_slice(i)
+        if qwen_style and sl.start > 0 and types[sl.start - 1] == kind:
+            raise RunError(f"segments '{layout.segments[i - 1]['name']}' and '{seg['name']}' are adjacent "
+                           f"{seg['modality']} segments: {config.model_type}'s get_rope_index reads them as one; put a "
+                           "special segment (its vision_end / vision_start tokens) between them, as its processor does")
         ids[sl], types[sl] = token, kind
         visual.append(seg["name"])
         t, h, w = ([1] + seg["grid"]) if len(seg["grid"]) == 2 else seg["grid"]
