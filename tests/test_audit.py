@@ -404,3 +404,27 @@ def test_readme_audit_commands_run_as_written(tmp_path, monkeypatch, capsys):
     out = re.sub(r"\s+", " ", capsys.readouterr().out)
     assert all(q.rstrip(". ") in out for q in quoted if "..." not in q)
     assert (tmp_path / "audit" / "model_spec.json").exists()
+
+
+@pytest.mark.browser
+def test_audit_tab_in_the_browser(app_url):
+    """The Audit tab as a visitor uses it: the default tiny model, one click, the text and three pictures."""
+    import os
+    from pathlib import Path
+
+    playwright = pytest.importorskip("playwright.sync_api")
+    if not Path("/usr/bin/chromium").exists():
+        (pytest.fail if os.environ.get("CI") else pytest.skip)("Debian's chromium is missing: bash scripts/setup.sh --dev")
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=["--no-sandbox", "--disable-gpu"])
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.set_default_timeout(120_000)
+        page.goto(app_url)
+        page.get_by_role("tab", name="Audit").click()
+        page.click("#audit-btn")
+        text = page.locator("#audit-text textarea")
+        page.wait_for_function("document.querySelector('#audit-text textarea').value.includes('verdict:')")
+        assert text.input_value().startswith("audit: tiny-gemma3-vision (gemma3, 6 layers)")
+        page.wait_for_function("document.querySelectorAll('.gallery img, [data-testid=\"gallery\"] img').length >= 3 ||"
+                               " document.querySelectorAll('button.thumbnail-item img').length >= 3")
+        browser.close()
