@@ -98,6 +98,7 @@ def test_exported_file_runs_compiled_flex_attention_on_cuda(tmp_path):
         ref = flex(q, k, v, block_mask=lower(spec).block_mask(128, "cuda"))
         assert (ours - ref).abs().max() < 1e-5, name
 
+
 # ---------------------------------------------------------------- #26: the transformers export on flex_attention
 def _records_on_cuda(tmp_path):
     from test_export_transformers import load, records
