@@ -186,10 +186,13 @@ def run_job(session, what: str, work: Callable[[Callable], object], progress=Non
     Raises Refused when not admitted and Stopped when stopped before its turn; else returns work's
     answer. The job's final status line is then `job_line(session)`."""
     session = _sid(session)
+    last = [0.0]  # Gradio hides a line given without a fraction: a step without one keeps the last
+
     def show(message: str, fraction: float | None = None) -> None:
+        last[0] = last[0] if fraction is None else fraction
         if progress is not None:
             try:
-                progress(fraction, desc=message)
+                progress(last[0], desc=message)
             except Exception:  # noqa: BLE001 -- a closed page's progress: the job goes on
                 pass
 
