@@ -101,11 +101,15 @@ class Analysis:
             lines.append(f"analysed at       layer {self.layer}, head {self.head} (the mask varies by "
                          f"{' and '.join(w for w, f in (('layer', self.varies_by_layer), ('head', self.varies_by_head)) if f)})")
         lines.append("")
-        lines.append("segment density (rows = queries, cols = keys)")
-        width = max(6, *(len(n) for n in self.names))
-        lines.append(" " * width + " " + " ".join(f"{n[:6]:>6}" for n in self.names))
-        for name, row in zip(self.names, self.segment_density.tolist()):
-            lines.append(f"{name:>{width}} " + " ".join(f"{v:6.2f}" for v in row))
+        if len(self.names) > knobs.SEGMENT_TABLE_MAX:  # S^2 numbers: 7 MB of text at 1,024 segments
+            lines.append(f"segment density: {len(self.names):,} segments, listed up to {knobs.SEGMENT_TABLE_MAX} "
+                         f"(SEGMENT_TABLE_MAX); to_dict()['segment_density'] has every pair")
+        else:
+            lines.append("segment density (rows = queries, cols = keys)")
+            width = max(6, *(len(n) for n in self.names))
+            lines.append(" " * width + " " + " ".join(f"{n[:6]:>6}" for n in self.names))
+            for name, row in zip(self.names, self.segment_density.tolist()):
+                lines.append(f"{name:>{width}} " + " ".join(f"{v:6.2f}" for v in row))
         lines.append("")
         if self.problems:
             lines += [f"{level.upper():7} {msg}" for level, msg in self.problems]

@@ -116,6 +116,13 @@ def _sources(spec) -> str:
     return constants + "\n\n".join(inspect.getsource(f) for f in fns)
 
 
+def export_work(spec) -> int:
+    """What lowering every segment pair costs, counted before any of it runs: segment pairs x
+    steps (base, rules, overlays) x distinct layer programs (about 3.5 us each here: 2 M is ~7 s)."""
+    steps = 1 + len(spec.mask["rules"]) + len(spec.mask["overlays"])
+    return len(spec.segments) ** 2 * steps * len(_variants(spec))
+
+
 def flex_code(spec) -> str:
     """The generated file's text (see the module docstring and the file's own docstring)."""
     spec.require_sized()
@@ -123,6 +130,11 @@ def flex_code(spec) -> str:
         raise SpecError("segments", f"{len(spec.segments):,} segments: the FlexAttention export lowers every "
                         f"segment pair and stops at {knobs.EXPORT_MAX_SEGMENTS:,}; use Spec.mask_mod() / "
                         "Spec.block_mask() from Python, or merge segments")
+    work = export_work(spec)
+    if work > knobs.EXPORT_MAX_WORK:
+        raise SpecError("mask", f"the FlexAttention export would lower {work:,} (segment pair, step, layer variant) "
+                        f"cases, over the limit of {knobs.EXPORT_MAX_WORK:,} (EXPORT_MAX_WORK, "
+                        f"MASKSTUDIO_EXPORT_MAX_WORK): merge segments or rules, or export JSON")
     lowered = _lowered(spec)
     keys = tuple(sorted(dict.fromkeys(k for _, low in lowered for k in low.keys), key=lambda k: (k[0] != "start", k)))
     slots = {k: i for i, k in enumerate(keys)}

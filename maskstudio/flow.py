@@ -174,13 +174,11 @@ def segment_reachability(spec, layers, head: int = 0, every: bool = True,
     segment A can read some token of segment B. Exact at any N (see the module docstring)."""
     t = spec.table
     seen = sees_segments(spec, layers, head, model)
-    seg = t["segment"]
-    s = len(t.names)
-    out = torch.zeros(len(seen), s, s, dtype=torch.bool)
-    for a in range(s):
-        rows = seen[:, seg == a, :]
-        out[:, a, :] = rows.all(1) if every else rows.any(1)
-    return out
+    sizes = torch.as_tensor(t.sizes)
+    # tokens of A that see B, summed per segment at once (segments are contiguous runs)
+    hits = torch.zeros(len(seen), len(sizes), seen.shape[2], dtype=torch.int32)
+    hits.index_add_(1, t["segment"], seen.to(torch.int32))
+    return hits == sizes[None, :, None] if every else hits > 0
 
 
 @dataclass
@@ -193,7 +191,11 @@ class ReachTable:
         return {"names": self.names, "layers": self.layers, "steps": self.steps}
 
     def text(self) -> str:
-        """Plain-text table: rows = reading segment A, cols = source segment B."""
+        """Plain-text table: rows = reading segment A, cols = source segment B (up to
+        knobs.SEGMENT_TABLE_MAX segments; past it one line: S^2 cells of text are megabytes)."""
+        if len(self.names) > knobs.SEGMENT_TABLE_MAX:
+            return (f"layers until every token of A sees B: {len(self.names):,} segments, listed up to "
+                    f"{knobs.SEGMENT_TABLE_MAX} (SEGMENT_TABLE_MAX); to_dict()['steps'] has every pair")
         width = max(6, *(len(n) for n in self.names))
         cols = [n[:7] for n in self.names]
         head = f"layers until every token of A sees B (within {len(self.layers)} layers; '-' = never)"
@@ -210,17 +212,12 @@ def layers_until_reach(spec, layers=None, head: int = 0, model: "LayerMasks | No
     the residual stream before any layer."""
     order = _layer_list(default_layers(spec) if layers is None else layers)
     reach = segment_reachability(spec, order, head, every=True, model=model)
-    s = len(spec.table.names)
-    steps: list[list[int | None]] = []
-    for a in range(s):
-        row = []
-        for b in range(s):
-            if a == b:
-                row.append(0)
-                continue
-            hit = torch.nonzero(reach[:, a, b]).flatten()
-            row.append(int(hit[0]) + 1 if len(hit) else None)
-        steps.append(row)
+    s = reach.shape[1]
+    never = ~reach.any(0) if len(reach) else torch.ones(s, s, dtype=torch.bool)
+    first = reach.int().argmax(0) + 1 if len(reach) else torch.zeros(s, s, dtype=torch.long)  # [A, B]: 1-based
+    never.fill_diagonal_(False)
+    first.fill_diagonal_(0)
+    steps = [[None if n else v for v, n in zip(row, nrow)] for row, nrow in zip(first.tolist(), never.tolist())]
     return ReachTable(list(spec.table.names), order, steps)
 
 
@@ -277,14 +274,11 @@ def _graph(nodes: list[dict], counts: torch.Tensor, starts: list[int]) -> nx.DiG
     for order, (node, start) in enumerate(zip(nodes, starts)):
         attrs = {k: v for k, v in node.items() if k != "name" and v is not None}
         g.add_node(node["name"], order=order, start=start, **attrs)
-    c = counts.tolist()
-    for qi, qn in enumerate(nodes):
-        for ki, kn in enumerate(nodes):
-            allowed = c[qi][ki]
-            if allowed > 0:
-                pairs = qn["tokens"] * kn["tokens"]
-                g.add_edge(kn["name"], qn["name"], density=allowed / pairs, allowed=allowed,
-                           pairs=pairs, partial=allowed < pairs)
+    qi, ki = torch.nonzero(counts > 0, as_tuple=True)  # only the edges there are, not every pair
+    for q, k, allowed in zip(qi.tolist(), ki.tolist(), counts[qi, ki].tolist()):
+        pairs = nodes[q]["tokens"] * nodes[k]["tokens"]
+        g.add_edge(nodes[k]["name"], nodes[q]["name"], density=allowed / pairs, allowed=allowed,
+                   pairs=pairs, partial=allowed < pairs)
     return g
 
 

@@ -37,6 +37,10 @@ DENSE_EXPORT_MAX = 1 << 15  # tokens: N x N exports (.npy mask) refuse past this
 
 # limits on work
 TOKEN_GRAPH_MAX = 256     # flow_graph(level="token") refuses larger layouts
+FLOW_MAX_NODES = _env_int("MASKSTUDIO_FLOW_MAX_NODES", 256)  # the flow picture's nodes (segments or frames): up to
+                           # nodes^2 edges to draw (256: 33k edges, ~5 s); past it the app says so instead
+SEGMENT_TABLE_MAX = _env_int("MASKSTUDIO_SEGMENT_TABLE_MAX", 64)  # segment x segment tables in text (checks,
+                           # density table, reach table as text): past it a line says where to look instead
 REACH_MATRIX_MAX = 4096   # reachability() returns an N x N matrix only up to this
 TOKEN_LABEL_MAX = 64      # mask pictures label single tokens up to this many
 DISPLAY_PIXELS = 800      # dense mask pictures are pooled to <= this many cells a side
@@ -47,6 +51,8 @@ FLEX_BLOCK = BLOCK          # FlexAttention block size
 FLEX_MIN_TOKENS = 1024      # on CUDA: eager (dense) below this many tokens, flex above
 LOWER_MAX_SEGMENTS = 32    # segments: more -> the table form of the lowering (lookups, size free of segments)
 EXPORT_MAX_SEGMENTS = 1024  # the flex export lowers every segment pair (quadratic): refused past this
+EXPORT_MAX_WORK = _env_int("MASKSTUDIO_EXPORT_MAX_WORK", 2_000_000)  # the flex export's segment pairs x steps x
+                           # layer programs (export_flex.export_work, ~3.5 us each: 2 M is ~7 s); refused past this
 LOWER_MAX_NODES = 512      # closed-form tape steps: more -> the table form (a few lookups per score)
 COMPILE_BUILD = False      # CUDA graph builds: the whole static build through torch.compile before capture
                            # (~30 fused kernels per replay instead of ~100-200; one compile per structure,

@@ -245,12 +245,29 @@ def view_options(spec: Spec, options: dict | None = None) -> dict:
         o["flow_level"] = "frame" if any(s["modality"] == "video" for s in spec.segments) else "segment"
         warnings["flow_level"] = (f"a token graph is readable up to {TOKEN_FLOW_READABLE} tokens and this design "
                                   f"has {spec.n:,}: showing {o['flow_level']}s (the Mask tab shows every token pair)")
+    nodes = flow_nodes(spec, o["flow_level"])
+    if nodes > knobs.FLOW_MAX_NODES:  # said in milliseconds; drawing nodes^2 edges took minutes
+        warnings["flow_level"] = o["flow_refused"] = (
+            f"the flow graph is drawn up to {knobs.FLOW_MAX_NODES} nodes (MASKSTUDIO_FLOW_MAX_NODES) and this design has "
+            f"{nodes:,} {o['flow_level']}s: merge segments, or read the Mask and Blocks tabs")
     small_text = spec.n <= TOKEN_LABEL_MAX and any("text" in seg for seg in spec.segments)
     tok = tokenizer_at_hand() if small_text else None
     o["token_labels"] = token_labels(spec, tok) if tok is not None else None
     o["reach_live"] = spec.n <= REACH_LIVE_MAX or bool(o.get("reach_now"))
     o["warnings"] = warnings
     return o
+
+
+def flow_nodes(spec: Spec, level: str) -> int:
+    """Nodes of the flow graph at `level`: segments, or frames (a video's or a framed segment's) and
+    the other segments; tokens at token level."""
+    if level == "token":
+        return spec.n
+    if level == "segment":
+        return len(spec.segments)
+    t = spec.table
+    return sum(int(t["frames"][start]) if seg["modality"] == "video" or "frames" in seg else 1
+               for seg, start in zip(spec.segments, t.starts))
 
 
 def controls(spec: Spec) -> dict:
@@ -292,6 +309,9 @@ def density_rows(spec: Spec, layer: int = 0, head: int = 0) -> dict:
     """The segment density table (rows = query segment, columns = key segment) for a Dataframe."""
     spec, _ = picture_spec(spec)
     a = analysis_for(spec, layer, head)
+    if len(a.names) > knobs.SEGMENT_TABLE_MAX:  # S^2 cells to the page: 16 M at 4,096 segments
+        return {"headers": ["segment density"], "data": [[f"{len(a.names):,} segments: the table lists up to "
+                                                          f"{knobs.SEGMENT_TABLE_MAX} (MASKSTUDIO_SEGMENT_TABLE_MAX)"]]}
     rows = [[name] + [round(v, 3) for v in row] for name, row in zip(a.names, a.segment_density.tolist())]
     return {"headers": ["q \\ k"] + list(a.names), "data": rows}
 
@@ -307,7 +327,7 @@ def _view_key(data: dict, view: str, o: dict) -> str:
     if view == "mask":
         return digest(view, data, o["layer"], o["head"], o.get("token_labels"))
     if view == "flow":
-        return digest(view, data, o["layer"], o["head"], o["flow_level"])
+        return digest(view, data, o["layer"], o["head"], o["flow_level"], o.get("flow_refused"))
     return digest(view, data, o["head"], o["reach_layers"], o["reach_token"], o.get("reach_live", True))
 
 
@@ -326,6 +346,10 @@ def _draw(spec: Spec, view: str, o: dict, path: str) -> str:
         kw = dict(layer=o["layer"], head=o["head"], token_labels=o.get("token_labels"))
     elif view == "distance":
         kw = dict(query=o["query"])
+    elif view == "flow" and o.get("flow_refused"):
+        from ..viz import message_figure
+
+        return figure_png(message_figure(o["flow_refused"].replace(" and this", "\nand this")), path)
     elif view == "flow":
         kw = dict(layer=o["layer"], head=o["head"], level=o["flow_level"])
         if o["flow_level"] == "segment":

@@ -19,13 +19,15 @@ from matplotlib.path import Path
 from matplotlib.ticker import MaxNLocator
 
 from .. import flow as _flow
+from .. import knobs
 from ..knobs import ANALYSIS_DENSE_MAX, BLOCK, DISPLAY_PIXELS, PICTURE_DENSE_MAX, TOKEN_LABEL_MAX
 from ..positions import distance_stats
 from ..tokens import token_labels as default_token_labels
-from .figures import (ALLOWED_COLOR, BOUNDARY_COLOR, MASKED_COLOR, MONO, SHADE, bands, fmt, frame_cuts, info,
+from .figures import (ALLOWED_COLOR, BOUNDARY_COLOR, MASKED_COLOR, MONO, SHADE, arcs, bands, fmt, frame_cuts, info,
                       layer_note, modality_legend, new_figure, segment_colors)
 
 VIEWS = ("mask", "positions", "distance", "flow", "reach", "summary", "blocks")
+LABELLED_SEGMENTS = 64  # segments named one by one (ticks, values, legend lines); past it the axis counts them
 
 
 def _layer_masks(spec, head, masks):
@@ -178,7 +180,13 @@ def _position_lines(spec, fig, region, rows, axes_names, colors) -> list:
     marker = "." if t.n <= 256 else None
     for a, axname in enumerate(axes_names):
         ax = fig.add_subplot(lines_gs[a], sharex=line_axes[0] if line_axes else None)
-        for s, name in enumerate(t.names):
+        if len(t.names) > LABELLED_SEGMENTS:  # one collection, no legend: a line and entry per segment took a minute at 4k
+            from matplotlib.collections import LineCollection
+
+            ax.add_collection(LineCollection([np.column_stack(_subsample(index[t.segment_slice(s)], rows[a][t.segment_slice(s)]))
+                                              for s in range(len(t.names))], colors=colors, lw=1.4))
+            ax.autoscale_view()
+        for s, name in enumerate(t.names) if len(t.names) <= LABELLED_SEGMENTS else ():
             sl = t.segment_slice(s)
             x, y = _subsample(index[sl], rows[a][sl])
             ax.plot(x, y, color=colors[s], lw=1.4, marker=marker, ms=3, label=name)
@@ -190,7 +198,8 @@ def _position_lines(spec, fig, region, rows, axes_names, colors) -> list:
             ax.tick_params(labelbottom=False)
         line_axes.append(ax)
     line_axes[-1].set_xlabel("token index", fontsize=8)
-    line_axes[0].legend(fontsize=7, ncol=min(4, len(t.names)), loc="upper left", framealpha=0.85)
+    if len(t.names) <= LABELLED_SEGMENTS:
+        line_axes[0].legend(fontsize=7, ncol=min(4, len(t.names)), loc="upper left", framealpha=0.85)
     return line_axes
 
 
@@ -279,12 +288,11 @@ def _distance_bars(spec, bx, stats, naxes, colors) -> None:
         ys = np.arange(len(names)) + 0.1 + height * (a + 0.5)
         bx.barh(ys, means, height=height * 0.9, color=colors, hatch=hatches[a], edgecolor="white",
                 label=f"|Δ{stats['axes'][a]}|" if naxes > 1 else None)
-        for y, m in zip(ys, means):
+        for y, m in zip(ys, means) if len(names) <= LABELLED_SEGMENTS else ():
             bx.text(m, y, " " + fmt(m), va="center", fontsize=6 if naxes > 1 else 7)
         top = max(top, max(means))
     bx.set_ylim(len(names), 0)
-    bx.set_yticks(np.arange(len(names)) + 0.5)
-    bx.set_yticklabels([])
+    bx.set_yticks(np.arange(len(names)) + 0.5 if len(names) <= LABELLED_SEGMENTS else [])
     bx.set_xlim(0, top * 1.35)
     bx.tick_params(labelsize=7)
     bx.set_xlabel("mean |Δ position|" + (" per axis" if naxes > 1 else ""), fontsize=8)
@@ -306,10 +314,11 @@ def view_distance(spec, fig, region, query=None, title=None, max_pairs: int = 2_
     for a in range(naxes):
         ax = fig.add_subplot(gs[a, 0])
         im = _distance_heat(spec, ax, ids[a, qs], ids[a], max_pairs)
-        ax.set_yticks(np.arange(len(t.names)) + 0.5)
-        ax.set_yticklabels(t.names, fontsize=7)
-        for tick, c in zip(ax.get_yticklabels(), colors):
-            tick.set_color(c)
+        if len(t.names) <= LABELLED_SEGMENTS:  # a tick per segment: seconds of text past a few hundred
+            ax.set_yticks(np.arange(len(t.names)) + 0.5)
+            ax.set_yticklabels(t.names, fontsize=7)
+            for tick, c in zip(ax.get_yticklabels(), colors):
+                tick.set_color(c)
         ax.set_ylabel("key segment", fontsize=8)
         axname = stats["axes"][a]
         ax.set_xlabel(f"|Δ position{' ' + axname if naxes > 1 else ''}|  (query {stats['query']})", fontsize=8)
@@ -354,6 +363,9 @@ def _flow_edge(ax, x, k, q, d, col, label_edges: bool, fs: int = 6, thin: bool =
                 color="#333333", zorder=4, bbox=dict(boxstyle="round,pad=0.15", fc="white", ec="none", alpha=0.8))
 
 
+FLOW_PATCHES_MAX = 400  # edges drawn one arrow patch each (ids edge:k->q); past it one line collection, no heads
+
+
 def view_flow(spec, fig, region, level="segment", layer=0, head=0, analysis=None, title=None, **_):
     """flow_graph(spec) left to right in sequence order: edge k -> q when q may read k."""
     g = _flow.flow_graph(spec, level=level, layer=layer, head=head, analysis=analysis)
@@ -366,7 +378,11 @@ def view_flow(spec, fig, region, level="segment", layer=0, head=0, analysis=None
     label_edges = g.number_of_edges() <= 40
     few = len(nodes) <= 12  # segment level, mostly: large text (issue 15 item 14)
     thin = g.number_of_edges() > 120  # a token graph: thin, faint edges so the nodes stay readable
-    for k, q, d in g.edges(data=True):
+    if g.number_of_edges() > FLOW_PATCHES_MAX:  # one collection: a patch per edge took minutes past ~10k edges
+        edges = list(g.edges(data=True))
+        arcs(ax, [x[k] for k, _, _ in edges], [x[q] for _, q, _ in edges], [seg_color[g.nodes[k]["segment"]] for k, _, _ in edges],
+             [0.3 + 1.2 * d["density"] for _, _, d in edges], [d["partial"] for _, _, d in edges])
+    for k, q, d in g.edges(data=True) if g.number_of_edges() <= FLOW_PATCHES_MAX else ():
         _flow_edge(ax, x, k, q, d, seg_color[g.nodes[k]["segment"]], label_edges, 8 if few else 6, thin)
     for v in nodes:
         size = 6 + 16 * math.sqrt(g.nodes[v]["tokens"] / biggest)
@@ -394,8 +410,20 @@ def _reach_table(spec, tx, table, n_layers: int, colors) -> None:
     names = spec.table.names
     s = len(names)
     tx.axis("off")
-    if s > 16:
+    if 16 < s <= 48:
         tx.text(0, 1, table.text(), family=MONO, fontsize=6, va="top")
+        return
+    if s > 48:  # one pixel a pair: text of S^2 cells took minutes to draw past a few hundred segments
+        steps = np.array([[-1 if v is None else v for v in row] for row in table.steps], dtype=float)
+        im = tx.imshow(np.ma.masked_less(steps, 0), cmap="Greens_r", interpolation="nearest", aspect="auto",
+                       vmin=0, vmax=max(n_layers, 1))
+        im.cmap.set_bad("#eeeeee")
+        tx.axis("on")
+        tx.set_xlabel("segment B (source), in order", fontsize=8)
+        tx.set_ylabel("segment A (reading)", fontsize=8)
+        tx.tick_params(labelsize=6)
+        tx.figure.colorbar(im, ax=tx, fraction=0.03, pad=0.01).set_label("layers (grey: never)", fontsize=7)
+        tx.set_title(f"layers until every token of segment A can read segment B ({s:,} segments)", fontsize=9)
         return
     cells = [["-" if v is None else str(v) for v in row] for row in table.steps]
     steps_colors = {0: "#ffffff", 1: "#9fd5ae", 2: "#c4e6cc", 3: "#dcf0e1"}
@@ -421,7 +449,8 @@ def view_reach(spec, fig, region, token=None, layers=None, head=0, title=None, m
     token = n - 1 if token is None else int(token)
     masks = _layer_masks(spec, head, masks)
     field = _flow.receptive_field(spec, token, order, head, model=masks)
-    table = _flow.layers_until_reach(spec, order, head, model=masks)
+    big = len(t.names) > knobs.FLOW_MAX_NODES  # the table is L x N x S work: a minute and 2 GB at 4,096 segments
+    table = None if big else _flow.layers_until_reach(spec, order, head, model=masks)
     colors = segment_colors(spec)
     gs = region.subgridspec(4, 1, height_ratios=[0.06, 1, 0.45, 1.2], hspace=0.0)
     ax = fig.add_subplot(gs[1])
@@ -437,7 +466,14 @@ def view_reach(spec, fig, region, token=None, layers=None, head=0, title=None, m
     bands(spec, ax, "x", colors, depth=0.06)
     ax.set_title(title or f"{spec.name}: receptive field of token {token} = {t.label(token)} after "
                  f"1..{len(order)} layers (residual counted)", fontsize=10, y=1.07)
-    _reach_table(spec, fig.add_subplot(gs[3]), table, len(order), colors)
+    if big:
+        tx = fig.add_subplot(gs[3])
+        tx.axis("off")
+        tx.text(0.5, 0.6, f"the table 'layers until segment A reads segment B' is drawn up to {knobs.FLOW_MAX_NODES} segments "
+                f"(MASKSTUDIO_FLOW_MAX_NODES);\nthis design has {len(t.names):,}: merge segments to see it",
+                ha="center", va="center", fontsize=9)
+    else:
+        _reach_table(spec, fig.add_subplot(gs[3]), table, len(order), colors)
     info(fig, "reach", token=token, layers=order, field=field, table=table)
     return ax
 

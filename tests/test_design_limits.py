@@ -1,0 +1,118 @@
+"""Bounded design work (#24 item 2): what grows with segment pairs is either made cheap or refused in
+milliseconds with one line naming the limit and its MASKSTUDIO_* setting. The measured case: a 31 KB
+spec of 1,024 segments kept the flow view busy for over 900 s (here: flow 67 s at 256 segments, reach
+81 s, analysis 22 s at 1,024). benchmarks/bench_design_limits.py prints the worst accepted cases."""
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from maskstudio import flow, knobs, viz
+from maskstudio.errors import SpecError
+from maskstudio.export_flex import export_work, flex_code
+from maskstudio.spec import Spec
+from maskstudio.studio import pictures
+
+
+def many_json(n: int, length: int = 8, rules: int = 0) -> dict:
+    return {"name": f"many{n}", "segments": [{"name": f"s{i}", "length": length} for i in range(n)],
+            "mask": {"base": {"pattern": "causal"},
+                     "rules": [{"q": [f"s{i}"], "k": "*", "pattern": "window", "size": 2 + i % 5, "causal": True}
+                               for i in range(rules)]}}
+
+
+def many(n: int, length: int = 8, rules: int = 0) -> Spec:
+    return Spec.load(many_json(n, length, rules))
+
+
+def test_the_issue_spec_is_31_kb_and_its_pictures_are_refused_or_fast(tmp_path):
+    spec = many(1024)
+    assert 30_000 < len(json.dumps(many_json(1024))) < 40_000
+    t0 = time.perf_counter()
+    o = pictures.view_options(spec, {"flow_level": "segment"})
+    said = time.perf_counter() - t0
+    line = o["warnings"]["flow_level"]
+    assert said < 0.5 and "\n" not in line and "256 nodes" in line and "MASKSTUDIO_FLOW_MAX_NODES" in line
+    assert "1,024 segments" in line
+    t0 = time.perf_counter()
+    path = pictures._draw(spec, "flow", o, str(tmp_path / "flow.png"))
+    assert os.path.getsize(path) > 0 and time.perf_counter() - t0 < 2.0    # a message, not 524k edges
+    # the segment x segment texts: one line each instead of megabytes
+    density = pictures.density_rows(spec)
+    assert density["data"] == [[density["data"][0][0]]] and "SEGMENT_TABLE_MAX" in density["data"][0][0]
+    checks = pictures.check_text(spec)
+    assert len(checks) < 5_000 and "listed up to 64" in checks
+    assert flow.layers_until_reach(spec, 2).text().count("\n") == 0
+
+
+def test_reach_view_past_the_node_limit_skips_only_the_table():
+    spec = many(300, length=2)
+    t0 = time.perf_counter()
+    fig = viz.render(spec, "reach", layers=2)
+    took = time.perf_counter() - t0
+    info = fig.maskstudio["reach"]
+    assert info["table"] is None and info["field"].shape == (2, spec.n) and took < 10
+    assert any("MASKSTUDIO_FLOW_MAX_NODES" in t.get_text() for ax in fig.axes for t in ax.texts)
+
+
+def test_many_edges_are_one_collection_with_every_edge():
+    spec = many(40, length=2)   # causal: 820 edges, past the per-edge patches
+    fig = viz.render(spec, "flow")
+    g = fig.maskstudio["flow"]["graph"]
+    lines = [c for ax in fig.axes for c in ax.collections if c.get_gid() == "edges"]
+    assert g.number_of_edges() == 40 * 41 // 2 and len(lines) == 1
+    assert len(lines[0].get_segments()) == g.number_of_edges()
+    assert not [p for ax in fig.axes for p in ax.patches if (p.get_gid() or "").startswith("edge:")]
+
+
+def naive_steps(reach: torch.Tensor) -> list:
+    s = reach.shape[1]
+    out = []
+    for a in range(s):
+        row = []
+        for b in range(s):
+            hit = torch.nonzero(reach[:, a, b]).flatten()
+            row.append(0 if a == b else (int(hit[0]) + 1 if len(hit) else None))
+        out.append(row)
+    return out
+
+
+@pytest.mark.parametrize("layers", [0, 1, 3])
+def test_layers_until_reach_matches_the_pair_by_pair_reading(layers):
+    spec = Spec.load({"segments": [{"name": "a", "length": 3}, {"name": "b", "length": 2}, {"name": "c", "length": 4},
+                                   {"name": "d", "length": 1}],
+                      "mask": {"base": {"pattern": "window", "size": 2, "causal": True, "by": "index"},
+                               "rules": [{"q": ["c"], "k": ["a"], "pattern": "full", "layers": [1]}]}})
+    table = flow.layers_until_reach(spec, layers)
+    reach = flow.segment_reachability(spec, layers)
+    assert table.steps == naive_steps(reach)
+    seen = flow.sees_segments(spec, layers)
+    seg = spec.table["segment"]
+    for a in range(4):  # every token of A (the per-segment loop this replaced)
+        assert torch.equal(reach[:, a, :], seen[:, seg == a, :].all(1))
+    assert torch.equal(flow.segment_reachability(spec, layers, every=False)[:, 2, :], seen[:, seg == 2, :].any(1))
+
+
+def test_flex_export_work_is_refused_before_lowering():
+    spec = many(256, rules=128)
+    assert export_work(spec) > knobs.EXPORT_MAX_WORK
+    t0 = time.perf_counter()
+    with pytest.raises(SpecError) as err:
+        flex_code(spec)
+    assert time.perf_counter() - t0 < 0.2
+    said = str(err.value)
+    assert "\n" not in said and "EXPORT_MAX_WORK" in said and "MASKSTUDIO_EXPORT_MAX_WORK" in said
+    small = many(16, rules=4)   # accepted: pairs x steps x variants far under the limit
+    assert export_work(small) == 16 * 16 * 5 and "def mask_mod_for" in flex_code(small)
+
+
+def test_limits_read_their_environment_overrides():
+    code = "from maskstudio import knobs; print(knobs.FLOW_MAX_NODES, knobs.SEGMENT_TABLE_MAX, knobs.EXPORT_MAX_WORK)"
+    env = {**os.environ, "MASKSTUDIO_FLOW_MAX_NODES": "12", "MASKSTUDIO_SEGMENT_TABLE_MAX": "7",
+           "MASKSTUDIO_EXPORT_MAX_WORK": "99"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["12", "7", "99"]
