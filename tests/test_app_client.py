@@ -170,6 +170,9 @@ def test_run_knockout_and_compare_on_the_model(client):
     assert error == "" and "knockout" in text and os.path.exists(curve)
     error, text, _ = client.predict("question", "context", 28, "", " Rome", api_name="/knockout")
     assert error == "" and '" Rome"' in text  # the named target, not the top-1
+    error, text, _ = client.predict("question", "context", 28, "", "", "1.2", "knockout", 2, "snapshot",
+                                    api_name="/knockout")   # all 9 inputs: heads, mode, noise draws, design B
+    assert error == "" and "heads 1.2 knocked out in qa" in text and "of 2 random edits" in text
     error, text, kl, mdiff = client.predict("snapshot", "", 0, api_name="/compare_runs")
     assert error == "" and "KL(a||b)" in text and os.path.exists(kl)
 

@@ -166,6 +166,12 @@ def test_head_experiment_reports_and_noise(tiny_lm):
     assert again.noise == eff.noise and again.prob == eff.prob            # seeded: the same draws
     patch = H.head_experiment(A, [(0, 1)], tiny_lm, source=B, noise=1)
     assert patch.mode == "patch" and patch.source_prob is not None and "p in B" in patch.summary()
+    from maskstudio.viz.head_views import head_effect_figure
+
+    eff.token = "$x_1^"                                                    # a token that is not math
+    fig = head_effect_figure(eff)
+    fig.canvas.draw()
+    assert fig.axes[0].get_ylabel() == "change of p('$x_1^')"
 
 
 def test_patch_needs_the_same_tokens(tiny_lm):

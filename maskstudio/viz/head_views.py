@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 from matplotlib.figure import Figure
 
-from .figures import ALLOWED_COLOR, new_figure, plain_text, segment_ticks, tight
+from .figures import ALLOWED_COLOR, new_figure, segment_ticks, tight
 from .run_views import knockout_figure
 
 BAND_COLOR = "#9aa5b8"
@@ -29,7 +29,7 @@ def head_effect_figure(effect) -> Figure:
     ax.axhline(0, color=ALLOWED_COLOR, lw=0.8)
     ax.set_xticks([-1] + list(range(len(values))), ["random"] + names, rotation=30, ha="right", fontsize=7)
     what = "knocked out" if effect.mode == "knockout" else "patched from B"
-    ax.set_ylabel(f"change of p({plain_text(repr(effect.token))})", fontsize=8)
+    ax.set_ylabel(f"change of p({effect.token!r})", fontsize=8)  # tight(): every text plain, never math
     ax.set_title(f"{len(effect.heads)} head(s) {what}: p {effect.base_prob:.3f} -> {effect.prob:.3f}", fontsize=9)
     ax.grid(alpha=0.3, axis="y")
     ax.legend(fontsize=7, loc="best")
