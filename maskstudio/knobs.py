@@ -29,6 +29,7 @@ AUDIT_MAX_TOKENS = 4096   # `maskstudio audit`: the model's masks are dense [N, 
 MAX_TOKENS = 1 << 19      # tokens in a layout (Spec.load(max_tokens=...) raises or lowers it)
 TOKENS_CEILING = 1 << 25   # max_tokens may be raised up to this (the token table costs ~128 bytes a token)
 MAX_SEGMENTS = 4096       # segments in a layout
+MAX_STEPS = _env_int("MASKSTUDIO_MAX_STEPS", 1024)  # rules + overlays of a spec (20k took 14 s to load, then GBs)
 MAX_LAYERS = 1024         # layer indices in `layers` (rules apply to layers 0 .. MAX_LAYERS-1)
 MAX_HEADS = 1024          # head indices in `heads`
 MAX_NESTING = 32          # JSON nesting depth
@@ -98,6 +99,8 @@ TRAIN_MAX_STEPS = _env_int("MASKSTUDIO_TRAIN_MAX_STEPS", 50 if ON_SPACE else 100
 EVAL_MAX_EXAMPLES = _env_int("MASKSTUDIO_EVAL_MAX_EXAMPLES", 16 if ON_SPACE else 64)  # the Evaluate tab's examples
 MODEL_CACHE_BYTES = _env_int("MASKSTUDIO_MODEL_CACHE_BYTES", (2 if ON_SPACE else 8) << 30)  # loaded models'
                            # weights; the least recently used model goes first (the newest is kept whatever its size)
+DESIGN_MAX_TOKENS = _env_int("MASKSTUDIO_DESIGN_MAX_TOKENS", (1 << 16) if ON_SPACE else MAX_TOKENS)  # the app
+                           # draws and checks designs up to this many tokens (65k: ~20 s of checks at worst here)
 MODELS_ALLOWED = os.environ.get("MASKSTUDIO_MODELS", "")  # comma-separated names the app's model box accepts;
                            # empty: on a Space the small ones (run.models.SPACE_MODELS), locally any id or folder;
                            # "*": any hub id (never a server path on a Space)

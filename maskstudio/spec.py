@@ -257,6 +257,9 @@ def normalize(data: Any, max_tokens: int = DEFAULT_MAX_TOKENS) -> dict:
     _require(isinstance(mask, dict), "mask", "must be an object with base, rules, overlays")
     _check_keys(mask, MASK_KEYS, "mask")
     base = mask.get("base", {"pattern": "causal"})
+    steps = sum(len(mask[k]) for k in ("rules", "overlays") if isinstance(mask.get(k), list))
+    _require(steps <= knobs.MAX_STEPS, "mask", f"{steps} rules and overlays, over the limit of {knobs.MAX_STEPS} "
+             "(MASKSTUDIO_MAX_STEPS; every step is work at every token): merge rules, or use one pattern with a selector")
     norm_mask: dict = {"base": _normalize_step(base, "mask.base", "base", segments)}
     for key, kind in (("rules", "rule"), ("overlays", "overlay")):
         items = mask.get(key, [])

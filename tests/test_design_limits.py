@@ -116,3 +116,29 @@ def test_limits_read_their_environment_overrides():
            "MASKSTUDIO_EXPORT_MAX_WORK": "99"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     assert out.split() == ["12", "7", "99"]
+
+
+def test_steps_past_the_loader_limit_are_refused_before_any_is_read():
+    text = json.dumps({"segments": [{"name": "a", "length": 4}],
+                       "mask": {"rules": [{"pattern": "causal"}] * (knobs.MAX_STEPS + 1)}})
+    t0 = time.perf_counter()
+    with pytest.raises(SpecError) as err:
+        Spec.from_json(text)
+    assert time.perf_counter() - t0 < 1.0
+    assert f"{knobs.MAX_STEPS + 1} rules and overlays" in str(err.value) and "MASKSTUDIO_MAX_STEPS" in str(err.value)
+    Spec.from_json(json.dumps({"segments": [{"name": "a", "length": 4}],
+                               "mask": {"overlays": [{"pattern": "causal", "op": "and"}] * knobs.MAX_STEPS}}))
+
+
+def test_a_design_past_the_servers_token_limit_gets_one_line_not_pictures(monkeypatch):
+    monkeypatch.setattr(knobs, "DESIGN_MAX_TOKENS", 1000)
+    spec = many(4, length=300)
+    t0 = time.perf_counter()
+    out = pictures.design_views(spec, {})
+    assert time.perf_counter() - t0 < 2.0
+    line = out["checks"]
+    assert "1,200 tokens" in line and "MASKSTUDIO_DESIGN_MAX_TOKENS" in line and "\n" not in line
+    assert len({out[v] for v in pictures.VIEWS}) == 1 and os.path.getsize(out["mask"]) > 0
+    assert pictures.block_view(spec, 128) == (None, line)
+    small = pictures.design_views(many(4, length=200), {})   # under it: drawn as ever
+    assert "density" in small["checks"] and len({small[v] for v in pictures.VIEWS}) == 5

@@ -446,6 +446,16 @@ def render_views(spec: Spec, options: dict | None = None, views=VIEWS, parallel:
     spec, note = picture_spec(spec)
     o = view_options(spec, options)
     out: dict = {"note": note, "options": o}
+    refused = design_refusal(spec)
+    if refused:  # one message picture for every view, said in milliseconds
+        key = "png:" + digest("refused", refused)
+        hit = _CACHE.get(key)
+        from ..viz import message_figure
+
+        path = hit if hit is not None and os.path.exists(hit) else _CACHE.put(key, figure_png(
+            message_figure(refused.replace(": ", ":\n", 1)), os.path.join(WORKDIR, f"refused-{key[4:]}.png")))
+        return {**out, **{v: path for v in views}, "checks": refused,
+                "density": {"headers": ["segment density"], "data": [[refused]]}}
     data = spec.to_dict()
     todo = {}
     for v in sorted(views, key=lambda v: DRAW_ORDER.index(v) if v in DRAW_ORDER else 99):
@@ -470,6 +480,14 @@ def render_views(spec: Spec, options: dict | None = None, views=VIEWS, parallel:
             drawn = _draw(spec, v, o, path)
         out[v] = _CACHE.put(key, drawn)
     return out
+
+
+def design_refusal(spec: Spec) -> str:
+    """The one line refusing a design too large for this server's pictures and checks, else ''."""
+    if spec.n <= knobs.DESIGN_MAX_TOKENS:
+        return ""
+    return (f"{spec.n:,} tokens: this server draws and checks designs up to {knobs.DESIGN_MAX_TOKENS:,} tokens "
+            f"(MASKSTUDIO_DESIGN_MAX_TOKENS): shrink the sizes to see it (exports take any size)")
 
 
 def size_warning(spec: Spec) -> str:
@@ -506,6 +524,8 @@ def block_view(spec: Spec, block_size=128, layer=0, head=0, live: bool = True) -
     the nearest size that works, and the message says so (for the line next to the control).
     live=False (after an edit): past PICTURE_DENSE_MAX tokens nothing is drawn until asked."""
     spec, _ = picture_spec(spec)
+    if design_refusal(spec):
+        return None, design_refusal(spec)
     if not live and spec.n > PICTURE_DENSE_MAX:
         return None, f"{spec.n:,} tokens: pick a block size to draw the block grid (seconds at this size)"
     asked = _int(block_size, 128)
