@@ -211,7 +211,7 @@ def on_knockout(state, q, k, window, model_id, target, heads, mode, noise, b, pr
 
 @total(2, 1)
 def on_snapshot(state):
-    return (state := studio.set_snapshot(state)), f"Snapshot kept as B: **{studio.current(state).name}**"
+    return (state := studio.set_snapshot(state)), f"Snapshot kept as B: **{studio.card_text(studio.current(state).name)}**"
 
 
 @total(3, 0)
@@ -516,11 +516,11 @@ def _model_event(ui, key, fn, inputs, outputs, api_name, shown=()):
     its status line, Stop; `shown` boxes follow."""
     btn, status, now = getattr(ui, f"{key}_btn"), getattr(ui, f"{key}_status"), dict(concurrency_limit=None)
     req = gr.context.LocalContext.request.get  # the session: Stop ends its job; the line says how it ended
-    getattr(ui, f"{key}_stop").click(lambda: studio.stop_job(req(None)), None, status, api_name=key == "run" and "stop", **now)
+    getattr(ui, f"{key}_stop").click(lambda: studio.markdown_text(studio.stop_job(req(None))), None, status, api_name=key == "run" and "stop", **now)
     dep = btn.click(lambda: (gr.update(interactive=False), ""), None, [btn, getattr(ui, f"{key}_error")],
                     api_name=False, **now) \
         .then(fn, inputs, outputs, api_name=api_name, show_progress_on=[status], **MODEL)
-    dep.then(lambda: (gr.update(interactive=True), studio.job_line(req(None))), None, [btn, status], api_name=False, **now)
+    dep.then(lambda: (gr.update(interactive=True), studio.markdown_text(studio.job_line(req(None)))), None, [btn, status], api_name=False, **now)
     return dep.then(show_filled, shown, shown, api_name=False) if shown else dep
 
 

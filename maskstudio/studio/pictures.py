@@ -513,7 +513,7 @@ def design_views(spec: Spec, options: dict | None = None) -> dict:
     notes = [n for n in (out["note"], size_warning(spec)) if n]
     out.update(segments=ctl["segments"], varies_by_layer=ctl["varies_by_layer"],
                varies_by_head=ctl["varies_by_head"], layer_max=ctl["layer_max"], head_max=ctl["head_max"],
-               note="  \n".join([f"⚠ **{markdown_text(line)}**"] * bool(line) + [f"<small>{n}</small>" for n in notes]),
+               note="  \n".join([f"⚠ **{markdown_text(line)}**"] * bool(line) + [f"<small>{markdown_text(n)}</small>" for n in notes]),
                sizes_differ=bool(line), checks=f"{line}\n\n{out['checks']}" if line else out["checks"])
     return out
 

@@ -213,9 +213,12 @@ def _first_sentence(text: str) -> str:
 def markdown_text(text: str) -> str:
     """User text (names, errors, notes) as literal Markdown that loads nothing: HTML escaped (no tag,
     no <autolink>), and the two joints every link or image needs broken, `](` of an inline one and
-    `]:` of a reference definition, so `![x](http://...)` in a shared spec shows as text. The rest
-    stays as written (a JSON path like mask.rules[0].k reads the same in the API)."""
-    return html.escape(str(text), quote=False).replace("](", "]\\(").replace("]:", "]\\:").replace("|", "/")
+    `]:` of a reference definition, by a character reference (`]&#40;`: the page shows `](`, in
+    Markdown and inside HTML such as <small> alike, where a backslash would show), so
+    `![x](http://...)` in a shared spec shows as text. The rest stays as written (a JSON path like
+    mask.rules[0].k reads the same in the API)."""
+    return (html.escape(str(text), quote=False).replace("](", "]&#40;").replace("]:", "]&#58;").replace("|", "/")
+            .replace("://", "&#58;//").replace("www.", "www&#46;"))  # and no autolink: a URL stays text, unclickable
 
 
 _EMPHASIS = str.maketrans({c: "\\" + c for c in "\\*_`~"})
