@@ -195,6 +195,10 @@ def cmd_train(args) -> int:
 
     from .train import train
 
+    if args.lora_config:  # LoRA with these settings (checked: one line naming a bad key)
+        from .train.model import lora_options
+
+        args.lora = lora_options(args.lora_config)
     given = {k: getattr(args, k) for k in TRAIN_DEFAULTS if getattr(args, k) is not None and getattr(args, k) is not False}
     if args.resume:  # the run's own settings and spec, the flags given checked against them
         from .train import resumed_settings
@@ -315,6 +319,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, help=f"examples per optimizer step, the global batch (default {d['batch']})")
     p.add_argument("--n-train", type=int, help=f"generated training examples (default {d['n_train']})")
     p.add_argument("--lora", action="store_true", help="train LoRA adapters (peft) instead of all weights")
+    p.add_argument("--lora-config", help='LoRA settings as JSON, implies --lora (BICO\'s: {"r": 32, "lora_alpha": 16, '
+                                         '"lora_dropout": 0.01, "target_modules": "all-linear"})')
     p.add_argument("--objective", choices=("next_token", "bico"), help="default next_token")
     p.add_argument("--loss-on", nargs="+", help="segments carrying the loss (default: role target)")
     p.add_argument("--eval-every", type=int, help="evaluate every K steps (with --no-baseline)")

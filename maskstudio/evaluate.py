@@ -28,6 +28,7 @@ from .progress import Stopped, stopped, tick
 from .spec import Spec, SpecError
 
 ANSWER = "answer"
+CANDIDATES = "candidates"  # Example.meta key: answer texts the true answer is ranked among
 
 
 @dataclass
@@ -133,6 +134,9 @@ def load_jsonl(path: str) -> list[Example]:
                 raise ValueError(f"{path}:{line_no}: texts.{bad[0]} must be a string")
             if not isinstance(row.get("meta", {}), dict):
                 raise ValueError(f'{path}:{line_no}: "meta" must be an object ({{"name": value}})')
+            ranks = row.get("meta", {}).get(CANDIDATES, [])
+            if not isinstance(ranks, list) or not all(isinstance(c, str) and c for c in ranks):
+                raise ValueError(f'{path}:{line_no}: meta.candidates must be a list of answer texts to rank the target among')
             texts = dict(row["texts"])
             texts[ANSWER] = row["target"]
             out.append(Example(len(out), texts, dict(row.get("meta", {}))))
@@ -178,7 +182,34 @@ def score(spec: Spec, example: Example, lm) -> dict:
     pos = torch.arange(max(start, 1), start + size)
     hits = res.logits[pos - 1].argmax(-1) == res.input_ids[pos]
     return {"id": example.id, "nll": res.target_nll[ANSWER]["mean"], "correct": bool(hits.all()),
-            "meta": example.meta}
+            "tokens": res.target_nll[ANSWER]["tokens"], "meta": example.meta}
+
+
+# ---------------------------------------------------------------- ranking among candidate answers
+def rivals(example: Example) -> list[Example]:
+    """The example once per other candidate answer (meta CANDIDATES without its own answer), ids kept."""
+    own = example.texts[ANSWER]
+    return [Example(example.id, {**example.texts, ANSWER: c}, {}) for c in example.meta.get(CANDIDATES, ()) if c != own]
+
+
+def logprob(row: dict) -> float:
+    """The answer's total log-probability (nats) from a score row: -mean NLL x answer tokens."""
+    return -row["nll"] * row["tokens"]
+
+
+def ranked(row: dict, rival_rows: list[dict]) -> dict:
+    """The row with its answer's rank among the candidates by total log-probability (1 = best;
+    a tie counts against it), reciprocal rank and candidate count; unchanged without rivals."""
+    if not rival_rows:
+        return row
+    own = logprob(row)
+    rank = 1 + sum(logprob(r) >= own for r in rival_rows)
+    return {**row, "logprob": own, "rank": rank, "rr": 1.0 / rank, "n_candidates": 1 + len(rival_rows)}
+
+
+def score_ranked(spec: Spec, example: Example, lm) -> dict:
+    """score(), plus the rank of the true answer among the example's candidates (when it has some)."""
+    return ranked(score(spec, example, lm), [score(spec, r, lm) for r in rivals(example)])
 
 
 # ---------------------------------------------------------------- statistics
@@ -238,31 +269,60 @@ def p_text(test: dict) -> str:
     return f"p<{test['p']:.0e}" if test["floor"] else f"p={test['p']:.3g}"
 
 
+def _ranking(rows: list[dict]) -> dict:
+    """Rank-1 share (Wilson interval), mean reciprocal rank (bootstrap interval) and what chance
+    gives (a uniformly random order of k candidates: rank-1 1/k, MRR H_k / k); {} without ranks."""
+    if not rows or any("rank" not in r for r in rows):
+        return {}
+    top, rr, k = [r["rank"] == 1 for r in rows], [r["rr"] for r in rows], [r["n_candidates"] for r in rows]
+    return {"rank1": sum(top) / len(top), "rank1_ci": wilson_ci(sum(top), len(top)), "mrr": sum(rr) / len(rr),
+            "mrr_ci": bootstrap_ci(rr), "chance_rank1": sum(1 / c for c in k) / len(k),
+            "chance_mrr": sum(sum(1 / j for j in range(1, c + 1)) / c for c in k) / len(k)}
+
+
+def _paired(rows: list[dict], base: list[dict]) -> dict:
+    """Paired differences against the first spec's rows (same ids): NLL, exact match and, when
+    ranked, rank-1 and reciprocal rank, each with a bootstrap interval and a sign-flip p."""
+    out = {}
+    keys = [("nll", lambda r: r["nll"]), ("accuracy", lambda r: float(r["correct"]))]
+    if _ranking(rows) and _ranking(base):
+        keys += [("rank1", lambda r: float(r["rank"] == 1)), ("mrr", lambda r: r["rr"])]
+    for key, value in keys:
+        d = [value(a) - value(b) for a, b in zip(rows, base)]
+        t = sign_flip(d)
+        out.update({f"{key}_diff": sum(d) / len(d), f"{key}_diff_ci": bootstrap_ci(d), f"{key}_p": t["p"],
+                    f"{key}_p_text": p_text(t)})
+    return out
+
+
 def summarize(names: list[str], results: dict[str, list[dict]], breakdown: str | None) -> dict:
-    """Per-spec means with intervals, paired differences vs the first spec, breakdowns."""
+    """Per-spec means with intervals, paired differences vs the first spec, breakdowns; rows with
+    a rank (candidates) add rank-1 and MRR, overall and per group, with chance levels."""
     out = {"specs": []}
     base = sorted(results[names[0]], key=lambda r: r["id"])
     for name in names:
         rows = sorted(results[name], key=lambda r: r["id"])
+        if [r["id"] for r in rows] != [r["id"] for r in base]:
+            raise ValueError(f"'{name}' was scored on other examples than '{names[0]}'; paired tests need the same ones")
         nll = [r["nll"] for r in rows]
         acc = [float(r["correct"]) for r in rows]
         entry = {"name": name, "n": len(rows), "nll": sum(nll) / len(nll), "nll_ci": bootstrap_ci(nll),
-                 "accuracy": sum(acc) / len(acc), "accuracy_ci": wilson_ci(int(sum(acc)), len(acc))}
+                 "accuracy": sum(acc) / len(acc), "accuracy_ci": wilson_ci(int(sum(acc)), len(acc)),
+                 **_ranking(rows)}
         if name != names[0]:
-            d_nll = [a["nll"] - b["nll"] for a, b in zip(rows, base)]
-            d_acc = [float(a["correct"]) - float(b["correct"]) for a, b in zip(rows, base)]
-            t_nll, t_acc = sign_flip(d_nll), sign_flip(d_acc)
-            entry["vs_first"] = {"nll_diff": sum(d_nll) / len(d_nll), "nll_diff_ci": bootstrap_ci(d_nll),
-                                 "nll_p": t_nll["p"], "nll_p_text": p_text(t_nll),
-                                 "accuracy_diff": sum(d_acc) / len(d_acc), "accuracy_diff_ci": bootstrap_ci(d_acc),
-                                 "accuracy_p": t_acc["p"], "accuracy_p_text": p_text(t_acc)}
+            entry["vs_first"] = _paired(rows, base)
         if breakdown:
             groups: dict = {}
-            for r in rows:
-                groups.setdefault(r["meta"].get(breakdown), []).append(float(r["correct"]))
-            entry["breakdown"] = {"by": breakdown, "groups": [
-                {"value": k, "n": len(v), "accuracy": sum(v) / len(v), "ci": wilson_ci(int(sum(v)), len(v))}
-                for k, v in sorted(groups.items(), key=lambda kv: str(kv[0]))]}
+            for i, r in enumerate(rows):
+                groups.setdefault(r["meta"].get(breakdown), []).append(i)
+            entry["breakdown"] = {"by": breakdown, "groups": []}
+            for k, idx in sorted(groups.items(), key=lambda kv: str(kv[0])):
+                g, v = [rows[i] for i in idx], [float(rows[i]["correct"]) for i in idx]
+                group = {"value": k, "n": len(v), "accuracy": sum(v) / len(v), "ci": wilson_ci(int(sum(v)), len(v)),
+                         **_ranking(g)}
+                if name != names[0]:
+                    group["vs_first"] = _paired(g, [base[i] for i in idx])
+                entry["breakdown"]["groups"].append(group)
         out["specs"].append(entry)
     return out
 
@@ -280,12 +340,28 @@ def report(summary: dict) -> str:
             vs = f"dNLL {v['nll_diff']:+.3f} ({v['nll_p_text']}), dacc {v['accuracy_diff']:+.3f} ({v['accuracy_p_text']})"
         lines.append(f"{e['name']:{w}} {e['n']:>5} {e['nll']:8.3f} [{lo:7.3f},{hi:7.3f}] "
                      f"{e['accuracy']:6.3f} [{alo:5.3f},{ahi:5.3f}]  {vs}")
+        if "rank1" in e:
+            lines.append(f"{'':{w}} {_rank_text(e)}")
         if "breakdown" in e:
             cells = ", ".join(f"{g['value']}: {g['accuracy']:.2f}" for g in e["breakdown"]["groups"])
             lines.append(f"{'':{w}} accuracy by {e['breakdown']['by']}: {cells}")
+            for g in e["breakdown"]["groups"]:
+                if "rank1" in g:
+                    lines.append(f"{'':{w}}   {g['value']} (n={g['n']}): {_rank_text(g)}")
     if summary.get("stopped"):
         lines.append(f"stopped after {summary['specs'][0]['n']} examples ({summary['stopped']}); the rows above are those")
     return "\n".join(lines)
+
+
+def _rank_text(e: dict) -> str:
+    """One line of ranking figures: rank-1 and MRR with intervals, chance, paired p vs the first."""
+    (a, b), (c, d) = e["rank1_ci"], e["mrr_ci"]
+    text = (f"rank-1 {e['rank1']:.3f} [{a:.3f},{b:.3f}], MRR {e['mrr']:.3f} [{c:.3f},{d:.3f}] "
+            f"(chance {e['chance_rank1']:.3f} / {e['chance_mrr']:.3f})")
+    v = e.get("vs_first", {})
+    if "mrr_diff" in v:
+        text += f"; drank-1 {v['rank1_diff']:+.3f} ({v['rank1_p_text']}), dMRR {v['mrr_diff']:+.3f} ({v['mrr_p_text']})"
+    return text
 
 
 # ---------------------------------------------------------------- running, sharded
@@ -331,7 +407,7 @@ def evaluate(specs, task: str = "kv_retrieval", n: int = 100, model=None, seed: 
             if tick(f"scoring example {i + 1}/{len(shard)}"):  # Stop keeps the examples scored so far
                 break
             for name, spec in zip(names, loaded):
-                mine[name].append(score(spec, ex, lm))
+                mine[name].append(score_ranked(spec, ex, lm))
                 bar.update(1)
         bar.close()
         mine["_seconds"] = time.perf_counter() - t0

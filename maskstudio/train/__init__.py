@@ -132,7 +132,7 @@ def train(spec, model=None, task: str | None = "kv_retrieval", data: str | None 
     spec, src, examples, items = _prepared or prepare_training(spec, model, task, data, n_train, seed, loss_on, device,
                                                                eval_data)
     lm, module = trainable_copy(src, lora, seed)
-    eval_examples = held_out(task, eval_n, seed, len(examples), data, eval_data) if eval_every else None
+    eval_examples = held_out(task, eval_n, seed, n_train, data, eval_data) if eval_every else None
     config = {"spec": spec.name, "model": src.name, "model_id": model if isinstance(model, str) else model_id(src),
               "task": None if data else task, "data": data, "steps": steps,
               "lr": lr, "seed": seed, "batch": batch, "lora": lora, "objective": objective, "loss_on": loss_on,
@@ -190,7 +190,7 @@ def compare(spec, model=None, task: str | None = "kv_retrieval", data: str | Non
         return None  # other torchrun ranks: training only; rank 0 evaluates
     if stopped():
         return _stopped_result(fits, twin)
-    held = held_out(task, eval_n, seed, len(examples), data, eval_data)
+    held = held_out(task, eval_n, seed, n_train, data, eval_data)
     breakdown = TRAIN_BREAKDOWN.get(task) if not (data or eval_data) else None
     rows = {"before": {}, "after": {}}
     names = ["causal baseline", f"design: {spec.name}"]

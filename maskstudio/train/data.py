@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import RunError
-from ..evaluate import PEOPLE, BREAKDOWN, TASKS, Example, fill, load_jsonl, make_examples
+from ..evaluate import CANDIDATES, PEOPLE, BREAKDOWN, TASKS, Example, fill, load_jsonl, make_examples
 from ..run.inputs import model_positions, prepare
 from ..lower_packed import DocumentRow
 from ..spec import Spec
@@ -78,15 +78,62 @@ def _fact_questions(n_facts: int, n: int, seed: int) -> list[Example]:
     return out
 
 
-FACT_TASKS = {"parent_facts": (_fact_examples, _fact_questions)}
+# The reversal curse as Berglund et al. (arXiv:2309.12288) test it: several wordings per direction,
+# a share of the facts trained both ways (the rest forward only), questions in a held-out wording,
+# answers ranked by log-probability among the same subset's names (evaluate.CANDIDATES).
+FORWARD_WORDINGS = ("{c}'s parent is", "The parent of {c} is", "{c} is the child of", "{c} was raised by")
+REVERSE_WORDINGS = ("{p} is the parent of", "{p}'s child is", "The child of {p} is", "{p} raised")
+TRAIN_WORDINGS = 3   # the first 3 wordings of each direction train; the last one only asks
+BOTH_SHARE = 1 / 3   # facts also trained in reverse (Berglund's experiment 1: 30 of 90 both ways)
+
+
+def _both(n: int, share: float = BOTH_SHARE) -> int:
+    """How many of n facts are trained both ways (the first ones; parent_facts order is seeded)."""
+    return min(n - 1, max(1, round(n * share))) if n > 1 else 0
+
+
+def _reversal_examples(n: int, seed: int) -> list[Example]:
+    """Training statements: every fact in the TRAIN_WORDINGS forward wordings; the first
+    _both(n) facts also in the reverse ones. One-way facts never appear reversed."""
+    out, both = [], _both(n)
+    for i, (c, p) in enumerate(parent_facts(n, seed)):
+        ways = [("forward", FORWARD_WORDINGS, p)] + ([("reverse", REVERSE_WORDINGS, c)] if i < both else [])
+        for direction, wordings, answer in ways:
+            for w in range(TRAIN_WORDINGS):
+                out.append(Example(len(out), {"fact": f"{wordings[w].format(c=c, p=p)} {answer}."},
+                                   {"fact": i, "direction": direction, "wording": w, "both": i < both}))
+    return out
+
+
+def _reversal_questions(n_facts: int, n: int, seed: int) -> list[Example]:
+    """Two questions per fact (forward, reverse; up to n), in the held-out wording, no fact in
+    context; each carries the candidates its answer is ranked among: the answers of the same
+    direction over the facts of its subset (both ways / one way), so every candidate was seen
+    equally often in training in that role."""
+    facts, both = parent_facts(n_facts, seed), _both(n_facts)
+    subset = [("both ways" if i < both else "one way") for i in range(n_facts)]
+    out = []
+    for i, (c, p) in enumerate(facts):
+        for direction, wordings, answer, pool in (("forward", FORWARD_WORDINGS, p, [q for _, q in facts]),
+                                                  ("reverse", REVERSE_WORDINGS, c, [a for a, _ in facts])):
+            names = [f" {name}" for j, name in enumerate(pool) if subset[j] == subset[i]]
+            out.append(Example(len(out), {"question": wordings[-1].format(c=c, p=p), "answer": f" {answer}"},
+                               {"question": f"{direction}, facts trained {subset[i]}", "direction": direction,
+                                "facts": subset[i], "fact": i, CANDIDATES: names}))
+    return out[:n]
+
+
+FACT_TASKS = {"parent_facts": (_fact_examples, _fact_questions),
+              "reversal_facts": (_reversal_examples, _reversal_questions)}
 TRAIN_TASKS = tuple(TASKS) + tuple(FACT_TASKS)
-TRAIN_BREAKDOWN = {**BREAKDOWN, "parent_facts": "direction"}
+TRAIN_BREAKDOWN = {**BREAKDOWN, "parent_facts": "direction", "reversal_facts": "question"}
 
 
 def fact_specs(task: str = "parent_facts") -> dict:
     """Specs for a fact task: "train_causal" (the fact, loss on all of it), "train_full" (BICO's
-    design: the fact bidirectional), "eval_causal" (question + answer) and "eval_prefix" (question
-    bidirectional, answer causal, as BICO evaluates)."""
+    design: the fact bidirectional), "eval_causal" (question + answer: how BICO's generate.py asks,
+    with the plain causal LlamaForCausalLM) and "eval_prefix" (question bidirectional, answer
+    causal: a diagnostic, not BICO's evaluation)."""
     fact = [{"name": "fact", "modality": "text", "text": "A's parent is B.", "role": ["target"]}]
     qa = [{"name": "question", "modality": "text", "text": "A's parent is"},
           {"name": "answer", "modality": "text", "text": " B", "role": ["target"]}]

@@ -33,7 +33,7 @@ import torch
 
 from ..errors import RunError
 from ..progress import stopped, tick
-from ..evaluate import ANSWER, Example, score, summarize
+from ..evaluate import ANSWER, Example, ranked, rivals, score, summarize
 from ..run.attention import ATTN_NAME, MaskContext, attn_impl, register
 from ..run.models import LoadedModel
 from ..run.pipeline import choose_backend
@@ -161,20 +161,37 @@ def _previous_metrics(path: Path, start: int) -> tuple[list, list, dict]:
 # ---------------------------------------------------------------- evaluation during / after training
 def evaluate_model(spec: Spec, lm: LoadedModel, examples: list[Example], pack_tokens: int = 0) -> list[dict]:
     """evaluate.score for every example (target NLL and exact match), the model in eval mode;
-    with `pack_tokens` the examples are packed into rows (`score_packed`, the same numbers)."""
+    with `pack_tokens` the examples are packed into rows (`score_packed`, the same numbers).
+    Examples with candidate answers (meta "candidates") also get the true answer's rank among
+    them by total log-probability (`evaluate.ranked`): each rival answer is scored the same way."""
     was = lm.model.training
     lm.model.eval()
     try:
-        if pack_tokens:
-            return score_packed(spec, lm, examples, pack_tokens)
-        rows = []
-        for i, ex in enumerate(examples):
-            if tick(f"scoring example {i + 1}/{len(examples)}"):  # Stop keeps the rows scored so far
+        rows = _scores(spec, lm, examples, pack_tokens)
+        extra = [rivals(ex) for ex in examples[:len(rows)]]
+        if not any(extra):
+            return rows
+        flat = _scores(spec, lm, [r for rs in extra for r in rs], pack_tokens)
+        out, at = [], 0
+        for row, rs in zip(rows, extra):
+            if at + len(rs) > len(flat):  # stopped while scoring rivals: keep the rows fully ranked
                 break
-            rows.append(score(spec, ex, lm))
-        return rows
+            out.append(ranked(row, flat[at: at + len(rs)]))
+            at += len(rs)
+        return out
     finally:
         lm.model.train(was)
+
+
+def _scores(spec: Spec, lm: LoadedModel, examples: list[Example], pack_tokens: int) -> list[dict]:
+    if pack_tokens:
+        return score_packed(spec, lm, examples, pack_tokens)
+    rows = []
+    for i, ex in enumerate(examples):
+        if tick(f"scoring example {i + 1}/{len(examples)}"):  # Stop keeps the rows scored so far
+            break
+        rows.append(score(spec, ex, lm))
+    return rows
 
 
 @torch.no_grad()
@@ -200,7 +217,7 @@ def score_packed(spec: Spec, lm: LoadedModel, examples: list[Example], pack_toke
             for ex, a, b in row.members or ((row.example, 0, len(row.ids)),):
                 sel = (at >= a) & (at < b)
                 out.append({"id": examples[ex].id, "nll": float(nll[sel].mean()), "correct": bool(hit[sel].all()),
-                            "meta": examples[ex].meta})
+                            "tokens": int(sel.sum()), "meta": examples[ex].meta})
     return out
 
 

@@ -12,6 +12,35 @@ from ..run.models import TINY_TEXT, LoadedModel, VLModel, byte_tokenizer, is_vlm
 
 # TINY_TEXT ("tiny-llama"): 2 layers, 4 heads, hidden 64, byte tokenizer, random weights
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+# BICO's adapters (trestad/mitigating-reversal-curse run_mlm.py: every linear layer but lm_head)
+BICO_LORA = {"r": 32, "lora_alpha": 16, "lora_dropout": 0.01, "target_modules": "all-linear"}
+
+
+def lora_options(options) -> dict:
+    """LoRA settings as given (a dict, or its JSON text from --lora-config), checked key by key:
+    r (integer >= 1), lora_alpha (> 0), lora_dropout ([0, 1)), target_modules ("all-linear" or
+    module names). Raises ValueError in one line naming the key."""
+    if isinstance(options, str):
+        import json
+
+        try:
+            options = json.loads(options)
+        except (ValueError, RecursionError):
+            raise ValueError('--lora-config must be a JSON object, e.g. {"r": 32, "lora_alpha": 16}') from None
+    if not isinstance(options, dict):
+        raise ValueError('the LoRA config must be an object, e.g. {"r": 32, "lora_alpha": 16}')
+    checks = {"r": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
+              "lora_alpha": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0,
+              "lora_dropout": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1,
+              "target_modules": lambda v: v == "all-linear" or (
+                  isinstance(v, list) and v and all(isinstance(m, str) and m for m in v))}
+    for key, value in options.items():
+        if key not in checks:
+            raise ValueError(f"LoRA config key '{key}' is not one of {', '.join(checks)}")
+        if not checks[key](value):
+            raise ValueError(f"LoRA config {key}={value!r} is out of range (r: integer >= 1, lora_alpha > 0, "
+                             "lora_dropout in [0, 1), target_modules: \"all-linear\" or a list of module names)")
+    return dict(options)
 
 
 def tiny_lm(seed: int = 0, layers: int = 2, hidden: int = 64, heads: int = 4) -> LoadedModel:
@@ -70,7 +99,7 @@ def trainable_copy(src: LoadedModel, lora: bool | dict, seed: int) -> tuple[Load
         from peft import LoraConfig, get_peft_model
 
         options = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "target_modules": list(LORA_TARGETS)}
-        options.update(lora if isinstance(lora, dict) else {})
+        options.update(lora_options(lora) if isinstance(lora, dict) else {})
         outer = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **options))
         model = outer.get_base_model()
     return LoadedModel(model, src.tokenizer, src.name, src.device), outer
