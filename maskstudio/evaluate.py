@@ -80,7 +80,8 @@ def _multihop(rng: random.Random, i: int, docs: int = 4) -> Example:
     texts.update({f"doc{j}": facts[k] + "\n" for j, k in enumerate(order)})
     texts["question"] = f"Question: who is the grandmother of {c}?\nAnswer:"
     texts[ANSWER] = f" {a}"
-    return Example(i, texts, {"gold_position": order.index(0), "bridge_position": order.index(1)})
+    return Example(i, texts, {"gold_position": order.index(0), "bridge_position": order.index(1),
+                              "chain": "in order" if order.index(0) < order.index(1) else "reversed"})
 
 
 def _reversal(rng: random.Random, i: int) -> Example:

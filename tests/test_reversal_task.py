@@ -191,3 +191,17 @@ def test_jsonl_candidates_must_be_answer_texts(tmp_path):
     bad.write_text(json.dumps({"texts": {"q": "x"}, "target": " a", "meta": {CANDIDATES: [" a", 3]}}) + "\n")
     with pytest.raises(ValueError, match=r"bad.jsonl:1: meta.candidates"):
         load_jsonl(str(bad))
+
+
+def test_multihop_says_its_chain_order_and_training_breaks_down_by_it():
+    from maskstudio.evaluate import make_examples
+    from maskstudio.train.data import TRAIN_BREAKDOWN
+
+    ex = make_examples("multihop", 64, 0)
+    for e in ex:
+        gold = e.texts[f"doc{e.meta['gold_position']}"]
+        bridge = e.texts[f"doc{e.meta['bridge_position']}"]
+        assert gold.startswith(e.texts["answer"].strip()) and bridge.split(" is the mother of ")[0] in gold
+        assert e.meta["chain"] == ("in order" if e.meta["gold_position"] < e.meta["bridge_position"] else "reversed")
+    assert {e.meta["chain"] for e in ex} == {"in order", "reversed"}
+    assert TRAIN_BREAKDOWN["multihop"] == "chain" and TRAIN_BREAKDOWN["reversal_facts"] == "question"

@@ -126,7 +126,8 @@ def _reversal_questions(n_facts: int, n: int, seed: int) -> list[Example]:
 FACT_TASKS = {"parent_facts": (_fact_examples, _fact_questions),
               "reversal_facts": (_reversal_examples, _reversal_questions)}
 TRAIN_TASKS = tuple(TASKS) + tuple(FACT_TASKS)
-TRAIN_BREAKDOWN = {**BREAKDOWN, "parent_facts": "direction", "reversal_facts": "question"}
+# multihop by chain order: "A is the mother of B" stated before "B is the mother of C" or after it
+TRAIN_BREAKDOWN = {**BREAKDOWN, "parent_facts": "direction", "reversal_facts": "question", "multihop": "chain"}
 
 
 def fact_specs(task: str = "parent_facts") -> dict:
