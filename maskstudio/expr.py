@@ -447,9 +447,11 @@ def tape(root: E) -> tuple:
 
 def _run(steps: tuple, env: dict, params, slots: dict, lookup, apply, every: bool = False):
     """Walk a tape: leaves from env / params / lookup, inner nodes through apply(op, values).
-    Returns the root's value, or every step's value (every=True)."""
+    Returns the root's value, or every step's value (every=True). A value is let go after its last
+    reader, so memory holds the live values, not the whole tape (1,179 steps on [128, 4096] rows: 7 GB)."""
+    last = {} if every else {a: i for i, (o, args) in enumerate(steps) if o not in LEAVES for a in args}
     val: list = []
-    for o, args in steps:
+    for i, (o, args) in enumerate(steps):
         if o == "c":
             v = args[0]
         elif o == "var":
@@ -460,6 +462,9 @@ def _run(steps: tuple, env: dict, params, slots: dict, lookup, apply, every: boo
             v = lookup(args)
         else:
             v = apply(o, [val[a] for a in args])
+            for a in args:
+                if last.get(a) == i:
+                    val[a] = None
         val.append(v)
     return val if every else val[-1]
 
