@@ -101,6 +101,8 @@ MODEL_CACHE_BYTES = _env_int("MASKSTUDIO_MODEL_CACHE_BYTES", (2 if ON_SPACE else
                            # weights; the least recently used model goes first (the newest is kept whatever its size)
 DESIGN_MAX_TOKENS = _env_int("MASKSTUDIO_DESIGN_MAX_TOKENS", (1 << 16) if ON_SPACE else MAX_TOKENS)  # the app
                            # draws and checks designs up to this many tokens (65k: ~20 s of checks at worst here)
+DESIGN_MAX_WORK = _env_int("MASKSTUDIO_DESIGN_MAX_WORK", (1 << 20) if ON_SPACE else (1 << 24))  # tokens x steps
+                           # (base + rules + overlays) the app draws and checks (1,024 steps on 4k tokens: ~50 s)
 MODELS_ALLOWED = os.environ.get("MASKSTUDIO_MODELS", "")  # comma-separated names the app's model box accepts;
                            # empty: on a Space the small ones (run.models.SPACE_MODELS), locally any id or folder;
                            # "*": any hub id (never a server path on a Space)

@@ -484,10 +484,14 @@ def render_views(spec: Spec, options: dict | None = None, views=VIEWS, parallel:
 
 def design_refusal(spec: Spec) -> str:
     """The one line refusing a design too large for this server's pictures and checks, else ''."""
-    if spec.n <= knobs.DESIGN_MAX_TOKENS:
-        return ""
-    return (f"{spec.n:,} tokens: this server draws and checks designs up to {knobs.DESIGN_MAX_TOKENS:,} tokens "
-            f"(MASKSTUDIO_DESIGN_MAX_TOKENS): shrink the sizes to see it (exports take any size)")
+    steps = 1 + len(spec.mask["rules"]) + len(spec.mask["overlays"])  # each is work at every token
+    if spec.n > knobs.DESIGN_MAX_TOKENS:
+        return (f"{spec.n:,} tokens: this server draws and checks designs up to {knobs.DESIGN_MAX_TOKENS:,} tokens "
+                f"(MASKSTUDIO_DESIGN_MAX_TOKENS): shrink the sizes to see it (exports take any size)")
+    if spec.n * steps > knobs.DESIGN_MAX_WORK:
+        return (f"{spec.n:,} tokens x {steps:,} steps (base, rules, overlays) = {spec.n * steps:,}: this server draws and "
+                f"checks designs up to {knobs.DESIGN_MAX_WORK:,} (MASKSTUDIO_DESIGN_MAX_WORK): fewer tokens or rules")
+    return ""
 
 
 def size_warning(spec: Spec) -> str:
