@@ -37,6 +37,7 @@ MAX_SPEC_BYTES = 16 << 20  # bytes of spec JSON read from a file or a text box
 DENSE_EXPORT_MAX = 1 << 15  # tokens: N x N exports (.npy mask) refuse past this (1 GiB of bools)
 
 # limits on work
+SIZE_CHECK_MAX_CHARS = _env_int("MASKSTUDIO_SIZE_CHECK_MAX_CHARS", 200_000)  # text the app tokenizes per edit to compare sizes
 TOKEN_GRAPH_MAX = 256     # flow_graph(level="token") refuses larger layouts
 FLOW_MAX_NODES = _env_int("MASKSTUDIO_FLOW_MAX_NODES", 256)  # the flow picture's nodes (segments or frames): up to
                            # nodes^2 edges to draw (256: 33k edges, ~5 s); past it the app says so instead
@@ -101,7 +102,9 @@ MODEL_CACHE_BYTES = _env_int("MASKSTUDIO_MODEL_CACHE_BYTES", (2 if ON_SPACE else
                            # weights; the least recently used model goes first (the newest is kept whatever its size)
 DESIGN_MAX_TOKENS = _env_int("MASKSTUDIO_DESIGN_MAX_TOKENS", (1 << 16) if ON_SPACE else MAX_TOKENS)  # the app
                            # draws and checks designs up to this many tokens (65k: ~20 s of checks at worst here)
-DESIGN_MAX_WORK = _env_int("MASKSTUDIO_DESIGN_MAX_WORK", (1 << 20) if ON_SPACE else (1 << 24))  # tokens x steps
+DESIGN_LIGHT_WORK = _env_int("MASKSTUDIO_DESIGN_LIGHT_WORK", 1 << 16)  # tokens x steps: past it (or past
+                           # SEGMENT_TABLE_MAX segments) pictures, checks and exports queue in one low-priority worker
+DESIGN_MAX_WORK = _env_int("MASKSTUDIO_DESIGN_MAX_WORK", (1 << 20) if ON_SPACE else (1 << 22))  # tokens x steps
                            # (base + rules + overlays) the app draws and checks (1,024 steps on 4k tokens: ~50 s)
 MODELS_ALLOWED = os.environ.get("MASKSTUDIO_MODELS", "")  # comma-separated names the app's model box accepts;
                            # empty: on a Space the small ones (run.models.SPACE_MODELS), locally any id or folder;

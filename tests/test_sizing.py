@@ -92,3 +92,20 @@ def test_the_last_run_layout_exports_as_a_spec(monkeypatch):
 def test_the_embedded_tokenizer_is_the_default():  # the GGUF tokenizer only, not the weights
     line = studio.size_line(_design())
     assert "the embedded SmolLM2's tokenizer" in line and "doc 8 → " in line
+
+
+def test_megabytes_of_text_are_not_tokenized_on_every_edit(monkeypatch):
+    """Past SIZE_CHECK_MAX_CHARS the size line says the check waits for the button (each edit of a
+    2 MB text used to tokenize it: seconds per edit, 464 s for the 100-edit undo test in CI); the
+    button still sizes it."""
+    import time
+
+    from maskstudio import knobs
+
+    monkeypatch.setattr(knobs, "SIZE_CHECK_MAX_CHARS", 1000)
+    big = Spec.load({"segments": [{"name": "doc", "length": 8, "text": "x " * 5000}]})
+    t = time.perf_counter()
+    line = studio.size_line(big, "tiny-llama")
+    assert time.perf_counter() - t < 0.05 and "10,000 characters" in line and "Use the run's sizes" in line
+    new, error = studio.adopt_run_sizes(studio.new_state(big), "tiny-llama")
+    assert not error and new["spec"].n == len(load_tokenizer("tiny-llama").encode("x " * 5000, add_special_tokens=False))

@@ -13,6 +13,7 @@ import json
 import threading
 from collections import OrderedDict
 
+from .. import knobs
 from ..errors import RunError, SpecError
 from ..spec import Spec
 from .state import attempt, current, one_line
@@ -86,9 +87,21 @@ def size_differences(spec: Spec, model: str | None = None) -> list[tuple[str, in
     return _remember(_DIFFS, key, diffs, KEPT[1])
 
 
+def text_characters(spec: Spec) -> int:
+    """Characters of text a run would tokenize (a frames segment's text is a list of strings)."""
+    texts = [s["text"] for s in spec.segments if s["name"] in set(text_segments(spec))]
+    return sum(len(t) if isinstance(t, str) else sum(len(x) for x in t) for t in texts)
+
+
 def size_line(spec: Spec, model: str | None = None) -> str:
     """One line for the picture, the checks and the export when declared and run sizes differ
-    ("" when they agree); a tokenizer that cannot be had is said, never raised."""
+    ("" when they agree); a tokenizer that cannot be had is said, never raised. Past
+    knobs.SIZE_CHECK_MAX_CHARS characters of text the edit does not tokenize (seconds per edit for
+    megabytes of text): the line says so and the button still sizes them on request."""
+    if _declared(spec) and text_characters(spec) > knobs.SIZE_CHECK_MAX_CHARS:
+        return (f"the segments' texts hold {text_characters(spec):,} characters: their run sizes are not checked on "
+                f"every edit past {knobs.SIZE_CHECK_MAX_CHARS:,} (MASKSTUDIO_SIZE_CHECK_MAX_CHARS); 'Use the run's "
+                f"sizes' tokenizes them")
     try:
         diffs = size_differences(spec, model)
     except (RunError, SpecError, OSError, ValueError) as err:
