@@ -347,3 +347,25 @@ def test_mask_legend_sits_outside_the_cells_and_segment_flow_text_is_large():
     flow = viz.render(spec, "flow")
     node_labels = [t for t in flow.axes[0].texts if "tok" in t.get_text()]
     assert node_labels and min(t.get_fontsize() for t in node_labels) >= 9
+
+
+def test_write_png_replaces_the_file_whole_so_a_reader_never_meets_half_a_picture(tmp_path):
+    """The app names pictures by their content, and two requests may draw one at once while the
+    server sends it: the old file stays whole for a reader that opened it, the new one arrives whole."""
+    from PIL import Image
+
+    def figure(color):
+        fig = viz.new_figure((2, 2))
+        fig.add_axes([0, 0, 1, 1]).add_patch(Rectangle((0, 0), 1, 1, color=color))
+        return fig
+
+    path = str(tmp_path / "mask-abc.png")
+    viz.write_png(figure("red"), path, 40)
+    old = open(path, "rb").read()
+    with open(path, "rb", buffering=0) as reader:  # the server has opened the picture and sent its first bytes
+        head = reader.read(64)
+        viz.write_png(figure("blue"), path, 40)  # drawn again meanwhile
+        assert head + reader.read() == old  # written in place, this read the new file's tail (or less)
+    new = open(path, "rb").read()
+    assert new != old and Image.open(io.BytesIO(new)).getpixel((40, 40))[:3] == (0, 0, 255)
+    assert [p.name for p in tmp_path.iterdir()] == ["mask-abc.png"]  # no part file left behind

@@ -7,6 +7,9 @@ Colours: MODALITY_COLORS; segments of one modality get distinct colours around i
 """
 from __future__ import annotations
 
+import os
+import threading
+
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.collections import PatchCollection
@@ -68,14 +71,25 @@ def save(fig: Figure, path, dpi: int | None = None) -> None:
 
 def write_png(fig: Figure, path: str, dpi: int) -> str:
     """Draw the figure on its Agg canvas at `dpi`, write the pixels as a PNG (fast zlib level)
-    and clear the figure; returns `path`. Faster than savefig for the app's pictures."""
+    and clear the figure; returns `path`. Faster than savefig for the app's pictures.
+
+    The file is written whole under a name of its own, then moved onto `path` (os.replace), so a
+    reader never meets a half-written picture: the app's pictures are named by their content, and
+    two requests drawing the same one at once (an edit's Blocks grid and the Blocks tab opening)
+    rewrote the file while the server was sending it ("Too much data for declared Content-Length")."""
     from PIL import Image
 
     fig.set_dpi(dpi)
     plain_text(fig).canvas.draw()
     arr = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
     fig.clear()
-    Image.fromarray(arr).save(path, "PNG", compress_level=1)
+    part = f"{path}.{os.getpid()}-{threading.get_ident()}.part"
+    try:
+        Image.fromarray(arr).save(part, "PNG", compress_level=1)
+        os.replace(part, path)
+    finally:
+        if os.path.exists(part):  # the save failed (disk full): no stray part file
+            os.remove(part)
     return path
 
 
