@@ -24,7 +24,7 @@ from maskstudio.positions import SCHEMES
 
 gpu = __import__("spaces").GPU(duration=120) if importlib.util.find_spec("spaces") else (lambda fn: fn)  # ZeroGPU
 
-RENDER_CONCURRENCY = int(os.environ.get("MASKSTUDIO_RENDER_CONCURRENCY", "4"))
+RENDER_CONCURRENCY = int(os.environ.get("MASKSTUDIO_RENDER_CONCURRENCY", "16"))  # heavy designs wait in their lane, not here
 CSS = """
 .error-line p { color: #b3261e; font-weight: 600; margin: 0; }
 .ok-line p { color: #2e7d32; margin: 0; } .picture > label[data-testid="block-label"] { position: static; } /* not on titles */

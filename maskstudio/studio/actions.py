@@ -27,7 +27,7 @@ from .budget import (BudgetError, deep_bytes, disk_error_line, image_problem, re
                      session_files)
 from .examples import examples_note, run_blocker, with_examples
 from .jobs import capped, load_model, require_model
-from .pictures import (VIEWS, Cache, analysis_for, digest, figure_png, picture_spec, render_views,
+from .pictures import (VIEWS, Cache, analysis_for, digest, figure_png, heavy, in_heavy_lane, picture_spec, render_views,
                        sweep_workdir, tokenizer_at_hand)
 from .provenance import label, label_result, labelled
 from .sizing import size_line
@@ -138,6 +138,11 @@ def export_file(spec: Spec, fmt: str, layer: int = 0, head: int = 0) -> str:
     return session_files("export", key, lambda folder: [_write_export(spec, fmt, layer, head, folder)])[0]
 
 
+def _export_job(data: dict, fmt: str, layer: int, head: int) -> bytes:
+    from ..export import export_bytes
+    return export_bytes(Spec.from_valid(data), fmt, layer=layer, head=head)
+
+
 def _write_export(spec: Spec, fmt: str, layer: int, head: int, folder: str) -> str:
     from ..export import export_bytes
 
@@ -152,7 +157,9 @@ def _write_export(spec: Spec, fmt: str, layer: int, head: int, folder: str) -> s
             for view in VIEWS:
                 zf.write(pics[view], f"{stem}_{view}.png")
         return path
-    data = export_bytes(spec, fmt, layer=layer, head=head)
+    from ..export_flex import export_work  # heavy exports run in the heavy lane's low-priority worker
+    lane = fmt != "json" and (heavy(spec) or (fmt in ("flex", "transformers") and export_work(spec) > knobs.DESIGN_LIGHT_WORK))
+    data = in_heavy_lane(_export_job, spec.to_dict(), fmt, layer, head) if lane else export_bytes(spec, fmt, layer=layer, head=head)
     require_room(len(data), f"the {fmt} export")
     with open(path, "wb") as fh:
         fh.write(data)

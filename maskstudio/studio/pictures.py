@@ -259,12 +259,9 @@ def view_options(spec: Spec, options: dict | None = None) -> dict:
 
 
 def flow_nodes(spec: Spec, level: str) -> int:
-    """Nodes of the flow graph at `level`: segments, or frames (a video's or a framed segment's) and
-    the other segments; tokens at token level."""
-    if level == "token":
-        return spec.n
-    if level == "segment":
-        return len(spec.segments)
+    """Nodes of the flow graph at `level`: tokens, segments, or frames (videos', framed segments') and other segments."""
+    if level in ("token", "segment"):
+        return spec.n if level == "token" else len(spec.segments)
     t = spec.table
     return sum(int(t["frames"][start]) if seg["modality"] == "video" or "frames" in seg else 1
                for seg, start in zip(spec.segments, t.starts))
@@ -359,6 +356,11 @@ def _draw(spec: Spec, view: str, o: dict, path: str) -> str:
     return figure_png(render(spec, view, **kw), path)
 
 
+def _blocks_job(data: dict, size: int, layer: int, head: int, path: str) -> str:
+    from ..viz import render
+    return figure_png(render(Spec.from_valid(data), "blocks", block_size=size, layer=layer, head=head), path)
+
+
 def _draw_job(data: dict, view: str, o: dict, path: str) -> str:
     return _draw(Spec.from_valid(data), view, o, path)
 
@@ -378,9 +380,10 @@ _PROCS = None
 _PROCS_LOCK = threading.Lock()
 
 
-def _watch_parent(parent: int) -> None:
+def _watch_parent(parent: int, nice: int = 0) -> None:
     """Render worker initializer: exit when the app process is gone (even after SIGKILL), so no
-    worker outlives the app."""
+    worker outlives the app; `nice`: a lower priority (the heavy lane's, behind light edits)."""
+    os.nice(nice)
     def watch():
         while True:
             time.sleep(1.0)
@@ -423,6 +426,48 @@ def _reset_pool() -> None:
         _PROCS = None
 
 
+_HEAVY = None  # the heavy lane: one low-priority worker, one heavy design at a time
+
+
+def heavy(spec: Spec) -> bool:
+    """Past DESIGN_LIGHT_WORK tokens x steps or SEGMENT_TABLE_MAX segments: queued in the heavy lane, not before light edits."""
+    steps = 1 + len(spec.mask["rules"]) + len(spec.mask["overlays"])
+    return spec.n * steps > knobs.DESIGN_LIGHT_WORK or len(spec.segments) > knobs.SEGMENT_TABLE_MAX
+
+
+def in_heavy_lane(fn: Callable, *args):
+    """fn(*args) in the heavy lane's one worker (a process, or a thread when pictures draw in threads)."""
+    global _HEAVY
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    with _PROCS_LOCK:
+        _HEAVY = _HEAVY or (ProcessPoolExecutor(1, mp.get_context("spawn"), _watch_parent, (os.getpid(), 19))
+                            if render_processes() > 0 else ThreadPoolExecutor(1, "maskstudio-heavy"))
+        pool = _HEAVY
+    try:
+        out, err = pool.submit(_parts, fn, *args).result()
+    except BrokenProcessPool:  # the worker died (killed, out of memory): a fresh lane next time, this call here
+        _HEAVY = None
+        return fn(*args)
+    if err:
+        raise SpecError(*err)
+    return out
+
+
+def _parts(fn, *args) -> tuple:  # a SpecError does not pickle (two arguments): it travels as its parts
+    try:
+        return fn(*args), None
+    except SpecError as err:
+        return None, (err.path, err.message)
+
+
+def _heavy_views(data: dict, o: dict, todo: dict) -> dict:
+    spec = Spec.from_valid(data)  # a heavy design's missing pictures ({view: path}) and checks, in the heavy lane
+    return {**{v: _draw(spec, v, o, path) for v, path in todo.items()},
+            "checks": check_text(spec, o["layer"], o["head"]), "density": density_rows(spec, o["layer"], o["head"])}
+
+
 def warm_up() -> list[int]:
     """Start the render workers and draw once in each (call at app start)."""
     pool = _process_pool()
@@ -448,11 +493,10 @@ def render_views(spec: Spec, options: dict | None = None, views=VIEWS, parallel:
     out: dict = {"note": note, "options": o}
     refused = design_refusal(spec)
     if refused:  # one message picture for every view, said in milliseconds
-        key = "png:" + digest("refused", refused)
-        hit = _CACHE.get(key)
         from ..viz import message_figure
 
-        path = hit if hit is not None and os.path.exists(hit) else _CACHE.put(key, figure_png(
+        key = "png:" + digest("refused", refused)
+        path = hit if (hit := _CACHE.get(key)) is not None and os.path.exists(hit) else _CACHE.put(key, figure_png(
             message_figure(refused.replace(": ", ":\n", 1)), os.path.join(WORKDIR, f"refused-{key[4:]}.png")))
         return {**out, **{v: path for v in views}, "checks": refused,
                 "density": {"headers": ["segment density"], "data": [[refused]]}}
@@ -465,6 +509,14 @@ def render_views(spec: Spec, options: dict | None = None, views=VIEWS, parallel:
             out[v] = hit
         else:
             todo[v] = (key, os.path.join(WORKDIR, f"{v}-{key[4:]}.png"))
+    if heavy(spec):  # the lane draws what is missing and the checks, at a low priority, one design at a time
+        key = "chk:" + digest(data, o["layer"], o["head"])
+        facts = _CACHE.get(key)
+        if todo or facts is None:
+            got = in_heavy_lane(_heavy_views, data, o, {v: path for v, (_, path) in todo.items()})
+            out.update({v: _CACHE.put(k, got[v]) for v, (k, _) in todo.items()})
+            facts = _CACHE.put(key, {"checks": got["checks"], "density": got["density"]})
+        return {**out, **facts}
     # past the dense limit the segment flow graph reads the analysis the checks compute: drawn here
     # after them, not by a worker that would compute the same analysis again
     here = {"flow"} if spec.n > REACH_LIVE_MAX and o["flow_level"] == "segment" else set()
@@ -482,8 +534,7 @@ def render_views(spec: Spec, options: dict | None = None, views=VIEWS, parallel:
     return out
 
 
-def design_refusal(spec: Spec) -> str:
-    """The one line refusing a design too large for this server's pictures and checks, else ''."""
+def design_refusal(spec: Spec) -> str:  # the one line refusing a design too large for this server's pictures
     steps = 1 + len(spec.mask["rules"]) + len(spec.mask["overlays"])  # each is work at every token
     if spec.n > knobs.DESIGN_MAX_TOKENS:
         return (f"{spec.n:,} tokens: this server draws and checks designs up to {knobs.DESIGN_MAX_TOKENS:,} tokens "
@@ -543,12 +594,7 @@ def block_view(spec: Spec, block_size=128, layer=0, head=0, live: bool = True) -
     lay = min(max(0, _int(layer, 0)), ctl["layer_max"]) if ctl["varies_by_layer"] else 0
     hd = min(max(0, _int(head, 0)), ctl["head_max"]) if ctl["varies_by_head"] else 0
     key = "png:" + digest("blocks", spec.to_dict(), size, lay, hd)
-
-    def draw():
-        from ..viz import render
-
-        return figure_png(render(spec, "blocks", block_size=size, layer=lay, head=hd),
-                          os.path.join(WORKDIR, f"blocks-{key[4:]}.png"))
-    hit = _CACHE.get(key)
-    path = hit if hit is not None and os.path.exists(hit) else _CACHE.put(key, draw())
-    return path, message
+    hit, args = _CACHE.get(key), (spec.to_dict(), size, lay, hd, os.path.join(WORKDIR, f"blocks-{key[4:]}.png"))
+    if hit is None or not os.path.exists(hit):
+        hit = _CACHE.put(key, in_heavy_lane(_blocks_job, *args) if heavy(spec) else _blocks_job(*args))
+    return hit, message
