@@ -111,11 +111,13 @@ def test_flex_export_work_is_refused_before_lowering():
 
 
 def test_limits_read_their_environment_overrides():
-    code = "from maskstudio import knobs; print(knobs.FLOW_MAX_NODES, knobs.SEGMENT_TABLE_MAX, knobs.EXPORT_MAX_WORK)"
-    env = {**os.environ, "MASKSTUDIO_FLOW_MAX_NODES": "12", "MASKSTUDIO_SEGMENT_TABLE_MAX": "7",
-           "MASKSTUDIO_EXPORT_MAX_WORK": "99"}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
-    assert out.split() == ["12", "7", "99"]
+    names = ["FLOW_MAX_NODES", "SEGMENT_TABLE_MAX", "EXPORT_MAX_WORK", "MAX_STEPS", "DESIGN_MAX_TOKENS",
+             "DESIGN_MAX_WORK", "DESIGN_LIGHT_WORK"]
+    code = ("import importlib.util as u; s = u.spec_from_file_location('k', %r); k = u.module_from_spec(s); "
+            "s.loader.exec_module(k); print(*[getattr(k, n) for n in %r])" % (knobs.__file__, names))
+    env = {**os.environ, **{f"MASKSTUDIO_{n}": str(i + 7) for i, n in enumerate(names)}}
+    out = subprocess.run([sys.executable, "-S", "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.split() == [str(i + 7) for i in range(len(names))]
 
 
 def test_steps_past_the_loader_limit_are_refused_before_any_is_read():
