@@ -4,8 +4,8 @@
 A `MaskContext` travels as the extra forward kwarg `maskstudio=ctx` into its **kwargs; the function
 reads `module.layer_idx`, asks the context for that layer's mask and computes attention itself:
 
-  eager  dense bool rows from the layer's lowered expression (`dense_rows`; the tiled evaluator past
-         the lowering limits), float32 softmax, probabilities recorded; KV-cache steps read the
+  eager  dense bool rows from the layer's lowered expression (`dense_rows`), float32 softmax,
+         probabilities recorded; KV-cache steps read the
          same rows;
   flex   FlexAttention on the spec's lowered, closed-form mask_mod (lower.py) with its BlockMask
          built on the device; q / k / v are padded to a length bucket (a power of two times the
