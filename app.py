@@ -79,8 +79,7 @@ def _design(state, error, opts, box, keep_tables=False, old=None) -> list:
     """After an edit: state, editor, 5 table parts, its error, pictures, card, preset, download, other errors."""
     if error:
         return _failed(state, box, error)
-    spec = studio.current(state)
-    t = studio.spec_to_tables(spec)
+    spec, t = studio.current(state), studio.spec_to_tables(studio.current(state))
     table_out = [t["segments"], t["rules"], t["overlays"], t["scheme"], t["position_params"]]
     if keep_tables:  # the user's own rows stay, unless the edit changed them (a pattern's parameters)
         fixed = old is not None and studio.tables_need_refresh(old, spec)
@@ -90,26 +89,29 @@ def _design(state, error, opts, box, keep_tables=False, old=None) -> list:
 
 
 def edit_handler(edit, n_inputs: int, box: str, keep_tables=False):
-    """A handler for `edit(state, *inputs) -> (state, error)`, followed by the view options. Total:
-    whatever goes wrong, the last good design stays and the error is shown next to `box`."""
+    """A handler for `edit(state, *inputs) -> (state, error)`, then the view options. Total: the last good design stays, the
+    error goes next to `box`. The page's second copy of one action (studio.edit_once) waits for the first and moves nothing."""
     def handler(state, *args):
-        try:
-            new, error = edit(state, *studio.plain_text(args[:n_inputs]))
-            return _design(new, error, _view_opts(*args[n_inputs:]), box, keep_tables, old=studio.current(state))
-        except Exception as err:  # noqa: BLE001 -- a bug must not leave the page in "Error"
-            log.exception("edit %s failed", getattr(edit, "__name__", edit))
-            return _failed(state, box, f"could not apply this edit ({type(err).__name__}: {err}); the last good design is kept")
+        session, name = getattr(gr.context.LocalContext.request.get(None), "session_hash", None), getattr(edit, "__name__", "edit")
+        with studio.edit_once(session, name, args if n_inputs else ()) as repeat:
+            try:
+                if repeat:
+                    return [gr.skip()] * (8 + N_PICTURE_OUTPUTS + 2 + len(ERROR_BOXES))
+                new, error = edit(state, *studio.plain_text(args[:n_inputs]))
+                return _design(new, error, _view_opts(*args[n_inputs:]), box, keep_tables, old=studio.current(state))
+            except Exception as err:  # noqa: BLE001 -- a bug must not leave the page in "Error"
+                log.exception("edit %s failed", name)
+                return _failed(state, box, f"could not apply this edit ({type(err).__name__}: {err}); the last good design is kept")
     return handler
 
 
-def wire_edit(ui, triggers, edit, inputs: list, api_name: str, box: str, keep_tables=False,
-              extra_outputs=(), after=None, **kw):
+def wire_edit(ui, triggers, edit, inputs: list, api_name: str, box: str, keep_tables=False, extra_outputs=(), after=None, **kw):
     """Wire one edit to the design outputs, its error to `box` (on `triggers`, or `after` an event); blocks follow."""
     others = [ui.errors[b] for b in ERROR_BOXES if b != box]
     outputs = ui.design_head + [ui.errors[box]] + ui.pictures + [ui.card, ui.preset, ui.download] + others
     handler = edit_handler(edit, len(inputs), box, keep_tables)
     if extra_outputs:  # the upload box: cleared when the upload was refused
-        handler = (lambda base: lambda *a: (out := base(*a)) + [None if out[7] else gr.skip()])(handler)
+        handler = (lambda base: lambda *a: (out := base(*a)) + [None if isinstance(out[7], str) and out[7] else gr.skip()])(handler)
     args = (handler, [ui.state] + inputs + ui.view_opts, outputs + list(extra_outputs))
     dep = after.then(*args, api_name=api_name, **kw) if after is not None else gr.on(triggers, *args, api_name=api_name, **kw)
     dep.then(functools.partial(on_blocks, live=False), *ui.blocks_io, api_name=False)
@@ -403,8 +405,7 @@ def _compare_tab(ui):
         ui.cmp_run_btn = gr.Button("Compare A, B, C… on the model", variant="primary", elem_id="cmp-run-btn")
     _job_row(ui, "cmp_run", "cmp-error")
     ui.snap_md, ui.cmp_error = gr.Markdown(""), ui.cmp_run_error
-    ui.cmp_text = gr.Textbox(label="A (the design) vs B, C, …: ≠ marks the lines that differ", lines=18,
-                             elem_id="compare-text")
+    ui.cmp_text = gr.Textbox(label="A (the design) vs B, C, …: ≠ marks the lines that differ", lines=18, elem_id="compare-text")
     ui.diff_img = _img("masks side by side, cells that differ coloured", "diff-img", False)
     with gr.Row():
         ui.kl_img, ui.mdiff_img = _img("KL per position", visible=False), _img("segment mass difference", visible=False)
@@ -559,8 +560,7 @@ def _wire_compare_evaluate_export(ui):
 
 
 def build() -> gr.Blocks:
-    init = studio.new_state()
-    presets = studio.preset_choices()
+    init, presets = studio.new_state(), studio.preset_choices()
     ui = SimpleNamespace(presets=presets)
     with gr.Blocks(title="Mask Studio", delete_cache=(600, 1800)) as demo:  # Gradio's copies go too
         ui.state, ui.saved = gr.State(init), gr.BrowserState(None, storage_key=studio.STORAGE_KEY, secret=studio.SECRET)

@@ -181,3 +181,40 @@ def test_a_design_too_large_for_the_browser_is_not_kept():
     big = Spec.load({**SPEC, "description": "x" * (browser.STORE_MAX_CHARS + 1)})
     assert studio.stored_design(studio.new_state(big)) == ""
     assert studio.restore_design(studio.new_state(), big.to_json())[0]["history"] == []
+
+
+def test_the_pages_second_copy_of_an_edit_waits_for_the_first_and_moves_nothing():
+    """Gradio's page sends a dropdown pick and a table edit twice (same inputs, ~20 ms apart): the
+    copy is a repeat that waits for the first to finish; other inputs, another session, an edit
+    without inputs (Undo: twice means twice) or the same edit after REPEAT_S are edits of their own."""
+    import threading
+    import time
+
+    from maskstudio.studio import browser
+
+    order, started = [], threading.Event()
+
+    def first():
+        with studio.edit_once("s1", "load_preset_into_state", ("prefix_lm", 0)) as repeat:
+            order.append(("first", repeat))
+            started.set()
+            time.sleep(0.3)  # drawing the pictures
+            order.append(("first done", repeat))
+
+    t = threading.Thread(target=first)
+    t.start()
+    started.wait()
+    with studio.edit_once("s1", "load_preset_into_state", ("prefix_lm", 0)) as repeat:
+        order.append(("copy", repeat))
+    t.join()
+    assert order == [("first", False), ("first done", False), ("copy", True)]  # after the first's outputs
+    for session, name, inputs in [("s1", "load_preset_into_state", ("cca", 0)), ("s2", "load_preset_into_state", ("cca", 0)),
+                                  ("s2", "undo", ()), ("s2", "undo", ()), (None, "apply_tables", ("x",)),
+                                  (None, "apply_tables", ("x",))]:
+        with studio.edit_once(session, name, inputs) as repeat:
+            assert not repeat, (session, name, inputs)
+    with studio.edit_once("s2", "load_preset_into_state", ("cca", 0)) as repeat:
+        assert repeat  # s2's last edit was this one (Undo has no inputs, so it was not recorded)
+    browser._EDITS["s2"] = (browser._EDITS["s2"][0], time.monotonic() - browser.REPEAT_S, browser._EDITS["s2"][2])
+    with studio.edit_once("s2", "load_preset_into_state", ("cca", 0)) as repeat:
+        assert not repeat  # the same pick a second later: the visitor's own

@@ -40,7 +40,7 @@ from .state import (BLANK, DEFAULT_PRESET, apply_json_edit, attempt, current, de
                     card_text, load_blank, load_preset_into_state, load_task_template, markdown_text, new_state, one_line, preset_card,
                     preset_choices, redo, set_snapshot, snapshot, undo)
 from .provenance import label, label_result, labelled, read_label, results_note, version
-from .browser import PAGE_HEAD, SECRET, STORAGE_KEY, restore_design, state_card, stored_design
+from .browser import PAGE_HEAD, SECRET, STORAGE_KEY, edit_once, restore_design, state_card, stored_design
 from .tables import (OVERLAY_COLUMNS, RULE_COLUMNS, SEGMENT_COLUMNS, TABLES_HELP, TEXT_EDITOR_HELP, apply_table_edit, apply_tables, format_ints,
                      format_params, format_selector, format_size, format_text, parse_ints, parse_params,
                      parse_selector, parse_size, parse_text, parse_token, resolve_token, rows_of, segment_pick, segment_text, set_segment_text, spec_to_tables, tables_need_refresh,

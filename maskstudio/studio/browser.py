@@ -7,10 +7,21 @@
   canonical JSON, text only) in a `gr.BrowserState`; on page load `restore_design` makes it the
   design again (validated like an upload; never a path, never code), with the fresh default on
   the undo stack so Undo starts fresh, and `state_card` says so above the preset card.
+* Edits the page sends twice: Gradio's page dispatches a dropdown pick by mouse and every table
+  edit twice (the same inputs, ~20 ms apart). The copy redrew everything a second time and, when it
+  finished after the visitor's next edit elsewhere, put the design's JSON over the text they were
+  typing and cleared that edit's error. `edit_once` makes the copy wait for the first and change
+  nothing.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import threading
+import time
+from collections import OrderedDict
+from contextlib import contextmanager
 from pathlib import Path
 
 from ..spec import Spec
@@ -51,3 +62,38 @@ def state_card(state: dict) -> str:
     next edit)."""
     card = design_card(state["spec"])
     return f"{RESTORED}  \n{card}" if state.get("restored") is state["spec"] else card
+
+
+REPEAT_S = 1.0  # the same edit again within this (or while the first runs): the page's copy of one action
+_EDITS: OrderedDict = OrderedDict()  # session -> (its last edit's digest, when it started, set when it is done)
+_EDITS_LOCK = threading.Lock()
+_EDITS_MAX = 4096  # sessions remembered (a session's last edit: ~200 bytes)
+
+
+@contextmanager
+def edit_once(session: str | None, name: str, inputs: tuple):
+    """Yields True when this edit repeats the session's last one (same edit, same inputs, started
+    under REPEAT_S ago or still running): it has waited for that one to finish and should change
+    no output, so it cannot land after, and undo, a newer edit. Edits without inputs (Undo, Redo,
+    New) are never repeats: pressing them twice means twice."""
+    if session is None or not inputs:
+        yield False
+        return
+    key = hashlib.sha1(json.dumps([name, inputs], sort_keys=True, default=str).encode()).hexdigest()
+    now = time.monotonic()
+    with _EDITS_LOCK:
+        last = _EDITS.get(session)
+        repeat = last is not None and last[0] == key and (now - last[1] < REPEAT_S or not last[2].is_set())
+        if not repeat:
+            last = _EDITS[session] = (key, now, threading.Event())
+            _EDITS.move_to_end(session)
+            while len(_EDITS) > _EDITS_MAX:
+                _EDITS.popitem(last=False)
+    if repeat:
+        last[2].wait(60)  # the first edit's outputs land first
+        yield True
+        return
+    try:
+        yield False
+    finally:
+        last[2].set()
