@@ -44,8 +44,13 @@ def cell(page, table, r, c):
 
 
 def type_over(page, table, r, c, text, then="Enter"):
-    """Select a cell with one click and type, as a user does (keys 80 ms apart), then Enter or Escape."""
+    """Select a cell with one click and type, as a user does (keys 80 ms apart), then Enter or Escape.
+    Gradio focuses the clicked cell a few ms after the click: a key before that goes to the page's body
+    (measured: the first letter of 'none' was lost 5 times in 6), so wait for the focus as a person's
+    eyes do."""
     cell(page, table, r, c).click()
+    page.wait_for_function("([t, r, c]) => !!document.activeElement?.closest(`#${t} [data-testid='cell-${r}-${c}']`)",
+                           arg=[table, r, c], timeout=10_000)
     page.keyboard.type(text, delay=80)
     page.keyboard.press(then)
 

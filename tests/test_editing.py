@@ -215,6 +215,25 @@ def test_the_pages_second_copy_of_an_edit_waits_for_the_first_and_moves_nothing(
             assert not repeat, (session, name, inputs)
     with studio.edit_once("s2", "load_preset_into_state", ("cca", 0)) as repeat:
         assert repeat  # s2's last edit was this one (Undo has no inputs, so it was not recorded)
-    browser._EDITS["s2"] = (browser._EDITS["s2"][0], time.monotonic() - browser.REPEAT_S, browser._EDITS["s2"][2])
+    browser._EDITS["s2"].ended = time.monotonic() - browser.REPEAT_S
     with studio.edit_once("s2", "load_preset_into_state", ("cca", 0)) as repeat:
         assert not repeat  # the same pick a second later: the visitor's own
+
+
+def test_a_slow_edits_queued_copy_is_still_a_repeat(monkeypatch):
+    """Gradio runs one session's copy after the first (one worker per handler): a first edit slower than
+    REPEAT_S (multiverse's pictures under load) must not make its copy an edit of its own, which redrew
+    everything with the inputs of the moment of the pick and wiped a reach-token line typed since."""
+    import time
+
+    from maskstudio.studio import browser
+
+    monkeypatch.setattr(browser, "REPEAT_S", 0.2)
+    with studio.edit_once("s3", "load_preset_into_state", ("multiverse", 0)) as repeat:
+        assert not repeat
+        time.sleep(0.5)  # longer than REPEAT_S
+    with studio.edit_once("s3", "load_preset_into_state", ("multiverse", 0)) as repeat:
+        assert repeat  # right after the first ended
+    time.sleep(0.3)
+    with studio.edit_once("s3", "load_preset_into_state", ("multiverse", 0)) as repeat:
+        assert not repeat  # the visitor picked it again, later

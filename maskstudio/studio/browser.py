@@ -22,6 +22,7 @@ import threading
 import time
 from collections import OrderedDict
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..spec import Spec
@@ -64,36 +65,48 @@ def state_card(state: dict) -> str:
     return f"{RESTORED}  \n{card}" if state.get("restored") is state["spec"] else card
 
 
-REPEAT_S = 1.0  # the same edit again within this (or while the first runs): the page's copy of one action
-_EDITS: OrderedDict = OrderedDict()  # session -> (its last edit's digest, when it started, set when it is done)
+REPEAT_S = 1.0  # the same edit again within this after the first ended (or while it runs): the page's copy of one action
+_EDITS: OrderedDict = OrderedDict()  # session -> _Edit, its last edit with inputs
 _EDITS_LOCK = threading.Lock()
 _EDITS_MAX = 4096  # sessions remembered (a session's last edit: ~200 bytes)
 
 
+@dataclass
+class _Edit:
+    """A session's last edit: its digest, set when it is done, and when that was."""
+    key: str
+    done: threading.Event = field(default_factory=threading.Event)
+    ended: float = 0.0
+
+    def repeated_by(self, key: str, now: float) -> bool:
+        return key == self.key and (not self.done.is_set() or now - self.ended < REPEAT_S)
+
+
 @contextmanager
 def edit_once(session: str | None, name: str, inputs: tuple):
-    """Yields True when this edit repeats the session's last one (same edit, same inputs, started
-    under REPEAT_S ago or still running): it has waited for that one to finish and should change
-    no output, so it cannot land after, and undo, a newer edit. Edits without inputs (Undo, Redo,
-    New) are never repeats: pressing them twice means twice."""
+    """Yields True when this edit repeats the session's last one (same edit, same inputs, while that
+    one runs or under REPEAT_S after it ended: the copy queues behind the first, so a slow first edit
+    must not turn its copy into an edit of its own): it has waited for that one to finish and should
+    change no output, so it cannot land after, and undo, a newer edit. Edits without inputs (Undo,
+    Redo, New) are never repeats: pressing them twice means twice."""
     if session is None or not inputs:
         yield False
         return
     key = hashlib.sha1(json.dumps([name, inputs], sort_keys=True, default=str).encode()).hexdigest()
-    now = time.monotonic()
     with _EDITS_LOCK:
         last = _EDITS.get(session)
-        repeat = last is not None and last[0] == key and (now - last[1] < REPEAT_S or not last[2].is_set())
+        repeat = last is not None and last.repeated_by(key, time.monotonic())
         if not repeat:
-            last = _EDITS[session] = (key, now, threading.Event())
+            last = _EDITS[session] = _Edit(key)
             _EDITS.move_to_end(session)
             while len(_EDITS) > _EDITS_MAX:
                 _EDITS.popitem(last=False)
     if repeat:
-        last[2].wait(60)  # the first edit's outputs land first
+        last.done.wait(60)  # the first edit's outputs land first
         yield True
         return
     try:
         yield False
     finally:
-        last[2].set()
+        last.ended = time.monotonic()
+        last.done.set()
