@@ -1,4 +1,5 @@
 """Shared fixtures. Tiers: default (fast), `model`, `browser`, `slow` — CI runs all of them."""
+import contextlib
 import json
 import os
 import pathlib
@@ -12,6 +13,8 @@ import urllib.request
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+CHROMIUM = "/usr/bin/chromium"  # apt-get install chromium; never `playwright install`
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"]
 GOLDENS = ROOT / "tests" / "data" / "goldens.json"  # copy of ../shared/reference/goldens.json
 
 
@@ -71,14 +74,48 @@ def launch_app(timeout: float = 120):
     raise RuntimeError("app.py did not come up")
 
 
-@pytest.fixture(scope="session")
-def app_url():
-    """One `python app.py` for the client and browser tests (sessions are isolated by gradio)."""
-    (ROOT / "artifacts").mkdir(exist_ok=True)
-    proc, url = launch_app()
-    yield url
+def stop_app(proc) -> None:
     proc.terminate()
     try:
         proc.wait(20)
     except subprocess.TimeoutExpired:
         proc.kill()
+
+
+@contextlib.contextmanager
+def running_app(**env):
+    """`python app.py` with these environment variables added (SPACE_ID=... for a Space); yields its url."""
+    (ROOT / "artifacts").mkdir(exist_ok=True)
+    with pytest.MonkeyPatch.context() as mp:
+        for name, value in env.items():
+            mp.setenv(name, value)
+        proc, url = launch_app()
+    try:
+        yield url
+    finally:
+        stop_app(proc)
+
+
+@contextlib.contextmanager
+def app_page(url: str, height: int = 1200):
+    """A headless Chromium page (Debian's, never a downloaded one) on the app, its first picture drawn."""
+    playwright = pytest.importorskip("playwright.sync_api")
+    if not pathlib.Path(CHROMIUM).exists():
+        (pytest.fail if os.environ.get("CI") else pytest.skip)("Debian's chromium is missing: bash scripts/setup.sh --dev")
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_context(viewport={"width": 1600, "height": height}).new_page()
+            page.set_default_timeout(60_000)
+            page.goto(url)
+            page.wait_for_selector("#mask-img img")
+            yield page
+        finally:
+            browser.close()
+
+
+@pytest.fixture(scope="session")
+def app_url():
+    """One `python app.py` for the client and browser tests (sessions are isolated by gradio)."""
+    with running_app() as url:
+        yield url

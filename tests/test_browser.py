@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT
+from conftest import CHROMIUM_ARGS, ROOT
 
 pytestmark = pytest.mark.browser
 ART = ROOT / "artifacts"
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"]
+ARGS = CHROMIUM_ARGS
 SPEC = {"name": "paris-qa", "description": "uploaded in the browser test",
         "segments": [{"name": "context", "text": "Paris is the capital of France."},
                      {"name": "question", "text": " Q: What is the capital of France? A:", "role": ["generate"]}],

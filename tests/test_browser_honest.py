@@ -6,7 +6,8 @@ import re
 
 import pytest
 
-from test_browser import ARGS, ART, edit_cell, editor_text, error_badges, src, wait_src_change
+from conftest import app_page
+from test_browser import ART, edit_cell, editor_text, error_badges, src, wait_src_change
 
 pytestmark = pytest.mark.browser
 LONG = "The quick brown fox jumps over the lazy dog, twice over, and then once more."
@@ -15,15 +16,8 @@ QUESTION = " Who jumps?"
 
 @pytest.fixture(scope="module")
 def page(app_url):
-    playwright = pytest.importorskip("playwright.sync_api")
-    with playwright.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=ARGS)
-        pg = browser.new_context(viewport={"width": 1600, "height": 1100}).new_page()
-        pg.set_default_timeout(60_000)
-        pg.goto(app_url)
-        pg.wait_for_selector("#mask-img img")
+    with app_page(app_url, height=1100) as pg:
         yield pg
-        browser.close()
 
 
 def apply_json(page, spec: dict) -> None:

@@ -7,17 +7,14 @@ disabled while its job runs, Stop ends a model load at once and a generation and
 import json
 import os
 import re
-import subprocess
 import time
-from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, launch_app
+from conftest import ROOT, app_page, running_app
 
 pytestmark = [pytest.mark.browser, pytest.mark.model]
 ART = ROOT / "artifacts"
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"]
 STOP_S = 2.0  # Stop to the button back and what was computed shown, on an idle machine; LOADED scales it
 LOADED = max(1.0, os.getloadavg()[0] / (os.cpu_count() or 1))  # a shared CI box runs other work too
 SPEC = {"name": "paris", "segments": [{"name": "context", "text": "The capital of France is Paris."},
@@ -37,29 +34,14 @@ RECORD = """([key, btn]) => {
 
 @pytest.fixture(scope="module")
 def app():
-    (ART).mkdir(exist_ok=True)
-    proc, url = launch_app()
-    yield url
-    proc.terminate()
-    try:
-        proc.wait(20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    with running_app() as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
 def page(app):
-    playwright = pytest.importorskip("playwright.sync_api")
-    if not Path("/usr/bin/chromium").exists():
-        (pytest.fail if os.environ.get("CI") else pytest.skip)("Debian's chromium is missing: bash scripts/setup.sh --dev")
-    with playwright.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=ARGS)
-        pg = browser.new_context(viewport={"width": 1600, "height": 1200}).new_page()
-        pg.set_default_timeout(60_000)
-        pg.goto(app)
-        pg.wait_for_selector("#mask-img img")
+    with app_page(app) as pg:
         yield pg
-        browser.close()
 
 
 def lines(page, key) -> list:

@@ -4,33 +4,21 @@ change the view in < 200 ms with no server traffic at all (Chrome DevTools' netw
 requests, received data chunks of any open stream, WebSocket frames, EventSource messages).
 Latencies are measured in the page: from the input event's timestamp to the frame after the
 viewer redrew (requestAnimationFrame)."""
-import os
 import time
-from pathlib import Path
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, app_page
 
 pytestmark = [pytest.mark.browser, pytest.mark.model]
 ART = ROOT / "artifacts"
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"]
 BUDGET_MS = 200
 
 
 @pytest.fixture(scope="module")
 def page(app_url):
-    playwright = pytest.importorskip("playwright.sync_api")
-    if not Path("/usr/bin/chromium").exists():
-        (pytest.fail if os.environ.get("CI") else pytest.skip)("Debian's chromium is missing: bash scripts/setup.sh --dev")
-    with playwright.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=ARGS)
-        pg = browser.new_context(viewport={"width": 1600, "height": 1200}).new_page()
-        pg.set_default_timeout(60_000)
-        pg.goto(app_url)
-        pg.wait_for_selector("#mask-img img")
+    with app_page(app_url) as pg:
         yield pg
-        browser.close()
 
 
 class Traffic:

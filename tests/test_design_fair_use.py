@@ -9,7 +9,6 @@ design a Space draws (65,536 tokens) and one past it, a spec past MAX_STEPS.
 benchmarks/bench_design_limits.py measures the same cases one by one.
 """
 import json
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -23,18 +22,10 @@ BOUND_S = 60.0   # a heavy case's answer on this 2-core machine shared with othe
 
 @pytest.fixture(scope="module")
 def space_app():
-    from conftest import ROOT, launch_app
+    from conftest import running_app
 
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("SPACE_ID", "maskstudio/test")
-        (ROOT / "artifacts").mkdir(exist_ok=True)
-        proc, url = launch_app()
-    yield url
-    proc.terminate()
-    try:
-        proc.wait(20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    with running_app(SPACE_ID="maskstudio/test") as url:
+        yield url
 
 
 def heavy_cases() -> dict:

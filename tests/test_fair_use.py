@@ -5,7 +5,6 @@ Checks #24's "done when": the victim's design edit answers in < 2 s while attack
 a visitor's second model job is refused in one line; Stop and a dropped client free the worker
 (the next job starts within seconds); typed server paths are refused in Space mode.
 """
-import subprocess
 import time
 
 import pytest
@@ -17,20 +16,10 @@ TRAIN = ("kv_retrieval", 200, 1e-3, False, "next_token", True, "tiny-llama")  # 
 
 @pytest.fixture(scope="module")
 def space_app():
-    from conftest import ROOT, launch_app
+    from conftest import running_app
 
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("SPACE_ID", "maskstudio/test")
-        mp.setenv("MASKSTUDIO_TRAIN_MAX_STEPS", "200")
-        mp.setenv("MASKSTUDIO_RENDER_PROCESSES", "0")
-        (ROOT / "artifacts").mkdir(exist_ok=True)
-        proc, url = launch_app()
-    yield url
-    proc.terminate()
-    try:
-        proc.wait(20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    with running_app(SPACE_ID="maskstudio/test", MASKSTUDIO_TRAIN_MAX_STEPS="200", MASKSTUDIO_RENDER_PROCESSES="0") as url:
+        yield url
 
 
 def client(url):
