@@ -54,6 +54,9 @@ def edit_cell(page, cell: str, text: str) -> None:
         page.locator(cell).dblclick()
         try:
             editor.first.wait_for(timeout=3_000)
+            # keys go where the focus is: Gradio focuses the editor a moment after showing it
+            page.wait_for_function("(sel) => document.activeElement?.matches(sel)",
+                                   arg=f"{cell} textarea, {cell} input", timeout=3_000)
             break
         except Exception:  # noqa: BLE001 - playwright's TimeoutError: try the double-click again
             continue
