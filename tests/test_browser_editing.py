@@ -63,6 +63,7 @@ def test_a_preset_switch_leaves_no_stale_error_and_tokens_are_said_not_moved(pag
     assert page.locator("#query-error").inner_text().strip() == ""
     assert page.locator("#query input").input_value() in ("prefix", "target")
     pick_preset(page, "multiverse")
+    settle(page)   # the pick's trailing events (blocks, stored design) have landed
     reach_token(page, "path2[999]")   # past path2 at its declared size AND at the tokenizer's (once a test loaded the model)
     note = page.locator("#reach-error")
     note.get_by_text("reach token: path2 has").wait_for()
