@@ -70,7 +70,7 @@ def launch_app(timeout: float = 120):
             return proc, url
         except OSError:
             time.sleep(0.5)
-    proc.terminate()
+    stop_app(proc)
     raise RuntimeError("app.py did not come up")
 
 
@@ -97,16 +97,19 @@ def running_app(**env):
 
 
 @contextlib.contextmanager
-def app_page(url: str, height: int = 1200):
-    """A headless Chromium page (Debian's, never a downloaded one) on the app, its first picture drawn."""
+def app_page(url: str, height: int = 1200, width: int = 1600, prepare=None, **context):
+    """A headless Chromium page (Debian's, never a downloaded one) on the app, its first picture drawn.
+    `prepare(page)` runs before the page opens the app (a request watcher); `context`: new_context's options."""
     playwright = pytest.importorskip("playwright.sync_api")
     if not pathlib.Path(CHROMIUM).exists():
         (pytest.fail if os.environ.get("CI") else pytest.skip)("Debian's chromium is missing: bash scripts/setup.sh --dev")
     with playwright.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
-            page = browser.new_context(viewport={"width": 1600, "height": height}).new_page()
+            page = browser.new_context(viewport={"width": width, "height": height}, **context).new_page()
             page.set_default_timeout(60_000)
+            if prepare is not None:
+                prepare(page)
             page.goto(url)
             page.wait_for_selector("#mask-img img")
             yield page

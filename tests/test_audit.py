@@ -409,17 +409,10 @@ def test_readme_audit_commands_run_as_written(tmp_path, monkeypatch, capsys):
 @pytest.mark.browser
 def test_audit_tab_in_the_browser(app_url):
     """The Audit tab as a visitor uses it: the default tiny model, one click, the text and three pictures."""
-    import os
-    from pathlib import Path
+    from conftest import app_page
 
-    playwright = pytest.importorskip("playwright.sync_api")
-    if not Path("/usr/bin/chromium").exists():
-        (pytest.fail if os.environ.get("CI") else pytest.skip)("Debian's chromium is missing: bash scripts/setup.sh --dev")
-    with playwright.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=["--no-sandbox", "--disable-gpu"])
-        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    with app_page(app_url, height=1000, width=1400) as page:
         page.set_default_timeout(120_000)
-        page.goto(app_url)
         page.get_by_role("tab", name="Audit").click()
         page.click("#audit-btn")
         text = page.locator("#audit-text textarea")
@@ -427,4 +420,3 @@ def test_audit_tab_in_the_browser(app_url):
         assert text.input_value().startswith("audit: tiny-gemma3-vision (gemma3, 6 layers)")
         page.wait_for_function("document.querySelectorAll('.gallery img, [data-testid=\"gallery\"] img').length >= 3 ||"
                                " document.querySelectorAll('button.thumbnail-item img').length >= 3")
-        browser.close()

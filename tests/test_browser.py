@@ -2,18 +2,16 @@
 `playwright install`). One page walks through what a researcher does; screenshots land in
 artifacts/ (gitignored)."""
 import json
-import os
 import re
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import CHROMIUM_ARGS, ROOT
+from conftest import ROOT, app_page
 
 pytestmark = pytest.mark.browser
 ART = ROOT / "artifacts"
-ARGS = CHROMIUM_ARGS
 SPEC = {"name": "paris-qa", "description": "uploaded in the browser test",
         "segments": [{"name": "context", "text": "Paris is the capital of France."},
                      {"name": "question", "text": " Q: What is the capital of France? A:", "role": ["generate"]}],
@@ -22,18 +20,8 @@ SPEC = {"name": "paris-qa", "description": "uploaded in the browser test",
 
 @pytest.fixture(scope="module")
 def page(app_url):
-    playwright = pytest.importorskip("playwright.sync_api")
-    if not Path("/usr/bin/chromium").exists():  # CI installs it (scripts/setup.sh --dev): never skip there
-        (pytest.fail if os.environ.get("CI") else pytest.skip)("Debian's chromium is missing: bash scripts/setup.sh --dev")
-    with playwright.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=ARGS)
-        ctx = browser.new_context(viewport={"width": 1600, "height": 1100}, accept_downloads=True)
-        pg = ctx.new_page()
-        pg.set_default_timeout(60_000)
-        pg.goto(app_url)
-        pg.wait_for_selector("#mask-img img")
+    with app_page(app_url, height=1100, accept_downloads=True) as pg:
         yield pg
-        browser.close()
 
 
 def src(page, elem="#mask-img") -> str:

@@ -4,7 +4,8 @@ import time
 
 import pytest
 
-from test_browser import (ARGS, editor_text, error_badges, pick_preset, reach_token, server_log, settle, src,
+from conftest import CHROMIUM, CHROMIUM_ARGS
+from test_browser import (editor_text, error_badges, pick_preset, reach_token, server_log, settle, src,
                           wait_src_change)
 
 pytestmark = pytest.mark.browser
@@ -14,7 +15,7 @@ pytestmark = pytest.mark.browser
 def browser():
     playwright = pytest.importorskip("playwright.sync_api")
     with playwright.sync_playwright() as p:
-        b = p.chromium.launch(executable_path="/usr/bin/chromium", args=ARGS)
+        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         yield b
         b.close()
 

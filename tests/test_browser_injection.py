@@ -8,12 +8,12 @@ import http.server
 import json
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
 from conftest import ROOT, free_port
-from test_browser import ARGS, src, wait_src_change
+from conftest import app_page
+from test_browser import src, wait_src_change
 
 pytestmark = pytest.mark.browser
 
@@ -47,19 +47,12 @@ def hostile(port: int, where: str) -> str:
 
 @pytest.fixture(scope="module")
 def page(app_url, trap):
-    playwright = pytest.importorskip("playwright.sync_api")
-    if not Path("/usr/bin/chromium").exists():
-        pytest.skip("Debian's chromium is missing: bash scripts/setup.sh --dev")
-    with playwright.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=ARGS)
-        pg = browser.new_context(viewport={"width": 1600, "height": 1100}).new_page()
-        pg.set_default_timeout(60_000)
+    def watch(pg):  # every request to the trap's port, from before the app loads
         pg.requests_to_trap = []
         pg.on("request", lambda r: pg.requests_to_trap.append(r.url) if f":{trap[0]}/" in r.url else None)
-        pg.goto(app_url)
-        pg.wait_for_selector("#mask-img img")
+
+    with app_page(app_url, height=1100, prepare=watch) as pg:
         yield pg
-        browser.close()
 
 
 def test_the_watch_sees_a_real_fetch(trap, page):

@@ -223,7 +223,7 @@ def test_the_pages_second_copy_of_an_edit_waits_for_the_first_and_moves_nothing(
 def test_a_slow_edits_queued_copy_is_still_a_repeat(monkeypatch):
     """Gradio runs one session's copy after the first (one worker per handler): a first edit slower than
     REPEAT_S (multiverse's pictures under load) must not make its copy an edit of its own, which redrew
-    everything with the inputs of the moment of the pick and wiped a reach-token line typed since."""
+    everything with the inputs of the moment of the pick, over anything typed since."""
     import time
 
     from maskstudio.studio import browser
