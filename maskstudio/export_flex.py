@@ -15,7 +15,7 @@ import inspect
 
 import torch
 
-from . import errors, expr, knobs, lower, positions, segments, tokens
+from . import errors, expr, knobs, lower, lower_blocks, positions, segments, tokens
 from .errors import SpecError
 from .segments import expand_int_list, layer_sets
 from .spec import DEFAULT_MAX_TOKENS, Spec
@@ -111,8 +111,10 @@ def _sources(spec) -> str:
            segments.resized_segments, segments._shown, segments._resized, segments._check_resized,
            segments.segment_size, tokens.TokenTable, tokens.grid_coordinates, tokens._segment_columns,
            tokens.build_table,
-           lower.param_value, scheme, expr.floordiv_by_size]
-    constants = f"_CONTROL = re.compile({errors._CONTROL.pattern!r})\nMAX_INT = {errors.MAX_INT}\n\n\n"
+           lower.param_value, scheme, expr.floordiv_by_size,
+           lower_blocks.compiled_create_block_mask, lower_blocks.torch_block_mask]
+    constants = (f"_CONTROL = re.compile({errors._CONTROL.pattern!r})\nMAX_INT = {errors.MAX_INT}\n"
+                 f"COMPILE_BLOCK_MASK_FROM = {lower_blocks.COMPILE_BLOCK_MASK_FROM}  # tokens\n\n\n")
     return constants + "\n\n".join(inspect.getsource(f) for f in fns)
 
 
@@ -178,6 +180,7 @@ position_ids=position_ids[None]). Sizes: {{"name": length | [h, w] | [t, h, w] |
 ValueError) with Mask Studio's own one-line message.
 """
 import difflib
+import functools
 import itertools
 import re
 from dataclasses import dataclass, field
@@ -265,8 +268,6 @@ def mask_mod_for(sizes=None, layer=0, padded=False, device="cpu"):
 def block_mask_for(sizes_or_batch=None, device="cpu", layer=0, num_heads=None, block_size=128, length=None):
     """A BlockMask for one layout (None or a sizes dict) or a batch (a list of them, padded to the
     longest or to `length`). num_heads: needed when the layer's rules switch on heads."""
-    from torch.nn.attention.flex_attention import create_block_mask
-
     batch = isinstance(sizes_or_batch, list)
     layouts = [layout_for(s) for s in (sizes_or_batch if batch else [sizes_or_batch])]
     fn, per_head, dividends, lookups = _variant(layer, layouts)
@@ -277,7 +278,7 @@ def block_mask_for(sizes_or_batch=None, device="cpu", layer=0, num_heads=None, b
         tokens = sum(segment_size(s) for s in layouts[0])
         n = length or tokens
         mask_mod = mask_mod_for(sizes_or_batch, layer, padded=n > tokens, device=device)
-        return create_block_mask(mask_mod, None, heads, n, n, device=device, BLOCK_SIZE=block_size)
+        return torch_block_mask(mask_mod, None, heads, n, device, block_size)
     if lookups:
         raise ValueError(f"attributes {{lookups}} are per-token tables: build one BlockMask per layout")
     Ps = torch.stack([_params(layout)[0] for layout in layouts])
@@ -288,7 +289,7 @@ def block_mask_for(sizes_or_batch=None, device="cpu", layer=0, num_heads=None, b
     def mask_mod(b, h, q_idx, kv_idx):
         P = Ps[b]
         return fn(P, {{}}, h, q_idx, kv_idx, div) & (kv_idx < P[END]) & (q_idx < P[END])
-    return create_block_mask(mask_mod, len(Ps), heads, n, n, device=device, BLOCK_SIZE=block_size)
+    return torch_block_mask(mask_mod, len(Ps), heads, n, device, block_size)
 
 
 def position_ids_for(sizes=None):

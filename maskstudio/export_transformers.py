@@ -171,8 +171,6 @@ class DesignBatch:
 
     def block_mask(self, layer, num_heads=None, window=None, block_size=128):
         """A BlockMask [B, H or 1, L, L] of the layer's mask for FlexAttention."""
-        from torch.nn.attention.flex_attention import create_block_mask
-
         fn, per_head, div, lookups = self._parts(layer)
         if per_head and num_heads is None:
             raise ValueError("this layer has per-head rules: pass num_heads")
@@ -182,8 +180,8 @@ class DesignBatch:
                 return self._allow(fn, div, lookups, b, h, q_idx, kv_idx, window)
             mask_mod.__name__ = mask_mod.__qualname__ = f"mask_{SLUG}_L{layer}_packed"
             heads = num_heads if per_head else None
-            self._masks[key] = create_block_mask(mask_mod, len(self.doc), heads, self.length, self.length,
-                                                 device=self.doc.device, BLOCK_SIZE=block_size)
+            self._masks[key] = torch_block_mask(mask_mod, len(self.doc), heads, self.length, self.doc.device,
+                                                block_size)
         return self._masks[key]
 
 

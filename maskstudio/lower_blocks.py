@@ -15,6 +15,7 @@ if not, the graph is captured again with capacity for them.
 """
 from __future__ import annotations
 
+import functools
 import warnings
 from collections import OrderedDict
 
@@ -460,3 +461,26 @@ def build_block_mask(low, block_size: int = 128, device=None, num_heads: int | N
     if num_heads and num_heads > heads:  # asked for H heads of a mask that is the same on every head
         indices = tuple(t.expand(t.shape[0], num_heads, *t.shape[2:]).contiguous() for t in indices)
     return to_block_mask(indices, block_size, low.mask_mod, length)
+
+
+COMPILE_BLOCK_MASK_FROM = 8192  # tokens: past this torch's create_block_mask runs compiled (see torch_block_mask)
+
+
+@functools.cache
+def compiled_create_block_mask():
+    """torch.compile(create_block_mask), made once so that every later length reuses it."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    return torch.compile(create_block_mask)
+
+
+def torch_block_mask(mask_mod, batch, heads, n, device, block_size=128):
+    """torch's own create_block_mask over n x n, compiled past COMPILE_BLOCK_MASK_FROM tokens (the
+    exported files' builder). Uncompiled it evaluates every (q, k) at once: 128 GiB at 128k tokens,
+    an out-of-memory error on an 80 GB card (measured on an H100); compiled, the evaluation is fused
+    into the block reduction, as torch's documentation advises for long sequences."""
+    if n <= COMPILE_BLOCK_MASK_FROM:
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        return create_block_mask(mask_mod, batch, heads, n, n, device=device, BLOCK_SIZE=block_size)
+    return compiled_create_block_mask()(mask_mod, batch, heads, n, n, device=device, BLOCK_SIZE=block_size)

@@ -4,6 +4,7 @@ documented form, a fresh interpreter that never imports maskstudio gets `mask_mo
 `position_ids_for` and `block_mask_for` equal to `Spec.with_sizes(sizes)`, and refuses what the
 library refuses with the library's one-line message."""
 import json
+import os
 import runpy
 import subprocess
 import sys
@@ -297,3 +298,42 @@ def test_sizes_the_library_refuses_the_file_refuses_alike(tmp_path, sizes, messa
         ns["mask_mod_for"](sizes)
     assert str(lib.value).startswith(message) and "\n" not in str(lib.value)
     assert str(err.value) == str(lib.value)
+
+
+BIG_BUILD = """
+import importlib.util, json, resource, sys
+spec = importlib.util.spec_from_file_location("design", sys.argv[1])  # a real module, as torch.compile needs
+design = sys.modules["design"] = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(design)
+bm = design.block_mask_for(json.loads(sys.argv[2]))
+print(json.dumps({"peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024,
+                  "kv": bm.kv_num_blocks.tolist(), "kv_idx": bm.kv_indices.tolist(),
+                  "full": bm.full_kv_num_blocks.tolist(), "full_idx": bm.full_kv_indices.tolist()}))
+"""
+
+
+@pytest.mark.slow  # ~30 s on 2 cores: a compile of create_block_mask in a fresh interpreter
+def test_exported_block_mask_at_32k_tokens_is_built_compiled_in_bounded_memory(tmp_path):
+    """Past COMPILE_BLOCK_MASK_FROM tokens the exported file builds with torch.compile(create_block_mask):
+    uncompiled, create_block_mask evaluates all N x N pairs at once (it asked for 128 GiB at 128k tokens
+    on an H100; at 32k here it needs over 9 GB). The blocks equal the library's own builder."""
+    raw = {"segments": [{"name": "pre", "modality": "text", "length": 4},
+                        {"name": "video", "modality": "video", "grid": [2, 4, 4]},
+                        {"name": "suf", "modality": "text", "length": 4}],
+           "mask": {"base": {"pattern": "causal"},
+                    "rules": [{"q": "video", "k": "video", "pattern": "block_causal", "by": "frame"}]}}
+    sizes = {"pre": 1024, "video": [30, 32, 32], "suf": 1024}
+    path = tmp_path / "video.py"
+    path.write_text(flex_code(Spec.load(raw)))
+    out = subprocess.run([sys.executable, "-c", BIG_BUILD, str(path), json.dumps(sizes)], capture_output=True,
+                         text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "2"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["peak_mb"] < 3000, got["peak_mb"]
+    want = Spec.load(raw).with_sizes(sizes).block_mask(block_size=128)
+    assert want.kv_num_blocks.shape[-1] == 32768 // 128
+    assert got["kv"] == want.kv_num_blocks.tolist() and got["full"] == want.full_kv_num_blocks.tolist()
+    for mine, theirs, counts in ((got["kv_idx"], want.kv_indices, want.kv_num_blocks),
+                                 (got["full_idx"], want.full_kv_indices, want.full_kv_num_blocks)):
+        for row, (a, b, c) in enumerate(zip(mine[0][0], theirs[0, 0].tolist(), counts[0, 0].tolist())):
+            assert a[:c] == b[:c], row
