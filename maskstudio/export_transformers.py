@@ -23,6 +23,9 @@ definition there. The section adds what a trainer needs:
 """
 from __future__ import annotations
 
+import inspect
+
+from . import lower_blocks
 from .export_flex import flex_code
 
 _MAIN = '\nif __name__ == "__main__":'
@@ -34,7 +37,8 @@ def transformers_code(spec) -> str:
     flex = flex_code(spec)
     end = flex.index('\n"""\n') + len('\n"""\n')  # the flex file's docstring (no spec data in it)
     main = flex.rindex(_MAIN)
-    return DOC + flex[end:main] + SECTION + flex[main:]
+    helper = "\n\n" + inspect.getsource(lower_blocks.block_mask_from_rows)  # its one definition, copied
+    return DOC + flex[end:main] + SECTION + helper + flex[main:]
 
 
 DOC = '''"""A Mask Studio design for transformers' own trainers (generated from a JSON spec; its name:
@@ -179,9 +183,14 @@ class DesignBatch:
             def mask_mod(b, h, q_idx, kv_idx):
                 return self._allow(fn, div, lookups, b, h, q_idx, kv_idx, window)
             mask_mod.__name__ = mask_mod.__qualname__ = f"mask_{SLUG}_L{layer}_packed"
-            heads = num_heads if per_head else None
-            self._masks[key] = torch_block_mask(mask_mod, len(self.doc), heads, self.length, self.doc.device,
-                                                block_size)
+            device, heads = self.doc.device, (num_heads if per_head else 1)
+            h = torch.arange(heads, device=device)[:, None, None]
+            kv = torch.arange(self.length, device=device)[None, None, :]
+
+            def rows(b, q):
+                return self._allow(fn, div, lookups, b, h, q[None, :, None], kv, window)
+            self._masks[key] = block_mask_from_rows(rows, len(self.doc), heads, self.length, mask_mod, device,
+                                                    block_size, DENSE_CHUNK)
         return self._masks[key]
 
 

@@ -484,3 +484,34 @@ def torch_block_mask(mask_mod, batch, heads, n, device, block_size=128):
 
         return create_block_mask(mask_mod, batch, heads, n, n, device=device, BLOCK_SIZE=block_size)
     return compiled_create_block_mask()(mask_mod, batch, heads, n, n, device=device, BLOCK_SIZE=block_size)
+
+
+def block_mask_from_rows(rows, batch, heads, length, mask_mod, device, block_size=128, chunk=1 << 24):
+    """A BlockMask built one band of query blocks at a time from the mask's rows: rows(b, q) is the
+    bool mask [heads, len(q), length] of row b at query indices q (a 1-D tensor < length). At most
+    `chunk` pairs are evaluated at once, never length x length, and nothing is compiled (the packed
+    rows of the transformers export index per-token tables by q, which torch.compile of
+    create_block_mask cannot trace). Blocks as torch's create_block_mask makes them: a block reaching
+    past `length` is never full."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    nb = -(-length // block_size)
+    span = nb * block_size
+    band = max(1, chunk // (heads * block_size * span))
+    partial = torch.zeros(batch, heads, nb, nb, dtype=torch.bool, device=device)
+    full = torch.zeros_like(partial)
+    for b in range(batch):
+        for q0 in range(0, nb, band):
+            q1 = min(nb, q0 + band)
+            q = torch.arange(q0 * block_size, q1 * block_size, device=device)
+            allow = rows(b, q.clamp(max=length - 1)) & (q < length)[None, :, None]
+            blocks = torch.nn.functional.pad(allow, (0, span - length)).view(heads, q1 - q0, block_size, nb, block_size)
+            count = blocks.sum(dim=(2, 4))
+            partial[b, :, q0:q1] = (count > 0) & (count < block_size * block_size)
+            full[b, :, q0:q1] = count == block_size * block_size
+
+    def ordered(blocks):  # as torch orders them: the set blocks first, each row's in key order
+        return (blocks.sum(-1, dtype=torch.int32),
+                torch.argsort(blocks.to(torch.int8), dim=-1, descending=True, stable=True).to(torch.int32))
+    return BlockMask.from_kv_blocks(*ordered(partial), *ordered(full), BLOCK_SIZE=block_size, mask_mod=mask_mod,
+                                    seq_lengths=(length, length))

@@ -14,6 +14,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_export_sizes import new_size, resizable_specs
+from torch.nn.attention.flex_attention import create_block_mask
 
 from maskstudio import Spec
 from maskstudio.cli import main
@@ -211,6 +212,47 @@ def test_exported_path_gives_the_library_logits(design, lm, backend, pack):
             want = library_logits(lm, records().with_sizes(feats[i]["sizes"] or {}), ids)
             torch.testing.assert_close(logits[r, at:at + len(ids)], want, atol=2e-5, rtol=1e-4)
             at += len(ids)
+
+
+BLOCK_FIELDS = ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices",
+                "q_num_blocks", "q_indices", "full_q_num_blocks", "full_q_indices")
+
+
+def assert_same_blocks(ours, theirs):
+    for name in BLOCK_FIELDS:
+        assert torch.equal(getattr(ours, name), getattr(theirs, name)), name
+
+
+@pytest.mark.parametrize("pack", [0, 10_000])
+def test_packed_block_mask_equals_create_block_mask(design, pack):
+    """A batch's BlockMask (built band by band from the mask's rows, never L x L at once and never
+    compiled) equals torch's create_block_mask over the same mask_mod: per layer, per head, on rows
+    whose length is not a multiple of the block."""
+    feats = features(design, [None, {"answer": 2, "doc1": 5}, {"question": 4}], seed=2)
+    db = design.Collator(pad_token_id=0, pack_tokens=pack, pad_to_multiple_of=7)(feats)["design"]
+    assert db.length % 16
+    for layer in (0, 1):
+        ours = db.block_mask(layer, HEADS, block_size=16)
+        theirs = create_block_mask(ours.mask_mod, len(db.doc), HEADS, db.length, db.length, device="cpu",
+                                   BLOCK_SIZE=16)
+        assert_same_blocks(ours, theirs)
+
+
+def test_block_mask_from_rows_in_bands_equals_create_block_mask():
+    """The band builder on a random mask, one query block per band (a tiny chunk), several heads and
+    rows, a length not a multiple of the block: torch's blocks, full blocks included."""
+    from maskstudio.lower_blocks import block_mask_from_rows
+
+    g = torch.Generator().manual_seed(0)
+    table = torch.rand(2, 3, 70, 70, generator=g) < 0.5
+    table[:, :, :40, :40] = True          # full blocks
+    table[:, :, 50:, :] = False           # empty rows
+
+    def mask_mod(b, h, q, k):
+        return table[b, h, q, k]
+    ours = block_mask_from_rows(lambda b, q: table[b][:, q], 2, 3, 70, mask_mod, "cpu", block_size=8, chunk=1)
+    assert_same_blocks(ours, create_block_mask(mask_mod, 2, 3, 70, 70, device="cpu", BLOCK_SIZE=8))
+    assert int(ours.full_kv_num_blocks.sum()) > 0
 
 
 @pytest.mark.slow  # transformers compiles FlexAttention (inductor, CPU)
