@@ -97,7 +97,8 @@ def test_flex_export_reproduces_every_layer_and_head(spec_file, tmp_path):
     assert main(["export", str(spec_file), "--format", "flex", "-o", str(path)]) == 0
     code = path.read_text()
     imports = [l for l in code.splitlines() if l.startswith(("import", "from"))]
-    assert imports == ["import difflib", "import itertools", "import re", "from dataclasses import dataclass, field",
+    assert imports == ["import difflib", "import functools", "import itertools", "import re",
+                       "from dataclasses import dataclass, field",
                        "import torch"]
     check = f"""
 import functools, json, sys, torch
