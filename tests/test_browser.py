@@ -160,9 +160,18 @@ def pick_preset(page, name):
 
 
 def reach_token(page, text):
+    """Type a reach token and press Enter. A box its tab has just shown can be re-rendered empty a moment
+    after a fill (seen in the CI order: the box empty, no line, after `fill` then `Enter` a few ms later),
+    so the text must still be there a moment later, as a person sees it before pressing Enter."""
     page.get_by_role("tab", name="Reachability").click()
     box = page.locator("#reach-token textarea, #reach-token input").first
-    box.fill(text)
+    box.wait_for(state="visible")
+    for _ in range(5):
+        box.fill(text)
+        time.sleep(0.3)
+        if box.input_value() == text:
+            break
+    assert box.input_value() == text, f"the reach token box lost {text!r}"
     box.press("Enter")
 
 
