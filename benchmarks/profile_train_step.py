@@ -34,7 +34,7 @@ def main():
     cuda = torch.cuda.is_available()
     src = random_smollm2("cuda" if cuda else "cpu", small=not cuda)
     spec = layouts(args.tokens)[args.design]
-    item = random_item(spec, src.config.vocab_size if hasattr(src, "config") else src.model.config.vocab_size, 0)
+    item = random_item(spec, src.model.config.vocab_size, 0)
     backend = "flex" if cuda else "eager"
 
     def run(steps):

@@ -37,8 +37,9 @@ def transformers_code(spec) -> str:
     flex = flex_code(spec)
     end = flex.index('\n"""\n') + len('\n"""\n')  # the flex file's docstring (no spec data in it)
     main = flex.rindex(_MAIN)
-    helper = "\n\n" + inspect.getsource(lower_blocks.block_mask_from_rows)  # its one definition, copied
-    return DOC + flex[end:main] + SECTION + helper + flex[main:]
+    helpers = [lower_blocks.kv_blocks, lower_blocks.block_indices, lower_blocks.to_block_mask,
+               lower_blocks.block_mask_from_rows]  # the library's one definition of each, copied
+    return DOC + flex[end:main] + SECTION + "".join("\n\n" + inspect.getsource(f) for f in helpers) + flex[main:]
 
 
 DOC = '''"""A Mask Studio design for transformers' own trainers (generated from a JSON spec; its name:
@@ -155,26 +156,32 @@ class DesignBatch:
         allow = fn(_Columns(self.params, b, dq), T, h, q - off, kv - off, div) & (dq == dk) & (dq < self.slots)
         return allow & (q - kv < window) if window else allow
 
+    def _rows(self, layer, heads, window):
+        """rows(b, q): bool [heads, len(q), L], the layer's mask of row b at query indices q."""
+        fn, _, div, lookups = self._parts(layer)
+        h = torch.arange(heads, device=self.doc.device)[:, None, None]
+        kv = torch.arange(self.length, device=self.doc.device)[None, None, :]
+        return lambda b, q: self._allow(fn, div, lookups, b, h, q[None, :, None], kv, window)
+
     def dense(self, layer, num_heads=1, window=None):
         """bool [B, H or 1, L, L] (True = may attend): the layer's mask for every row."""
-        fn, per_head, div, lookups = self._parts(layer)
+        fn, per_head, _, _ = self._parts(layer)
         key = ("dense", fn, per_head and num_heads, window)
         if key not in self._masks:
             device, L = self.doc.device, self.length
             heads = num_heads if per_head else 1
-            h = torch.arange(heads, device=device)[:, None, None]
-            kv = torch.arange(L, device=device)[None, None, :]
+            rows = self._rows(layer, heads, window)
             out = torch.zeros(len(self.doc), heads, L, L, dtype=torch.bool, device=device)
             step = max(1, DENSE_CHUNK // max(L * heads, 1))
             for b in range(len(self.doc)):
                 for r in range(0, L, step):
-                    q = torch.arange(r, min(L, r + step), device=device)[None, :, None]
-                    out[b, :, r:r + q.shape[1]] = self._allow(fn, div, lookups, b, h, q, kv, window)
+                    out[b, :, r:r + step] = rows(b, torch.arange(r, min(L, r + step), device=device))
             self._masks[key] = out
         return self._masks[key]
 
     def block_mask(self, layer, num_heads=None, window=None, block_size=128):
-        """A BlockMask [B, H or 1, L, L] of the layer's mask for FlexAttention."""
+        """A BlockMask [B, H or 1, L, L] of the layer's mask for FlexAttention, built a band of query
+        blocks at a time from the rows (never L x L at once)."""
         fn, per_head, div, lookups = self._parts(layer)
         if per_head and num_heads is None:
             raise ValueError("this layer has per-head rules: pass num_heads")
@@ -183,14 +190,9 @@ class DesignBatch:
             def mask_mod(b, h, q_idx, kv_idx):
                 return self._allow(fn, div, lookups, b, h, q_idx, kv_idx, window)
             mask_mod.__name__ = mask_mod.__qualname__ = f"mask_{SLUG}_L{layer}_packed"
-            device, heads = self.doc.device, (num_heads if per_head else 1)
-            h = torch.arange(heads, device=device)[:, None, None]
-            kv = torch.arange(self.length, device=device)[None, None, :]
-
-            def rows(b, q):
-                return self._allow(fn, div, lookups, b, h, q[None, :, None], kv, window)
-            self._masks[key] = block_mask_from_rows(rows, len(self.doc), heads, self.length, mask_mod, device,
-                                                    block_size, DENSE_CHUNK)
+            heads = num_heads if per_head else 1
+            self._masks[key] = block_mask_from_rows(self._rows(layer, heads, window), len(self.doc), heads,
+                                                    self.length, mask_mod, self.doc.device, block_size, DENSE_CHUNK)
         return self._masks[key]
 
 

@@ -493,8 +493,6 @@ def block_mask_from_rows(rows, batch, heads, length, mask_mod, device, block_siz
     rows of the transformers export index per-token tables by q, which torch.compile of
     create_block_mask cannot trace). Blocks as torch's create_block_mask makes them: a block reaching
     past `length` is never full."""
-    from torch.nn.attention.flex_attention import BlockMask
-
     nb = -(-length // block_size)
     span = nb * block_size
     band = max(1, chunk // (heads * block_size * span))
@@ -509,9 +507,4 @@ def block_mask_from_rows(rows, batch, heads, length, mask_mod, device, block_siz
             count = blocks.sum(dim=(2, 4))
             partial[b, :, q0:q1] = (count > 0) & (count < block_size * block_size)
             full[b, :, q0:q1] = count == block_size * block_size
-
-    def ordered(blocks):  # as torch orders them: the set blocks first, each row's in key order
-        return (blocks.sum(-1, dtype=torch.int32),
-                torch.argsort(blocks.to(torch.int8), dim=-1, descending=True, stable=True).to(torch.int32))
-    return BlockMask.from_kv_blocks(*ordered(partial), *ordered(full), BLOCK_SIZE=block_size, mask_mod=mask_mod,
-                                    seq_lengths=(length, length))
+    return to_block_mask(block_indices(full, partial), block_size, mask_mod, length)
