@@ -218,6 +218,17 @@ class Lowered:
     def uses_head(self) -> bool:
         return expr.reads_head(self.guarded)
 
+    @property
+    def dense_kernel(self) -> str | None:
+        """"causal" when the layer's mask is exactly plain causal (kv <= q), "full" when every pair
+        may attend, else None: attention on unpadded rows then runs the model's SDPA (flash) kernel,
+        the fastest kernel for exactly that mask, instead of FlexAttention on the same expression."""
+        if self.batched:
+            return None
+        if self.root is (var("kv") <= var("q")):
+            return "causal"
+        return "full" if self.root.is_const and self.root.value is True else None
+
     @cached_property
     def text(self) -> str:
         """The guarded expression as Python source (the mask_mod's docstring)."""

@@ -261,6 +261,29 @@ class _Layer:
         self.layer_idx = idx
 
 
+@pytest.mark.parametrize("mask, kernel", [({}, "causal"), ({"base": {"pattern": "full"}}, "full"),
+                                          ({"rules": [{"q": "b", "k": "a", "pattern": "full"}]}, None)])
+def test_plain_causal_and_full_layers_run_sdpa_on_the_flex_backend(mask, kernel):
+    """A layer whose lowered mask is exactly kv <= q (or all true) runs transformers' SDPA on the flex
+    backend: no BlockMask is built, and the output equals the eager rows of the same mask (GQA heads,
+    a length off the block grid); any other mask still runs FlexAttention."""
+    from maskstudio.run.attention import MaskContext, masked_attention
+
+    spec = Spec.load({"segments": [{"name": "a", "length": 90}, {"name": "b", "length": 110}], "mask": mask})
+    assert spec.lowered(0).dense_kernel == kernel
+    torch.manual_seed(0)
+    q, k, v = torch.randn(1, 4, 200, 16), torch.randn(1, 2, 200, 16), torch.randn(1, 2, 200, 16)
+    layer = _Layer(0)
+    layer.num_key_value_groups = 2
+    outs = {}
+    for backend in ("eager", "flex"):
+        ctx = MaskContext(spec, 4, backend, record=False)
+        outs[backend], _ = masked_attention(layer, q, k, v, None, maskstudio=ctx)
+        if backend == "flex":
+            assert bool(ctx._blocks) == (kernel is None)
+    assert torch.allclose(outs["eager"], outs["flex"], atol=1e-5)
+
+
 @pytest.mark.slow  # seconds per run: the fast tier keeps a 50 s budget
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(specs(), st.integers(0, 1))

@@ -15,6 +15,9 @@ reads `module.layer_idx`, asks the context for that layer's mask and computes at
          form (attributes and segment selections read per token, lower.TableTok): the same path.
          A packed row (`lower_packed.DocumentRow`: training and packed evaluation) runs the
          document mask of its documents' own lowered designs, eager and flex alike.
+         A layer whose lowered expression is exactly `kv <= q` (or always true) runs transformers'
+         SDPA attention instead (flash, no mask tensor): the same mask on the fastest kernel for it
+         (`Lowered.dense_kernel`; not under a model's own sliding window or soft-capping).
 """
 from __future__ import annotations
 
@@ -56,6 +59,13 @@ class MaskContext:
             rows = [dense_rows(self.spec, layer, h, q_start) for h in self._heads()]
             self._dense[key] = torch.stack(rows).to(device)
         return self._dense[key]
+
+    def dense_kernel(self, layer: int) -> str | None:
+        """"causal" / "full" when the layer's mask is exactly that (Lowered.dense_kernel), else None;
+        a packed row never (its documents' masks meet at their borders)."""
+        if isinstance(self.spec, DocumentRow):
+            return None
+        return self.spec.lowered(layer).dense_kernel
 
     def block_mask(self, layer: int, device, window: int | None = None):
         """(BlockMask, padded length) of a layer (a model's own sliding window folded in)."""
@@ -125,18 +135,22 @@ def masked_attention(module, query, key, value, attention_mask, scaling=None, dr
     if ctx is None:
         raise RuntimeError("the maskstudio attention function was called without a spec; use maskstudio.run()")
     edits = _EDITS.get()
-    out, weights = _attention(ctx, module.layer_idx, query, key, value, scaling, dropout, kwargs, edits)
+    out, weights = _attention(ctx, module, query, key, value, scaling, dropout, kwargs, edits)
     return (out if edits is None else edits.apply(module.layer_idx, out, key.shape[-2])), weights
 
 
-def _attention(ctx, layer, query, key, value, scaling, dropout, kwargs, edits):
-    n_q, n_k = query.shape[-2], key.shape[-2]
+def _attention(ctx, module, query, key, value, scaling, dropout, kwargs, edits):
+    layer, n_q, n_k = module.layer_idx, query.shape[-2], key.shape[-2]
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
     window, softcap = kwargs.get("sliding_window"), kwargs.get("softcap")
     if ctx.backend == "flex" and n_q == n_k and not ctx.record and not (edits and edits.block):
         if dropout:
             raise RunError(f"the model's attention dropout ({dropout}) has no FlexAttention form; set "
                            "config.attention_dropout = 0 or train with backend='eager'")
+        gqa_known = query.shape[1] == key.shape[1] or hasattr(module, "num_key_value_groups")
+        kind = ctx.dense_kernel(layer) if window is None and softcap is None and gqa_known else None
+        if kind:
+            return _sdpa_attention(module, query, key, value, scaling, causal=kind == "causal")
         return _flex_attention(ctx, layer, query, key, value, scaling, window, softcap)
     return _eager_attention(ctx, layer, query, key, value, scaling, window, softcap, dropout,
                             edits.block.get(layer) if edits else None)
@@ -238,6 +252,14 @@ def packed_block_mask(row: DocumentRow, layer: int, num_heads: int, device, bloc
     packed = row.packed(layer, length, window)
     heads = num_heads if packed.low.uses_head else None
     return packed.block_mask(block, device, num_heads=heads), length
+
+
+def _sdpa_attention(module, query, key, value, scaling, causal: bool):
+    """A plain causal (or all-true) layer on the flex backend: transformers' own SDPA attention (the
+    model's flash path, GQA handled as the model does), no mask tensor, no BlockMask."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    return sdpa_attention_forward(module, query, key, value, None, dropout=0.0, scaling=scaling, is_causal=causal)
 
 
 def _flex_attention(ctx, layer, query, key, value, scaling, window, softcap):
