@@ -515,8 +515,12 @@ class Spec:
         return layer_sets(self.mask)
 
     def layer_key(self, layer: int) -> tuple:
-        """Layers with equal keys share one mask."""
-        return layer_key(self.mask, layer)
+        """Layers with equal keys share one mask (kept per layer: attention asks once per layer and
+        forward, a packed row once per document)."""
+        keys = self.__dict__.setdefault("_layer_keys", {})
+        if layer not in keys:
+            keys[layer] = layer_key(self.mask, layer)
+        return keys[layer]
 
     def lowered(self, layer: int = 0):
         """The layer lowered to closed-form arithmetic (lower.py): sizes in a captured tensor
