@@ -3,7 +3,8 @@
 Every forward goes through `run.attention`: the model is switched to the registered "maskstudio"
 attention function (`attn_impl`) for the whole run and each example carries its own
 `MaskContext(layout)` as the forward kwarg `maskstudio=` - eager dense rows on CPU, FlexAttention
-with a BlockMask on CUDA past knobs.FLEX_MIN_TOKENS. There is no second masking path.
+with a BlockMask on CUDA past knobs.FLEX_MIN_TOKENS (a plain causal layer: transformers' SDPA, the
+same mask recognized from its lowered expression). There is no second masking path.
 
 One optimizer step = `batch` examples, one forward each (each has its own layout and mask), the
 loss summed over every target token of the step and divided by their number, so the step's
