@@ -48,6 +48,7 @@ class MaskContext:
     probs: dict = field(default_factory=dict)
     _dense: dict = field(default_factory=dict)
     _blocks: dict = field(default_factory=dict)
+    _kernels: dict = field(default_factory=dict)
 
     def _heads(self) -> range | list[int]:
         return range(self.num_heads) if self.spec.varies_by_head else [0]
@@ -65,7 +66,10 @@ class MaskContext:
         a packed row never (its documents' masks meet at their borders)."""
         if isinstance(self.spec, DocumentRow):
             return None
-        return self.spec.lowered(layer).dense_kernel
+        key = self.spec.layer_key(layer)
+        if key not in self._kernels:  # asked per layer and forward: the lowering's lookup is kept
+            self._kernels[key] = self.spec.lowered(layer).dense_kernel
+        return self._kernels[key]
 
     def block_mask(self, layer: int, device, window: int | None = None):
         """(BlockMask, padded length) of a layer (a model's own sliding window folded in)."""
