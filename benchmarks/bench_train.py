@@ -78,27 +78,36 @@ def random_item(layout: Spec, vocab: int, seed: int, index: int = 0) -> Item:
     return Item(ids, layout, layout.position_ids(), targets, index)
 
 
-def sdpa_steps(src: LoadedModel, item: Item, steps: int) -> list[float]:
-    """The same step with the model's own SDPA causal attention (no maskstudio)."""
-    lm, module = trainable_copy(src, False, 0)
-    lm.model.set_attn_implementation("sdpa")
+def stepper(src, item, attn: str, block_mask=None):
+    """One training step of a private copy of `src` with transformers' own attention `attn`
+    ("flex_attention" with a hand-written BlockMask, as gpu_train_check.py's hf_flex row, or "sdpa"):
+    a function that runs one step and returns its seconds."""
+    lm, _ = trainable_copy(src, False, 0)
+    lm.model.set_attn_implementation(attn)
     opt = torch.optim.AdamW(lm.model.parameters(), lr=1e-5, weight_decay=0.0)
     dev = lm.device
     at = item.targets.nonzero().flatten()
     ids, pos, labels = item.ids[None].to(dev), item.pos[None].to(dev), item.ids[at].to(dev)
-    times = []
-    for _ in range(steps):
+    mask = {"attention_mask": block_mask} if block_mask is not None else {}
+
+    def step() -> float:
         t0 = time.perf_counter()
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
-            out = lm.model(input_ids=ids, position_ids=pos, use_cache=False, logits_to_keep=(at - 1).to(dev))
+            out = lm.model(input_ids=ids, position_ids=pos, use_cache=False, logits_to_keep=(at - 1).to(dev), **mask)
         loss = torch.nn.functional.cross_entropy(out.logits[0].float(), labels, reduction="sum")
         (loss / len(at)).backward()
         torch.nn.utils.clip_grad_norm_(lm.model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        float(loss)
-        times.append(time.perf_counter() - t0)
-    return times
+        float(loss.detach())
+        return time.perf_counter() - t0
+    return step
+
+
+def sdpa_steps(src: LoadedModel, item: Item, steps: int) -> list[float]:
+    """The same step with the model's own SDPA causal attention (no maskstudio)."""
+    step = stepper(src, item, "sdpa")
+    return [step() for _ in range(steps)]
 
 
 def part_speed(args, out):

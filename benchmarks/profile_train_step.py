@@ -19,7 +19,7 @@ import sys
 import torch
 
 sys.path.insert(0, __file__.rsplit("/benchmarks/", 1)[0])
-from bench_train import layouts, random_item, random_smollm2, sdpa_steps  # noqa: E402
+from bench_train import layouts, random_item, random_smollm2, sdpa_steps, stepper  # noqa: E402
 
 from maskstudio import Spec  # noqa: E402
 from maskstudio.train import trainable_copy  # noqa: E402
@@ -58,34 +58,6 @@ def hand_mask(design: str, n: int):
     d = (n - 64) // 4
     end = 4 * d
     return lambda b, h, q, k: torch.where((q < end) & (k < end), q // d == k // d, k <= q)
-
-
-def stepper(src, item, attn: str, block_mask=None):
-    """One training step of a private copy of `src` with transformers' own attention `attn`
-    ("flex_attention" with a hand-written BlockMask, as gpu_train_check.py's hf_flex row, or "sdpa"):
-    a function that runs one step and returns its seconds."""
-    import time
-
-    lm, _ = trainable_copy(src, False, 0)
-    lm.model.set_attn_implementation(attn)
-    opt = torch.optim.AdamW(lm.model.parameters(), lr=1e-5, weight_decay=0.0)
-    dev = lm.device
-    at = item.targets.nonzero().flatten()
-    ids, pos, labels = item.ids[None].to(dev), item.pos[None].to(dev), item.ids[at].to(dev)
-    mask = {"attention_mask": block_mask} if block_mask is not None else {}
-
-    def step() -> float:
-        t0 = time.perf_counter()
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
-            out = lm.model(input_ids=ids, position_ids=pos, use_cache=False, logits_to_keep=(at - 1).to(dev), **mask)
-        loss = torch.nn.functional.cross_entropy(out.logits[0].float(), labels, reduction="sum")
-        (loss / len(at)).backward()
-        torch.nn.utils.clip_grad_norm_(lm.model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        float(loss.detach())
-        return time.perf_counter() - t0
-    return step
 
 
 def hand_steps(src, item, block_mask, steps: int) -> list[float]:
