@@ -284,6 +284,22 @@ def test_plain_causal_and_full_layers_run_sdpa_on_the_flex_backend(mask, kernel)
     assert torch.allclose(outs["eager"], outs["flex"], atol=1e-5)
 
 
+def test_a_causal_layer_without_known_head_groups_stays_on_flex():
+    """Grouped key heads on a module that does not say its group size (no num_key_value_groups):
+    SDPA could not repeat the key heads, so the causal layer runs FlexAttention, equal to eager."""
+    from maskstudio.run.attention import MaskContext, masked_attention
+
+    spec = Spec.load({"segments": [{"name": "a", "length": 200}]})
+    torch.manual_seed(0)
+    q, k, v = torch.randn(1, 4, 200, 16), torch.randn(1, 2, 200, 16), torch.randn(1, 2, 200, 16)
+    outs = {}
+    for backend in ("eager", "flex"):
+        ctx = MaskContext(spec, 4, backend, record=False)
+        outs[backend], _ = masked_attention(_Layer(0), q, k, v, None, maskstudio=ctx)
+    assert ctx._blocks
+    assert torch.allclose(outs["eager"], outs["flex"], atol=1e-5)
+
+
 @pytest.mark.slow  # seconds per run: the fast tier keeps a 50 s budget
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(specs(), st.integers(0, 1))
