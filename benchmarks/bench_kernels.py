@@ -239,7 +239,9 @@ def division_variants(spec, lower, device) -> dict:
     size a constant ('lowered_const_all': the same expression as hand-written code would hold it,
     which separates the cost of reading P from the cost of the expression's shape; every design
     that reads a size), the division variants for designs that divide by a size (their BlockMasks;
-    attention timed beside the others)."""
+    attention timed beside the others), and the two table forms: grid coordinates read from per-token
+    tables ('lowered_grid_tables': no division per score) and every attribute a lookup
+    ('lowered_tables')."""
     from dataclasses import replace
 
     from maskstudio import expr
@@ -253,7 +255,9 @@ def division_variants(spec, lower, device) -> dict:
     if any(expr.divides_by_size(nd) for nd in expr.nodes(low.root)):
         exact = replace(low, root=expr.with_fast_divisions(low.root, set()))
         out = {"lowered_exact_div": lowered_block_mask(exact, device),
-               "lowered_const_grids": lowered_block_mask(low.with_constant_grids(), device), **out}
+               "lowered_const_grids": lowered_block_mask(low.with_constant_grids(), device),
+               "lowered_grid_tables": lowered_block_mask(lower(spec, form="grid tables"), device),
+               "lowered_tables": lowered_block_mask(lower(spec, form="tables"), device), **out}
     return out
 
 

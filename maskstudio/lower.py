@@ -105,8 +105,9 @@ def _touched(steps, n_seg: int) -> list[list[bool]]:
     return hit.tolist()
 
 
-def lower_expression(spec, layer: int = 0) -> E:
-    """The mask of one layer as one expression over q, kv, h and size parameters."""
+def lower_expression(spec, layer: int = 0, grid_tables: bool = False) -> E:
+    """The mask of one layer as one expression over q, kv, h and size parameters (grid_tables: grid
+    coordinates read from per-token tables instead of divided out of the index)."""
     program = compile_program(spec, layer)
     glob = _global(program)
     if glob is not None:
@@ -126,13 +127,13 @@ def lower_expression(spec, layer: int = 0) -> E:
     touched = _touched(selected, n_seg) if default is not None else None
     rows = []
     for a in range(n_seg):
-        q = SegTok(spec, "q", a, user, consts)
+        q = SegTok(spec, "q", a, user, consts, grid_tables)
         pairs = []
         for b in range(n_seg):
             if default is not None and not touched[a][b]:
                 pairs.append(default)
                 continue
-            pairs.append(expr.const(run_program(program, q, SegTok(spec, "kv", b, user, consts), var("h"))))
+            pairs.append(expr.const(run_program(program, q, SegTok(spec, "kv", b, user, consts, grid_tables), var("h"))))
         rows.append(_select(var("kv"), pairs, n_seg))
     return _select(var("q"), rows, n_seg)
 
@@ -480,12 +481,19 @@ def _build(spec, layer, root, padded, specs, form: str = "closed") -> Lowered:
                    _tables(root, [spec]), form=form)
 
 
+FORMS = ("closed", "grid tables", "tables")
+
+
 def lower(spec, layer: int = 0, padded: bool = False, form: str = "closed") -> Lowered:
     """Lower one layer of a sized spec (per-head rules stay in the expression, switched on h):
-    form "closed" (closed form per segment pair, lookup-free) or "tables" (attributes and segment
-    selections read from per-token tables; for layouts of many segments)."""
+    form "closed" (closed form per segment pair, lookup-free), "grid tables" (closed form, but grid
+    coordinates read from per-token tables: no division by a size per score) or "tables"
+    (attributes and segment selections read from per-token tables; for layouts of many segments)."""
     spec.require_sized()
-    root = lower_expression(spec, layer) if form == "closed" else table_expression(spec, layer)
+    if form not in FORMS:
+        raise ValueError(f"form: {form!r} is not one of {', '.join(FORMS)}")
+    root = table_expression(spec, layer) if form == "tables" else \
+        lower_expression(spec, layer, grid_tables=form == "grid tables")
     return _build(spec, layer, root, padded, [spec], form)
 
 

@@ -23,14 +23,17 @@ def _shape(seg: dict) -> str:
 
 
 LOOKUP = object()  # an attribute without a closed form: read from the token table
+GRID_DIVIDED = frozenset({"t", "frame", "row", "col", "cell", "ring"})  # grid attributes whose closed
+# form divides by a grid size (form "grid tables" reads them from per-token tables instead)
 
 
 class SegTok:
     """A token of segment `seg` seen from side `side` ("q" or "kv"): attributes as expressions.
     consts: per-segment modality and branch ids (numbered by the token table)."""
 
-    def __init__(self, spec, side: str, seg: int, user_attrs: frozenset, consts: dict):
+    def __init__(self, spec, side: str, seg: int, user_attrs: frozenset, consts: dict, grid_tables: bool = False):
         self._spec, self._side, self._seg, self._user, self._consts = spec, side, seg, user_attrs, consts
+        self._grid_tables = grid_tables
 
     def __getattr__(self, name):
         if name.startswith("_"):
@@ -38,6 +41,8 @@ class SegTok:
         if name in self._consts:
             return expr.const(self._consts[name][self._seg])
         value = _attribute(self._spec.segments[self._seg], self._seg, self._side, name, self._user)
+        if self._grid_tables and name in GRID_DIVIDED and _shape(self._spec.segments[self._seg]).startswith("grid"):
+            value = LOOKUP
         return expr.table(name, self._side) if value is LOOKUP else value
 
     def _in_segments(self, sel) -> bool:

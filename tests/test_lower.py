@@ -417,14 +417,27 @@ def test_layouts_of_many_segments_lower_to_the_table_form():
     assert torch.equal(create_mask(mid.mask_mod(), None, 2, mid.n, mid.n)[0, 1], mid.dense_mask(0, 1))
 
 
+def test_grid_tables_form_reads_grid_coordinates_instead_of_dividing():
+    """Form "grid tables": CCA's ring comes from a per-token table (no division by a size per score),
+    text segments stay closed-form, the mask is unchanged; an unknown form names the choices."""
+    spec = Spec.load("presets/cca.json")
+    closed, grid = lower(spec), lower(spec, form="grid tables")
+    assert "_div" in closed.text and "_div" not in grid.text and "ring[kv]" in grid.text
+    assert [k for k, _ in grid.tables] == ["ring"] and grid.form == "grid tables"
+    assert torch.equal(grid.dense(0), spec.dense_mask())
+    with pytest.raises(ValueError, match="form: 'rows' is not one of closed, grid tables, tables"):
+        lower(spec, form="rows")
+
+
 @pytest.mark.slow  # seconds per run: the fast tier keeps a 50 s budget
 @FAST
-@given(specs(), st.integers(0, 1), st.integers(0, 2), st.sampled_from([4, 8]))
-def test_table_form_equals_the_dense_mask_on_random_specs(raw, layer, head, block):
-    """The table form (what layouts of many segments lower to) on random designs: mask_mod and
-    BlockMask equal the dense mask and create_block_mask."""
+@given(specs(), st.integers(0, 1), st.integers(0, 2), st.sampled_from([4, 8]), st.sampled_from(["tables", "grid tables"]))
+def test_table_forms_equal_the_dense_mask_on_random_specs(raw, layer, head, block, form):
+    """The table forms on random designs (every attribute a lookup, what layouts of many segments
+    lower to; grid coordinates only, no division per score): mask_mod and BlockMask equal the
+    dense mask and create_block_mask."""
     spec = Spec.load(raw)
-    low = lower(spec, layer, form="tables")
+    low = lower(spec, layer, form=form)
     n = spec.n
     assert torch.equal(low.dense(head), spec.dense_mask(layer, head))
     ours = low.block_mask(block, num_heads=3 if low.uses_head else None)
