@@ -9,8 +9,8 @@ key's place in the image by the grid side. Hand-written code holds the side as a
   recip     floor((a + 0.5) * (1 / d)) in float32: one multiply per score, the reciprocal once per
             tile; exact for |a| < 2**20 without a correction (see expr.floordiv_by_size)
   const     every size a Python constant (what a researcher writes by hand)
-  table     no division at all: each token's ring read from a per-token table (the table form's
-            leaf, lower.TableTok), two loads per score instead of the arithmetic
+(No division at all, each token's ring read from a per-token table, is the lowering's own form
+"grid tables": `bench_kernels.py --variants` times it as lowered_grid_tables.)
 Prints one JSON line per N with medians of 25 calls and the ratios to `const`.
     python benchmarks/bench_division.py [N ...]
 """
@@ -60,20 +60,6 @@ def constant(start, side):
     return hand_mask_mod("cca", {"prefix": start, "side": side})
 
 
-def table(start, side, n, device):
-    """The CCA mask with each token's ring read from a table (-1 outside the image)."""
-    i = torch.arange(n, device=device)
-    loc = i - start
-    r, c = loc // side, loc % side
-    ring = torch.minimum(torch.minimum(r, c), torch.minimum(side - 1 - r, side - 1 - c))
-    ring = torch.where((loc >= 0) & (loc < side * side), ring, -1).to(torch.int32)
-
-    def cca(b, h, q, k):
-        both = (ring[q] >= 0) & (ring[k] >= 0)
-        return torch.where(both, ring[k] <= ring[q], k <= q)
-    return cca
-
-
 def cuda_ms(fn, reps=25):
     for _ in range(5):
         fn()
@@ -99,8 +85,7 @@ def main():
         P = torch.tensor([start, start + side * side, side], dtype=torch.int32, device="cuda")
         q = torch.randn(1, H, n, D, device="cuda", dtype=torch.bfloat16)
         k, v = torch.randn_like(q), torch.randn_like(q)
-        mods = {"const": constant(start, side), **{f.__name__: parametric(f, P) for f in (exact, corrected, recip)},
-                "table": table(start, side, n, "cuda")}
+        mods = {"const": constant(start, side), **{f.__name__: parametric(f, P) for f in (exact, corrected, recip)}}
         ref = create_block_mask(mods["const"], None, None, n, n, device="cuda")
         row = {"N": n, "card": torch.cuda.get_device_name()}
         out_ref = flex(q, k, v, block_mask=ref)

@@ -40,9 +40,9 @@ class SegTok:
             raise AttributeError(name)
         if name in self._consts:
             return expr.const(self._consts[name][self._seg])
-        value = _attribute(self._spec.segments[self._seg], self._seg, self._side, name, self._user)
-        if self._grid_tables and name in GRID_DIVIDED and _shape(self._spec.segments[self._seg]).startswith("grid"):
-            value = LOOKUP
+        seg = self._spec.segments[self._seg]
+        grid_lookup = self._grid_tables and name in GRID_DIVIDED and "grid" in seg
+        value = LOOKUP if grid_lookup else _attribute(seg, self._seg, self._side, name, self._user)
         return expr.table(name, self._side) if value is LOOKUP else value
 
     def _in_segments(self, sel) -> bool:
