@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import operator
 import weakref
+from collections import Counter
 from typing import Callable, NamedTuple
 
 import torch
@@ -139,6 +140,7 @@ OPS = {o.name: o for o in COMPARISONS + UNARY + BINARY + TERNARY}
 COMPARE = frozenset(o.name for o in COMPARISONS)
 # plain dicts of plain functions: what a tape walk looks up (torch.compile traces it without a break)
 _TENSOR = {o.name: o.tensor for o in OPS.values()}
+_FOLD = {o.name: o.fold for o in OPS.values()}
 _INTERVAL = {o.name: o.interval for o in OPS.values()}
 
 
@@ -470,6 +472,9 @@ def _run(steps: tuple, env: dict, params, slots: dict, lookup, apply, every: boo
 
 
 def _tensor_apply(o, args):
+    """On tensors; a step on Python constants only (sizes compiled into a kernel) folds in Python."""
+    if not isinstance(args[0], torch.Tensor) and (o == "where" or not any(isinstance(a, torch.Tensor) for a in args)):
+        return _FOLD[o](*args)
     return _TENSOR[o](*args)
 
 
@@ -478,8 +483,8 @@ def _interval_apply(o, args):
 
 
 def run_tape(steps: tuple, env: dict, params, slots: dict, tables: dict | None = None, at: dict | None = None):
-    """Run a tape on tensors. env: q / kv / h values; params: the captured size tensor
-    (indexed by `slots[key]`); tables: attribute tensors for lookup leaves, read at env's q / kv
+    """Run a tape on tensors. env: q / kv / h values; params: the captured size tensor, or Python
+    ints (indexed by `slots[key]`); tables: attribute tensors for lookup leaves, read at env's q / kv
     or at `at`'s (a packed row: places inside a document in env, places in the row in `at`)."""
     where = at or env
     out = _run(steps, env, params, slots, lambda a: tables[a[0]][where[a[1]]], _tensor_apply)
@@ -561,18 +566,15 @@ def source(root: E, names: dict | None = None, param_ref=None, table_ref=None) -
 SOURCE_DEPTH = 32  # nested operations per printed line (Python refuses ~200 nested parentheses)
 
 
-def source_lines(root: E, names: dict, param_ref=None, table_ref=None, share: bool = True):
+def source_lines(root: E, names: dict, param_ref=None, table_ref=None, share: bool = True, templates=None):
     """(assignments, final expression) as Python source: subexpressions used more than once get a
     local name (`t3 = ...`) so the printed mask_mod reads like a hand-written one, and so does every
-    SOURCE_DEPTH-th level of a deep chain (hundreds of overlays), so the file always compiles."""
+    SOURCE_DEPTH-th level of a deep chain (hundreds of overlays), so the file always compiles.
+    templates: {op: source} in place of OPS' own (the export's size-constant-safe helpers)."""
     param_ref = param_ref or (lambda key: f"P[{key!r}]")
     table_ref = table_ref or (lambda attr, side: f"{attr}[{side}]")
     order = nodes(root)
-    uses: dict[int, int] = {}
-    for n in order:
-        for c in n.args:
-            if isinstance(c, E):
-                uses[id(c)] = uses.get(id(c), 0) + 1
+    uses = Counter(id(c) for n in order for c in n.args if isinstance(c, E))
     text: dict[int, str] = {}
     depth: dict[int, int] = {}  # nesting of the text so far: named past SOURCE_DEPTH (Python's parser limit)
     lines = []
@@ -588,7 +590,7 @@ def source_lines(root: E, names: dict, param_ref=None, table_ref=None, share: bo
         elif o == "tab":
             s = table_ref(a[0], names.get(a[1], a[1]))
         else:
-            s = OPS[o].source.format(*(text[id(c)] for c in a))
+            s = (templates or {}).get(o, OPS[o].source).format(*(text[id(c)] for c in a))
             if share and (uses.get(id(n), 0) > 1 or depth[id(n)] >= SOURCE_DEPTH) and n is not root:
                 name = f"t{len(lines)}"
                 lines.append(f"{name} = {s}")

@@ -59,6 +59,9 @@ LOWER_MAX_NODES = 512      # closed-form tape steps: more -> the table form (a f
 COMPILE_BUILD = False      # CUDA graph builds: the whole static build through torch.compile before capture
                            # (~30 fused kernels per replay instead of ~100-200; one compile per structure,
                            # length and capacities: ~50 s on an H200, 10-25 s on CPU)
+SIZES_IN_KERNEL = 4        # layouts per design whose FlexAttention kernel holds their sizes as constants (as
+                           # hand-written code does: ~8% faster for CCA on an H100, one compile each); later
+                           # layouts share one kernel that reads sizes at run time (Spec.block_mask, the export)
 
 # the app
 HISTORY = 30              # undo steps kept per session

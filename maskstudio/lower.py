@@ -241,6 +241,16 @@ class Lowered:
         return make_mask_mod(self.steps, self.params, self.slots, dict(self.tables), self.batched, self.text,
                              f"mask_{mask_slug(self.spec.name)}_L{self.layer}")
 
+    @cached_property
+    def fixed_mask_mod(self):
+        """The mask_mod with this layout's sizes as Python constants, as hand-written FlexAttention
+        code holds them: no read of P per score, divisions by constants (a multiply and a shift).
+        A kernel per layout (compiles_sizes_in decides which layouts get one)."""
+        if self.batched:
+            raise ValueError("layouts: a batch reads its sizes at run time; compile sizes in one layout at a time")
+        return make_mask_mod(self.steps, self.params.tolist(), self.slots, dict(self.tables), False, self.text,
+                             f"mask_{mask_slug(self.spec.name)}_L{self.layer}", self.params.dtype == torch.int64)
+
     # -- other sizes
     def on(self, device) -> "Lowered":
         device = torch.device(device)
@@ -361,12 +371,15 @@ class Lowered:
         return torch.cat(rows) if rows else torch.zeros(0, n, dtype=torch.bool)
 
     def block_mask(self, block_size: int = 128, device=None, num_heads: int | None = None,
-                   length: int | None = None, compiled: bool | None = None, graph: bool | None = None):
+                   length: int | None = None, compiled: bool | None = None, graph: bool | None = None,
+                   sizes_in_kernel: bool | None = False):
         """torch BlockMask built on `device` from tile bounds; tokens are touched in partial tiles only
         (compiled: fuse the token stage with torch.compile; graph: replay the whole build as a CUDA
-        graph captured once per structure and length; both default on CUDA)."""
+        graph captured once per structure and length; both default on CUDA). sizes_in_kernel: its
+        mask_mod holds the sizes as constants (None: compiles_sizes_in decides)."""
         from .lower_blocks import build_block_mask
-        return build_block_mask(self, block_size, device, num_heads, length, compiled, graph)
+        fixed = compiles_sizes_in(self) if sizes_in_kernel is None else sizes_in_kernel
+        return build_block_mask(self, block_size, device, num_heads, length, compiled, graph, fixed)
 
 
 def mask_slug(name: str) -> str:
@@ -374,12 +387,13 @@ def mask_slug(name: str) -> str:
     return re.sub(r"[^0-9a-zA-Z]+", "_", name).strip("_").lower()[:40] or "spec"
 
 
-def make_mask_mod(steps: tuple, params: torch.Tensor, slots: dict, tables: dict, batched: bool, text: str = "",
-                  name: str = "mask"):
+def make_mask_mod(steps: tuple, params, slots: dict, tables: dict, batched: bool, text: str = "",
+                  name: str = "mask", wide: bool | None = None):
     """The mask_mod closure (one code object for every lowering: the compiled kernel depends on
-    the expression and the tensors' shapes and dtypes only), named `name` (mask_<spec>_L<layer>)."""
+    the expression and the tensors' shapes and dtypes only), named `name` (mask_<spec>_L<layer>).
+    params: the size tensor, or a list of Python ints (sizes compiled in; `wide` then says int64)."""
 
-    wide = params.dtype == torch.int64
+    wide = params.dtype == torch.int64 if wide is None else wide
 
     def mask_mod(b, h, q_idx, kv_idx):
         row = params[b] if batched else params
@@ -390,7 +404,27 @@ def make_mask_mod(steps: tuple, params: torch.Tensor, slots: dict, tables: dict,
     mask_mod.__doc__ = f"lowered mask_mod: {text[:200]}"
     mask_mod.__name__ = mask_mod.__qualname__ = name
     mask_mod.lowered = True  # the runner compiles these with static shapes
+    mask_mod.sizes_in_kernel = not isinstance(params, torch.Tensor)
     return mask_mod
+
+
+_COMPILED_IN: dict = {}  # (design, layer, padded) -> layouts whose kernels hold their sizes as constants
+
+
+def claims_a_kernel(seen: dict, design, layout, limit: int) -> bool:
+    """Whether `layout` gets a kernel with its sizes compiled in: the first `limit` distinct layouts of
+    a design do (and again when they come back); later ones share the kernel that reads sizes at run
+    time, so a loop over ever new layouts compiles at most limit + 1 kernels per design."""
+    layouts = seen.setdefault(design, set())
+    if layout not in layouts and len(layouts) < limit:
+        layouts.add(layout)
+    return layout in layouts
+
+
+def compiles_sizes_in(low: Lowered) -> bool:
+    """claims_a_kernel for one lowered layout (a batch always reads its sizes at run time)."""
+    return not low.batched and claims_a_kernel(_COMPILED_IN, (_signature(low.spec), low.layer, low.padded),
+                                               (tuple(low.params.tolist()), low.lengths), knobs.SIZES_IN_KERNEL)
 
 
 def _signature(spec) -> tuple:

@@ -429,11 +429,13 @@ def _graph_indices(low, block: int, length: int, heads: int, stage) -> tuple:
 
 
 def build_block_mask(low, block_size: int = 128, device=None, num_heads: int | None = None,
-                     length: int | None = None, compiled: bool | None = None, graph: bool | None = None):
+                     length: int | None = None, compiled: bool | None = None, graph: bool | None = None,
+                     sizes_in_kernel: bool = False):
     """torch BlockMask [B, H, T, T] of a lowered layer (H = num_heads when given, else 1 unless the
     rules switch on heads).
     compiled: the token stage through torch.compile; graph: the whole build as a replayed CUDA
-    graph (both default on CUDA)."""
+    graph (both default on CUDA). sizes_in_kernel: the BlockMask's mask_mod holds the sizes as
+    constants (the blocks are built reading them at run time either way)."""
     device = torch.device(device or low.params.device)
     length = length or low.n
     if length < low.n:
@@ -460,7 +462,7 @@ def build_block_mask(low, block_size: int = 128, device=None, num_heads: int | N
         indices = block_indices(full, partial)
     if num_heads and num_heads > heads:  # asked for H heads of a mask that is the same on every head
         indices = tuple(t.expand(t.shape[0], num_heads, *t.shape[2:]).contiguous() for t in indices)
-    return to_block_mask(indices, block_size, low.mask_mod, length)
+    return to_block_mask(indices, block_size, low.fixed_mask_mod if sizes_in_kernel else low.mask_mod, length)
 
 
 COMPILE_BLOCK_MASK_FROM = 8192  # tokens: past this torch's create_block_mask runs compiled (see torch_block_mask)

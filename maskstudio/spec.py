@@ -528,20 +528,26 @@ class Spec:
         from .lower import lowered
         return lowered(self, layer)
 
-    def mask_mod(self, layer: int = 0, device=None):
+    def mask_mod(self, layer: int = 0, device=None, sizes_in_kernel: bool | None = None):
         """FlexAttention mask_mod(b, h, q_idx, kv_idx) from the layer's lowered expression (closed
-        form; the table form for layouts of many segments)."""
-        return self.lowered(layer).on(device or "cpu").mask_mod
+        form; the table form for layouts of many segments). sizes_in_kernel: sizes as constants in
+        the kernel, as hand-written code has them (None: for the first knobs.SIZES_IN_KERNEL
+        layouts of a design, then one kernel reading sizes at run time serves the rest)."""
+        from .lower import compiles_sizes_in
+        low = self.lowered(layer).on(device or "cpu")
+        fixed = compiles_sizes_in(low) if sizes_in_kernel is None else sizes_in_kernel
+        return low.fixed_mask_mod if fixed else low.mask_mod
 
     def dense_mask(self, layer: int = 0, head: int = 0):
         return tiled.dense_mask(self, layer=layer, head=head)
 
-    def block_mask(self, block_size: int = 128, device="cpu", layer: int = 0, num_heads: int | None = None):
+    def block_mask(self, block_size: int = 128, device="cpu", layer: int = 0, num_heads: int | None = None,
+                   sizes_in_kernel: bool | None = None):
         """BlockMask built on `device` from tile bounds (lower_blocks.py); heads: num_heads when the
-        layer's rules switch on heads, else 1."""
+        layer's rules switch on heads, else 1; sizes_in_kernel: as mask_mod."""
         if self.varies_by_head and num_heads is None:
             raise ValueError("this spec has per-head rules: pass num_heads=<the model's query heads>")
-        return self.lowered(layer).block_mask(block_size, device, num_heads=num_heads)
+        return self.lowered(layer).block_mask(block_size, device, num_heads=num_heads, sizes_in_kernel=sizes_in_kernel)
 
     def position_ids(self):
         return positions.position_ids(self)

@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from maskstudio import Spec, SpecError
+from torch.nn.attention.flex_attention import create_block_mask, create_mask
+
+from maskstudio import Spec, SpecError, knobs
 from maskstudio.cli import main
 from reference import mask_mod as comp_mask_mod
 from maskstudio.export import flex_code
@@ -242,17 +244,45 @@ def test_flex_export_takes_any_sizes_of_every_preset(tmp_path):
 
 def test_flex_export_mask_mods_capture_tensors_on_their_device(tmp_path):
     """A compiled kernel cannot read a CPU tensor: mask_mod_for(device=...) keeps P and the lookup
-    tables where attention runs (block_mask_for passes its device)."""
+    tables where attention runs (block_mask_for passes its device); with the sizes compiled in,
+    P is Python ints and only the lookup tables are tensors."""
     import runpy
 
     for name in ("presets/cca.json", "presets/ancat.json"):
         spec = Spec.load(name)
         ns = runpy.run_path(str(_write(tmp_path, "dev", flex_code(spec))))
-        mm = ns["mask_mod_for"](None, device="meta")
-        tensors = [c.cell_contents for c in mm.__closure__ if isinstance(c.cell_contents, torch.Tensor)]
-        tensors += [t for c in mm.__closure__ if isinstance(c.cell_contents, dict)
-                    for t in c.cell_contents.values() if isinstance(t, torch.Tensor)]
-        assert tensors and all(t.device.type == "meta" for t in tensors), name
+        for fixed in (False, True):
+            mm = ns["mask_mod_for"](None, device="meta", sizes_in_kernel=fixed)
+            cells = {name: c.cell_contents for name, c in zip(mm.__code__.co_freevars, mm.__closure__)}
+            tensors = [t for t in ([cells["P"]] + list(cells["T"].values())) if isinstance(t, torch.Tensor)]
+            assert all(t.device.type == "meta" for t in tensors), name
+            assert mm.sizes_in_kernel == fixed and isinstance(cells["P"], list) == fixed, name
+            assert fixed or tensors, name
+
+
+def test_flex_export_compiles_the_first_layouts_sizes_in_then_reads_them_from_p(tmp_path):
+    """block_mask_for's BlockMask runs a mask_mod with the sizes as Python constants for the first
+    SIZES_IN_KERNEL layouts of a layer program (and those again), then the one reading P; its
+    blocks are the spec's either way, and a batch reads P."""
+    import runpy
+
+    spec = Spec.load("presets/cca.json")
+    ns = runpy.run_path(str(_write(tmp_path, "cca_fixed", flex_code(spec))))
+    assert ns["SIZES_IN_KERNEL"] == knobs.SIZES_IN_KERNEL
+    ns["block_mask_for"].__globals__["SIZES_IN_KERNEL"] = 2
+    got = []
+    for side in (4, 5, 6, 4):
+        sizes = {"image": [side, side]}
+        bm = ns["block_mask_for"](sizes, block_size=16)
+        got.append(bm.mask_mod.sizes_in_kernel)
+        big = spec.with_sizes(sizes)
+        assert torch.equal(create_mask(bm.mask_mod, None, None, big.n, big.n)[0, 0], big.dense_mask())
+        ref = create_block_mask(comp_mask_mod(big), None, None, big.n, big.n, device="cpu", BLOCK_SIZE=16)
+        assert torch.equal(bm.to_dense(), ref.to_dense())
+    assert got == [True, True, False, True]
+    assert not ns["mask_mod_for"]({"image": [7, 7]}).sizes_in_kernel
+    assert ns["mask_mod_for"]({"image": [7, 7]}, sizes_in_kernel=True).sizes_in_kernel
+    assert not getattr(ns["block_mask_for"]([None, {"image": [5, 5]}]).mask_mod, "sizes_in_kernel", False)
 
 
 def test_flex_export_divides_by_float_quotient_only_where_exact(tmp_path):
@@ -265,11 +295,14 @@ def test_flex_export_divides_by_float_quotient_only_where_exact(tmp_path):
     spec = Spec.load("presets/cca.json")
     ns = runpy.run_path(str(_write(tmp_path, "cca_div", flex_code(spec))))
     closure = lambda mm: {c.cell_contents for c in mm.__closure__ if callable(c.cell_contents)}  # noqa: E731
-    assert ns["floordiv_by_size"] in closure(ns["mask_mod_for"](None))
+    assert ns["floordiv_by_size"] in closure(ns["mask_mod_for"](None, sizes_in_kernel=False))
+    fixed = ns["mask_mod_for"](None, sizes_in_kernel=True)  # by a constant: `//` is a multiply and a shift
+    assert ns["_exact_div"] in closure(fixed) and ns["floordiv_by_size"] not in closure(fixed)
     ns["mask_mod_for"].__globals__["FAST_DIVIDEND"] = 40  # as if these sizes were past 2**21
-    mm = ns["mask_mod_for"](None)
+    mm = ns["mask_mod_for"](None, sizes_in_kernel=False)
     assert ns["_exact_div"] in closure(mm) and ns["floordiv_by_size"] not in closure(mm)
-    assert torch.equal(create_mask(mm, None, None, spec.n, spec.n)[0, 0], spec.dense_mask())
+    for m in (mm, fixed):
+        assert torch.equal(create_mask(m, None, None, spec.n, spec.n)[0, 0], spec.dense_mask())
 
 
 def _write(folder, name, code):

@@ -145,8 +145,10 @@ def attempt(fn):
 def answer(ns, sizes, layers, heads, block, fields):
     out = {"positions": attempt(lambda: ns["position_ids_for"](sizes))}
     n = attempt(lambda: int(ns["params_for"](sizes)[0][ns["END"]]))
-    for layer in layers:
-        out[f"mask{layer}"] = attempt(lambda: create_mask(ns["mask_mod_for"](sizes, layer), None, heads, n, n)[0])
+    for layer in layers:  # sizes compiled into the kernel (the first layouts' default) and read from P
+        for key, fixed in (("mask", True), ("mask_read", False)):
+            out[f"{key}{layer}"] = attempt(lambda: create_mask(ns["mask_mod_for"](sizes, layer, sizes_in_kernel=fixed),
+                                                               None, heads, n, n)[0])
         bm = attempt(lambda: ns["block_mask_for"](sizes, layer=layer, num_heads=heads, block_size=block))
         out[f"blocks{layer}"] = bm if isinstance(bm, dict) else [getattr(bm, f) for f in fields]
     return out
@@ -188,8 +190,9 @@ def differences(want: dict, got: dict) -> list[str]:
     if not torch.equal(got["positions"], want["positions"]):
         bad.append("position_ids_for")
     for layer in want["layers"]:
-        if not torch.equal(got[f"mask{layer}"], want[f"mask{layer}"]):
-            bad.append(f"mask_mod_for layer {layer}")
+        for key in ("mask", "mask_read"):
+            if not torch.equal(got[f"{key}{layer}"], want[f"mask{layer}"]):
+                bad.append(f"mask_mod_for layer {layer} ({key})")
         for name, ours, ref in zip(BLOCK_FIELDS, got[f"blocks{layer}"], want[f"blocks{layer}"]):
             if not torch.equal(ours.expand_as(ref) if ours.shape[1] == 1 else ours, ref):
                 bad.append(f"block_mask_for layer {layer}: {name}")

@@ -417,6 +417,63 @@ def test_layouts_of_many_segments_lower_to_the_table_form():
     assert torch.equal(create_mask(mid.mask_mod(), None, 2, mid.n, mid.n)[0, 1], mid.dense_mask(0, 1))
 
 
+def test_a_design_compiles_its_first_layouts_sizes_in_then_reads_sizes_at_run_time(monkeypatch):
+    """Spec.mask_mod / Spec.block_mask hold the first knobs.SIZES_IN_KERNEL layouts' sizes as Python
+    constants (hand-written speed, a kernel each), and those layouts again; a later layout gets the
+    mask_mod that reads sizes from a tensor (one kernel for all of them); a batch always reads them.
+    Either way the mask is the spec's, and an explicit sizes_in_kernel wins."""
+    from maskstudio import knobs, lower as lowering
+
+    monkeypatch.setattr(knobs, "SIZES_IN_KERNEL", 2)
+    monkeypatch.setattr(lowering, "_COMPILED_IN", {})
+    spec = Spec.load("presets/cca.json")
+    layouts = [spec.with_sizes({"image": [side, side]}) for side in (4, 5, 6)]
+    fixed = [sp.block_mask(block_size=16).mask_mod.sizes_in_kernel for sp in layouts + layouts[:1]]
+    assert fixed == [True, True, False, True]
+    assert [sp.mask_mod().sizes_in_kernel for sp in layouts] == [True, True, False]
+    assert not layouts[0].mask_mod(sizes_in_kernel=False).sizes_in_kernel
+    assert layouts[2].block_mask(block_size=16, sizes_in_kernel=True).mask_mod.sizes_in_kernel
+    other = Spec.load("presets/multiverse.json")  # another design has its own count
+    assert other.mask_mod().sizes_in_kernel
+    for sp in layouts:
+        for mm in (sp.mask_mod(sizes_in_kernel=True), sp.mask_mod(sizes_in_kernel=False)):
+            assert torch.equal(create_mask(mm, None, None, sp.n, sp.n)[0, 0], sp.dense_mask())
+    batch = lower(spec).batch([{"image": [4, 4]}, {"image": [5, 5]}])
+    assert not lowering.compiles_sizes_in(batch)
+    with pytest.raises(ValueError, match="layouts: a batch reads its sizes at run time"):
+        batch.fixed_mask_mod
+    seen = {}
+    assert [lowering.claims_a_kernel(seen, "d", x, 2) for x in "abcab"] == [True, True, False, True, True]
+
+
+@pytest.mark.slow
+def test_sizes_compiled_in_cost_one_kernel_per_layout_until_the_run_time_kernel_takes_over(monkeypatch):
+    """torch.compile(flex_attention, dynamic=False) at one length: the first layout (sizes compiled
+    in) compiles a kernel, the next compiles the kernel that reads sizes, which every later layout
+    reuses (0 new graphs); outputs equal attention under the dense mask."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+    from torch.nn.attention.flex_attention import flex_attention
+
+    from maskstudio import knobs, lower as lowering
+
+    monkeypatch.setattr(knobs, "SIZES_IN_KERNEL", 1)
+    monkeypatch.setattr(lowering, "_COMPILED_IN", {})
+    torch._dynamo.reset()
+    flex = torch.compile(flex_attention, dynamic=False, fullgraph=True)
+    base = Spec.load("presets/cca.json")
+    graphs = []
+    for side, prefix in ((6, 10), (5, 21), (4, 30)):
+        sp = base.with_sizes({"image": [side, side], "prefix": prefix})
+        q = torch.randn(1, 2, sp.n, 16)
+        out = flex(q, q, q, block_mask=sp.block_mask(block_size=16))
+        additive = torch.zeros(sp.n, sp.n).masked_fill(~sp.dense_mask(), float("-inf"))
+        ref = torch.nn.functional.scaled_dot_product_attention(q, q, q, attn_mask=additive)
+        assert torch.allclose(out, ref, atol=1e-5)
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs[1] == graphs[0] + 1 and graphs[2] == graphs[1]
+
+
 def test_grid_tables_form_reads_grid_coordinates_instead_of_dividing():
     """Form "grid tables": CCA's ring comes from a per-token table (no division by a size per score),
     text segments stay closed-form, the mask is unchanged; an unknown form names the choices."""

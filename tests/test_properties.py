@@ -108,7 +108,9 @@ def test_every_backend_agrees(raw, layer, head):
     n = spec.n
     reference = create_mask(comp.mask_mod(spec, layer=layer), None, 3, n, n)[0, head]  # table-driven
     assert torch.equal(spec.dense_mask(layer=layer, head=head), reference)
-    assert torch.equal(create_mask(spec.mask_mod(layer=layer), None, 3, n, n)[0, head], reference)  # lowered
+    for fixed in (False, True):  # lowered: sizes read from P, or compiled in as Python ints
+        assert torch.equal(create_mask(spec.mask_mod(layer=layer, sizes_in_kernel=fixed), None, 3, n, n)[0, head],
+                           reference)
     assert torch.equal(tiled_dense(spec, layer, head), reference)
 
 
