@@ -422,9 +422,14 @@ def claims_a_kernel(seen: dict, design, layout, limit: int) -> bool:
 
 
 def compiles_sizes_in(low: Lowered) -> bool:
-    """claims_a_kernel for one lowered layout (a batch always reads its sizes at run time)."""
-    return not low.batched and claims_a_kernel(_COMPILED_IN, (_signature(low.spec), low.layer, low.padded),
-                                               (tuple(low.params.tolist()), low.lengths), knobs.SIZES_IN_KERNEL)
+    """claims_a_kernel for one lowered layout (a batch always reads its sizes at run time); the
+    designs remembered per process are bounded as the lowerings are (LOWERED_KEPT)."""
+    if low.batched:
+        return False
+    design = (_signature(low.spec), low.layer, low.padded)
+    if design not in _COMPILED_IN and len(_COMPILED_IN) >= LOWERED_KEPT:
+        _COMPILED_IN.pop(next(iter(_COMPILED_IN)))
+    return claims_a_kernel(_COMPILED_IN, design, (tuple(low.params.tolist()), low.lengths), knobs.SIZES_IN_KERNEL)
 
 
 def _signature(spec) -> tuple:

@@ -444,6 +444,9 @@ def test_a_design_compiles_its_first_layouts_sizes_in_then_reads_sizes_at_run_ti
         batch.fixed_mask_mod
     seen = {}
     assert [lowering.claims_a_kernel(seen, "d", x, 2) for x in "abcab"] == [True, True, False, True, True]
+    monkeypatch.setattr(lowering, "LOWERED_KEPT", 2)  # designs remembered: bounded, the oldest forgotten
+    assert Spec.load("presets/prefix_lm.json").mask_mod().sizes_in_kernel and len(lowering._COMPILED_IN) == 2
+    assert layouts[2].mask_mod().sizes_in_kernel  # CCA was forgotten: its count starts again
 
 
 @pytest.mark.slow
