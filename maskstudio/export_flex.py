@@ -79,24 +79,6 @@ def _dividends(name: str, root: expr.E, slots: dict) -> str:
     return f"def {name}(P, n):\n    return {body}\n"
 
 
-def _min(a, b):
-    """torch.minimum, where either side may be a size compiled in as a Python int."""
-    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
-        return torch.minimum(a, b)
-    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
-        return a.clamp(max=b) if isinstance(a, torch.Tensor) else b.clamp(max=a)
-    return min(a, b)
-
-
-def _max(a, b):
-    """torch.maximum, where either side may be a size compiled in as a Python int."""
-    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
-        return torch.maximum(a, b)
-    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
-        return a.clamp(min=b) if isinstance(a, torch.Tensor) else b.clamp(min=a)
-    return max(a, b)
-
-
 def _where(c, x, y):
     """torch.where, where the condition may be a Python bool (a test of sizes compiled in)."""
     return torch.where(c, x, y) if isinstance(c, torch.Tensor) else (x if c else y)
@@ -107,8 +89,8 @@ def _not(x):
 
 
 # the file's source for operations a size compiled in as a Python int could reach (the helpers above)
-SIZE_SAFE = {"min": "_min({0}, {1})", "max": "_max({0}, {1})", "where": "_where({0}, {1}, {2})",
-             "not": "_not({0})", "abs": "abs({0})"}
+SIZE_SAFE = {"min": "_tensor_min({0}, {1}, torch.minimum)", "max": "_tensor_min({0}, {1}, torch.maximum)",
+             "where": "_where({0}, {1}, {2})", "not": "_not({0})", "abs": "abs({0})"}
 
 
 def _function(name: str, root: expr.E, slots: dict, wide: bool = False) -> str:
@@ -146,7 +128,7 @@ def _sources(spec) -> str:
            segments.resized_segments, segments._shown, segments._resized, segments._check_resized,
            segments.segment_size, tokens.TokenTable, tokens.grid_coordinates, tokens._segment_columns,
            tokens.build_table,
-           lower.param_value, scheme, expr.floordiv_by_size, lower.claims_a_kernel, _min, _max, _where, _not,
+           lower.param_value, scheme, expr.floordiv_by_size, lower.claims_a_kernel, expr._tensor_min, _where, _not,
            lower_blocks.compiled_create_block_mask, lower_blocks.torch_block_mask]
     constants = (f"_CONTROL = re.compile({errors._CONTROL.pattern!r})\nMAX_INT = {errors.MAX_INT}\n"
                  f"COMPILE_BLOCK_MASK_FROM = {lower_blocks.COMPILE_BLOCK_MASK_FROM}  # tokens\n\n\n")

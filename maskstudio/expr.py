@@ -84,6 +84,8 @@ def _tensor_min(a, b, fn):
         a, b = b, a
     if isinstance(b, torch.Tensor):
         return fn(a, b)
+    if not isinstance(a, torch.Tensor):  # two sizes compiled in as Python ints (an exported file's)
+        return min(a, b) if fn is torch.minimum else max(a, b)
     return a.clamp(max=b) if fn is torch.minimum else a.clamp(min=b)  # no scalar copied to the device
 
 
@@ -389,9 +391,8 @@ FAST_DIVIDEND = 1 << 21  # |dividend| below this: a float32 quotient is off by a
 
 def floordiv_by_size(a, d):
     """a // d for a size d >= 1 and |a| < FAST_DIVIDEND: a float32 quotient, then one correction.
-    GPUs have no integer divider: dividing by a value known only at run time (a size in P) is a long
-    software sequence per score, this is a few instructions (a Python constant is already a
-    multiply and shift)."""
+    GPUs have no integer divider: by a size read at run time (in P) `//` is a long software sequence
+    per score, this a few instructions (by a Python constant it is already a multiply and shift)."""
     q = torch.floor(a.to(torch.float32) / d.to(torch.float32)).to(a.dtype)
     r = a - q * d
     return q - (r < 0).to(a.dtype) + (r >= d).to(a.dtype)

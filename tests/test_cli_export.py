@@ -285,6 +285,22 @@ def test_flex_export_compiles_the_first_layouts_sizes_in_then_reads_them_from_p(
     assert not getattr(ns["block_mask_for"]([None, {"image": [5, 5]}]).mask_mod, "sizes_in_kernel", False)
 
 
+def test_flex_export_helpers_take_sizes_compiled_in_as_python_ints(tmp_path):
+    """With the sizes compiled in, a test of sizes alone is a Python bool and a size a Python int:
+    the file's min / max, where and not take those beside tensors (torch's own refuse them)."""
+    import runpy
+
+    ns = runpy.run_path(str(_write(tmp_path, "helpers", flex_code(Spec.load("presets/cca.json")))))
+    t = torch.tensor([1, 5])
+    assert ns["_tensor_min"](3, 4, torch.minimum) == 3 and ns["_tensor_min"](3, 4, torch.maximum) == 4
+    assert torch.equal(ns["_tensor_min"](3, t, torch.minimum), torch.tensor([1, 3]))
+    assert torch.equal(ns["_tensor_min"](t, 3, torch.maximum), torch.tensor([3, 5]))
+    assert torch.equal(ns["_tensor_min"](t, t + 1, torch.minimum), t)
+    assert ns["_where"](True, t, 0) is t and ns["_where"](False, t, 0) == 0
+    assert torch.equal(ns["_where"](t > 2, t, 0), torch.tensor([0, 5]))
+    assert ns["_not"](True) is False and torch.equal(ns["_not"](t > 2), torch.tensor([True, False]))
+
+
 def test_flex_export_divides_by_float_quotient_only_where_exact(tmp_path):
     """Divisions by sizes take the float quotient (fast on GPUs) when the file's own bound on
     their dividends allows it, exact `//` otherwise, and the mask is the spec's either way."""
