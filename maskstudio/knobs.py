@@ -60,7 +60,7 @@ COMPILE_BUILD = False      # CUDA graph builds: the whole static build through t
                            # (~30 fused kernels per replay instead of ~100-200; one compile per structure,
                            # length and capacities: ~50 s on an H200, 10-25 s on CPU)
 SIZES_IN_KERNEL = 4        # layouts per design whose FlexAttention kernel holds their sizes as constants (as
-                           # hand-written code does: ~8% faster for CCA on an H100, one compile each); later
+                           # hand-written code does: 6-11% faster for CCA on an H100 / H200, one compile each); later
                            # layouts share one kernel that reads sizes at run time (Spec.block_mask, the export)
 
 # the app
