@@ -378,8 +378,13 @@ class Lowered:
         graph captured once per structure and length; both default on CUDA). sizes_in_kernel: its
         mask_mod holds the sizes as constants (None: compiles_sizes_in decides)."""
         from .lower_blocks import build_block_mask
-        fixed = compiles_sizes_in(self) if sizes_in_kernel is None else sizes_in_kernel
-        return build_block_mask(self, block_size, device, num_heads, length, compiled, graph, fixed)
+        return build_block_mask(self, block_size, device, num_heads, length, compiled, graph,
+                                self.sizes_in(sizes_in_kernel))
+
+    def sizes_in(self, choice: bool | None) -> bool:
+        """Does this layout's kernel hold its sizes as constants: `choice`, or when None whatever
+        compiles_sizes_in decides (Spec.mask_mod, Spec.block_mask)."""
+        return compiles_sizes_in(self) if choice is None else choice
 
 
 def mask_slug(name: str) -> str:
@@ -429,7 +434,7 @@ def compiles_sizes_in(low: Lowered) -> bool:
     design = (_signature(low.spec), low.layer, low.padded)
     if design not in _COMPILED_IN and len(_COMPILED_IN) >= LOWERED_KEPT:
         _COMPILED_IN.pop(next(iter(_COMPILED_IN)))
-    return claims_a_kernel(_COMPILED_IN, design, (tuple(low.params.tolist()), low.lengths), knobs.SIZES_IN_KERNEL)
+    return claims_a_kernel(_COMPILED_IN, design, tuple(low.params.tolist()), knobs.SIZES_IN_KERNEL)  # P holds n
 
 
 def _signature(spec) -> tuple:

@@ -533,10 +533,8 @@ class Spec:
         form; the table form for layouts of many segments). sizes_in_kernel: sizes as constants in
         the kernel, as hand-written code has them (None: for the first knobs.SIZES_IN_KERNEL
         layouts of a design, then one kernel reading sizes at run time serves the rest)."""
-        from .lower import compiles_sizes_in
         low = self.lowered(layer).on(device or "cpu")
-        fixed = compiles_sizes_in(low) if sizes_in_kernel is None else sizes_in_kernel
-        return low.fixed_mask_mod if fixed else low.mask_mod
+        return low.fixed_mask_mod if low.sizes_in(sizes_in_kernel) else low.mask_mod
 
     def dense_mask(self, layer: int = 0, head: int = 0):
         return tiled.dense_mask(self, layer=layer, head=head)
